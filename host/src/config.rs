@@ -1,0 +1,638 @@
+//! `servers.config.json`: parsing, `${VAR}` substitution and validation.
+//!
+//! Validation walks the JSON by hand instead of through `#[serde(deny_unknown_fields)]`
+//! so that it can report every problem at once, each with its JSON path.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::domain::{DomainPattern, InvalidDomain};
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub global: Global,
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    pub listen: Vec<SocketAddr>,
+    /// Absolute, or relative to the directory that holds the config file.
+    pub plugin_dir: PathBuf,
+    pub default_server: Option<String>,
+    pub limits: Limits,
+    /// How long SIGTERM/SIGINT waits for in-flight requests before exiting anyway.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request body accepted; a larger one gets 413.
+    pub max_body_bytes: u64,
+    /// Longest a handler may take; a slower one gets 504.
+    pub request_timeout: Duration,
+    /// Most header fields a request may carry (HTTP/1.1); more gets 431.
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_headers: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub name: String,
+    pub domains: Vec<DomainPattern>,
+    /// A library file stem (`hello` for `hello.so` or `libhello.so`) or a plugin name.
+    pub plugin: String,
+    pub enabled: bool,
+    /// The opaque `config` object handed to the plugin's init, as JSON text.
+    pub plugin_config: String,
+}
+
+/// One thing wrong with a config file, at a JSON path such as `servers[2].domains[0]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and validates the config file at `file`.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let fail = |message: String| ConfigError {
+        file: file.to_owned(),
+        problems: vec![Problem {
+            path: String::new(),
+            message,
+        }],
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read: {e}")))?;
+    parse(&text, &|name| std::env::var(name).ok()).map_err(|problems| ConfigError {
+        file: file.to_owned(),
+        problems,
+    })
+}
+
+/// Parses and validates config text, looking `${VAR}` up with `env`.
+pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<Problem>> {
+    let mut value: Value = serde_json::from_str(text).map_err(|e| {
+        vec![Problem {
+            path: String::new(),
+            message: format!("invalid JSON: {e}"),
+        }]
+    })?;
+    let mut v = Validator::default();
+    substitute(&mut value, "", env, &mut v);
+    let config = v.config(&value);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(v.problems)
+    }
+}
+
+/// Replaces `${NAME}` in every string with the environment variable's value. `$${` is a
+/// literal `${`.
+fn substitute(
+    value: &mut Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    v: &mut Validator,
+) {
+    match value {
+        Value::String(s) if s.contains('$') => match expand(s, env) {
+            Ok(expanded) => *s = expanded,
+            Err(message) => v.problem(path, message),
+        },
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute(item, &format!("{path}[{i}]"), env, v);
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                substitute(item, &join(path, key), env, v);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn expand(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix("${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+            let name = &tail[..end];
+            let valid = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!(
+                    "`${{{name}}}` is not a valid environment variable reference"
+                ));
+            }
+            let value =
+                env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, path: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Checks that `value` is an object with only `allowed` keys.
+    fn object<'a>(
+        &mut self,
+        value: &'a Value,
+        path: &str,
+        allowed: &[&str],
+    ) -> Option<&'a Map<String, Value>> {
+        let Some(map) = value.as_object() else {
+            self.problem(path, format!("expected an object, found {}", kind(value)));
+            return None;
+        };
+        for key in map.keys() {
+            if !allowed.contains(&key.as_str()) {
+                self.problem(
+                    &join(path, key),
+                    format!("unknown key; expected one of: {}", allowed.join(", ")),
+                );
+            }
+        }
+        Some(map)
+    }
+
+    fn string(&mut self, value: &Value, path: &str) -> Option<String> {
+        match value {
+            Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+            Value::String(_) => {
+                self.problem(path, "must not be empty");
+                None
+            }
+            other => {
+                self.problem(path, format!("expected a string, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    fn whole_number(&mut self, value: &Value, path: &str, min: u64) -> Option<u64> {
+        match value.as_u64() {
+            Some(n) if n >= min => Some(n),
+            _ => {
+                self.problem(
+                    path,
+                    format!("expected a whole number of at least {min}, found {value}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, root: &Value) -> Config {
+        let mut config = Config {
+            global: Global {
+                listen: vec![DEFAULT_LISTEN.parse().expect("valid default")],
+                plugin_dir: PathBuf::from("plugins"),
+                default_server: None,
+                limits: Limits::default(),
+                shutdown_timeout: Duration::from_secs(10),
+            },
+            servers: Vec::new(),
+        };
+        let Some(map) = self.object(root, "", &["global", "servers"]) else {
+            return config;
+        };
+        if let Some(global) = map.get("global") {
+            self.global(global, &mut config.global);
+        }
+        match map.get("servers") {
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(server) = self.server(item, &format!("servers[{i}]")) {
+                        config.servers.push(server);
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                "servers",
+                format!("expected an array, found {}", kind(other)),
+            ),
+            None => {}
+        }
+        self.cross_check(&config, map.get("servers"));
+        config
+    }
+
+    fn global(&mut self, value: &Value, out: &mut Global) {
+        let allowed = [
+            "listen",
+            "plugin_dir",
+            "default_server",
+            "limits",
+            "shutdown_timeout_ms",
+        ];
+        let Some(map) = self.object(value, "global", &allowed) else {
+            return;
+        };
+        if let Some(listen) = map.get("listen") {
+            let items: Vec<(String, &Value)> = match listen {
+                Value::Array(a) if a.is_empty() => {
+                    self.problem("global.listen", "must name at least one address");
+                    Vec::new()
+                }
+                Value::Array(a) => a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("global.listen[{i}]"), v))
+                    .collect(),
+                other => vec![("global.listen".to_owned(), other)],
+            };
+            let mut addrs = Vec::new();
+            for (path, item) in items {
+                if let Some(s) = self.string(item, &path) {
+                    match s.parse::<SocketAddr>() {
+                        Ok(addr) => addrs.push(addr),
+                        Err(_) => self.problem(
+                            &path,
+                            format!("{s:?} is not an IP address with a port, such as \"127.0.0.1:7777\" or \"[::1]:7777\""),
+                        ),
+                    }
+                }
+            }
+            if !addrs.is_empty() {
+                out.listen = addrs;
+            }
+        }
+        if let Some(dir) = map.get("plugin_dir") {
+            if let Some(s) = self.string(dir, "global.plugin_dir") {
+                out.plugin_dir = PathBuf::from(s);
+            }
+        }
+        match map.get("default_server") {
+            None | Some(Value::Null) => {}
+            Some(v) => out.default_server = self.string(v, "global.default_server"),
+        }
+        if let Some(limits) = map.get("limits") {
+            let allowed = ["max_body_bytes", "request_timeout_ms", "max_headers"];
+            if let Some(l) = self.object(limits, "global.limits", &allowed) {
+                if let Some(v) = l.get("max_body_bytes") {
+                    if let Some(n) = self.whole_number(v, "global.limits.max_body_bytes", 0) {
+                        out.limits.max_body_bytes = n;
+                    }
+                }
+                if let Some(v) = l.get("request_timeout_ms") {
+                    if let Some(n) = self.whole_number(v, "global.limits.request_timeout_ms", 1) {
+                        out.limits.request_timeout = Duration::from_millis(n);
+                    }
+                }
+                if let Some(v) = l.get("max_headers") {
+                    if let Some(n) = self.whole_number(v, "global.limits.max_headers", 1) {
+                        out.limits.max_headers = n as usize;
+                    }
+                }
+            }
+        }
+        if let Some(v) = map.get("shutdown_timeout_ms") {
+            if let Some(n) = self.whole_number(v, "global.shutdown_timeout_ms", 0) {
+                out.shutdown_timeout = Duration::from_millis(n);
+            }
+        }
+    }
+
+    fn server(&mut self, value: &Value, path: &str) -> Option<ServerConfig> {
+        let allowed = ["name", "domains", "plugin", "enabled", "config"];
+        let map = self.object(value, path, &allowed)?;
+        let before = self.problems.len();
+        let name = match map.get("name") {
+            Some(v) => self.string(v, &join(path, "name")),
+            None => {
+                self.problem(path, "missing key `name`");
+                None
+            }
+        };
+        if let Some(n) = &name {
+            if !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                self.problem(
+                    &join(path, "name"),
+                    format!("{n:?} may only contain letters, digits, `-`, `_` and `.`"),
+                );
+            }
+        }
+        let plugin = match map.get("plugin") {
+            Some(v) => self.string(v, &join(path, "plugin")),
+            None => {
+                self.problem(path, "missing key `plugin`");
+                None
+            }
+        };
+        let mut domains = Vec::new();
+        match map.get("domains") {
+            Some(Value::Array(items)) if !items.is_empty() => {
+                for (i, item) in items.iter().enumerate() {
+                    let p = format!("{path}.domains[{i}]");
+                    if let Some(s) = self.string(item, &p) {
+                        match DomainPattern::parse(&s) {
+                            Ok(d) => domains.push(d),
+                            Err(InvalidDomain(why)) => {
+                                self.problem(&p, format!("{s:?} is not a valid domain: {why}"))
+                            }
+                        }
+                    }
+                }
+            }
+            Some(Value::Array(_)) => {
+                self.problem(&join(path, "domains"), "must list at least one domain")
+            }
+            Some(other) => self.problem(
+                &join(path, "domains"),
+                format!("expected an array of domains, found {}", kind(other)),
+            ),
+            None => self.problem(path, "missing key `domains`"),
+        }
+        let enabled = match map.get("enabled") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                self.problem(
+                    &join(path, "enabled"),
+                    format!("expected true or false, found {}", kind(other)),
+                );
+                true
+            }
+        };
+        let plugin_config = map
+            .get("config")
+            .map_or_else(|| "null".to_owned(), Value::to_string);
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(ServerConfig {
+            name: name?,
+            domains,
+            plugin: plugin?,
+            enabled,
+            plugin_config,
+        })
+    }
+
+    /// Problems between servers: duplicate names, a domain claimed twice, a default
+    /// server that does not exist.
+    fn cross_check(&mut self, config: &Config, servers: Option<&Value>) {
+        // Paths must point at the original array index even if some entries were invalid.
+        let index_of = |name: &str| -> usize {
+            servers
+                .and_then(Value::as_array)
+                .and_then(|a| {
+                    a.iter()
+                        .position(|s| s.get("name").and_then(Value::as_str) == Some(name))
+                })
+                .unwrap_or(0)
+        };
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut domains: HashMap<&DomainPattern, (&str, usize)> = HashMap::new();
+        for server in &config.servers {
+            let i = index_of(&server.name);
+            if names.insert(&server.name, i).is_some() {
+                let dup = servers
+                    .and_then(Value::as_array)
+                    .and_then(|a| {
+                        a.iter()
+                            .enumerate()
+                            .filter(|(_, s)| {
+                                s.get("name").and_then(Value::as_str) == Some(&server.name)
+                            })
+                            .nth(1)
+                    })
+                    .map_or(i, |(j, _)| j);
+                self.problem(
+                    &format!("servers[{dup}].name"),
+                    format!(
+                        "duplicate server name {:?} (also servers[{i}])",
+                        server.name
+                    ),
+                );
+                continue;
+            }
+            if !server.enabled {
+                continue;
+            }
+            for (d, domain) in server.domains.iter().enumerate() {
+                match domains.get(domain) {
+                    Some((other, j)) if *other != server.name => self.problem(
+                        &format!("servers[{i}].domains[{d}]"),
+                        format!(
+                            "domain {domain} is already claimed by server {other:?} (servers[{j}])"
+                        ),
+                    ),
+                    Some(_) => self.problem(
+                        &format!("servers[{i}].domains[{d}]"),
+                        format!("domain {domain} is listed twice"),
+                    ),
+                    None => {
+                        domains.insert(domain, (&server.name, i));
+                    }
+                }
+            }
+        }
+        if let Some(default) = &config.global.default_server {
+            match config.servers.iter().find(|s| &s.name == default) {
+                None => self.problem(
+                    "global.default_server",
+                    format!("no server is named {default:?}"),
+                ),
+                Some(s) if !s.enabled => self.problem(
+                    "global.default_server",
+                    format!("server {default:?} is disabled"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "GREETING").then(|| "Hi".to_owned())
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text, &env)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_config() {
+        let c = parse(r#"{"servers": []}"#, &env).unwrap();
+        assert_eq!(c.global.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(c.global.plugin_dir, PathBuf::from("plugins"));
+        assert_eq!(c.global.limits, Limits::default());
+    }
+
+    #[test]
+    fn substitutes_environment_variables() {
+        let c = parse(
+            r#"{"servers": [{"name": "a", "domains": ["a.test"], "plugin": "hello",
+                "config": {"greeting": "${GREETING}, $${NOT} $5"}}]}"#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.servers[0].plugin_config,
+            r#"{"greeting":"Hi, ${NOT} $5"}"#
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let got = problems(
+            r#"{"global": {"listen": "nowhere", "colour": 1, "default_server": "zzz"},
+                "servers": [
+                  {"name": "a", "domains": ["a.test", "bad_domain!"], "plugin": "hello"},
+                  {"name": "b", "domains": ["A.test"], "plugin": "hello", "extra": true},
+                  {"name": "a", "domains": ["c.test"], "plugin": "hello"},
+                  {"name": "d", "domains": ["d.test"], "plugin": "x", "config": {"k": "${MISSING}"}}
+                ]}"#,
+        );
+        let expected = [
+            "servers[3].config.k: environment variable MISSING is not set",
+            "global.colour: unknown key",
+            "global.listen: \"nowhere\" is not an IP address",
+            "servers[0].domains[1]: \"bad_domain!\" is not a valid domain",
+            "servers[1].extra: unknown key",
+            "servers[2].name: duplicate server name \"a\" (also servers[0])",
+            "global.default_server: no server is named \"zzz\"",
+        ];
+        for e in expected {
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing {e:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), expected.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn a_domain_claimed_twice_names_both_servers() {
+        let got = problems(
+            r#"{"servers": [
+                  {"name": "a", "domains": ["x.test"], "plugin": "hello"},
+                  {"name": "b", "domains": ["X.test."], "plugin": "hello"}]}"#,
+        );
+        assert_eq!(
+            got,
+            ["servers[1].domains[0]: domain x.test is already claimed by server \"a\" (servers[0])"]
+        );
+    }
+
+    #[test]
+    fn invalid_json_gives_line_and_column() {
+        let got = problems("{\n  \"servers\": [,]\n}");
+        assert_eq!(got.len(), 1);
+        assert!(got[0].contains("line 2 column"), "{got:?}");
+    }
+}

@@ -1,0 +1,266 @@
+//! Domains: normalising what clients send, and the table that maps a domain to a server.
+//!
+//! Lookup cost depends on the number of labels in the requested name, never on how many
+//! domains are configured: one hash lookup for the exact name, then one per parent
+//! suffix for wildcards, most specific first.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// A domain from the config: an exact name (`api.example.com`), a wildcard
+/// (`*.example.com`, matching any name below `example.com` but not `example.com`
+/// itself), or an IP literal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DomainPattern {
+    Exact(String),
+    Wildcard(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidDomain(pub String);
+
+impl DomainPattern {
+    pub fn parse(raw: &str) -> Result<Self, InvalidDomain> {
+        let lower = raw.trim().to_ascii_lowercase();
+        if let Some(suffix) = lower.strip_prefix("*.") {
+            let suffix = suffix.strip_suffix('.').unwrap_or(suffix);
+            check_hostname(suffix)?;
+            return Ok(DomainPattern::Wildcard(suffix.to_owned()));
+        }
+        if lower.contains('*') {
+            return Err(InvalidDomain(
+                "`*` is only allowed as the whole first label, as in `*.example.com`".into(),
+            ));
+        }
+        let inner = lower
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .unwrap_or(&lower);
+        if let Ok(ip) = inner.parse::<Ipv6Addr>() {
+            return Ok(DomainPattern::Exact(ip.to_string()));
+        }
+        let name = lower.strip_suffix('.').unwrap_or(&lower);
+        check_hostname(name)?;
+        Ok(DomainPattern::Exact(name.to_owned()))
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainPattern::Exact(d) => f.write_str(d),
+            DomainPattern::Wildcard(d) => write!(f, "*.{d}"),
+        }
+    }
+}
+
+fn check_hostname(name: &str) -> Result<(), InvalidDomain> {
+    if name.is_empty() {
+        return Err(InvalidDomain("it is empty".into()));
+    }
+    if name.len() > 253 {
+        return Err(InvalidDomain("it is longer than 253 characters".into()));
+    }
+    if name.parse::<Ipv4Addr>().is_ok() {
+        return Ok(());
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(InvalidDomain("it has an empty label".into()));
+        }
+        if label.len() > 63 {
+            return Err(InvalidDomain(format!(
+                "label {label:?} is longer than 63 characters"
+            )));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(InvalidDomain(format!(
+                "label {label:?} may only contain letters, digits and `-`"
+            )));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(InvalidDomain(format!(
+                "label {label:?} starts or ends with `-`"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Turns a `Host` header or `:authority` into the name used for lookup: lower case,
+/// without port or trailing dot; an IPv6 literal loses its brackets. `None` if it is
+/// not a plausible host name.
+pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        let ip: Ipv6Addr = ip.parse().ok()?;
+        return Some(Cow::Owned(ip.to_string()));
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, port)) if is_port(port) => h,
+            Some(_) => return None,
+            None => raw,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return None;
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
+}
+
+fn is_port(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Maps domains to values (servers). Built once per configuration and then only read.
+#[derive(Debug)]
+pub struct DomainTable<T> {
+    exact: HashMap<Box<str>, T>,
+    wildcard: HashMap<Box<str>, T>,
+    default: Option<T>,
+}
+
+impl<T> Default for DomainTable<T> {
+    fn default() -> Self {
+        DomainTable {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            default: None,
+        }
+    }
+}
+
+impl<T: Clone> DomainTable<T> {
+    /// Adds a domain; returns false if it was already present (the first one stays).
+    pub fn insert(&mut self, pattern: &DomainPattern, value: T) -> bool {
+        let (map, key) = match pattern {
+            DomainPattern::Exact(d) => (&mut self.exact, d),
+            DomainPattern::Wildcard(d) => (&mut self.wildcard, d),
+        };
+        if map.contains_key(key.as_str()) {
+            return false;
+        }
+        map.insert(key.as_str().into(), value);
+        true
+    }
+
+    pub fn set_default(&mut self, value: Option<T>) {
+        self.default = value;
+    }
+
+    pub fn contains(&self, pattern: &DomainPattern) -> bool {
+        match pattern {
+            DomainPattern::Exact(d) => self.exact.contains_key(d.as_str()),
+            DomainPattern::Wildcard(d) => self.wildcard.contains_key(d.as_str()),
+        }
+    }
+
+    /// Finds the value for a normalised host: exact name first, then the most specific
+    /// wildcard, then the default.
+    pub fn lookup(&self, host: &str) -> Option<&T> {
+        if let Some(v) = self.exact.get(host) {
+            return Some(v);
+        }
+        if !self.wildcard.is_empty() {
+            let mut rest = host;
+            while let Some((_, parent)) = rest.split_once('.') {
+                if let Some(v) = self.wildcard.get(parent) {
+                    return Some(v);
+                }
+                rest = parent;
+            }
+        }
+        self.default.as_ref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_hosts() {
+        let cases = [
+            ("Hello.Localhost:7777", Some("hello.localhost")),
+            ("hello.localhost.", Some("hello.localhost")),
+            ("example.com.:80", Some("example.com")),
+            ("[::1]:7777", Some("::1")),
+            ("[0:0::1]", Some("::1")),
+            ("127.0.0.1:8080", Some("127.0.0.1")),
+            ("", None),
+            ("a b", None),
+            ("host:port", None),
+            ("[::1", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalize_host(raw).as_deref(), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn exact_beats_wildcard_and_most_specific_wildcard_wins() {
+        let mut t = DomainTable::default();
+        for (d, v) in [
+            ("*.example.com", 1),
+            ("*.api.example.com", 2),
+            ("www.example.com", 3),
+            ("[::1]", 4),
+        ] {
+            assert!(t.insert(&DomainPattern::parse(d).unwrap(), v));
+        }
+        t.set_default(Some(0));
+        let cases = [
+            ("www.example.com", 3),
+            ("a.example.com", 1),
+            ("a.b.example.com", 1),
+            ("v1.api.example.com", 2),
+            ("example.com", 0),
+            ("::1", 4),
+            ("other.org", 0),
+        ];
+        for (host, want) in cases {
+            assert_eq!(t.lookup(host), Some(&want), "{host}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_patterns() {
+        for bad in [
+            "",
+            "a..b",
+            "-a.com",
+            "a_b.com",
+            "*",
+            "a.*.com",
+            "x*.com",
+            &"a".repeat(64),
+        ] {
+            assert!(DomainPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The request path: domain, server, generation, route, plugin call, response.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use abi_stable::std_types::{RResult, RVec};
+use async_ffi::FfiFuture;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Request, Response, StatusCode, Version};
+use plugin_api::ffi::{
+    FfiBytes, FfiHandleResult, FfiHeader, FfiParam, FfiRequest, FfiResponse, FfiSpan,
+};
+
+use crate::domain::normalize_host;
+use crate::plugin::{Generation, InFlight};
+use crate::routes::RouteMatch;
+use crate::servers::{Microservers, ServerState};
+
+pub type Body = Full<Bytes>;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Answers one request. Never fails: every problem becomes a response.
+pub async fn handle(
+    servers: &Microservers,
+    req: Request<Incoming>,
+    client: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = RequestId::next();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let (mut response, server) = route(servers, req, client, request_id.as_str()).await;
+    if let Ok(id) = HeaderValue::from_str(request_id.as_str()) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    }
+    tracing::debug!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        server = server.as_deref().unwrap_or("-"),
+        request_id = request_id.as_str(),
+        micros = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    Ok(response)
+}
+
+async fn route(
+    servers: &Microservers,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    request_id: &str,
+) -> (Response<Body>, Option<std::sync::Arc<str>>) {
+    let routing = servers.routing();
+    let (parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()));
+    let domain = match authority {
+        Some(raw) => match normalize_host(raw) {
+            Some(d) => d,
+            None => {
+                return (
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("invalid Host header {raw:?}"),
+                    ),
+                    None,
+                )
+            }
+        },
+        // HTTP/1.0 may omit Host: it goes to the default server, if any.
+        None if parts.version <= Version::HTTP_10 => "".into(),
+        None => return (error(StatusCode::BAD_REQUEST, "missing Host header"), None),
+    };
+    let Some(server) = routing.domains.lookup(&domain) else {
+        if domain.is_empty() {
+            let message = "the request has no Host header and no default server is configured";
+            return (error(StatusCode::NOT_FOUND, message), None);
+        }
+        return (
+            error(
+                StatusCode::NOT_FOUND,
+                &format!("no microserver serves the domain {:?}", &*domain),
+            ),
+            None,
+        );
+    };
+    let generation = match &**server.state() {
+        ServerState::Serving(g) => g.enter(),
+        ServerState::Waiting(reason) => {
+            let message = format!("microserver {:?} is not available: {reason}", &*server.name);
+            return (
+                error(StatusCode::SERVICE_UNAVAILABLE, &message),
+                Some(server.name.clone()),
+            );
+        }
+    };
+    let name = Some(server.name.clone());
+    let limits = &routing.limits;
+    let g: &Generation = generation.generation();
+    let (route, params) = match g.routes.find(parts.method.as_str(), parts.uri.path()) {
+        RouteMatch::Found { route, params } => {
+            let params: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            (route, params)
+        }
+        RouteMatch::NotFound => {
+            let message = format!("no route for {} {}", parts.method, parts.uri.path());
+            return (error(StatusCode::NOT_FOUND, &message), name);
+        }
+        RouteMatch::MethodNotAllowed(allow) => {
+            let message = format!("{} is not allowed for {}", parts.method, parts.uri.path());
+            let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
+            response.headers_mut().insert(ALLOW, allow.clone());
+            return (response, name);
+        }
+    };
+
+    let declared_len = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_len.is_some_and(|n| n > limits.max_body_bytes) {
+        return (too_large(limits.max_body_bytes), name);
+    }
+    let body = match Limited::new(body, limits.max_body_bytes as usize)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return (too_large(limits.max_body_bytes), name);
+        }
+        Err(e) => {
+            return (
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("could not read the request body: {e}"),
+                ),
+                name,
+            );
+        }
+    };
+
+    let request = ffi_request(&parts, &domain, client, request_id, &params, route, body);
+    let call = CatchPanic(g.instance.handle(request));
+    let outcome = match tokio::time::timeout(limits.request_timeout, call).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            tracing::warn!(
+                server = %g.server,
+                plugin = %g.plugin().name,
+                request_id,
+                timeout_ms = limits.request_timeout.as_millis() as u64,
+                "handler timed out"
+            );
+            let message = format!(
+                "the microserver did not answer within {} ms",
+                limits.request_timeout.as_millis()
+            );
+            return (error(StatusCode::GATEWAY_TIMEOUT, &message), name);
+        }
+    };
+    let response = match outcome {
+        RResult::ROk(response) => match into_http(response, generation) {
+            Ok(response) => response,
+            Err((generation, problem)) => {
+                let g = generation.generation();
+                tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id, "invalid response: {problem}");
+                internal_error(request_id)
+            }
+        },
+        RResult::RErr(panic) => {
+            tracing::error!(
+                server = %g.server,
+                plugin = %g.plugin().name,
+                generation = g.number,
+                request_id,
+                "handler panicked: {panic}"
+            );
+            internal_error(request_id)
+        }
+    };
+    (response, name)
+}
+
+fn ffi_request(
+    parts: &hyper::http::request::Parts,
+    domain: &str,
+    client: SocketAddr,
+    request_id: &str,
+    params: &[(String, String)],
+    route: u32,
+    body: Bytes,
+) -> FfiRequest {
+    let uri = &parts.uri;
+    let query = uri.query().unwrap_or("");
+    let headers_len: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    let params_len: usize = params.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let mut buf = Vec::with_capacity(
+        16 + uri.path().len()
+            + query.len()
+            + domain.len()
+            + 48
+            + request_id.len()
+            + headers_len
+            + params_len,
+    );
+    let method = FfiSpan::push(&mut buf, parts.method.as_str().as_bytes());
+    let path = FfiSpan::push(&mut buf, uri.path().as_bytes());
+    let query = FfiSpan::push(&mut buf, query.as_bytes());
+    let domain = FfiSpan::push(&mut buf, domain.as_bytes());
+    let start = buf.len() as u32;
+    let _ = write!(buf, "{client}");
+    let client_addr = FfiSpan {
+        start,
+        end: buf.len() as u32,
+    };
+    let request_id = FfiSpan::push(&mut buf, request_id.as_bytes());
+    let mut headers = RVec::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        let name = FfiSpan::push(&mut buf, name.as_str().as_bytes());
+        let value = FfiSpan::push(&mut buf, value.as_bytes());
+        headers.push(FfiHeader { name, value });
+    }
+    let mut ffi_params = RVec::with_capacity(params.len());
+    for (k, v) in params {
+        let name = FfiSpan::push(&mut buf, k.as_bytes());
+        let value = FfiSpan::push(&mut buf, v.as_bytes());
+        ffi_params.push(FfiParam { name, value });
+    }
+    FfiRequest {
+        buf: buf.into(),
+        method,
+        path,
+        query,
+        domain,
+        client_addr,
+        request_id,
+        headers,
+        params: ffi_params,
+        route,
+        body: if body.is_empty() {
+            FfiBytes::empty()
+        } else {
+            FfiBytes::from_owner(body)
+        },
+    }
+}
+
+/// A response body made by a plugin, kept with the in-flight guard of its generation so
+/// that the generation stays alive (and counted as busy) until the body is sent.
+struct PluginBody {
+    bytes: FfiBytes,
+    _in_flight: InFlight,
+}
+
+impl AsRef<[u8]> for PluginBody {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+}
+
+fn into_http(
+    response: FfiResponse,
+    in_flight: InFlight,
+) -> Result<Response<Body>, (InFlight, String)> {
+    let status = match StatusCode::from_u16(response.status) {
+        Ok(s) => s,
+        Err(_) => {
+            return Err((
+                in_flight,
+                format!("status {} is not a valid HTTP status", response.status),
+            ))
+        }
+    };
+    let mut builder = Response::builder().status(status);
+    let headers = builder.headers_mut().expect("fresh builder");
+    headers.reserve(response.headers.len());
+    for h in response.headers.iter() {
+        let name = h.name.get(&response.header_buf);
+        let value = h.value.get(&response.header_buf);
+        let Ok(name) = HeaderName::from_bytes(name) else {
+            return Err((
+                in_flight,
+                format!(
+                    "header name {:?} is not valid",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+        };
+        let Ok(value) = HeaderValue::from_bytes(value) else {
+            return Err((
+                in_flight,
+                format!("the value of header {name} is not valid"),
+            ));
+        };
+        headers.append(name, value);
+    }
+    let body = if response.body.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::from_owner(PluginBody {
+            bytes: response.body,
+            _in_flight: in_flight,
+        })
+    };
+    Ok(builder.body(Full::new(body)).expect("valid parts"))
+}
+
+/// Turns a panic that escaped the plugin's own catching (an `FfiPoll::Panicked` from a
+/// library not built with plugin-api's wrappers) into an error value.
+struct CatchPanic(FfiFuture<FfiHandleResult>);
+
+impl Future for CatchPanic {
+    type Output = FfiHandleResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FfiHandleResult> {
+        let inner = Pin::new(&mut self.0);
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => Poll::Ready(RResult::RErr("the handler's future panicked".into())),
+        }
+    }
+}
+
+/// A JSON error response: `{"error": "..."}`.
+pub fn error(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid parts")
+}
+
+fn internal_error(request_id: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": "the microserver failed while handling this request",
+        "request_id": request_id,
+    })
+    .to_string();
+    Response::builder()
+        .status(StatusCode::INTERNAL_SERVER_ERROR)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid parts")
+}
+
+fn too_large(max: u64) -> Response<Body> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the request body is larger than the limit of {max} bytes"),
+    )
+}
+
+/// A request id: 16 hex digits, unique within the process and unlikely to repeat across
+/// restarts.
+struct RequestId([u8; 16]);
+
+impl RequestId {
+    fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let seed = *SEED.get_or_init(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos.rotate_left(32) ^ u64::from(std::process::id())
+        });
+        // A multiplicative step spreads consecutive ids apart; the counter keeps them unique.
+        let n = seed.wrapping_add(
+            NEXT.fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            let nibble = (n >> (60 - 4 * i)) & 0xf;
+            *byte = b"0123456789abcdef"[nibble as usize];
+        }
+        RequestId(out)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}

@@ -1,0 +1,203 @@
+//! Opening plugin libraries and checking their ABI. The only module that touches
+//! libloading.
+//!
+//! Each load opens a fresh copy of the file at a unique path, because `dlopen` caches
+//! by path and by inode and would hand back an old build. The copy is unlinked as soon
+//! as it is open; the mapping stays valid.
+//!
+//! Libraries are never closed. A plugin that touched a `thread_local!` with a destructor
+//! (std, tokio and tracing all do) cannot be unmapped by glibc anyway, and abi_stable's
+//! layout checker keeps global caches that point into every library it checked, so a
+//! `dlclose` would leave dangling pointers. ARCHITECTURE.md says what this costs.
+#![allow(unsafe_code)]
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use abi_stable::library::{
+    AbiHeaderRef, LibraryError, RootModule, ROOT_MODULE_LOADER_NAME_WITH_NUL,
+};
+use plugin_api::ffi::PluginModRef;
+
+/// A plugin library that passed every check and is mapped for the rest of the process.
+pub struct PluginLibrary {
+    /// The plugin's name (its crate name).
+    pub name: String,
+    /// The plugin's own version.
+    pub version: String,
+    /// The plugin-api version the plugin was built against.
+    pub api_version: String,
+    /// The file it was loaded from (not the private copy).
+    pub file: PathBuf,
+    /// A hash of the file's bytes, to recognise an identical rebuild.
+    pub content_hash: u64,
+    pub(crate) module: PluginModRef,
+}
+
+impl fmt::Debug for PluginLibrary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginLibrary")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a file was refused. Its `Display` is one line that names the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    pub file: PathBuf,
+    pub reason: LoadFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadFailure {
+    Unreadable(String),
+    NotALibrary(String),
+    NotAPlugin,
+    AbiStableVersion,
+    InterfaceVersion { expected: String, found: String },
+    Layout { found: String },
+    Other(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host_api = PluginModRef::VERSION_STRINGS;
+        write!(f, "{}: ", self.file.display())?;
+        match &self.reason {
+            LoadFailure::Unreadable(e) => write!(f, "cannot read the file: {e}"),
+            LoadFailure::NotALibrary(e) => write!(f, "not a loadable shared library: {e}"),
+            LoadFailure::NotAPlugin => write!(
+                f,
+                "a shared library, but not a plugin (it exports no plugin-api root module; did it call export_plugin!?)"
+            ),
+            LoadFailure::AbiStableVersion => write!(
+                f,
+                "built with an incompatible version of abi_stable; rebuild it against plugin-api {host_api}"
+            ),
+            LoadFailure::InterfaceVersion { expected, found } => write!(
+                f,
+                "built against plugin-api {found}, but this host needs plugin-api {expected} (a compatible version); rebuild the plugin"
+            ),
+            LoadFailure::Layout { found } => write!(
+                f,
+                "its plugin-api types differ from this host's (plugin built against plugin-api {found}, host has {host_api}); rebuild the plugin (details at debug level)"
+            ),
+            LoadFailure::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
+
+/// Loads and checks the plugin at `file`, using `copies_dir` for its private copy.
+pub fn load(file: &Path, copies_dir: &Path) -> Result<PluginLibrary, LoadError> {
+    let fail = |reason| LoadError {
+        file: file.to_owned(),
+        reason,
+    };
+    let bytes = std::fs::read(file).map_err(|e| fail(LoadFailure::Unreadable(e.to_string())))?;
+    if !bytes.starts_with(b"\x7fELF") && !bytes.starts_with(&[0xcf, 0xfa, 0xed, 0xfe]) {
+        let what = if bytes.is_empty() {
+            "the file is empty"
+        } else {
+            "it has no ELF header"
+        };
+        return Err(fail(LoadFailure::NotALibrary(what.to_owned())));
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    let content_hash = hasher.finish();
+
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin");
+    let copy = copies_dir.join(format!(
+        "{stem}.{}.{}",
+        NEXT_COPY.fetch_add(1, Ordering::Relaxed),
+        std::env::consts::DLL_EXTENSION
+    ));
+    std::fs::write(&copy, &bytes).map_err(|e| {
+        fail(LoadFailure::Other(format!(
+            "cannot write a private copy to {}: {e}",
+            copy.display()
+        )))
+    })?;
+    // SAFETY: loading a library runs its initialisers. Plugins are code the operator chose
+    // to run in this process; this is the trust boundary the product is built on.
+    let opened = unsafe { libloading::Library::new(&copy) };
+    let _ = std::fs::remove_file(&copy);
+    let library = opened.map_err(|e| fail(LoadFailure::NotALibrary(dl_error(&e, &copy))))?;
+
+    // SAFETY: abi_stable exports the header as a static whose address is an `AbiHeaderRef`
+    // (this mirrors `abi_stable::library::abi_header_from_raw_library`).
+    let header: AbiHeaderRef =
+        match unsafe { library.get::<AbiHeaderRef>(ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes()) } {
+            Ok(symbol) => *symbol,
+            Err(_) => return Err(fail(LoadFailure::NotAPlugin)),
+        };
+    // Never unmapped: see the module docs.
+    std::mem::forget(library);
+
+    let lib_header = header.upgrade().map_err(|e| fail(classify(e, "")))?;
+    let api_version = lib_header.version_strings().version.to_string();
+    let module = lib_header
+        .init_root_module::<PluginModRef>()
+        .map_err(|e| fail(classify(e, &api_version)))?;
+    Ok(PluginLibrary {
+        name: module.name().to_string(),
+        version: module.version().to_string(),
+        api_version,
+        file: file.to_owned(),
+        content_hash,
+        module,
+    })
+}
+
+fn dl_error(e: &libloading::Error, copy: &Path) -> String {
+    // dlerror names the private copy; the user knows the file by its own name.
+    let text = e.to_string();
+    let copy = copy.display().to_string();
+    let text = text
+        .replace(&format!("{copy}: "), "")
+        .replace(&copy, "the file");
+    text.trim().to_owned()
+}
+
+fn classify(e: LibraryError, found_api: &str) -> LoadFailure {
+    match e {
+        LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
+            LoadFailure::AbiStableVersion
+        }
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => LoadFailure::InterfaceVersion {
+            expected: expected_version.to_string(),
+            found: actual_version.to_string(),
+        },
+        LibraryError::AbiInstability(details) => {
+            tracing::debug!(%details, "plugin layout check failed");
+            LoadFailure::Layout {
+                found: found_api.to_owned(),
+            }
+        }
+        other => LoadFailure::Other(first_line(&other.to_string())),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(s)
+        .trim()
+        .to_owned()
+}

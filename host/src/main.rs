@@ -1,0 +1,133 @@
+//! `host`: serve the microservers named in `servers.config.json`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use host::config::{self, Config};
+use host::servers::Microservers;
+use tracing_subscriber::EnvFilter;
+
+/// Runs many web microservers, each a plugin library, in one process, routed by domain.
+///
+/// Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM) or a passing --check; 1 if the
+/// host could not start (for example a listen address in use); 2 for a bad config, bad
+/// arguments, or a failing --check.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The config file. Default: $SERVERS_CONFIG, else ./servers.config.json.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// Validate the config and load every plugin (ABI check and init), then exit 0 if all
+    /// is well or 2 with every problem listed. Serves nothing.
+    #[arg(long)]
+    check: bool,
+
+    /// Listen on this address instead of global.listen (repeatable), e.g. 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+
+    /// Load plugins from this folder instead of global.plugin_dir.
+    #[arg(long, value_name = "DIR")]
+    plugin_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let config_path = args
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("SERVERS_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("servers.config.json"));
+    let mut config = match config::load(&config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !args.listen.is_empty() {
+        config.global.listen = args.listen.clone();
+    }
+    let plugin_dir = match &args.plugin_dir {
+        Some(dir) => dir.clone(),
+        // A relative plugin_dir is relative to the folder that holds the config file.
+        None => config_path
+            .parent()
+            .unwrap_or(std::path::Path::new(""))
+            .join(&config.global.plugin_dir),
+    };
+
+    if args.check {
+        return check(&config, &config_path, plugin_dir);
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config, plugin_dir))
+}
+
+async fn run(config: Config, plugin_dir: PathBuf) -> ExitCode {
+    let listeners = match host::serve::bind(&config.global.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (servers, _report) = Microservers::start(&config, plugin_dir);
+    let servers = Arc::new(servers);
+    let drained = host::serve::serve(
+        servers.clone(),
+        listeners,
+        host::serve::shutdown_signal(),
+        config.global.shutdown_timeout,
+    )
+    .await;
+    if !drained {
+        tracing::warn!("some requests were still running at the shutdown deadline");
+    }
+    servers.shutdown_all();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn check(config: &Config, config_path: &std::path::Path, plugin_dir: PathBuf) -> ExitCode {
+    let (servers, report) = Microservers::start(config, plugin_dir);
+    servers.shutdown_all();
+    if report.problems.is_empty() {
+        let n = servers.routing().servers.len();
+        println!(
+            "ok: {} is valid and all {n} servers can start",
+            config_path.display()
+        );
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: {} problem(s):", report.problems.len());
+        for p in &report.problems {
+            eprintln!("  {p}");
+        }
+        ExitCode::from(2)
+    }
+}

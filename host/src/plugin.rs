@@ -1,0 +1,178 @@
+//! Microserver instances and generations.
+//!
+//! A [`Generation`] is one instance of a plugin serving one server, built from one
+//! library and one config. Requests hold it through an [`InFlight`] guard, so a
+//! generation that has been replaced keeps serving the requests it already started and
+//! can tell when the last one is done.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use abi_stable::std_types::{RResult, RSlice};
+use async_ffi::FfiFuture;
+use plugin_api::ffi::{FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest};
+use tokio::sync::Notify;
+
+use crate::loader::PluginLibrary;
+use crate::routes::RouteTable;
+use crate::services::host_fns;
+
+/// One live microserver instance inside a plugin library. Dropping it drops the
+/// plugin's object (in the plugin's own code).
+pub struct Instance {
+    library: Arc<PluginLibrary>,
+    ptr: FfiInstance,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("plugin", &self.library.name)
+            .finish()
+    }
+}
+
+impl Instance {
+    /// Calls the plugin's init and builds the route table it declares.
+    pub fn create(
+        library: Arc<PluginLibrary>,
+        server_name: &str,
+        config_json: &str,
+        previous_state: Option<&[u8]>,
+    ) -> Result<(Instance, RouteTable), String> {
+        let args = FfiInitArgs {
+            server_name: server_name.into(),
+            config_json: config_json.into(),
+            previous_state: previous_state.map(RSlice::from_slice).into(),
+            host: host_fns(),
+        };
+        let init = match (library.module.init())(args) {
+            RResult::ROk(init) => init,
+            RResult::RErr(message) => return Err(message.to_string()),
+        };
+        let instance = Instance {
+            library,
+            ptr: init.instance,
+        };
+        let routes = RouteTable::new(
+            init.routes
+                .iter()
+                .map(|r| (r.method.as_str(), r.pattern.as_str())),
+            init.fallback.into_option(),
+        )
+        .map_err(|e| format!("its route table is invalid: {e}"))?;
+        Ok((instance, routes))
+    }
+
+    pub fn library(&self) -> &Arc<PluginLibrary> {
+        &self.library
+    }
+
+    /// Starts handling a request. The future catches the handler's panics itself.
+    pub fn handle(&self, request: FfiRequest) -> FfiFuture<FfiHandleResult> {
+        (self.library.module.handle())(self.ptr, request)
+    }
+
+    /// The state this instance hands to its successor, copied into host memory.
+    pub fn export_state(&self) -> Option<Vec<u8>> {
+        (self.library.module.export_state())(self.ptr)
+            .into_option()
+            .map(|bytes| bytes.into_vec())
+    }
+
+    pub fn shutdown(&self) {
+        (self.library.module.shutdown())(self.ptr);
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        (self.library.module.drop_instance())(self.ptr);
+    }
+}
+
+/// One instance serving one server, numbered per server from 1.
+#[derive(Debug)]
+pub struct Generation {
+    pub server: Arc<str>,
+    pub number: u64,
+    pub instance: Instance,
+    pub routes: RouteTable,
+    in_flight: AtomicUsize,
+    idle: Notify,
+    shut_down: AtomicBool,
+}
+
+impl Generation {
+    pub fn new(server: Arc<str>, number: u64, instance: Instance, routes: RouteTable) -> Arc<Self> {
+        Arc::new(Generation {
+            server,
+            number,
+            instance,
+            routes,
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            shut_down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn plugin(&self) -> &PluginLibrary {
+        self.instance.library()
+    }
+
+    /// Counts a request as in flight on this generation until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            generation: self.clone(),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits until no request is in flight, or `deadline` passes. True if drained.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        let wait = async {
+            loop {
+                let idle = self.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if self.in_flight() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+
+    /// Calls the plugin's shutdown hook, once.
+    pub fn shutdown(&self) {
+        if !self.shut_down.swap(true, Ordering::AcqRel) {
+            self.instance.shutdown();
+        }
+    }
+}
+
+/// Marks a request in flight on a generation, and keeps the generation alive.
+#[derive(Debug)]
+pub struct InFlight {
+    generation: Arc<Generation>,
+}
+
+impl InFlight {
+    pub fn generation(&self) -> &Arc<Generation> {
+        &self.generation
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.generation.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.generation.idle.notify_waiters();
+        }
+    }
+}

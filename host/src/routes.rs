@@ -1,0 +1,187 @@
+//! A microserver's route table, built once per generation from what its init returned.
+
+use std::collections::HashMap;
+
+use hyper::http::HeaderValue;
+
+/// Path patterns and the methods each answers, compiled into a radix tree.
+#[derive(Debug)]
+pub struct RouteTable {
+    router: matchit::Router<usize>,
+    paths: Vec<PathRoutes>,
+    fallback: Option<u32>,
+}
+
+#[derive(Debug)]
+struct PathRoutes {
+    /// (method, route index) in declaration order.
+    methods: Vec<(String, u32)>,
+    any: Option<u32>,
+    allow: HeaderValue,
+}
+
+/// The outcome of matching a request.
+#[derive(Debug)]
+pub enum RouteMatch<'t, 'p> {
+    Found {
+        route: u32,
+        params: matchit::Params<'t, 'p>,
+    },
+    /// The path exists with other methods; the value is the `Allow` header.
+    MethodNotAllowed(&'t HeaderValue),
+    NotFound,
+}
+
+impl RouteTable {
+    /// Builds the table. `routes` are (method, pattern) in route-index order.
+    pub fn new<'a>(
+        routes: impl IntoIterator<Item = (&'a str, &'a str)>,
+        fallback: Option<u32>,
+    ) -> Result<Self, String> {
+        let mut router = matchit::Router::new();
+        let mut paths: Vec<PathRoutes> = Vec::new();
+        let mut by_pattern: HashMap<&str, usize> = HashMap::new();
+        for (index, (method, pattern)) in routes.into_iter().enumerate() {
+            let index = index as u32;
+            let slot = match by_pattern.get(pattern) {
+                Some(&slot) => slot,
+                None => {
+                    if !pattern.starts_with('/') {
+                        return Err(format!("route pattern {pattern:?} must start with `/`"));
+                    }
+                    router
+                        .insert(pattern, paths.len())
+                        .map_err(|e| format!("route pattern {pattern:?}: {e}"))?;
+                    by_pattern.insert(pattern, paths.len());
+                    paths.push(PathRoutes {
+                        methods: Vec::new(),
+                        any: None,
+                        allow: HeaderValue::from_static(""),
+                    });
+                    paths.len() - 1
+                }
+            };
+            let entry = &mut paths[slot];
+            let valid_method =
+                !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
+            if method == "*" {
+                entry.any.get_or_insert(index);
+            } else if !valid_method {
+                return Err(format!(
+                    "route {method} {pattern}: {method:?} is not an HTTP method"
+                ));
+            } else if entry.methods.iter().any(|(m, _)| m == method) {
+                return Err(format!("route {method} {pattern} is declared twice"));
+            } else {
+                entry.methods.push((method.to_owned(), index));
+            }
+        }
+        for entry in &mut paths {
+            let mut allow: Vec<&str> = entry.methods.iter().map(|(m, _)| m.as_str()).collect();
+            if allow.contains(&"GET") && !allow.contains(&"HEAD") {
+                allow.push("HEAD");
+            }
+            entry.allow = HeaderValue::from_str(&allow.join(", ")).map_err(|e| e.to_string())?;
+        }
+        Ok(RouteTable {
+            router,
+            paths,
+            fallback,
+        })
+    }
+
+    /// Matches a request. `HEAD` falls back to the `GET` route.
+    pub fn find<'t, 'p>(&'t self, method: &str, path: &'p str) -> RouteMatch<'t, 'p> {
+        let Ok(m) = self.router.at(path) else {
+            return match self.fallback {
+                Some(route) => RouteMatch::Found {
+                    route,
+                    params: matchit::Params::new(),
+                },
+                None => RouteMatch::NotFound,
+            };
+        };
+        let entry = &self.paths[*m.value];
+        let by_method = |wanted: &str| {
+            entry
+                .methods
+                .iter()
+                .find(|(m, _)| m == wanted)
+                .map(|&(_, route)| route)
+        };
+        let route = by_method(method)
+            .or_else(|| {
+                if method == "HEAD" {
+                    by_method("GET")
+                } else {
+                    None
+                }
+            })
+            .or(entry.any);
+        match route {
+            Some(route) => RouteMatch::Found {
+                route,
+                params: m.params,
+            },
+            None => RouteMatch::MethodNotAllowed(&entry.allow),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        RouteTable::new(
+            [
+                ("GET", "/"),
+                ("GET", "/users/{id}"),
+                ("DELETE", "/users/{id}"),
+                ("*", "/files/{*path}"),
+            ],
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn matches_methods_params_and_catch_all() {
+        let t = table();
+        let RouteMatch::Found { route, params } = t.find("DELETE", "/users/42") else {
+            panic!()
+        };
+        assert_eq!((route, params.get("id")), (2, Some("42")));
+        let RouteMatch::Found { route, params } = t.find("PUT", "/files/a/b.txt") else {
+            panic!()
+        };
+        assert_eq!((route, params.get("path")), (3, Some("a/b.txt")));
+        assert!(matches!(
+            t.find("HEAD", "/"),
+            RouteMatch::Found { route: 0, .. }
+        ));
+        assert!(matches!(t.find("GET", "/nope"), RouteMatch::NotFound));
+        let RouteMatch::MethodNotAllowed(allow) = t.find("POST", "/users/1") else {
+            panic!()
+        };
+        assert_eq!(allow, "GET, DELETE, HEAD");
+    }
+
+    #[test]
+    fn fallback_answers_unknown_paths() {
+        let t = RouteTable::new([("GET", "/")], Some(1)).unwrap();
+        assert!(matches!(
+            t.find("GET", "/x/y"),
+            RouteMatch::Found { route: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_the_pattern() {
+        let err = RouteTable::new([("GET", "/{a}"), ("GET", "/{b}")], None).unwrap_err();
+        assert!(err.contains("/{b}"), "{err}");
+        let err = RouteTable::new([("GET", "/x"), ("GET", "/x")], None).unwrap_err();
+        assert!(err.contains("declared twice"), "{err}");
+        assert!(RouteTable::new([("GET", "x")], None).is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! Functions the host lends to plugins (see `plugin_api::ffi::HostFns`).
+//!
+//! They run host code on behalf of a plugin: log events land in the host's subscriber,
+//! and timers are tokio timers on the host's runtime. None of them may panic, because a
+//! panic cannot unwind through the plugin's frames.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use abi_stable::prefix_type::PrefixTypeTrait;
+use async_ffi::FfiFuture;
+use plugin_api::ffi::{FfiLogRecord, HostFns, HostFnsRef};
+use tracing::level_filters::LevelFilter;
+
+/// The table handed to every plugin's init.
+pub fn host_fns() -> HostFnsRef {
+    static FNS: OnceLock<HostFnsRef> = OnceLock::new();
+    *FNS.get_or_init(|| {
+        HostFns {
+            max_log_level,
+            log,
+            sleep,
+        }
+        .leak_into_prefix()
+    })
+}
+
+extern "C" fn max_log_level() -> u8 {
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
+}
+
+extern "C" fn log(record: FfiLogRecord<'_>) {
+    let plugin = record.plugin.as_str();
+    let module = record.target.as_str();
+    let message = record.message.as_str();
+    let sep = if record.fields.is_empty() { "" } else { " " };
+    let fields = record.fields.as_str();
+    macro_rules! emit {
+        ($level:expr) => {
+            tracing::event!(target: "plugin", $level, plugin, module, "{message}{sep}{fields}")
+        };
+    }
+    match record.level {
+        1 => emit!(tracing::Level::ERROR),
+        2 => emit!(tracing::Level::WARN),
+        3 => emit!(tracing::Level::INFO),
+        4 => emit!(tracing::Level::DEBUG),
+        _ => emit!(tracing::Level::TRACE),
+    }
+}
+
+extern "C" fn sleep(nanos: u64) -> FfiFuture<()> {
+    // The timer is created on first poll, inside the host's runtime.
+    FfiFuture::new(async move { tokio::time::sleep(Duration::from_nanos(nanos)).await })
+}

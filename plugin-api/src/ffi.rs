@@ -1,0 +1,286 @@
+//! The stable ABI between the host and a plugin library.
+//!
+//! Everything here is `#[repr(C)]` and derives `StableAbi`, so abi_stable can check at
+//! load time that the host and the plugin agree on every layout. Plugin authors never
+//! use this module: it is public only so the host (and the `export_plugin!` macro) can.
+//!
+//! Ownership rule: a value that owns memory carries the code that frees it (abi_stable's
+//! `RVec`/`RString` vtables, [`FfiBytes::drop`]). That code lives in the library that made
+//! the value, so such a value must be dropped while that library is still mapped.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+
+use abi_stable::library::RootModule;
+use abi_stable::sabi_types::VersionStrings;
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::StableAbi;
+use async_ffi::FfiFuture;
+
+/// A byte range `[start, end)` inside a buffer that travels with it.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FfiSpan {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl FfiSpan {
+    /// Returns the bytes of `buf` this span covers, or an empty slice if it is out of range.
+    pub fn get<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        buf.get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
+
+    /// Appends `bytes` to `buf` and returns the span that covers them.
+    pub fn push(buf: &mut Vec<u8>, bytes: &[u8]) -> FfiSpan {
+        let start = buf.len() as u32;
+        buf.extend_from_slice(bytes);
+        FfiSpan {
+            start,
+            end: buf.len() as u32,
+        }
+    }
+}
+
+/// One header: its name and value as spans into the buffer that carries them.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct FfiHeader {
+    pub name: FfiSpan,
+    pub value: FfiSpan,
+}
+
+/// One path parameter: its name and its raw (still percent-encoded) value.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct FfiParam {
+    pub name: FfiSpan,
+    pub value: FfiSpan,
+}
+
+/// An immutable byte buffer owned by either side, freed by the side that made it.
+///
+/// The host hands a request body over without copying it, and a plugin hands its
+/// response body back the same way.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiBytes {
+    ptr: *const u8,
+    len: usize,
+    owner: *mut c_void,
+    drop: extern "C" fn(*mut c_void),
+}
+
+// SAFETY: an `FfiBytes` is only built from owners that are `Send + Sync` (see the
+// constructors), and it gives out shared access only.
+unsafe impl Send for FfiBytes {}
+unsafe impl Sync for FfiBytes {}
+
+extern "C" fn drop_nothing(_: *mut c_void) {}
+
+extern "C" fn drop_boxed<T>(owner: *mut c_void) {
+    // A panic must not unwind out of an `extern "C"` fn; dropping a byte owner does not
+    // panic in practice, and if it did, aborting is the documented outcome.
+    // SAFETY: `owner` came from `Box::into_raw(Box<T>)` in `FfiBytes::from_owner::<T>`.
+    drop(unsafe { Box::from_raw(owner.cast::<T>()) });
+}
+
+impl FfiBytes {
+    /// An empty buffer that owns nothing.
+    pub fn empty() -> Self {
+        FfiBytes {
+            ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
+            len: 0,
+            owner: std::ptr::null_mut(),
+            drop: drop_nothing,
+        }
+    }
+
+    /// Takes ownership of any byte container without copying its contents.
+    pub fn from_owner<T: AsRef<[u8]> + Send + Sync + 'static>(owner: T) -> Self {
+        if owner.as_ref().is_empty() {
+            return Self::empty();
+        }
+        let boxed = Box::new(owner);
+        let (ptr, len) = {
+            let bytes = (*boxed).as_ref();
+            (bytes.as_ptr(), bytes.len())
+        };
+        FfiBytes {
+            ptr,
+            len,
+            owner: Box::into_raw(boxed).cast::<c_void>(),
+            drop: drop_boxed::<T>,
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` points into the owner, which lives as long as `self`
+        // and is never mutated; an empty buffer uses a dangling, aligned pointer.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl AsRef<[u8]> for FfiBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl Drop for FfiBytes {
+    fn drop(&mut self) {
+        (self.drop)(self.owner);
+    }
+}
+
+/// A request as the host hands it to a plugin.
+///
+/// All text fields are spans into `buf`, so a request costs the same two allocations
+/// however many headers it has. Text spans hold valid UTF-8 except header values.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiRequest {
+    pub buf: RVec<u8>,
+    pub method: FfiSpan,
+    pub path: FfiSpan,
+    pub query: FfiSpan,
+    pub domain: FfiSpan,
+    pub client_addr: FfiSpan,
+    pub request_id: FfiSpan,
+    pub headers: RVec<FfiHeader>,
+    pub params: RVec<FfiParam>,
+    /// Index into the route table the plugin returned from init.
+    pub route: u32,
+    pub body: FfiBytes,
+}
+
+/// A response as a plugin hands it back.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiResponse {
+    pub status: u16,
+    pub header_buf: RVec<u8>,
+    pub headers: RVec<FfiHeader>,
+    pub body: FfiBytes,
+}
+
+/// One entry of a microserver's route table.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct FfiRoute {
+    /// An HTTP method in upper case, or `*` for any method.
+    pub method: RString,
+    /// A path pattern: `/users/{id}` for a named segment, `/{*rest}` for a catch-all.
+    pub pattern: RString,
+}
+
+/// An opaque pointer to a microserver instance living inside the plugin.
+#[repr(transparent)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct FfiInstance(pub *const c_void);
+
+// SAFETY: the pointee is a `Microserver`, which is `Send + Sync` by its trait bounds.
+unsafe impl Send for FfiInstance {}
+unsafe impl Sync for FfiInstance {}
+
+/// What init returns on success.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiInit {
+    pub instance: FfiInstance,
+    pub routes: RVec<FfiRoute>,
+    /// Route index that answers any path no route matched, if the plugin set one.
+    pub fallback: ROption<u32>,
+}
+
+/// What the host passes to init.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiInitArgs<'a> {
+    pub server_name: RStr<'a>,
+    /// The server's `config` object from `servers.config.json`, as JSON text.
+    pub config_json: RStr<'a>,
+    /// State exported by the previous generation of this server, if any.
+    pub previous_state: ROption<RSlice<'a, u8>>,
+    pub host: HostFnsRef,
+}
+
+/// The outcome of one request: a response, or the message of a panic in the handler.
+pub type FfiHandleResult = RResult<FfiResponse, RString>;
+
+/// A log event forwarded from a plugin to the host's subscriber.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiLogRecord<'a> {
+    /// 1 = error, 2 = warn, 3 = info, 4 = debug, 5 = trace.
+    pub level: u8,
+    pub plugin: RStr<'a>,
+    pub target: RStr<'a>,
+    pub message: RStr<'a>,
+    /// Other fields, already formatted as `key=value` pairs separated by spaces.
+    pub fields: RStr<'a>,
+}
+
+/// Functions the host offers to plugins. Futures they return are built by the host and
+/// run on the host's runtime, which is why plugins can await them.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = HostFnsRef)))]
+#[sabi(missing_field(panic))]
+pub struct HostFns {
+    /// The most verbose level the host will record (same numbering as `FfiLogRecord`;
+    /// 0 = off).
+    pub max_log_level: extern "C" fn() -> u8,
+    pub log: for<'a> extern "C" fn(FfiLogRecord<'a>),
+    #[sabi(last_prefix_field)]
+    pub sleep: extern "C" fn(nanos: u64) -> FfiFuture<()>,
+}
+
+/// The root module every plugin library exports.
+///
+/// A prefix type: later interface versions may append fields after the last one here, and
+/// libraries built against this version keep loading.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginMod {
+    /// The plugin's name (its crate name).
+    pub name: RStr<'static>,
+    /// The plugin's own version (its crate version).
+    pub version: RStr<'static>,
+    pub init: for<'a> extern "C" fn(FfiInitArgs<'a>) -> RResult<FfiInit, RString>,
+    pub handle: extern "C" fn(FfiInstance, FfiRequest) -> FfiFuture<FfiHandleResult>,
+    /// Called once when the instance is being replaced: its state to hand to the next
+    /// generation's init, if it has any.
+    pub export_state: extern "C" fn(FfiInstance) -> ROption<RVec<u8>>,
+    pub shutdown: extern "C" fn(FfiInstance),
+    #[sabi(last_prefix_field)]
+    pub drop_instance: extern "C" fn(FfiInstance),
+}
+
+impl RootModule for PluginModRef {
+    abi_stable::declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "plugin_host_plugin";
+    const NAME: &'static str = "plugin-api";
+    const VERSION_STRINGS: VersionStrings = abi_stable::package_version_strings!();
+}
+
+/// The exported symbol that holds a library's header. It must equal
+/// `abi_stable::library::ROOT_MODULE_LOADER_NAME`; a unit test checks that.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __root_module_symbol {
+    () => {
+        "_1as_0lib_1header_0root_bmodule_bloader"
+    };
+}

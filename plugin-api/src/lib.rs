@@ -1,0 +1,273 @@
+//! Write a microserver for the plugin host.
+//!
+//! This is the only crate a plugin depends on. A plugin is a `cdylib` crate that
+//! implements [`Microserver`] for one type and declares it with [`export_plugin!`]:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use plugin_api::{export_plugin, Error, InitContext, Microserver, Request, Response, Routes};
+//!
+//! struct Hello {
+//!     greeting: String,
+//! }
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Config {
+//!     greeting: String,
+//! }
+//!
+//! impl Microserver for Hello {
+//!     fn init(ctx: &InitContext<'_>) -> Result<Self, Error> {
+//!         let config: Config = ctx.config()?;
+//!         Ok(Hello { greeting: config.greeting })
+//!     }
+//!
+//!     fn routes(routes: &mut Routes<Self>) {
+//!         routes.get("/hello/{name}", Self::greet);
+//!     }
+//! }
+//!
+//! impl Hello {
+//!     async fn greet(self: Arc<Self>, req: Request) -> Response {
+//!         let name = req.param("name").unwrap_or_default();
+//!         Response::text(format!("{}, {name}!", self.greeting))
+//!     }
+//! }
+//!
+//! export_plugin!(Hello);
+//! ```
+//!
+//! # What works inside a plugin
+//! - Plain Rust, std, serde, `std::sync` and `tokio::sync` primitives (they need no
+//!   runtime), and any crate that does not need a tokio runtime of its own.
+//! - Async handlers that await [`sleep`] or other futures the host provides.
+//! - Logging with [`tracing`] (re-exported here): events land in the host's log output
+//!   tagged with the plugin's name.
+//!
+//! # What does not
+//! - `tokio::spawn`, `tokio::time::*` and tokio I/O: the plugin has its own copy of tokio,
+//!   with no runtime, and they panic. Use [`sleep`]; a plugin that needs a tokio-based
+//!   client can start a runtime of its own in [`Microserver::init`] and stop it in
+//!   [`Microserver::shutdown`].
+//! - Blocking the thread for long (a busy loop, `std::thread::sleep`): a handler runs on
+//!   one of the host's worker threads, and the host cannot interrupt code that does not
+//!   yield. The host's request timeout answers the client, but the thread stays busy.
+//!
+//! Panics are fine: a panicking handler answers 500, the host logs the message with the
+//! plugin's name, and every other request carries on.
+
+use std::future::Future;
+use std::sync::Arc;
+
+mod error;
+mod export;
+pub mod ffi;
+mod host;
+mod request;
+mod response;
+
+pub use error::Error;
+pub use host::sleep;
+pub use request::Request;
+pub use response::{IntoResponse, Json, Response};
+pub use tracing;
+
+/// A microserver: one type per plugin library, one instance per configured server.
+///
+/// The host calls [`init`](Microserver::init) once per server that runs this plugin, then
+/// [`routes`](Microserver::routes) to learn the route table, then handlers for requests
+/// on any thread, concurrently. Handlers take `self: Arc<Self>`, so state that changes
+/// lives behind a `Mutex` or atomics.
+pub trait Microserver: Send + Sync + Sized + 'static {
+    /// Builds the instance from the server's `config` object. An error here keeps the
+    /// server from serving, and the host shows the message.
+    fn init(ctx: &InitContext<'_>) -> Result<Self, Error>;
+
+    /// Declares the routes. Called once per instance, right after `init`.
+    fn routes(routes: &mut Routes<Self>);
+
+    /// Called when this instance is about to be replaced by a new generation (a new build
+    /// of the library, or a changed config). Bytes returned here are handed to the next
+    /// generation's [`InitContext::previous_state`], so in-memory data can survive.
+    fn export_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Called once, after the last request this instance was serving has finished (or
+    /// the host's drain deadline passed), before the instance is dropped.
+    fn shutdown(&self) {}
+}
+
+/// What `init` gets: the server's name, its config, and any state handed over.
+#[derive(Debug)]
+pub struct InitContext<'a> {
+    server_name: &'a str,
+    config_json: &'a str,
+    previous_state: Option<&'a [u8]>,
+}
+
+impl<'a> InitContext<'a> {
+    /// The `name` of the server entry in `servers.config.json` (or the plugin's name when
+    /// the library is served without an entry).
+    pub fn server_name(&self) -> &'a str {
+        self.server_name
+    }
+
+    /// The server's `config` object, deserialized. A server with no `config` gets `null`,
+    /// so use `Option` or `#[serde(default)]` for optional settings.
+    ///
+    /// ```
+    /// # fn f(ctx: &plugin_api::InitContext<'_>) -> Result<(), plugin_api::Error> {
+    /// #[derive(serde::Deserialize, Default)]
+    /// #[serde(default)]
+    /// struct Config { greeting: String }
+    /// let config: Config = ctx.config()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_str(self.config_json)
+            .map_err(|e| Error::bad_request(format!("invalid config: {e}")))
+    }
+
+    /// The server's `config` as JSON text.
+    pub fn config_json(&self) -> &'a str {
+        self.config_json
+    }
+
+    /// Bytes the previous generation returned from [`Microserver::export_state`].
+    pub fn previous_state(&self) -> Option<&'a [u8]> {
+        self.previous_state
+    }
+}
+
+/// The route table a microserver declares in [`Microserver::routes`].
+///
+/// Patterns: `/users/{id}` names a segment, `/files/{*path}` catches the rest of the path.
+/// The host matches paths: an unknown path answers 404 (or goes to the
+/// [`fallback`](Routes::fallback)), a known path with another method answers 405 with an
+/// `Allow` header. A pattern the host cannot use makes init fail with a message.
+pub struct Routes<S> {
+    entries: Vec<RouteEntry<S>>,
+    fallback: Option<export::ErasedHandler<S>>,
+}
+
+impl<S> std::fmt::Debug for Routes<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|e| (&e.method, &e.pattern)))
+            .finish()
+    }
+}
+
+struct RouteEntry<S> {
+    method: String,
+    pattern: String,
+    handler: export::ErasedHandler<S>,
+}
+
+macro_rules! method_fns {
+    ($($fn_name:ident => $method:literal),*) => {$(
+        #[doc = concat!("Routes `", $method, "` requests for `pattern` to `handler`.")]
+        pub fn $fn_name<H, Fut, R>(&mut self, pattern: &str, handler: H) -> &mut Self
+        where
+            H: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: IntoResponse,
+        {
+            self.route($method, pattern, handler)
+        }
+    )*};
+}
+
+impl<S: Microserver> Routes<S> {
+    fn new() -> Self {
+        Routes {
+            entries: Vec::new(),
+            fallback: None,
+        }
+    }
+
+    method_fns!(get => "GET", post => "POST", put => "PUT", patch => "PATCH", delete => "DELETE", any => "*");
+
+    /// Routes requests with `method` (upper case, or `*` for any) for `pattern`.
+    pub fn route<H, Fut, R>(&mut self, method: &str, pattern: &str, handler: H) -> &mut Self
+    where
+        H: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: IntoResponse,
+    {
+        self.entries.push(RouteEntry {
+            method: method.to_ascii_uppercase(),
+            pattern: pattern.to_owned(),
+            handler: export::erase(handler),
+        });
+        self
+    }
+
+    /// Answers every request whose path no route matches (instead of the host's 404).
+    pub fn fallback<H, Fut, R>(&mut self, handler: H) -> &mut Self
+    where
+        H: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: IntoResponse,
+    {
+        self.fallback = Some(export::erase(handler));
+        self
+    }
+}
+
+/// Declares the type that implements [`Microserver`] as this library's plugin.
+///
+/// Use it once, at the root of a `cdylib` crate. The plugin's name and version are the
+/// crate's name and version from its `Cargo.toml`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($server:ty) => {
+        #[doc(hidden)]
+        #[allow(unsafe_code)]
+        #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
+        pub static __PLUGIN_HOST_ROOT_MODULE: $crate::__private::LibHeader = {
+            extern "C" fn __init(
+                args: $crate::ffi::FfiInitArgs<'_>,
+            ) -> $crate::__private::RResult<$crate::ffi::FfiInit, $crate::__private::RString> {
+                $crate::__private::init::<$server>(args, env!("CARGO_PKG_NAME"))
+            }
+            extern "C" fn __constructor() -> $crate::__private::RootModuleResult {
+                $crate::__private::__call_root_module_loader(|| {
+                    $crate::__private::root_module::<$server>(
+                        env!("CARGO_PKG_NAME"),
+                        env!("CARGO_PKG_VERSION"),
+                        __init,
+                    )
+                })
+            }
+            // SAFETY: the constructor returns the root module of type `PluginModRef`.
+            unsafe {
+                $crate::__private::LibHeader::from_constructor::<$crate::ffi::PluginModRef>(
+                    __constructor,
+                    $crate::__private::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::export::{init, root_module};
+    pub use abi_stable::library::{
+        __call_root_module_loader, CheckTypeLayout, LibHeader, RootModuleResult,
+    };
+    pub use abi_stable::std_types::{RResult, RString};
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exported_symbol_is_the_one_abi_stable_looks_up() {
+        assert_eq!(
+            crate::__root_module_symbol!(),
+            abi_stable::library::ROOT_MODULE_LOADER_NAME
+        );
+    }
+}

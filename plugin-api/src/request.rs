@@ -1,0 +1,149 @@
+//! The request a handler receives.
+
+use std::borrow::Cow;
+
+use percent_encoding::percent_decode_str;
+use serde::de::DeserializeOwned;
+
+use crate::ffi::{FfiRequest, FfiSpan};
+use crate::Error;
+
+/// An HTTP request routed to this microserver.
+///
+/// ```
+/// # use plugin_api::{Request, Response};
+/// async fn greet(req: Request) -> Response {
+///     let name = req.param("name").unwrap_or_default();
+///     Response::text(format!("hello {name} from {}", req.domain()))
+/// }
+/// ```
+pub struct Request {
+    raw: FfiRequest,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method())
+            .field("path", &self.path())
+            .field("query", &self.query())
+            .field("domain", &self.domain())
+            .field("request_id", &self.request_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Request {
+    #[doc(hidden)]
+    pub fn from_ffi(raw: FfiRequest) -> Self {
+        Request { raw }
+    }
+
+    fn text(&self, span: FfiSpan) -> &str {
+        std::str::from_utf8(span.get(&self.raw.buf)).unwrap_or_default()
+    }
+
+    /// The method in upper case, such as `GET`.
+    pub fn method(&self) -> &str {
+        self.text(self.raw.method)
+    }
+
+    /// The path, still percent-encoded, such as `/users/42`.
+    pub fn path(&self) -> &str {
+        self.text(self.raw.path)
+    }
+
+    /// The query string without the `?`, still percent-encoded; empty if there is none.
+    pub fn query(&self) -> &str {
+        self.text(self.raw.query)
+    }
+
+    /// The first value of a query parameter, percent-decoded (`+` counts as a space).
+    pub fn query_param(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.query_pairs()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value)
+    }
+
+    /// Every query parameter in order, percent-decoded.
+    pub fn query_pairs(&self) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+        self.query()
+            .split('&')
+            .filter(|s| !s.is_empty())
+            .map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (decode_form(key), decode_form(value))
+            })
+    }
+
+    /// A path parameter from the route pattern (`{id}` in `/users/{id}`), percent-decoded.
+    pub fn param(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.raw
+            .params
+            .iter()
+            .find(|p| p.name.get(&self.raw.buf) == name.as_bytes())
+            .map(|p| percent_decode_str(self.text(p.value)).decode_utf8_lossy())
+    }
+
+    /// The domain this request was routed by: lower case, without port or trailing dot.
+    pub fn domain(&self) -> &str {
+        self.text(self.raw.domain)
+    }
+
+    /// The client's socket address, such as `127.0.0.1:50412`.
+    pub fn client_addr(&self) -> &str {
+        self.text(self.raw.client_addr)
+    }
+
+    /// The id the host gave this request; it is also sent back as `x-request-id`.
+    pub fn request_id(&self) -> &str {
+        self.text(self.raw.request_id)
+    }
+
+    /// The first value of a header (names compare case-insensitively), if it is text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// Every header as `(lower-case name, raw value)`, in the order the client sent them.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.raw.headers.iter().map(|h| {
+            (
+                std::str::from_utf8(h.name.get(&self.raw.buf)).unwrap_or_default(),
+                h.value.get(&self.raw.buf),
+            )
+        })
+    }
+
+    /// The whole request body.
+    pub fn body(&self) -> &[u8] {
+        self.raw.body.as_slice()
+    }
+
+    /// The body parsed as JSON. A parse error becomes a 400 response if returned.
+    ///
+    /// ```
+    /// # use plugin_api::{Error, Json, Request};
+    /// #[derive(serde::Deserialize, serde::Serialize)]
+    /// struct Note { text: String }
+    /// async fn create(req: Request) -> Result<Json<Note>, Error> {
+    ///     let note: Note = req.json()?;
+    ///     Ok(Json(note))
+    /// }
+    /// ```
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_slice(self.body())
+            .map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+fn decode_form(s: &str) -> Cow<'_, str> {
+    if s.contains('+') {
+        let spaced = s.replace('+', " ");
+        Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
+    } else {
+        percent_decode_str(s).decode_utf8_lossy()
+    }
+}

@@ -1,0 +1,172 @@
+//! Responses, and the conversions handlers may return instead of building one.
+
+use abi_stable::std_types::RVec;
+use serde::Serialize;
+
+use crate::ffi::{FfiBytes, FfiHeader, FfiResponse, FfiSpan};
+
+/// An HTTP response.
+///
+/// ```
+/// # use plugin_api::Response;
+/// let r = Response::text("created")
+///     .with_status(201)
+///     .with_header("location", "/notes/1");
+/// assert_eq!(r.status(), 201);
+/// ```
+pub struct Response {
+    status: u16,
+    header_buf: Vec<u8>,
+    headers: Vec<FfiHeader>,
+    body: FfiBytes,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Response {
+    fn default() -> Self {
+        Response::new(200)
+    }
+}
+
+impl Response {
+    /// An empty response with the given status.
+    pub fn new(status: u16) -> Self {
+        Response {
+            status,
+            header_buf: Vec::new(),
+            headers: Vec::new(),
+            body: FfiBytes::empty(),
+        }
+    }
+
+    /// A `200 OK` with a `text/plain; charset=utf-8` body.
+    pub fn text(body: impl Into<String>) -> Self {
+        Response::new(200)
+            .with_header("content-type", "text/plain; charset=utf-8")
+            .with_body(body.into().into_bytes())
+    }
+
+    /// A `200 OK` with `value` serialized as the JSON body.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(bytes) => Response::new(200)
+                .with_header("content-type", "application/json")
+                .with_body(bytes),
+            Err(e) => {
+                crate::Error::internal(format!("cannot serialize response: {e}")).into_response()
+            }
+        }
+    }
+
+    /// Replaces the status.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Adds a header. Names and values the host cannot send turn the response into a 500.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        let name = FfiSpan::push(&mut self.header_buf, name.as_bytes());
+        let value = FfiSpan::push(&mut self.header_buf, value.as_bytes());
+        self.headers.push(FfiHeader { name, value });
+        self
+    }
+
+    /// Replaces the body without copying it.
+    pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = FfiBytes::from_owner(body.into());
+        self
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn body(&self) -> &[u8] {
+        self.body.as_slice()
+    }
+
+    /// The first value of a header, if any (names compare case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| {
+                h.name
+                    .get(&self.header_buf)
+                    .eq_ignore_ascii_case(name.as_bytes())
+            })
+            .and_then(|h| std::str::from_utf8(h.value.get(&self.header_buf)).ok())
+    }
+
+    #[doc(hidden)]
+    pub fn into_ffi(self) -> FfiResponse {
+        FfiResponse {
+            status: self.status,
+            header_buf: RVec::from(self.header_buf),
+            headers: RVec::from(self.headers),
+            body: self.body,
+        }
+    }
+}
+
+/// Anything a handler may return.
+pub trait IntoResponse {
+    fn into_response(self) -> Response;
+}
+
+impl IntoResponse for Response {
+    fn into_response(self) -> Response {
+        self
+    }
+}
+
+impl IntoResponse for &'static str {
+    fn into_response(self) -> Response {
+        Response::text(self)
+    }
+}
+
+impl IntoResponse for String {
+    fn into_response(self) -> Response {
+        Response::text(self)
+    }
+}
+
+impl<R: IntoResponse> IntoResponse for (u16, R) {
+    fn into_response(self) -> Response {
+        self.1.into_response().with_status(self.0)
+    }
+}
+
+impl<T: IntoResponse, E: IntoResponse> IntoResponse for Result<T, E> {
+    fn into_response(self) -> Response {
+        match self {
+            Ok(v) => v.into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+/// A value sent as a JSON body with status 200.
+///
+/// ```
+/// # use plugin_api::{IntoResponse, Json};
+/// let r = Json(serde_json::json!({"ok": true})).into_response();
+/// assert_eq!(r.body(), br#"{"ok":true}"#);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        Response::json(&self.0)
+    }
+}
