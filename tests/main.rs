@@ -1,1 +1,11 @@
-fn main() {}
+//! Integration tests: real host processes, real plugin libraries, real sockets.
+//!
+//! The harness in `support` builds the plugin and fixture libraries on first use, so
+//! `cargo test --workspace` is all it takes.
+
+mod support;
+
+mod config;
+mod loading;
+mod robustness;
+mod routing;

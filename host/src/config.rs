@@ -214,6 +214,8 @@ fn join(path: &str, key: &str) -> String {
 #[derive(Default)]
 struct Validator {
     problems: Vec<Problem>,
+    /// For each valid server, its index in the `servers` array (for error paths).
+    server_index: Vec<usize>,
 }
 
 impl Validator {
@@ -295,6 +297,7 @@ impl Validator {
                 for (i, item) in items.iter().enumerate() {
                     if let Some(server) = self.server(item, &format!("servers[{i}]")) {
                         config.servers.push(server);
+                        self.server_index.push(i);
                     }
                 }
             }
@@ -466,41 +469,29 @@ impl Validator {
     /// Problems between servers: duplicate names, a domain claimed twice, a default
     /// server that does not exist.
     fn cross_check(&mut self, config: &Config, servers: Option<&Value>) {
-        // Paths must point at the original array index even if some entries were invalid.
-        let index_of = |name: &str| -> usize {
-            servers
-                .and_then(Value::as_array)
-                .and_then(|a| {
-                    a.iter()
-                        .position(|s| s.get("name").and_then(Value::as_str) == Some(name))
-                })
-                .unwrap_or(0)
-        };
+        // Duplicate names are found on the raw entries, so an entry that is invalid for
+        // another reason still counts.
         let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut domains: HashMap<&DomainPattern, (&str, usize)> = HashMap::new();
-        for server in &config.servers {
-            let i = index_of(&server.name);
-            if names.insert(&server.name, i).is_some() {
-                let dup = servers
-                    .and_then(Value::as_array)
-                    .and_then(|a| {
-                        a.iter()
-                            .enumerate()
-                            .filter(|(_, s)| {
-                                s.get("name").and_then(Value::as_str) == Some(&server.name)
-                            })
-                            .nth(1)
-                    })
-                    .map_or(i, |(j, _)| j);
-                self.problem(
-                    &format!("servers[{dup}].name"),
-                    format!(
-                        "duplicate server name {:?} (also servers[{i}])",
-                        server.name
-                    ),
-                );
-                continue;
+        for (i, entry) in servers
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if let Some(name) = entry.get("name").and_then(Value::as_str) {
+                if let Some(first) = names.get(name) {
+                    self.problem(
+                        &format!("servers[{i}].name"),
+                        format!("duplicate server name {name:?} (also servers[{first}])"),
+                    );
+                } else {
+                    names.insert(name, i);
+                }
             }
+        }
+        let mut domains: HashMap<&DomainPattern, (&str, usize)> = HashMap::new();
+        let server_index = std::mem::take(&mut self.server_index);
+        for (server, &i) in config.servers.iter().zip(&server_index) {
             if !server.enabled {
                 continue;
             }

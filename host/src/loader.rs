@@ -111,6 +111,9 @@ pub fn load(file: &Path, copies_dir: &Path) -> Result<PluginLibrary, LoadError> 
         };
         return Err(fail(LoadFailure::NotALibrary(what.to_owned())));
     }
+    if let Some(why) = elf_incomplete(&bytes) {
+        return Err(fail(LoadFailure::NotALibrary(why)));
+    }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut hasher);
     let content_hash = hasher.finish();
@@ -158,6 +161,44 @@ pub fn load(file: &Path, copies_dir: &Path) -> Result<PluginLibrary, LoadError> 
         file: file.to_owned(),
         content_hash,
         module,
+    })
+}
+
+/// Linkers write the section header table last, so a file that ends before it is
+/// incomplete: truncated, or still being written. glibc would load such a file as long
+/// as its loadable segments are complete, so check it here.
+fn elf_incomplete(bytes: &[u8]) -> Option<String> {
+    let field = |at: usize, len: usize| -> Option<u64> {
+        let raw = bytes.get(at..at + len)?;
+        let mut buf = [0u8; 8];
+        match bytes.get(5)? {
+            1 => buf[..len].copy_from_slice(raw),
+            2 => buf[8 - len..].copy_from_slice(raw),
+            _ => return None,
+        }
+        Some(if bytes[5] == 1 {
+            u64::from_le_bytes(buf)
+        } else {
+            u64::from_be_bytes(buf)
+        })
+    };
+    let (shoff, shentsize, shnum) = match bytes.get(4)? {
+        1 => (field(0x20, 4), field(0x2E, 2), field(0x30, 2)),
+        2 => (field(0x28, 8), field(0x3A, 2), field(0x3C, 2)),
+        _ => return Some("it has an unknown ELF class".to_owned()),
+    };
+    let (Some(shoff), Some(shentsize), Some(shnum)) = (shoff, shentsize, shnum) else {
+        return Some(format!(
+            "it is truncated ({} bytes, shorter than an ELF header)",
+            bytes.len()
+        ));
+    };
+    let end = shoff.saturating_add(shentsize.saturating_mul(shnum));
+    (end > bytes.len() as u64).then(|| {
+        format!(
+            "it is incomplete ({} of at least {end} bytes): truncated, or still being written",
+            bytes.len()
+        )
     })
 }
 

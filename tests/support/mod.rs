@@ -1,0 +1,380 @@
+//! The test harness: builds the plugin libraries once, starts real host processes on
+//! port 0, and talks to them over real sockets.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Every library the tests load, by package name.
+const LIBRARIES: &[&str] = &["hello", "notes", "fixture-misbehave", "fixture-old-api"];
+
+/// Builds the plugin and fixture libraries (once per test run) and returns the path of
+/// the one built from `package`.
+pub fn library(package: &str) -> PathBuf {
+    static BUILT: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--message-format=json-render-diagnostics"])
+            .current_dir(workspace_root());
+        for p in LIBRARIES {
+            cmd.args(["-p", p]);
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run cargo build");
+        assert!(out.status.success(), "building the test plugins failed");
+        let mut map = HashMap::new();
+        for line in out.stdout.split(|b| *b == b'\n') {
+            let Ok(msg) = serde_json::from_slice::<Value>(line) else {
+                continue;
+            };
+            if msg["reason"] != "compiler-artifact" {
+                continue;
+            }
+            let files = msg["filenames"].as_array().cloned().unwrap_or_default();
+            for f in files.iter().filter_map(Value::as_str) {
+                if f.ends_with(std::env::consts::DLL_SUFFIX) {
+                    map.insert(
+                        msg["target"]["name"].as_str().unwrap().replace('_', "-"),
+                        PathBuf::from(f),
+                    );
+                }
+            }
+        }
+        map
+    });
+    built
+        .get(package)
+        .unwrap_or_else(|| panic!("no library was built for {package}: {built:?}"))
+        .clone()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// A fresh folder for one test.
+pub fn temp_dir(label: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{label}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    dir
+}
+
+/// A host set-up: a folder with a config file and a plugin folder.
+pub struct Setup {
+    pub dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Setup {
+    pub fn new(label: &str, config: &str) -> Self {
+        let dir = temp_dir(label);
+        std::fs::write(dir.join("servers.config.json"), config).unwrap();
+        Setup {
+            dir,
+            env: Vec::new(),
+        }
+    }
+
+    /// Installs the library built from `package` as `plugins/<file>`.
+    pub fn plugin(self, package: &str, file: &str) -> Self {
+        std::fs::copy(library(package), self.dir.join("plugins").join(file)).unwrap();
+        self
+    }
+
+    /// Writes arbitrary bytes as `plugins/<file>`.
+    pub fn file(self, file: &str, bytes: &[u8]) -> Self {
+        std::fs::write(self.dir.join("plugins").join(file), bytes).unwrap();
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_host"));
+        cmd.arg("--config")
+            .arg(self.dir.join("servers.config.json"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("SERVERS_CONFIG")
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs the host to completion (for `--check` and config errors).
+    pub fn run(&self, args: &[&str]) -> Finished {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("host did not exit within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        Finished {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Starts a serving host on a free port and waits until it listens.
+    pub fn start(self) -> Host {
+        let mut child = self
+            .command(&["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                    }
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("host did not start listening:\n{}", logs.lock().unwrap());
+            }
+        };
+        Host {
+            child,
+            addr,
+            logs,
+            _setup: self,
+        }
+    }
+}
+
+/// A host process that ran to completion.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A running host process. Killed when dropped.
+pub struct Host {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<String>>,
+    _setup: Setup,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Host {
+    /// Everything the host has logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 10 s) for a log line containing every one of `needles`.
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if let Some(line) = logs.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            if Instant::now() > deadline {
+                panic!("no log line contains {needles:?}; logs:\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn get(&self, host: &str, path: &str) -> Reply {
+        self.send("GET", host, path, b"", &[])
+    }
+
+    /// Sends one request on a fresh connection.
+    pub fn send(
+        &self,
+        method: &str,
+        host: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            head.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let mut raw = head.into_bytes();
+        raw.extend_from_slice(body);
+        self.raw(&raw)
+    }
+
+    /// Sends raw bytes and reads the response until the server closes the connection.
+    pub fn raw(&self, request: &[u8]) -> Reply {
+        let mut stream = TcpStream::connect(self.addr).expect("connect to host");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).expect("read response");
+        Reply::parse(&out)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the log reader catch up with the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "host did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    fn parse(raw: &[u8]) -> Reply {
+        let text = String::from_utf8_lossy(raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete response in {text:?}"));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Reply {
+            status,
+            headers,
+            body: body.to_owned(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// The config most tests use: hello and notes as shipped, plus the misbehaving fixture.
+pub fn standard_config() -> String {
+    r#"{
+      "global": {"plugin_dir": "plugins", "limits": {"request_timeout_ms": 2000, "max_body_bytes": 65536}},
+      "servers": [
+        {"name": "hello", "domains": ["hello.localhost", "*.hello.localhost"], "plugin": "hello",
+         "config": {"greeting": "Howdy"}},
+        {"name": "notes", "domains": ["notes.localhost"], "plugin": "notes"},
+        {"name": "bad", "domains": ["bad.localhost"], "plugin": "misbehave"}
+      ]
+    }"#
+    .to_owned()
+}
+
+/// A host running `standard_config` with all three plugins installed.
+pub fn standard_host(label: &str) -> Host {
+    Setup::new(label, &standard_config())
+        .plugin("hello", "hello.so")
+        .plugin("notes", "notes.so")
+        .plugin("fixture-misbehave", "misbehave.so")
+        .start()
+}
