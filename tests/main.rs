@@ -7,5 +7,6 @@ mod support;
 
 mod config;
 mod loading;
+mod reload;
 mod robustness;
 mod routing;

@@ -32,6 +32,29 @@ pub struct Global {
     pub limits: Limits,
     /// How long SIGTERM/SIGINT waits for in-flight requests before exiting anyway.
     pub shutdown_timeout: Duration,
+    pub reload: Reload,
+}
+
+/// Hot reload settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reload {
+    /// Watch the plugin folder and the config file, and apply changes live.
+    pub watch: bool,
+    /// How long the files must be quiet before a change is acted on.
+    pub debounce: Duration,
+    /// How long a replaced generation may keep serving the requests it started before
+    /// its shutdown hook runs anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: true,
+            debounce: Duration::from_millis(50),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +125,14 @@ impl fmt::Display for ConfigError {
             write!(f, "\n  {p}")?;
         }
         Ok(())
+    }
+}
+
+impl ConfigError {
+    /// The same report on one line (problems separated by `; `), for logs.
+    pub fn one_line(&self) -> String {
+        let problems: Vec<String> = self.problems.iter().map(ToString::to_string).collect();
+        format!("{}: {}", self.file.display(), problems.join("; "))
     }
 }
 
@@ -283,6 +314,7 @@ impl Validator {
                 default_server: None,
                 limits: Limits::default(),
                 shutdown_timeout: Duration::from_secs(10),
+                reload: Reload::default(),
             },
             servers: Vec::new(),
         };
@@ -318,6 +350,7 @@ impl Validator {
             "default_server",
             "limits",
             "shutdown_timeout_ms",
+            "reload",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -383,6 +416,29 @@ impl Validator {
         if let Some(v) = map.get("shutdown_timeout_ms") {
             if let Some(n) = self.whole_number(v, "global.shutdown_timeout_ms", 0) {
                 out.shutdown_timeout = Duration::from_millis(n);
+            }
+        }
+        if let Some(reload) = map.get("reload") {
+            let allowed = ["watch", "debounce_ms", "drain_timeout_ms"];
+            if let Some(r) = self.object(reload, "global.reload", &allowed) {
+                match r.get("watch") {
+                    None => {}
+                    Some(Value::Bool(b)) => out.reload.watch = *b,
+                    Some(other) => self.problem(
+                        "global.reload.watch",
+                        format!("expected true or false, found {}", kind(other)),
+                    ),
+                }
+                if let Some(v) = r.get("debounce_ms") {
+                    if let Some(n) = self.whole_number(v, "global.reload.debounce_ms", 1) {
+                        out.reload.debounce = Duration::from_millis(n);
+                    }
+                }
+                if let Some(v) = r.get("drain_timeout_ms") {
+                    if let Some(n) = self.whole_number(v, "global.reload.drain_timeout_ms", 0) {
+                        out.reload.drain_timeout = Duration::from_millis(n);
+                    }
+                }
             }
         }
     }

@@ -57,10 +57,17 @@ pub struct LoadError {
 pub enum LoadFailure {
     Unreadable(String),
     NotALibrary(String),
+    /// Truncated, or still being written; worth retrying while the file changes.
+    Incomplete(String),
     NotAPlugin,
     AbiStableVersion,
-    InterfaceVersion { expected: String, found: String },
-    Layout { found: String },
+    InterfaceVersion {
+        expected: String,
+        found: String,
+    },
+    Layout {
+        found: String,
+    },
     Other(String),
 }
 
@@ -70,7 +77,9 @@ impl fmt::Display for LoadError {
         write!(f, "{}: ", self.file.display())?;
         match &self.reason {
             LoadFailure::Unreadable(e) => write!(f, "cannot read the file: {e}"),
-            LoadFailure::NotALibrary(e) => write!(f, "not a loadable shared library: {e}"),
+            LoadFailure::NotALibrary(e) | LoadFailure::Incomplete(e) => {
+                write!(f, "not a loadable shared library: {e}")
+            }
             LoadFailure::NotAPlugin => write!(
                 f,
                 "a shared library, but not a plugin (it exports no plugin-api root module; did it call export_plugin!?)"
@@ -96,8 +105,21 @@ impl std::error::Error for LoadError {}
 
 static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
 
+/// A plugin file read into memory, not yet opened.
+#[derive(Debug)]
+pub struct PluginFile {
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+    pub content_hash: u64,
+}
+
 /// Loads and checks the plugin at `file`, using `copies_dir` for its private copy.
 pub fn load(file: &Path, copies_dir: &Path) -> Result<PluginLibrary, LoadError> {
+    open(read(file)?, copies_dir)
+}
+
+/// Reads a plugin file and checks that it is a complete ELF file.
+pub fn read(file: &Path) -> Result<PluginFile, LoadError> {
     let fail = |reason| LoadError {
         file: file.to_owned(),
         reason,
@@ -112,11 +134,29 @@ pub fn load(file: &Path, copies_dir: &Path) -> Result<PluginLibrary, LoadError> 
         return Err(fail(LoadFailure::NotALibrary(what.to_owned())));
     }
     if let Some(why) = elf_incomplete(&bytes) {
-        return Err(fail(LoadFailure::NotALibrary(why)));
+        return Err(fail(LoadFailure::Incomplete(why)));
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut hasher);
-    let content_hash = hasher.finish();
+    Ok(PluginFile {
+        path: file.to_owned(),
+        content_hash: hasher.finish(),
+        bytes,
+    })
+}
+
+/// Opens a plugin file from a fresh private copy and checks its ABI.
+pub fn open(plugin: PluginFile, copies_dir: &Path) -> Result<PluginLibrary, LoadError> {
+    let PluginFile {
+        path,
+        bytes,
+        content_hash,
+    } = plugin;
+    let file = path.as_path();
+    let fail = |reason| LoadError {
+        file: file.to_owned(),
+        reason,
+    };
 
     let stem = file
         .file_stem()

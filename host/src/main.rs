@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 use host::config::{self, Config};
+use host::reload::ControlLoop;
+use host::serve::Listeners;
 use host::servers::Microservers;
+use host::watch;
 use tracing_subscriber::EnvFilter;
 
 /// Runs many web microservers, each a plugin library, in one process, routed by domain.
@@ -85,23 +88,66 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config, plugin_dir))
+    let listen_override = !args.listen.is_empty();
+    runtime.block_on(run(config, config_path, plugin_dir, listen_override))
 }
 
-async fn run(config: Config, plugin_dir: PathBuf) -> ExitCode {
-    let listeners = match host::serve::bind(&config.global.listen).await {
+async fn run(
+    config: Config,
+    config_file: PathBuf,
+    plugin_dir: PathBuf,
+    listen_override: bool,
+) -> ExitCode {
+    let stop = host::serve::shutdown_signal();
+    let (listeners, accepted) = match Listeners::bind(&config.global.listen).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let (servers, _report) = Microservers::start(&config, plugin_dir);
-    let servers = Arc::new(servers);
+    let servers = {
+        let config = config.clone();
+        let dir = plugin_dir.clone();
+        match tokio::task::spawn_blocking(move || Microservers::start(&config, dir)).await {
+            Ok((servers, _report)) => Arc::new(servers),
+            Err(e) => {
+                eprintln!("error: starting the servers failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let reload = &config.global.reload;
+    let _watch = if reload.watch {
+        match watch::watch(&plugin_dir, &config_file, reload.debounce) {
+            Ok((watch, changes)) => {
+                let control = ControlLoop {
+                    servers: servers.clone(),
+                    listeners: listeners.clone(),
+                    config_file,
+                    listen_override: listen_override.then(|| config.global.listen.clone()),
+                };
+                tokio::spawn(control.run(changes));
+                tracing::info!(
+                    plugin_dir = %plugin_dir.display(),
+                    debounce_ms = reload.debounce.as_millis() as u64,
+                    "watching the plugin folder and the config file for changes"
+                );
+                Some(watch)
+            }
+            Err(e) => {
+                tracing::warn!("hot reload is off: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let drained = host::serve::serve(
         servers.clone(),
         listeners,
-        host::serve::shutdown_signal(),
+        accepted,
+        stop,
         config.global.shutdown_timeout,
     )
     .await;

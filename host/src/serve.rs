@@ -1,7 +1,7 @@
 //! Listening sockets, connections, and graceful shutdown.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -10,65 +10,135 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::servers::Microservers;
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Binds every address, or names the one that failed.
-pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
-    let mut listeners = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
+/// Accepted connections, from every listener.
+pub type Accepted = mpsc::Receiver<(TcpStream, SocketAddr)>;
+
+/// The set of listening sockets. Changing it binds new addresses before closing old
+/// ones, and never touches a listener whose address did not change.
+pub struct Listeners {
+    tx: mpsc::Sender<(TcpStream, SocketAddr)>,
+    active: Mutex<Vec<Acceptor>>,
 }
 
-/// Serves until `stop` completes, then stops accepting and lets open connections finish
-/// their requests for up to `grace`. Returns true if every connection finished in time.
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.local_addrs()).finish()
+    }
+}
+
+struct Acceptor {
+    /// The address as configured (may have port 0).
+    configured: SocketAddr,
+    local: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Listeners {
+    /// Binds every address, or names the one that failed.
+    pub async fn bind(addrs: &[SocketAddr]) -> Result<(Arc<Listeners>, Accepted), String> {
+        let (tx, rx) = mpsc::channel(64);
+        let listeners = Arc::new(Listeners {
+            tx,
+            active: Mutex::new(Vec::new()),
+        });
+        listeners.change(addrs, false).await?;
+        Ok((listeners, rx))
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.lock().iter().map(|a| a.local).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Acceptor>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Listens on exactly `addrs`: binds the new ones first (if any fails, nothing
+    /// changes), then closes the ones no longer wanted. Open connections stay open.
+    pub async fn apply(&self, addrs: &[SocketAddr]) -> Result<(), String> {
+        self.change(addrs, true).await
+    }
+
+    async fn change(&self, addrs: &[SocketAddr], announce: bool) -> Result<(), String> {
+        let current: Vec<SocketAddr> = self.lock().iter().map(|a| a.configured).collect();
+        let mut bound = Vec::new();
+        for addr in addrs.iter().filter(|a| !current.contains(a)) {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            bound.push((*addr, listener));
+        }
+        let mut active = self.lock();
+        active.retain(|a| {
+            let keep = addrs.contains(&a.configured);
+            if !keep {
+                a.task.abort();
+                tracing::info!("stopped listening on http://{}", a.local);
+            }
+            keep
+        });
+        for (configured, listener) in bound {
+            let local = listener.local_addr().unwrap_or(configured);
+            if announce {
+                tracing::info!("listening on http://{local}");
+            }
+            let tx = self.tx.clone();
+            let task = tokio::spawn(accept_loop(listener, tx));
+            active.push(Acceptor {
+                configured,
+                local,
+                task,
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes every listening socket.
+    pub fn stop(&self) {
+        for a in self.lock().drain(..) {
+            a.task.abort();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(TcpStream, SocketAddr)>) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => {
+                if tx.send(conn).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Usually out of file descriptors; back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves accepted connections until `stop` completes, then closes the listeners and
+/// lets open connections finish their requests for up to `grace`. Returns true if every
+/// connection finished in time.
 pub async fn serve(
     servers: Arc<Microservers>,
-    listeners: Vec<TcpListener>,
+    listeners: Arc<Listeners>,
+    mut accepted: Accepted,
     stop: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) -> bool {
-    let (tx, mut accepted) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
-    let mut acceptors = Vec::new();
-    for listener in listeners {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!("listening on http://{addr}");
-        }
-        let tx = tx.clone();
-        acceptors.push(tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok(conn) => {
-                        if tx.send(conn).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        // Usually out of file descriptors; back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }));
+    // Announced here, not at bind time: "listening" means ready to serve.
+    for addr in listeners.local_addrs() {
+        tracing::info!("listening on http://{addr}");
     }
-    drop(tx);
-
-    let limits = servers.routing().limits.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_headers(limits.max_headers);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -76,6 +146,12 @@ pub async fn serve(
             conn = accepted.recv() => {
                 let Some((stream, peer)) = conn else { break };
                 let _ = stream.set_nodelay(true);
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_headers(servers.routing().limits.max_headers);
                 let servers = servers.clone();
                 let service = service_fn(move |req| {
                     let servers = servers.clone();
@@ -92,9 +168,7 @@ pub async fn serve(
             () = &mut stop => break,
         }
     }
-    for acceptor in acceptors {
-        acceptor.abort();
-    }
+    listeners.stop();
     tracing::info!(
         "stopped accepting; waiting up to {} ms for open requests",
         grace.as_millis()
@@ -104,20 +178,32 @@ pub async fn serve(
         .is_ok()
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now, and returns a future that completes on
+/// the first of them. Install it before slow start-up work, so that a signal during
+/// start-up still leads to a clean stop.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                },
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!("cannot install signal handlers: {e}");
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

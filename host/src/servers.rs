@@ -1,29 +1,32 @@
 //! The set of microservers: which library and config each server runs, and the routing
-//! snapshot requests read.
+//! snapshot requests read. Also the control plane that keeps them in step with the
+//! plugin folder and the config file.
 //!
-//! Invariant: routing is never mutated in place. A [`Routing`] snapshot is built whole
-//! and swapped in atomically; a server's current generation is swapped the same way, so
-//! every domain of a server changes generation at the same instant.
+//! Invariants:
+//! - Routing is never mutated in place. A [`Routing`] snapshot is built whole and
+//!   swapped in atomically; a server's current generation is swapped the same way, so
+//!   every domain of a server changes generation at the same instant.
+//! - Only one caller changes anything at a time (`Microservers::control` is a mutex held
+//!   for a whole start, plugin sync or config change); requests never take it.
+//! - A build that fails anything never replaces a serving generation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, Limits};
 use crate::domain::{DomainPattern, DomainTable};
-use crate::loader::{self, LoadError, PluginLibrary};
+use crate::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::plugin::{Generation, Instance};
 
 /// A server from the config (or a library served without an entry).
 #[derive(Debug)]
 pub struct Server {
     pub name: Arc<str>,
-    pub domains: Vec<DomainPattern>,
-    /// The `plugin` the config asked for.
-    pub plugin: String,
     /// True for a library served at `<name>.localhost` without a config entry.
     pub implicit: bool,
     state: ArcSwap<ServerState>,
@@ -39,12 +42,31 @@ pub enum ServerState {
 }
 
 impl Server {
+    fn new(name: &str, implicit: bool) -> Arc<Self> {
+        Arc::new(Server {
+            name: name.into(),
+            implicit,
+            state: ArcSwap::from_pointee(ServerState::Waiting("starting".to_owned())),
+            generations: AtomicU64::new(0),
+        })
+    }
+
     pub fn state(&self) -> arc_swap::Guard<Arc<ServerState>> {
         self.state.load()
     }
 
-    fn set_state(&self, state: ServerState) -> Arc<ServerState> {
-        self.state.swap(Arc::new(state))
+    fn serving(&self) -> Option<Arc<Generation>> {
+        match &**self.state.load() {
+            ServerState::Serving(g) => Some(g.clone()),
+            ServerState::Waiting(_) => None,
+        }
+    }
+
+    fn waiting_reason(&self) -> Option<String> {
+        match &**self.state.load() {
+            ServerState::Serving(_) => None,
+            ServerState::Waiting(r) => Some(r.clone()),
+        }
     }
 
     fn next_generation(&self) -> u64 {
@@ -60,24 +82,80 @@ pub struct Routing {
     pub limits: Limits,
 }
 
-/// What went wrong while bringing servers up; `--check` turns these into exit code 2.
+/// What a server should run: from its config entry, or made up for a drop-in library.
+#[derive(Debug, Clone, PartialEq)]
+struct ServerSpec {
+    name: String,
+    implicit: bool,
+    plugin: String,
+    plugin_config: String,
+    domains: Vec<DomainPattern>,
+}
+
+struct ServerEntry {
+    server: Arc<Server>,
+    spec: ServerSpec,
+    /// The library and config of the last generation started (or tried), so that a
+    /// failed init is retried only when one of them changes.
+    tried: Option<(Arc<PluginLibrary>, String)>,
+}
+
+/// What the plugin folder holds, as last seen.
+struct FileState {
+    fingerprint: Fingerprint,
+    outcome: Result<Arc<PluginLibrary>, LoadError>,
+}
+
+/// Cheap identity of a file's current contents, to skip files that did not change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Option<Fingerprint> {
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(Fingerprint {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode,
+        })
+    }
+}
+
+struct Control {
+    config: Config,
+    plugin_dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    servers: Vec<ServerEntry>,
+}
+
+/// Problems found while starting or changing; `--check` turns them into exit code 2.
 #[derive(Debug, Default)]
-pub struct StartReport {
+pub struct Report {
     pub problems: Vec<String>,
+    /// Some file was incomplete (still being written?); sync again soon.
+    pub retry: bool,
 }
 
 /// All microservers of this host and the libraries they run.
 pub struct Microservers {
     routing: ArcSwap<Routing>,
-    plugin_dir: PathBuf,
+    control: Mutex<Control>,
     copies_dir: PathBuf,
+    /// Replaced generations still draining, so that shutdown can reach them too.
+    retiring: Arc<Mutex<Vec<Arc<Generation>>>>,
 }
 
 impl std::fmt::Debug for Microservers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Microservers")
-            .field("plugin_dir", &self.plugin_dir)
-            .finish_non_exhaustive()
+        f.debug_struct("Microservers").finish_non_exhaustive()
     }
 }
 
@@ -92,6 +170,7 @@ pub fn file_stem(file: &Path) -> Option<String> {
     )
 }
 
+/// Compares plugin names the way cargo does: `-` and `_` are the same.
 fn same_name(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes().zip(b.bytes()).all(|(x, y)| {
@@ -106,139 +185,64 @@ fn same_name(a: &str, b: &str) -> bool {
         })
 }
 
-/// Library files in `dir`, sorted by name.
+/// Whether `path` is a library file by its name.
+pub fn is_library(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some(std::env::consts::DLL_EXTENSION)
+}
+
+/// Library files in `dir`, sorted by name. Hidden files (such as the temporary files
+/// `cargo xtask build-plugins` renames into place) are skipped.
 pub fn scan_plugin_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some(std::env::consts::DLL_EXTENSION))
+        .filter(|p| is_library(p))
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+        })
         .filter(|p| p.is_file())
         .collect();
     files.sort();
     Ok(files)
 }
 
+/// What a server's `plugin` resolves to in the plugin folder.
+enum Resolution {
+    Library(Arc<PluginLibrary>),
+    Refused(LoadError),
+    Missing(String),
+}
+
 impl Microservers {
     /// Loads every library in the plugin folder and starts every enabled server.
     /// A server that cannot start is left waiting; the report lists why.
-    pub fn start(config: &Config, plugin_dir: PathBuf) -> (Self, StartReport) {
+    pub fn start(config: &Config, plugin_dir: PathBuf) -> (Self, Report) {
         let copies_dir = std::env::temp_dir().join(format!("plugin-host-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&copies_dir);
-        let mut report = StartReport::default();
-
-        let files = match scan_plugin_dir(&plugin_dir) {
-            Ok(files) => files,
-            Err(e) => {
-                let message = format!("plugin folder {}: {e}", plugin_dir.display());
-                tracing::error!("{message}");
-                report.problems.push(message);
-                Vec::new()
-            }
-        };
-        let mut libraries: Vec<Arc<PluginLibrary>> = Vec::new();
-        let mut failures: Vec<LoadError> = Vec::new();
-        for file in files {
-            match loader::load(&file, &copies_dir) {
-                Ok(library) => {
-                    tracing::info!(
-                        plugin = %library.name,
-                        version = %library.version,
-                        api = %library.api_version,
-                        file = %file.display(),
-                        "loaded plugin library"
-                    );
-                    libraries.push(Arc::new(library));
-                }
-                Err(e) => {
-                    tracing::error!("refused plugin {e}");
-                    report.problems.push(e.to_string());
-                    failures.push(e);
-                }
-            }
-        }
-
-        let mut servers: Vec<Arc<Server>> = Vec::new();
-        let mut used = vec![false; libraries.len()];
-        for entry in config.servers.iter().filter(|s| s.enabled) {
-            let server = Arc::new(Server {
-                name: entry.name.as_str().into(),
-                domains: entry.domains.clone(),
-                plugin: entry.plugin.clone(),
-                implicit: false,
-                state: ArcSwap::from_pointee(ServerState::Waiting(String::new())),
-                generations: AtomicU64::new(0),
-            });
-            let found = libraries.iter().position(|l| {
-                file_stem(&l.file).is_some_and(|s| same_name(&s, &entry.plugin))
-                    || same_name(&l.name, &entry.plugin)
-            });
-            let state = match found {
-                Some(i) => {
-                    used[i] = true;
-                    start_generation(&server, &libraries[i], &entry.plugin_config, None)
-                }
-                None => {
-                    let reason = match failures
-                        .iter()
-                        .find(|f| file_stem(&f.file).is_some_and(|s| same_name(&s, &entry.plugin)))
-                    {
-                        Some(failure) => format!("its plugin was refused: {failure}"),
-                        None => format!(
-                            "no plugin named {:?} in {} (looked for {p}.{ext}, lib{p}.{ext} and plugin names)",
-                            entry.plugin,
-                            plugin_dir.display(),
-                            p = entry.plugin,
-                            ext = std::env::consts::DLL_EXTENSION
-                        ),
-                    };
-                    ServerState::Waiting(reason)
-                }
-            };
-            report_state(&server, &state, &mut report);
-            server.set_state(state);
-            servers.push(server);
-        }
-
-        // Libraries no server names are served at `<name>.localhost`, so dropping a file
-        // into the plugin folder is enough to try it.
-        let claimed: Vec<&DomainPattern> = config
-            .servers
-            .iter()
-            .filter(|s| s.enabled)
-            .flat_map(|s| &s.domains)
-            .collect();
-        for (library, _) in libraries.iter().zip(&used).filter(|(_, used)| !**used) {
-            let label = library.name.replace('_', "-").to_ascii_lowercase();
-            let Ok(domain) = DomainPattern::parse(&format!("{label}.localhost")) else {
-                tracing::warn!(plugin = %library.name, "cannot serve this plugin at <name>.localhost: its name is not a valid domain label");
-                continue;
-            };
-            if claimed.contains(&&domain)
-                || servers.iter().any(|s| &*s.name == library.name.as_str())
-            {
-                tracing::warn!(plugin = %library.name, %domain, "not serving this plugin at its implicit domain: a configured server already uses that name or domain");
-                continue;
-            }
-            let server = Arc::new(Server {
-                name: library.name.as_str().into(),
-                domains: vec![domain],
-                plugin: library.name.clone(),
-                implicit: true,
-                state: ArcSwap::from_pointee(ServerState::Waiting(String::new())),
-                generations: AtomicU64::new(0),
-            });
-            let state = start_generation(&server, library, "null", None);
-            report_state(&server, &state, &mut report);
-            server.set_state(state);
-            servers.push(server);
-        }
-
-        let routing = build_routing(config, servers);
         let this = Microservers {
-            routing: ArcSwap::from_pointee(routing),
-            plugin_dir,
+            routing: ArcSwap::from_pointee(Routing {
+                domains: DomainTable::default(),
+                servers: Vec::new(),
+                limits: config.global.limits.clone(),
+            }),
+            control: Mutex::new(Control {
+                config: config.clone(),
+                plugin_dir,
+                files: BTreeMap::new(),
+                servers: Vec::new(),
+            }),
             copies_dir,
+            retiring: Arc::default(),
         };
+        let mut report = Report::default();
+        {
+            let mut control = this.control();
+            this.sync_files(&mut control, &mut report);
+            this.sync_servers(&mut control, Instant::now(), &mut report);
+            this.publish(&control);
+        }
         (this, report)
     }
 
@@ -247,84 +251,468 @@ impl Microservers {
         self.routing.load()
     }
 
-    /// Calls the shutdown hook of every serving generation (the host is stopping).
+    /// The plugin folder being served.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.control().plugin_dir.clone()
+    }
+
+    fn control(&self) -> MutexGuard<'_, Control> {
+        // A panic while holding the lock would be a host bug; the data is still usable.
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings servers in line with the plugin folder: loads new and changed libraries and
+    /// moves every server using one to a new generation. `since` is when the change was
+    /// first noticed (for the reload log line).
+    pub fn sync_plugins(&self, since: Instant) -> Report {
+        let mut report = Report::default();
+        let mut control = self.control();
+        self.sync_files(&mut control, &mut report);
+        self.sync_servers(&mut control, since, &mut report);
+        self.publish(&control);
+        report
+    }
+
+    /// Applies a new, already validated config: servers and domains added, removed or
+    /// moved, servers enabled or disabled, changed plugin configs (a new generation),
+    /// new limits. Listen addresses are the caller's business.
+    pub fn apply_config(&self, config: Config, since: Instant) -> Report {
+        let mut report = Report::default();
+        let mut control = self.control();
+        if config.global.plugin_dir != control.config.global.plugin_dir {
+            tracing::warn!(
+                "global.plugin_dir changed; restart the host to load plugins from the new folder"
+            );
+        }
+        control.config = config;
+        self.sync_servers(&mut control, since, &mut report);
+        self.publish(&control);
+        report
+    }
+
+    /// Calls the shutdown hook of every generation, serving or draining (the host is
+    /// stopping).
     pub fn shutdown_all(&self) {
         for server in &self.routing.load().servers {
-            if let ServerState::Serving(generation) = &**server.state() {
+            if let Some(generation) = server.serving() {
                 generation.shutdown();
                 tracing::info!(server = %server.name, generation = generation.number, "shut down");
             }
         }
+        let retiring =
+            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()));
+        for generation in retiring {
+            generation.shutdown();
+        }
+    }
+
+    /// Loads what changed in the plugin folder since the last look.
+    fn sync_files(&self, control: &mut Control, report: &mut Report) {
+        let files = match scan_plugin_dir(&control.plugin_dir) {
+            Ok(files) => files,
+            Err(e) => {
+                let message = format!("plugin folder {}: {e}", control.plugin_dir.display());
+                tracing::error!("{message}");
+                report.problems.push(message);
+                Vec::new()
+            }
+        };
+        control.files.retain(|path, _| {
+            let present = files.contains(path);
+            if !present {
+                tracing::info!(file = %path.display(), "plugin library removed");
+            }
+            present
+        });
+        for path in files {
+            let Some(fingerprint) = Fingerprint::of(&path) else {
+                continue;
+            };
+            let previous = control.files.get(&path);
+            if previous.is_some_and(|p| p.fingerprint == fingerprint) {
+                continue;
+            }
+            let outcome = match loader::read(&path) {
+                Ok(file) => {
+                    let same_bytes = previous
+                        .and_then(|p| p.outcome.as_ref().ok())
+                        .filter(|lib| lib.content_hash == file.content_hash);
+                    if let Some(lib) = same_bytes {
+                        tracing::info!(file = %path.display(), "plugin library rewritten with identical bytes; not reloaded");
+                        let outcome = Ok(lib.clone());
+                        control.files.insert(
+                            path,
+                            FileState {
+                                fingerprint,
+                                outcome,
+                            },
+                        );
+                        continue;
+                    }
+                    loader::open(file, &self.copies_dir).map(Arc::new)
+                }
+                Err(e) => Err(e),
+            };
+            match &outcome {
+                Ok(library) => tracing::info!(
+                    plugin = %library.name,
+                    version = %library.version,
+                    api = %library.api_version,
+                    file = %path.display(),
+                    "loaded plugin library"
+                ),
+                Err(e) if matches!(e.reason, LoadFailure::Incomplete(_)) => {
+                    tracing::warn!("refused plugin {e} (looking again while it changes)");
+                    report.retry = true;
+                    report.problems.push(e.to_string());
+                }
+                Err(e) => {
+                    tracing::error!("refused plugin {e}");
+                    report.problems.push(e.to_string());
+                }
+            }
+            control.files.insert(
+                path,
+                FileState {
+                    fingerprint,
+                    outcome,
+                },
+            );
+        }
+    }
+
+    /// Which library (or why none) a `plugin` name refers to.
+    fn resolve(control: &Control, plugin: &str) -> Resolution {
+        let by_stem = |path: &Path| file_stem(path).is_some_and(|s| same_name(&s, plugin));
+        let mut refused = None;
+        for (path, state) in &control.files {
+            match &state.outcome {
+                Ok(lib) if by_stem(path) || same_name(&lib.name, plugin) => {
+                    return Resolution::Library(lib.clone())
+                }
+                Err(e) if by_stem(path) => refused = Some(e.clone()),
+                _ => {}
+            }
+        }
+        match refused {
+            Some(e) => Resolution::Refused(e),
+            None => Resolution::Missing(format!(
+                "no plugin named {plugin:?} in {} (looked for {plugin}.{ext}, lib{plugin}.{ext} and plugin names)",
+                control.plugin_dir.display(),
+                ext = std::env::consts::DLL_EXTENSION
+            )),
+        }
+    }
+
+    /// The servers the config and the plugin folder call for, in routing priority order:
+    /// configured servers first, then drop-in libraries at `<name>.localhost`.
+    fn desired_servers(control: &Control) -> Vec<ServerSpec> {
+        let mut specs: Vec<ServerSpec> = control
+            .config
+            .servers
+            .iter()
+            .filter(|s| s.enabled)
+            .map(|s| ServerSpec {
+                name: s.name.clone(),
+                implicit: false,
+                plugin: s.plugin.clone(),
+                plugin_config: s.plugin_config.clone(),
+                domains: s.domains.clone(),
+            })
+            .collect();
+        // Libraries named by any entry, enabled or not, are not drop-ins: disabling a
+        // server must turn it off, not move it to `<name>.localhost`.
+        let used: Vec<Arc<PluginLibrary>> = control
+            .config
+            .servers
+            .iter()
+            .filter_map(|s| match Self::resolve(control, &s.plugin) {
+                Resolution::Library(lib) => Some(lib),
+                _ => None,
+            })
+            .collect();
+        let taken = |specs: &[ServerSpec], name: &str, domain: &DomainPattern| {
+            specs
+                .iter()
+                .any(|s| s.name == name || s.domains.contains(domain))
+        };
+        // Drop-in libraries, plus drop-in servers that already exist (a removed library's
+        // server stays, waiting, so its domain answers 503 rather than 404).
+        let mut implicit: Vec<(String, String)> = control
+            .servers
+            .iter()
+            .filter(|e| e.spec.implicit)
+            .map(|e| (e.spec.name.clone(), e.spec.plugin.clone()))
+            .collect();
+        for (path, state) in &control.files {
+            let Ok(lib) = &state.outcome else { continue };
+            if used.iter().any(|u| Arc::ptr_eq(u, lib))
+                || implicit.iter().any(|(n, _)| n == &lib.name)
+            {
+                continue;
+            }
+            if let Some(stem) = file_stem(path) {
+                implicit.push((lib.name.clone(), stem));
+            }
+        }
+        for (name, plugin) in implicit {
+            let label = name.replace('_', "-").to_ascii_lowercase();
+            let Ok(domain) = DomainPattern::parse(&format!("{label}.localhost")) else {
+                tracing::warn!(plugin = %name, "cannot serve this plugin at <name>.localhost: its name is not a valid domain label");
+                continue;
+            };
+            if taken(&specs, &name, &domain) {
+                continue;
+            }
+            if let Resolution::Library(lib) = Self::resolve(control, &plugin) {
+                if used.iter().any(|u| Arc::ptr_eq(u, &lib)) {
+                    continue;
+                }
+            }
+            specs.push(ServerSpec {
+                name,
+                implicit: true,
+                plugin,
+                plugin_config: "null".to_owned(),
+                domains: vec![domain],
+            });
+        }
+        specs
+    }
+
+    /// Moves every server to what its spec and the plugin folder call for.
+    fn sync_servers(&self, control: &mut Control, since: Instant, report: &mut Report) {
+        let drain = control.config.global.reload.drain_timeout;
+        let desired = Self::desired_servers(control);
+        let mut old: Vec<ServerEntry> = std::mem::take(&mut control.servers);
+        let mut next = Vec::new();
+        for spec in desired {
+            let existing = old
+                .iter()
+                .position(|e| e.spec.name == spec.name && e.spec.implicit == spec.implicit)
+                .map(|i| old.swap_remove(i));
+            let (server, mut tried) = match existing {
+                Some(e) => (e.server, e.tried),
+                None => (Server::new(&spec.name, spec.implicit), None),
+            };
+            let current = server.serving();
+            match Self::resolve(control, &spec.plugin) {
+                Resolution::Library(lib) => {
+                    let attempt = (lib.clone(), spec.plugin_config.clone());
+                    let same_as_tried = tried
+                        .as_ref()
+                        .is_some_and(|(l, c)| Arc::ptr_eq(l, &lib) && *c == spec.plugin_config);
+                    if !same_as_tried {
+                        self.start_generation(&server, &spec, &lib, current, since, drain, report);
+                        tried = Some(attempt);
+                    }
+                }
+                Resolution::Refused(e) => match current {
+                    Some(g) => tracing::warn!(
+                        server = %server.name,
+                        generation = g.number,
+                        "kept serving the previous build of {}: the new one was refused",
+                        e.file.display()
+                    ),
+                    None => self.wait(
+                        &server,
+                        format!("its plugin was refused: {e}"),
+                        drain,
+                        report,
+                    ),
+                },
+                Resolution::Missing(reason) => {
+                    let reason = match &current {
+                        Some(g) => {
+                            format!("its plugin file {} was removed", g.plugin().file.display())
+                        }
+                        None => reason,
+                    };
+                    self.wait(&server, reason, drain, report);
+                    tried = None;
+                }
+            }
+            next.push(ServerEntry {
+                server,
+                spec,
+                tried,
+            });
+        }
+        for gone in old {
+            tracing::info!(server = %gone.server.name, "server removed");
+            if let Some(g) = gone.server.serving() {
+                gone.server.state.store(Arc::new(ServerState::Waiting(
+                    "this server was removed".to_owned(),
+                )));
+                self.retire(g, drain);
+            }
+        }
+        control.servers = next;
+    }
+
+    /// Starts a new generation of `server` on `library`. On success it replaces the
+    /// current one (which drains and shuts down); on failure the current one, if any,
+    /// keeps serving.
+    #[allow(clippy::too_many_arguments)]
+    fn start_generation(
+        &self,
+        server: &Arc<Server>,
+        spec: &ServerSpec,
+        library: &Arc<PluginLibrary>,
+        current: Option<Arc<Generation>>,
+        since: Instant,
+        drain: std::time::Duration,
+        report: &mut Report,
+    ) {
+        // State is handed over only between builds of the same plugin.
+        let previous_state = current
+            .as_ref()
+            .filter(|g| g.plugin().name == library.name)
+            .and_then(|g| g.instance.export_state());
+        let number = server.next_generation();
+        let domains = spec
+            .domains
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        match Instance::create(
+            library.clone(),
+            &server.name,
+            &spec.plugin_config,
+            previous_state.as_deref(),
+        ) {
+            Ok((instance, routes)) => {
+                let generation = Generation::new(server.name.clone(), number, instance, routes);
+                server
+                    .state
+                    .store(Arc::new(ServerState::Serving(generation)));
+                let micros = since.elapsed().as_micros() as u64;
+                tracing::info!(
+                    server = %server.name,
+                    generation = number,
+                    plugin = %library.name,
+                    version = %library.version,
+                    file = %library.file.display(),
+                    %domains,
+                    state_bytes = previous_state.as_ref().map_or(0, Vec::len),
+                    took_ms = micros as f64 / 1000.0,
+                    "{}",
+                    if current.is_some() { "reloaded" } else { "serving" }
+                );
+                if let Some(old) = current {
+                    self.retire(old, drain);
+                }
+            }
+            Err(reason) => {
+                let reason = format!(
+                    "plugin {} ({}) failed to initialise: {reason}",
+                    library.name,
+                    library.file.display()
+                );
+                match current {
+                    Some(g) => tracing::error!(
+                        server = %server.name,
+                        "reload refused, generation {} keeps serving: {reason}",
+                        g.number
+                    ),
+                    None => {
+                        tracing::error!(server = %server.name, %domains, "not serving: {reason}");
+                        server
+                            .state
+                            .store(Arc::new(ServerState::Waiting(reason.clone())));
+                    }
+                }
+                report
+                    .problems
+                    .push(format!("server {:?}: {reason}", &*server.name));
+            }
+        }
+    }
+
+    /// Puts a server in the waiting state, retiring what it was serving.
+    fn wait(
+        &self,
+        server: &Arc<Server>,
+        reason: String,
+        drain: std::time::Duration,
+        report: &mut Report,
+    ) {
+        report
+            .problems
+            .push(format!("server {:?}: {reason}", &*server.name));
+        if server.waiting_reason().as_deref() == Some(reason.as_str()) {
+            return;
+        }
+        tracing::error!(server = %server.name, "not serving: {reason}");
+        let previous = server.state.swap(Arc::new(ServerState::Waiting(reason)));
+        if let ServerState::Serving(g) = &*previous {
+            self.retire(g.clone(), drain);
+        }
+    }
+
+    /// Lets a replaced generation finish its requests (up to `drain`), then calls its
+    /// shutdown hook. Its instance is dropped when the last request lets go of it.
+    fn retire(&self, generation: Arc<Generation>, drain: std::time::Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            generation.shutdown();
+            return;
+        };
+        self.retiring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(generation.clone());
+        let retiring = self.retiring.clone();
+        runtime.spawn(async move {
+            let started = Instant::now();
+            let drained = generation.drain(drain).await;
+            generation.shutdown();
+            tracing::info!(
+                server = %generation.server,
+                generation = generation.number,
+                drained,
+                in_flight = generation.in_flight(),
+                waited_ms = started.elapsed().as_millis() as u64,
+                "retired"
+            );
+            retiring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|g| !Arc::ptr_eq(g, &generation));
+        });
+    }
+
+    /// Builds a routing snapshot from the current servers and swaps it in.
+    fn publish(&self, control: &Control) {
+        let mut domains = DomainTable::default();
+        let by_name: HashMap<&str, &Arc<Server>> = control
+            .servers
+            .iter()
+            .map(|e| (&*e.server.name, &e.server))
+            .collect();
+        for entry in &control.servers {
+            for domain in &entry.spec.domains {
+                domains.insert(domain, entry.server.clone());
+            }
+        }
+        let default = control
+            .config
+            .global
+            .default_server
+            .as_deref()
+            .and_then(|name| by_name.get(name))
+            .map(|s| (*s).clone());
+        domains.set_default(default);
+        self.routing.store(Arc::new(Routing {
+            domains,
+            servers: control.servers.iter().map(|e| e.server.clone()).collect(),
+            limits: control.config.global.limits.clone(),
+        }));
     }
 }
 
 impl Drop for Microservers {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.copies_dir);
-    }
-}
-
-fn start_generation(
-    server: &Arc<Server>,
-    library: &Arc<PluginLibrary>,
-    plugin_config: &str,
-    previous_state: Option<&[u8]>,
-) -> ServerState {
-    match Instance::create(library.clone(), &server.name, plugin_config, previous_state) {
-        Ok((instance, routes)) => ServerState::Serving(Generation::new(
-            server.name.clone(),
-            server.next_generation(),
-            instance,
-            routes,
-        )),
-        Err(reason) => ServerState::Waiting(format!(
-            "plugin {} ({}) failed to initialise: {reason}",
-            library.name,
-            library.file.display()
-        )),
-    }
-}
-
-fn report_state(server: &Server, state: &ServerState, report: &mut StartReport) {
-    let domains: Vec<String> = server.domains.iter().map(ToString::to_string).collect();
-    let domains = domains.join(" ");
-    match state {
-        ServerState::Serving(g) => tracing::info!(
-            server = %server.name,
-            plugin = %g.plugin().name,
-            version = %g.plugin().version,
-            file = %g.plugin().file.display(),
-            %domains,
-            generation = g.number,
-            "serving"
-        ),
-        ServerState::Waiting(reason) => {
-            tracing::error!(server = %server.name, %domains, "not serving: {reason}");
-            report
-                .problems
-                .push(format!("server {:?}: {reason}", &*server.name));
-        }
-    }
-}
-
-fn build_routing(config: &Config, servers: Vec<Arc<Server>>) -> Routing {
-    let mut domains = DomainTable::default();
-    let by_name: HashMap<&str, &Arc<Server>> = servers.iter().map(|s| (&*s.name, s)).collect();
-    for server in &servers {
-        for domain in &server.domains {
-            domains.insert(domain, server.clone());
-        }
-    }
-    let default = config
-        .global
-        .default_server
-        .as_deref()
-        .and_then(|name| by_name.get(name))
-        .map(|s| (*s).clone());
-    domains.set_default(default);
-    Routing {
-        domains,
-        servers,
-        limits: config.global.limits.clone(),
     }
 }

@@ -57,6 +57,50 @@ pub fn library(package: &str) -> PathBuf {
         .clone()
 }
 
+/// Builds `fixture-versioned` with `FIXTURE_VARIANT=variant` (once per variant) and
+/// returns a copy of the library that later builds will not overwrite.
+pub fn variant(variant: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    // One build at a time: every variant is written to the same cargo output path.
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, path)) = built.iter().find(|(v, _)| v == variant) {
+        return path.clone();
+    }
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--message-format=json-render-diagnostics",
+            "-p",
+            "fixture-versioned",
+        ])
+        .env("FIXTURE_VARIANT", variant)
+        .current_dir(workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo build");
+    assert!(out.status.success(), "building variant {variant} failed");
+    let lib = out
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
+        .filter(|m| {
+            m["reason"] == "compiler-artifact" && m["target"]["name"] == "fixture_versioned"
+        })
+        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|f| f.to_string_lossy().ends_with(std::env::consts::DLL_SUFFIX))
+        .expect("the build names its library");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("variants");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join(format!(
+        "versioned-{variant}{}",
+        std::env::consts::DLL_SUFFIX
+    ));
+    std::fs::copy(&lib, &copy).unwrap();
+    built.push((variant.to_owned(), copy.clone()));
+    copy
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -166,8 +210,18 @@ impl Setup {
 
     /// Starts a serving host on a free port and waits until it listens.
     pub fn start(self) -> Host {
+        self.start_with(&["--listen", "127.0.0.1:0"])
+    }
+
+    /// Starts a host that listens where its config says (so config changes to
+    /// `global.listen` apply).
+    pub fn start_with_config_listen(self) -> Host {
+        self.start_with(&[])
+    }
+
+    fn start_with(self, args: &[&str]) -> Host {
         let mut child = self
-            .command(&["--listen", "127.0.0.1:0"])
+            .command(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -199,7 +253,7 @@ impl Setup {
         };
         Host {
             child,
-            addr,
+            client: Client { addr },
             logs,
             _setup: self,
         }
@@ -214,12 +268,26 @@ pub struct Finished {
     pub stderr: String,
 }
 
-/// A running host process. Killed when dropped.
+/// A running host process. Killed when dropped. Derefs to a [`Client`] for its first
+/// listening address.
 pub struct Host {
     child: Child,
-    pub addr: SocketAddr,
+    client: Client,
     logs: Arc<Mutex<String>>,
     _setup: Setup,
+}
+
+impl std::ops::Deref for Host {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Sends requests to one address.
+pub struct Client {
+    pub addr: SocketAddr,
 }
 
 impl Drop for Host {
@@ -230,6 +298,46 @@ impl Drop for Host {
 }
 
 impl Host {
+    /// A client for another address (for example a second listener).
+    pub fn at(addr: SocketAddr) -> Client {
+        Client { addr }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self._setup.dir
+    }
+
+    /// Installs a library the way `cargo xtask build-plugins` does: a temporary name in
+    /// the plugin folder, then a rename.
+    pub fn install(&self, from: &Path, file: &str) {
+        self.install_bytes(&std::fs::read(from).unwrap(), file);
+    }
+
+    pub fn install_bytes(&self, bytes: &[u8], file: &str) {
+        let dir = self.dir().join("plugins");
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, dir.join(file)).unwrap();
+    }
+
+    /// Replaces the config file atomically, as editors do.
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.dir().join(".servers.config.json.tmp");
+        std::fs::write(&tmp, config).unwrap();
+        std::fs::rename(&tmp, self.dir().join("servers.config.json")).unwrap();
+    }
+
+    /// Polls `f` until it returns true (up to 15 s).
+    pub fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !f() {
+            if Instant::now() > deadline {
+                panic!("timed out waiting until {what}; logs:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Everything the host has logged so far.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
@@ -250,6 +358,28 @@ impl Host {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the log reader catch up with the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "host did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Client {
     pub fn get(&self, host: &str, path: &str) -> Reply {
         self.send("GET", host, path, b"", &[])
     }
@@ -288,24 +418,60 @@ impl Host {
         Reply::parse(&out)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
-    pub fn terminate(&mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the log reader catch up with the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                return status;
-            }
-            assert!(Instant::now() < deadline, "host did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
+    /// Opens a keep-alive connection.
+    pub fn connect(&self) -> Conn {
+        let stream = TcpStream::connect(self.addr).expect("connect to host");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn {
+            reader: BufReader::new(stream),
         }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection that reports failures instead of panicking.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn get(&mut self, host: &str, path: &str) -> Result<Reply, String> {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        self.reader
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err(format!("connection closed after {head:?}"));
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let len: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .ok_or_else(|| format!("no content-length in {head:?}"))?;
+        let mut body = vec![0; len];
+        self.reader
+            .read_exact(&mut body)
+            .map_err(|e| format!("read body: {e}"))?;
+        let mut raw = head.into_bytes();
+        raw.extend_from_slice(b"\r\n");
+        raw.extend_from_slice(&body);
+        Ok(Reply::parse(&raw))
     }
 }
 

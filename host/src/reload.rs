@@ -1,0 +1,109 @@
+//! The control loop: applies plugin-folder and config-file changes while the host serves.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::config;
+use crate::serve::Listeners;
+use crate::servers::Microservers;
+use crate::watch::Change;
+
+/// How often to look again at a library that was incomplete (still being written).
+const RETRY_INCOMPLETE: Duration = Duration::from_millis(200);
+/// How many times to look again before leaving it to the next file event.
+const RETRY_LIMIT: u32 = 25;
+
+/// Where the control loop gets its inputs.
+#[derive(Debug)]
+pub struct ControlLoop {
+    pub servers: Arc<Microservers>,
+    pub listeners: Arc<Listeners>,
+    pub config_file: PathBuf,
+    /// Listen addresses given on the command line win over the config's.
+    pub listen_override: Option<Vec<SocketAddr>>,
+}
+
+impl ControlLoop {
+    /// Runs until `changes` closes.
+    pub async fn run(self, mut changes: mpsc::UnboundedReceiver<Change>) {
+        let mut retries = 0u32;
+        loop {
+            let change = if retries > 0 {
+                match tokio::time::timeout(RETRY_INCOMPLETE, changes.recv()).await {
+                    Ok(Some(change)) => change,
+                    Ok(None) => return,
+                    Err(_) => Change::Plugins {
+                        since: Instant::now(),
+                    },
+                }
+            } else {
+                match changes.recv().await {
+                    Some(change) => change,
+                    None => return,
+                }
+            };
+            // Take everything already queued, so a burst is handled once.
+            let mut plugins: Option<Instant> = None;
+            let mut config: Option<Instant> = None;
+            let mut note = |c: Change| match c {
+                Change::Plugins { since } => {
+                    plugins = Some(plugins.map_or(since, |p| p.min(since)))
+                }
+                Change::Config { since } => config = Some(config.map_or(since, |p| p.min(since))),
+            };
+            note(change);
+            while let Ok(more) = changes.try_recv() {
+                note(more);
+            }
+            if let Some(since) = config {
+                self.apply_config(since).await;
+            }
+            if let Some(since) = plugins {
+                let servers = self.servers.clone();
+                let report = tokio::task::spawn_blocking(move || servers.sync_plugins(since))
+                    .await
+                    .unwrap_or_default();
+                retries = if report.retry && retries < RETRY_LIMIT {
+                    retries + 1
+                } else {
+                    0
+                };
+            }
+        }
+    }
+
+    async fn apply_config(&self, since: Instant) {
+        let new = match config::load(&self.config_file) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(
+                    "config change rejected; the running configuration stays in force: {}",
+                    e.one_line()
+                );
+                return;
+            }
+        };
+        match &self.listen_override {
+            Some(_) => {}
+            None => {
+                if let Err(e) = self.listeners.apply(&new.global.listen).await {
+                    tracing::error!(
+                        "config change rejected; the running configuration stays in force: {e}"
+                    );
+                    return;
+                }
+            }
+        }
+        let servers = self.servers.clone();
+        let _ = tokio::task::spawn_blocking(move || servers.apply_config(new, since)).await;
+        tracing::info!(
+            took_ms = since.elapsed().as_micros() as f64 / 1000.0,
+            "applied config change from {}",
+            self.config_file.display()
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! Watching the plugin folder and the config file (notify, through a debouncer).
+//!
+//! The watcher only says *that* something changed and when it was first noticed; the
+//! control loop then looks at the folder or the file itself. So a missed, merged or
+//! out-of-order event cannot leave the host in a wrong state: the next look fixes it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use notify_debouncer_full::notify::event::{AccessKind, AccessMode, EventKind};
+use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
+use tokio::sync::mpsc;
+
+/// Something changed on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A library in the plugin folder was created, changed, renamed or removed.
+    Plugins { since: Instant },
+    /// The config file was written or replaced.
+    Config { since: Instant },
+}
+
+/// Keeps the watch alive; dropping it stops watching.
+pub struct Watch {
+    _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch")
+    }
+}
+
+/// Watches `plugin_dir` and `config_file` and sends a [`Change`] for each debounced batch
+/// of events that concerns them.
+pub fn watch(
+    plugin_dir: &Path,
+    config_file: &Path,
+    debounce: Duration,
+) -> Result<(Watch, mpsc::UnboundedReceiver<Change>), String> {
+    let plugin_dir = plugin_dir
+        .canonicalize()
+        .map_err(|e| format!("cannot watch plugin folder {}: {e}", plugin_dir.display()))?;
+    let config_file = absolute(config_file)?;
+    let config_dir = config_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let dir = plugin_dir.clone();
+    let file = config_file.clone();
+    let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
+        let events = match result {
+            Ok(events) => events,
+            Err(errors) => {
+                for e in errors {
+                    tracing::warn!("file watcher: {e}");
+                }
+                // Something may have been missed: look at everything again.
+                let _ = tx.send(Change::Plugins {
+                    since: Instant::now(),
+                });
+                let _ = tx.send(Change::Config {
+                    since: Instant::now(),
+                });
+                return;
+            }
+        };
+        let mut plugins: Option<Instant> = None;
+        let mut config: Option<Instant> = None;
+        for event in events.iter().filter(|e| is_change(&e.kind)) {
+            for path in &event.paths {
+                let earliest =
+                    |t: Option<Instant>| Some(t.map_or(event.time, |t| t.min(event.time)));
+                if path == &file {
+                    config = earliest(config);
+                } else if path.parent() == Some(dir.as_path()) && crate::servers::is_library(path) {
+                    plugins = earliest(plugins);
+                }
+            }
+        }
+        if let Some(since) = plugins {
+            let _ = tx.send(Change::Plugins { since });
+        }
+        if let Some(since) = config {
+            let _ = tx.send(Change::Config { since });
+        }
+    })
+    .map_err(|e| format!("cannot start the file watcher: {e}"))?;
+    debouncer
+        .watch(&plugin_dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("cannot watch plugin folder {}: {e}", plugin_dir.display()))?;
+    if config_dir != plugin_dir {
+        // The folder, not the file: editors and `mv` replace the file with a new inode.
+        debouncer
+            .watch(&config_dir, RecursiveMode::NonRecursive)
+            .map_err(|e| format!("cannot watch config folder {}: {e}", config_dir.display()))?;
+    }
+    Ok((
+        Watch {
+            _debouncer: debouncer,
+        },
+        rx,
+    ))
+}
+
+/// Reads (ours included) are not changes.
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+fn absolute(file: &Path) -> Result<PathBuf, String> {
+    let name = file
+        .file_name()
+        .ok_or_else(|| format!("{} is not a file name", file.display()))?;
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let parent = parent
+        .canonicalize()
+        .map_err(|e| format!("cannot watch {}: {e}", parent.display()))?;
+    Ok(parent.join(name))
+}
