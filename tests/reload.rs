@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::support::{library, variant, Host, Setup};
 
 const VERSIONED: &str = r#"{
-  "global": {"reload": {"debounce_ms": 20, "drain_timeout_ms": 5000}},
+  "global": {"reload": {"debounce_ms": 20, "drain_timeout_ms": 5000, "init_timeout_ms": 1000}},
   "servers": [{"name": "v", "domains": ["v.localhost"], "plugin": "versioned", "config": {"label": "x"}}]
 }"#;
 
@@ -128,6 +128,11 @@ fn a_broken_build_never_replaces_a_working_one() {
             "init panic",
             std::fs::read(variant("init-panic")).unwrap(),
             "init panicked: variant init-panic exploded",
+        ),
+        (
+            "init hang",
+            std::fs::read(variant("init-hang")).unwrap(),
+            "init did not finish within 1000 ms",
         ),
     ];
     for (what, bytes, reason) in cases {

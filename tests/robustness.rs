@@ -64,11 +64,68 @@ fn a_hanging_handler_times_out_with_504_and_the_host_keeps_serving() {
 #[test]
 fn invalid_responses_from_a_plugin_become_500() {
     let host = standard_host("bad-response");
-    for path in ["/bad-header", "/bad-status"] {
+    for path in ["/bad-header", "/bad-status", "/switching"] {
         assert_eq!(host.get("bad.localhost", path).status, 500, "{path}");
     }
     host.wait_for_log(&["invalid response: header name \"bad header\" is not valid"]);
-    host.wait_for_log(&["invalid response: status 42 is not a valid HTTP status"]);
+    host.wait_for_log(&["invalid response: status 42 is not a valid final HTTP status"]);
+    host.wait_for_log(&["invalid response: status 101 is not a valid final HTTP status"]);
+}
+
+#[test]
+fn a_plugin_cannot_break_message_framing() {
+    let host = standard_host("framing");
+    let mut conn = host.connect();
+    let r = conn.get("bad.localhost", "/framing").unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "12345"));
+    assert_eq!(r.header("content-length"), Some("5"));
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(r.header("x-kept"), Some("yes"));
+    // The connection was not closed or desynchronised.
+    assert_eq!(conn.get("bad.localhost", "/ok").unwrap().body, "ok");
+}
+
+#[test]
+fn a_panic_while_dropping_a_timed_out_handler_does_not_take_the_host_down() {
+    let host = standard_host("drop-panic");
+    assert_eq!(host.get("bad.localhost", "/drop-panic").status, 504);
+    host.wait_for_log(&["panic while the host dropped the handler's future"]);
+    assert_eq!(host.get("bad.localhost", "/ok").body, "ok");
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+}
+
+#[test]
+fn head_answers_with_the_get_length_and_no_body() {
+    let host = standard_host("head");
+    let get = host.get("hello.localhost", "/hello/x");
+    let head = host.send("HEAD", "hello.localhost", "/hello/x", b"", &[]);
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+    assert_eq!(
+        head.header("content-length").map(str::to_owned),
+        Some(get.body.len().to_string())
+    );
+}
+
+#[test]
+fn a_body_that_never_arrives_times_out_with_408() {
+    let host = standard_host("slow-body");
+    let r = host
+        .raw(b"POST /len HTTP/1.1\r\nhost: bad.localhost\r\ncontent-length: 100\r\n\r\nonly ten..");
+    assert_eq!(r.status, 408);
+    assert_eq!(
+        r.json()["error"],
+        "the request body did not arrive within 2000 ms"
+    );
+}
+
+#[test]
+fn ambiguous_or_unsupported_requests_are_refused() {
+    let host = standard_host("ambiguous");
+    let two_hosts = host.raw(b"GET / HTTP/1.1\r\nhost: hello.localhost\r\nhost: notes.localhost\r\nconnection: close\r\n\r\n");
+    assert_eq!(two_hosts.status, 400);
+    assert_eq!(two_hosts.json()["error"], "more than one Host header");
+    let connect = host.raw(b"CONNECT hello.localhost:443 HTTP/1.1\r\nhost: hello.localhost:443\r\nconnection: close\r\n\r\n");
+    assert_eq!(connect.status, 405);
 }
 
 #[test]

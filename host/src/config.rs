@@ -45,6 +45,9 @@ pub struct Reload {
     /// How long a replaced generation may keep serving the requests it started before
     /// its shutdown hook runs anyway.
     pub drain_timeout: Duration,
+    /// How long a plugin's init (and its predecessor's export_state) may take before the
+    /// new generation is given up on.
+    pub init_timeout: Duration,
 }
 
 impl Default for Reload {
@@ -53,6 +56,7 @@ impl Default for Reload {
             watch: true,
             debounce: Duration::from_millis(50),
             drain_timeout: Duration::from_secs(30),
+            init_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -419,7 +423,12 @@ impl Validator {
             }
         }
         if let Some(reload) = map.get("reload") {
-            let allowed = ["watch", "debounce_ms", "drain_timeout_ms"];
+            let allowed = [
+                "watch",
+                "debounce_ms",
+                "drain_timeout_ms",
+                "init_timeout_ms",
+            ];
             if let Some(r) = self.object(reload, "global.reload", &allowed) {
                 match r.get("watch") {
                     None => {}
@@ -432,6 +441,11 @@ impl Validator {
                 if let Some(v) = r.get("debounce_ms") {
                     if let Some(n) = self.whole_number(v, "global.reload.debounce_ms", 1) {
                         out.reload.debounce = Duration::from_millis(n);
+                    }
+                }
+                if let Some(v) = r.get("init_timeout_ms") {
+                    if let Some(n) = self.whole_number(v, "global.reload.init_timeout_ms", 1) {
+                        out.reload.init_timeout = Duration::from_millis(n);
                     }
                 }
                 if let Some(v) = r.get("drain_timeout_ms") {

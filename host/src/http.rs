@@ -1,5 +1,6 @@
 //! The request path: domain, server, generation, route, plugin call, response.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write as _;
@@ -16,7 +17,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{
     FfiBytes, FfiHandleResult, FfiHeader, FfiParam, FfiRequest, FfiResponse, FfiSpan,
 };
@@ -64,27 +65,15 @@ async fn route(
 ) -> (Response<Body>, Option<std::sync::Arc<str>>) {
     let routing = servers.routing();
     let (parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()));
-    let domain = match authority {
-        Some(raw) => match normalize_host(raw) {
-            Some(d) => d,
-            None => {
-                return (
-                    error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("invalid Host header {raw:?}"),
-                    ),
-                    None,
-                )
-            }
-        },
-        // HTTP/1.0 may omit Host: it goes to the default server, if any.
-        None if parts.version <= Version::HTTP_10 => "".into(),
-        None => return (error(StatusCode::BAD_REQUEST, "missing Host header"), None),
+    if parts.method == Method::CONNECT {
+        return (
+            error(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported"),
+            None,
+        );
+    }
+    let domain = match request_domain(&parts) {
+        Ok(d) => d,
+        Err(message) => return (error(StatusCode::BAD_REQUEST, &message), None),
     };
     let Some(server) = routing.domains.lookup(&domain) else {
         if domain.is_empty() {
@@ -99,18 +88,63 @@ async fn route(
             None,
         );
     };
-    let generation = match &**server.state() {
-        ServerState::Serving(g) => g.enter(),
-        ServerState::Waiting(reason) => {
-            let message = format!("microserver {:?} is not available: {reason}", &*server.name);
+    let name = Some(server.name.clone());
+    let unavailable = |reason: &str| {
+        let message = format!("microserver {:?} is not available: {reason}", &*server.name);
+        error(StatusCode::SERVICE_UNAVAILABLE, &message)
+    };
+    if let ServerState::Waiting(reason) = &**server.state() {
+        return (unavailable(reason), name);
+    }
+    let limits = &routing.limits;
+
+    // The body is read before the request counts as in flight on a generation, and
+    // under the request timeout: a client that trickles its body holds up no reload.
+    let declared_len = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_len.is_some_and(|n| n > limits.max_body_bytes) {
+        return (too_large(limits.max_body_bytes), name);
+    }
+    let read = Limited::new(body, limits.max_body_bytes as usize).collect();
+    let body = match tokio::time::timeout(limits.request_timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return (too_large(limits.max_body_bytes), name);
+        }
+        Ok(Err(e)) => {
             return (
-                error(StatusCode::SERVICE_UNAVAILABLE, &message),
-                Some(server.name.clone()),
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("could not read the request body: {e}"),
+                ),
+                name,
             );
         }
+        Err(_) => {
+            let message = format!(
+                "the request body did not arrive within {} ms",
+                limits.request_timeout.as_millis()
+            );
+            return (error(StatusCode::REQUEST_TIMEOUT, &message), name);
+        }
     };
-    let name = Some(server.name.clone());
-    let limits = &routing.limits;
+
+    // Enter the server's current generation. A generation retired between the load and
+    // the entry turns the request away; the next load sees its successor.
+    let generation = loop {
+        match &**server.state() {
+            ServerState::Serving(g) => {
+                if let Some(in_flight) = g.enter() {
+                    break in_flight;
+                }
+            }
+            ServerState::Waiting(reason) => return (unavailable(reason), name),
+        }
+        tokio::task::yield_now().await;
+    };
     let g: &Generation = generation.generation();
     let (route, params) = match g.routes.find(parts.method.as_str(), parts.uri.path()) {
         RouteMatch::Found { route, params } => {
@@ -129,33 +163,6 @@ async fn route(
             let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
             response.headers_mut().insert(ALLOW, allow.clone());
             return (response, name);
-        }
-    };
-
-    let declared_len = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared_len.is_some_and(|n| n > limits.max_body_bytes) {
-        return (too_large(limits.max_body_bytes), name);
-    }
-    let body = match Limited::new(body, limits.max_body_bytes as usize)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return (too_large(limits.max_body_bytes), name);
-        }
-        Err(e) => {
-            return (
-                error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("could not read the request body: {e}"),
-                ),
-                name,
-            );
         }
     };
 
@@ -179,14 +186,16 @@ async fn route(
         }
     };
     let response = match outcome {
-        RResult::ROk(response) => match into_http(response, generation) {
-            Ok(response) => response,
-            Err((generation, problem)) => {
-                let g = generation.generation();
-                tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id, "invalid response: {problem}");
-                internal_error(request_id)
+        RResult::ROk(response) => {
+            match into_http(response, generation, parts.method == Method::HEAD) {
+                Ok(response) => response,
+                Err((generation, problem)) => {
+                    let g = generation.generation();
+                    tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id, "invalid response: {problem}");
+                    internal_error(request_id)
+                }
             }
-        },
+        }
         RResult::RErr(panic) => {
             tracing::error!(
                 server = %g.server,
@@ -282,17 +291,68 @@ impl AsRef<[u8]> for PluginBody {
     }
 }
 
+/// The domain a request is for: `:authority` (HTTP/2, or an absolute-form HTTP/1.1
+/// target, which takes precedence over `Host`), else the `Host` header; normalised. An
+/// empty string for an HTTP/1.0 request without either (it goes to the default server).
+fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, String> {
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header".to_owned());
+    }
+    let host = match host.map(|h| h.to_str()) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(_)) => return Err("the Host header is not text".to_owned()),
+        None => None,
+    };
+    let authority = parts.uri.authority().map(|a| a.as_str());
+    if parts.version == Version::HTTP_2 {
+        if let (Some(a), Some(h)) = (authority, host) {
+            if normalize_host(a) != normalize_host(h) {
+                return Err(format!(
+                    "the Host header {h:?} differs from :authority {a:?}"
+                ));
+            }
+        }
+    }
+    match authority.or(host) {
+        Some(raw) => normalize_host(raw).ok_or_else(|| format!("invalid Host header {raw:?}")),
+        // HTTP/1.0 may omit Host: it goes to the default server, if any.
+        None if parts.version <= Version::HTTP_10 => Ok("".into()),
+        None => Err("missing Host header".to_owned()),
+    }
+}
+
+/// Headers a plugin may not set: the host frames the message itself, and these would
+/// contradict it or the connection's state.
+fn is_framing_header(name: &HeaderName) -> bool {
+    use hyper::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    [
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        CONNECTION,
+        TE,
+        TRAILER,
+        UPGRADE,
+    ]
+    .contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
 fn into_http(
     response: FfiResponse,
     in_flight: InFlight,
+    head: bool,
 ) -> Result<Response<Body>, (InFlight, String)> {
     let status = match StatusCode::from_u16(response.status) {
-        Ok(s) => s,
-        Err(_) => {
-            return Err((
-                in_flight,
-                format!("status {} is not a valid HTTP status", response.status),
-            ))
+        Ok(s) if (200..=599).contains(&s.as_u16()) => s,
+        _ => {
+            let message = format!(
+                "status {} is not a valid final HTTP status (200-599)",
+                response.status
+            );
+            return Err((in_flight, message));
         }
     };
     let mut builder = Response::builder().status(status);
@@ -302,13 +362,8 @@ fn into_http(
         let name = h.name.get(&response.header_buf);
         let value = h.value.get(&response.header_buf);
         let Ok(name) = HeaderName::from_bytes(name) else {
-            return Err((
-                in_flight,
-                format!(
-                    "header name {:?} is not valid",
-                    String::from_utf8_lossy(name)
-                ),
-            ));
+            let name = String::from_utf8_lossy(name);
+            return Err((in_flight, format!("header name {name:?} is not valid")));
         };
         let Ok(value) = HeaderValue::from_bytes(value) else {
             return Err((
@@ -316,7 +371,17 @@ fn into_http(
                 format!("the value of header {name} is not valid"),
             ));
         };
+        if is_framing_header(&name) {
+            tracing::debug!(header = %name, "dropped a framing header set by the plugin");
+            continue;
+        }
         headers.append(name, value);
+    }
+    if head {
+        // No body in a HEAD response (HTTP/2 would send it as DATA frames), but the
+        // length the GET would have had.
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(response.body.len()));
+        return Ok(builder.body(Full::new(Bytes::new())).expect("valid parts"));
     }
     let body = if response.body.is_empty() {
         Bytes::new()

@@ -167,7 +167,7 @@ pub fn open(plugin: PluginFile, copies_dir: &Path) -> Result<PluginLibrary, Load
         NEXT_COPY.fetch_add(1, Ordering::Relaxed),
         std::env::consts::DLL_EXTENSION
     ));
-    std::fs::write(&copy, &bytes).map_err(|e| {
+    write_private(&copy, &bytes).map_err(|e| {
         fail(LoadFailure::Other(format!(
             "cannot write a private copy to {}: {e}",
             copy.display()
@@ -202,6 +202,45 @@ pub fn open(plugin: PluginFile, copies_dir: &Path) -> Result<PluginLibrary, Load
         content_hash,
         module,
     })
+}
+
+/// Writes a new file that only this user can read, refusing to follow or reuse an
+/// existing path.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o700);
+    options.open(path)?.write_all(bytes)
+}
+
+/// Makes a new folder for private copies that only this user can enter, under
+/// `$XDG_RUNTIME_DIR` if set, else the temporary folder. Never reuses an existing one.
+pub fn private_copies_dir() -> std::io::Result<PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    for attempt in 0u32..64 {
+        let path = base.join(format!(
+            "plugin-host-{}-{:08x}",
+            std::process::id(),
+            seed.wrapping_add(attempt.wrapping_mul(0x9E37_79B9))
+        ));
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        match builder.create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free name for a private folder"))
 }
 
 /// Linkers write the section header table last, so a file that ends before it is
@@ -281,4 +320,36 @@ fn first_line(s: &str) -> String {
         .unwrap_or(s)
         .trim()
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_copies_dirs_are_new_and_only_ours() {
+        let a = private_copies_dir().unwrap();
+        let b = private_copies_dir().unwrap();
+        assert_ne!(a, b);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+        // A copy is never written over an existing file.
+        let copy = a.join("x.so");
+        write_private(&copy, b"1").unwrap();
+        assert!(write_private(&copy, b"2").is_err());
+        std::fs::remove_dir_all(a).unwrap();
+        std::fs::remove_dir_all(b).unwrap();
+    }
+
+    #[test]
+    fn truncated_elf_files_are_incomplete() {
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(elf_incomplete(&me), None);
+        assert!(elf_incomplete(&me[..me.len() - 1]).is_some());
+        assert!(elf_incomplete(&me[..10]).is_some());
+    }
 }

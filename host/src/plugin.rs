@@ -60,9 +60,15 @@ impl Instance {
                 .iter()
                 .map(|r| (r.method.as_str(), r.pattern.as_str())),
             init.fallback.into_option(),
-        )
-        .map_err(|e| format!("its route table is invalid: {e}"))?;
-        Ok((instance, routes))
+        );
+        match routes {
+            Ok(routes) => Ok((instance, routes)),
+            Err(e) => {
+                // It never served, but init may have started things; let it stop them.
+                instance.shutdown();
+                Err(format!("its route table is invalid: {e}"))
+            }
+        }
     }
 
     pub fn library(&self) -> &Arc<PluginLibrary> {
@@ -101,6 +107,8 @@ pub struct Generation {
     pub routes: RouteTable,
     in_flight: AtomicUsize,
     idle: Notify,
+    /// Set when the generation is replaced; no request may enter after that.
+    retired: AtomicBool,
     shut_down: AtomicBool,
 }
 
@@ -113,6 +121,7 @@ impl Generation {
             routes,
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
+            retired: AtomicBool::new(false),
             shut_down: AtomicBool::new(false),
         })
     }
@@ -122,19 +131,36 @@ impl Generation {
     }
 
     /// Counts a request as in flight on this generation until the guard is dropped.
-    pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight {
+    /// `None` if the generation was retired meanwhile: the caller looks up the server's
+    /// current generation again.
+    ///
+    /// The increment and the `retired` check here, and the `retired` store and the count
+    /// check in [`Generation::drain`], are all SeqCst: either this request sees the flag
+    /// and backs out, or the drain sees the request and waits for it. Never neither.
+    pub fn enter(self: &Arc<Self>) -> Option<InFlight> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight {
             generation: self.clone(),
+        };
+        if self.retired.load(Ordering::SeqCst) {
+            return None; // dropping the guard gives the count back
         }
+        Some(guard)
+    }
+
+    /// Stops new requests from entering. Requests already in flight carry on.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Waits until no request is in flight, or `deadline` passes. True if drained.
+    /// Retires the generation and waits until no request is in flight, or `deadline`
+    /// passes. True if drained.
     pub async fn drain(&self, deadline: Duration) -> bool {
+        self.retire();
         let wait = async {
             loop {
                 let idle = self.idle.notified();
@@ -171,7 +197,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.generation.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.generation.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.generation.idle.notify_waiters();
         }
     }

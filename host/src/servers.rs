@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
@@ -136,6 +136,48 @@ struct Control {
     servers: Vec<ServerEntry>,
 }
 
+/// When a change was first noticed (a file event) and when the host started acting on
+/// it; the reload log reports both durations.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    since: Instant,
+    started: Instant,
+}
+
+impl Timing {
+    fn new(since: Instant) -> Self {
+        Timing {
+            since,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// How long a generation may take to drain, and to start.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    drain: Duration,
+    init: Duration,
+}
+
+/// Runs `f` on a thread of its own and waits for it at most `limit`. A call that overruns
+/// is abandoned: its thread finishes (or not) on its own, and whatever it returns is
+/// dropped there.
+fn with_deadline<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("plugin-init".to_owned())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| format!("cannot start a thread for init: {e}"))?;
+    rx.recv_timeout(limit)
+        .map_err(|_| format!("init did not finish within {} ms", limit.as_millis()))
+}
+
 /// Problems found while starting or changing; `--check` turns them into exit code 2.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -219,8 +261,13 @@ impl Microservers {
     /// Loads every library in the plugin folder and starts every enabled server.
     /// A server that cannot start is left waiting; the report lists why.
     pub fn start(config: &Config, plugin_dir: PathBuf) -> (Self, Report) {
-        let copies_dir = std::env::temp_dir().join(format!("plugin-host-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&copies_dir);
+        let mut report = Report::default();
+        let copies_dir = loader::private_copies_dir().unwrap_or_else(|e| {
+            let message = format!("cannot create a private folder for plugin copies: {e}");
+            tracing::error!("{message}");
+            report.problems.push(message);
+            PathBuf::from("/nonexistent")
+        });
         let this = Microservers {
             routing: ArcSwap::from_pointee(Routing {
                 domains: DomainTable::default(),
@@ -236,11 +283,10 @@ impl Microservers {
             copies_dir,
             retiring: Arc::default(),
         };
-        let mut report = Report::default();
         {
             let mut control = this.control();
             this.sync_files(&mut control, &mut report);
-            this.sync_servers(&mut control, Instant::now(), &mut report);
+            this.sync_servers(&mut control, Timing::new(Instant::now()), &mut report);
             this.publish(&control);
         }
         (this, report)
@@ -265,10 +311,11 @@ impl Microservers {
     /// moves every server using one to a new generation. `since` is when the change was
     /// first noticed (for the reload log line).
     pub fn sync_plugins(&self, since: Instant) -> Report {
+        let timing = Timing::new(since);
         let mut report = Report::default();
         let mut control = self.control();
         self.sync_files(&mut control, &mut report);
-        self.sync_servers(&mut control, since, &mut report);
+        self.sync_servers(&mut control, timing, &mut report);
         self.publish(&control);
         report
     }
@@ -277,6 +324,7 @@ impl Microservers {
     /// moved, servers enabled or disabled, changed plugin configs (a new generation),
     /// new limits. Listen addresses are the caller's business.
     pub fn apply_config(&self, config: Config, since: Instant) -> Report {
+        let timing = Timing::new(since);
         let mut report = Report::default();
         let mut control = self.control();
         if config.global.plugin_dir != control.config.global.plugin_dir {
@@ -285,7 +333,7 @@ impl Microservers {
             );
         }
         control.config = config;
-        self.sync_servers(&mut control, since, &mut report);
+        self.sync_servers(&mut control, timing, &mut report);
         self.publish(&control);
         report
     }
@@ -481,8 +529,13 @@ impl Microservers {
     }
 
     /// Moves every server to what its spec and the plugin folder call for.
-    fn sync_servers(&self, control: &mut Control, since: Instant, report: &mut Report) {
-        let drain = control.config.global.reload.drain_timeout;
+    fn sync_servers(&self, control: &mut Control, timing: Timing, report: &mut Report) {
+        let reload = &control.config.global.reload;
+        let deadlines = Deadlines {
+            drain: reload.drain_timeout,
+            init: reload.init_timeout,
+        };
+        let drain = deadlines.drain;
         let desired = Self::desired_servers(control);
         let mut old: Vec<ServerEntry> = std::mem::take(&mut control.servers);
         let mut next = Vec::new();
@@ -503,7 +556,9 @@ impl Microservers {
                         .as_ref()
                         .is_some_and(|(l, c)| Arc::ptr_eq(l, &lib) && *c == spec.plugin_config);
                     if !same_as_tried {
-                        self.start_generation(&server, &spec, &lib, current, since, drain, report);
+                        self.start_generation(
+                            &server, &spec, &lib, current, timing, deadlines, report,
+                        );
                         tried = Some(attempt);
                     }
                 }
@@ -560,15 +615,14 @@ impl Microservers {
         spec: &ServerSpec,
         library: &Arc<PluginLibrary>,
         current: Option<Arc<Generation>>,
-        since: Instant,
-        drain: std::time::Duration,
+        timing: Timing,
+        deadlines: Deadlines,
         report: &mut Report,
     ) {
-        // State is handed over only between builds of the same plugin.
-        let previous_state = current
-            .as_ref()
-            .filter(|g| g.plugin().name == library.name)
-            .and_then(|g| g.instance.export_state());
+        // State is handed over only between builds of the same plugin. Both calls run on
+        // a watchdog thread: a plugin that hangs in them must not stall every later
+        // change.
+        let handover = current.clone().filter(|g| g.plugin().name == library.name);
         let number = server.next_generation();
         let domains = spec
             .domains
@@ -576,18 +630,27 @@ impl Microservers {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(" ");
-        match Instance::create(
+        let (lib, name, config) = (
             library.clone(),
-            &server.name,
-            &spec.plugin_config,
-            previous_state.as_deref(),
-        ) {
+            server.name.to_string(),
+            spec.plugin_config.clone(),
+        );
+        let created = with_deadline(deadlines.init, move || {
+            let state = handover.and_then(|g| g.instance.export_state());
+            let created = Instance::create(lib, &name, &config, state.as_deref());
+            (created, state.map_or(0, |s| s.len()))
+        });
+        let (created, state_bytes) = match created {
+            Ok(done) => done,
+            Err(timeout) => (Err(timeout), 0),
+        };
+        match created {
             Ok((instance, routes)) => {
                 let generation = Generation::new(server.name.clone(), number, instance, routes);
                 server
                     .state
                     .store(Arc::new(ServerState::Serving(generation)));
-                let micros = since.elapsed().as_micros() as u64;
+                let ms = |t: Instant| t.elapsed().as_micros() as f64 / 1000.0;
                 tracing::info!(
                     server = %server.name,
                     generation = number,
@@ -595,13 +658,14 @@ impl Microservers {
                     version = %library.version,
                     file = %library.file.display(),
                     %domains,
-                    state_bytes = previous_state.as_ref().map_or(0, Vec::len),
-                    took_ms = micros as f64 / 1000.0,
+                    state_bytes,
+                    took_ms = ms(timing.since),
+                    work_ms = ms(timing.started),
                     "{}",
                     if current.is_some() { "reloaded" } else { "serving" }
                 );
                 if let Some(old) = current {
-                    self.retire(old, drain);
+                    self.retire(old, deadlines.drain);
                 }
             }
             Err(reason) => {
@@ -653,7 +717,9 @@ impl Microservers {
 
     /// Lets a replaced generation finish its requests (up to `drain`), then calls its
     /// shutdown hook. Its instance is dropped when the last request lets go of it.
-    fn retire(&self, generation: Arc<Generation>, drain: std::time::Duration) {
+    fn retire(&self, generation: Arc<Generation>, drain: Duration) {
+        // No request enters it from now on; those inside finish.
+        generation.retire();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             generation.shutdown();
             return;
@@ -666,19 +732,29 @@ impl Microservers {
         runtime.spawn(async move {
             let started = Instant::now();
             let drained = generation.drain(drain).await;
-            generation.shutdown();
+            let in_flight = generation.in_flight();
+            // The shutdown hook (and, usually, the instance's drop) is plugin code that may
+            // block; keep it off the runtime's worker threads. The generation leaves the
+            // retiring list only after its hook ran, so a host stopping meanwhile still
+            // reaches it.
+            let (server, number) = (generation.server.clone(), generation.number);
+            let _ = tokio::task::spawn_blocking(move || {
+                generation.shutdown();
+                retiring
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|g| !Arc::ptr_eq(g, &generation));
+                drop(generation);
+            })
+            .await;
             tracing::info!(
-                server = %generation.server,
-                generation = generation.number,
+                %server,
+                generation = number,
                 drained,
-                in_flight = generation.in_flight(),
+                in_flight,
                 waited_ms = started.elapsed().as_millis() as u64,
                 "retired"
             );
-            retiring
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|g| !Arc::ptr_eq(g, &generation));
         });
     }
 

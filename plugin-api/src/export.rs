@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 use std::future::Future;
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ where
 {
     Box::new(move |server, request| {
         match catch_unwind(AssertUnwindSafe(|| handler(server, request))) {
-            Ok(fut) => FfiFuture::new(CatchUnwind(fut)),
+            Ok(fut) => FfiFuture::new(CatchUnwind(ManuallyDrop::new(fut))),
             Err(payload) => {
                 let message = panic_message(&*payload);
                 FfiFuture::new(std::future::ready(RErr(RString::from(message))))
@@ -45,8 +46,20 @@ where
 }
 
 /// Polls the handler's future, turning its response into the FFI shape and a panic into
-/// an error carrying the panic message.
-struct CatchUnwind<F>(F);
+/// an error carrying the panic message. Dropping it catches panics too: the host drops a
+/// handler's future early when the request times out or the client goes away, and a
+/// panic there would otherwise reach async-ffi's drop, which aborts the process.
+struct CatchUnwind<F>(ManuallyDrop<F>);
+
+impl<F> Drop for CatchUnwind<F> {
+    fn drop(&mut self) {
+        // SAFETY: the inner future is dropped exactly once, here, in place (it may be
+        // pinned, and `drop_in_place` does not move it).
+        let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+            ManuallyDrop::drop(&mut self.0)
+        }));
+    }
+}
 
 impl<F, R> Future for CatchUnwind<F>
 where
@@ -57,7 +70,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FfiHandleResult> {
         // SAFETY: structural pinning; the inner future is never moved out of `self`.
-        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut *s.0) };
         match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(r)) => {

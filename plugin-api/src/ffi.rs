@@ -235,7 +235,10 @@ pub struct FfiLogRecord<'a> {
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = HostFnsRef)))]
-#[sabi(missing_field(panic))]
+// A plugin may be built against a newer plugin-api than the host's (same major, newer
+// minor): functions added later are then missing, and the plugin must see `None`
+// rather than panic.
+#[sabi(missing_field(option))]
 pub struct HostFns {
     /// The most verbose level the host will record (same numbering as `FfiLogRecord`;
     /// 0 = off).

@@ -174,11 +174,16 @@ impl Subscriber for Forwarder {
 ///
 /// # Panics
 /// If called before the plugin was initialised by a host (for example in a unit test
-/// that calls a handler directly).
+/// that calls a handler directly). Inside a handler, that panic answers 500 like any
+/// other.
 pub fn sleep(duration: Duration) -> impl Future<Output = ()> + Send + 'static {
-    let host = HOST
+    // Fields up to `last_prefix_field` are always present; only functions added in later
+    // versions are `Option`s.
+    let sleep = HOST
         .get()
-        .expect("plugin_api::sleep needs a running host (call it from a handler)");
+        .expect("plugin_api::sleep needs a running host (call it from a handler)")
+        .fns
+        .sleep();
     let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
-    (host.fns.sleep())(nanos)
+    sleep(nanos)
 }

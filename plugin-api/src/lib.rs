@@ -89,6 +89,13 @@ pub trait Microserver: Send + Sync + Sized + 'static {
     /// Called when this instance is about to be replaced by a new generation (a new build
     /// of the library, or a changed config). Bytes returned here are handed to the next
     /// generation's [`InitContext::previous_state`], so in-memory data can survive.
+    ///
+    /// It is a snapshot taken while this instance still serves: the new instance is
+    /// initialised from it and then takes new requests, while requests already running
+    /// here finish here. A change such a request makes after the snapshot is not handed
+    /// over, and the two instances exist side by side for the time of one init (so do not
+    /// hold a resource only one of them can have, such as a listening port, across it).
+    /// Keep what must never be lost in a store outside the process.
     fn export_state(&self) -> Option<Vec<u8>> {
         None
     }

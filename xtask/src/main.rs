@@ -6,12 +6,20 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+mod bench_reload;
+mod dev;
+
 const HELP: &str = "\
 cargo xtask <task>
 
 tasks:
   build-plugins [--release]   build every crate under plugins/ and install each library
                               as plugins/<name>.so (via a temporary name and a rename)
+  dev [-- HOST_ARGS...]       build the plugins, start the host, and rebuild and install a
+                              plugin whenever its sources change (the host reloads it)
+  bench-reload [--reloads N] [--clients C]
+                              replace a plugin library N times (default 50) under load and
+                              report failed requests, reload latency, memory, threads, fds
   help                        this text
 ";
 
@@ -20,6 +28,16 @@ fn main() -> Result<()> {
     let release = args.iter().any(|a| a == "--release");
     match args.first().map(String::as_str) {
         Some("build-plugins") => build_plugins(release).map(|_| ()),
+        Some("dev") => {
+            let host_args: Vec<String> = args
+                .iter()
+                .skip(1)
+                .skip_while(|a| *a == "--")
+                .cloned()
+                .collect();
+            dev::run(&host_args)
+        }
+        Some("bench-reload") => bench_reload::run(&args[1..]),
         Some("help") | Some("--help") | None => {
             print!("{HELP}");
             Ok(())
@@ -39,8 +57,9 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
-/// Workspace packages whose manifest lives under `dir` and that build a cdylib.
-fn cdylib_packages(dir: &Path) -> Result<Vec<String>> {
+/// Workspace packages whose manifest lives under `dir` and that build a cdylib, as
+/// (name, manifest path).
+fn cdylib_packages(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let out = cargo()
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .current_dir(root())
@@ -68,7 +87,10 @@ fn cdylib_packages(dir: &Path) -> Result<Vec<String>> {
                     .any(|c| c == "cdylib")
             });
         if is_cdylib && manifest.starts_with(dir) {
-            names.push(package["name"].as_str().unwrap_or_default().to_owned());
+            names.push((
+                package["name"].as_str().unwrap_or_default().to_owned(),
+                manifest.to_owned(),
+            ));
         }
     }
     names.sort();
@@ -143,7 +165,10 @@ fn install(from: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
 fn build_plugins(release: bool) -> Result<Vec<PathBuf>> {
     let root = root();
     let plugins_dir = root.join("plugins");
-    let packages = cdylib_packages(&plugins_dir)?;
+    let packages: Vec<String> = cdylib_packages(&plugins_dir)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     if packages.is_empty() {
         bail!("no plugin crates found under {}", plugins_dir.display());
     }
