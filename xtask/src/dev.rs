@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use notify_debouncer_full::notify::event::{AccessKind, AccessMode, EventKind};
 use notify_debouncer_full::notify::RecursiveMode;
 use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 
@@ -39,6 +40,7 @@ pub fn run(host_args: &[String]) -> Result<()> {
             // The crate folders (plugins/<crate>) that saw a change in their sources.
             let crates: BTreeSet<PathBuf> = events
                 .iter()
+                .filter(|e| is_write(&e.kind))
                 .flat_map(|e| e.paths.iter())
                 .filter_map(|p| {
                     let rel = p.strip_prefix(&watched).ok()?;
@@ -97,6 +99,16 @@ pub fn run(host_args: &[String]) -> Result<()> {
             }
             Err(e) => println!("dev: {e}; the running version keeps serving"),
         }
+    }
+}
+
+/// Whether an event is a change. Reads are not: cargo opens every source when it builds,
+/// and counting that would rebuild forever.
+fn is_write(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
