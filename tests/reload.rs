@@ -306,3 +306,21 @@ fn a_changed_listen_address_is_bound_without_dropping_the_others() {
     assert!(std::net::TcpStream::connect(free).is_err());
     assert_eq!(host.get("hello.localhost", "/").status, 200);
 }
+
+#[test]
+fn a_library_still_being_written_is_loaded_once_complete_and_never_half_written() {
+    let host = versioned_host("slow-copy", "a");
+    let whole = std::fs::read(variant("b")).unwrap();
+    let path = host.dir().join("plugins/versioned.so");
+    // Written in place, in two parts, like a `cp` that is still running.
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&whole[..whole.len() / 2]).unwrap();
+        file.flush().unwrap();
+        host.wait_for_log(&["refused plugin", "versioned.so", "it is incomplete"]);
+        assert_eq!(body(&host, "v.localhost", "/"), "a x");
+        file.write_all(&whole[whole.len() / 2..]).unwrap();
+    }
+    host.wait_until("b serves", || body(&host, "v.localhost", "/") == "b x");
+}
