@@ -3,8 +3,6 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::Write as _;
-use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +13,7 @@ use abi_stable::std_types::{RResult, RVec};
 use async_ffi::FfiFuture;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{
@@ -35,32 +33,34 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub async fn handle(
     servers: &Microservers,
     req: Request<Incoming>,
-    client: SocketAddr,
+    client: &str,
 ) -> Result<Response<Body>, Infallible> {
-    let started = Instant::now();
     let request_id = RequestId::next();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // What the debug line needs is gathered only when it will be written.
+    let debug = tracing::enabled!(tracing::Level::DEBUG)
+        .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_owned()));
     let (mut response, server) = route(servers, req, client, request_id.as_str()).await;
-    if let Ok(id) = HeaderValue::from_str(request_id.as_str()) {
+    if let Ok(id) = HeaderValue::from_bytes(&request_id.0) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
-    tracing::debug!(
-        %method,
-        path,
-        status = response.status().as_u16(),
-        server = server.as_deref().unwrap_or("-"),
-        request_id = request_id.as_str(),
-        micros = started.elapsed().as_micros() as u64,
-        "request"
-    );
+    if let Some((started, method, path)) = debug {
+        tracing::debug!(
+            %method,
+            path,
+            status = response.status().as_u16(),
+            server = server.as_deref().unwrap_or("-"),
+            request_id = request_id.as_str(),
+            micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
+    }
     Ok(response)
 }
 
 async fn route(
     servers: &Microservers,
     req: Request<Incoming>,
-    client: SocketAddr,
+    client: &str,
     request_id: &str,
 ) -> (Response<Body>, Option<std::sync::Arc<str>>) {
     let routing = servers.routing();
@@ -108,9 +108,18 @@ async fn route(
     if declared_len.is_some_and(|n| n > limits.max_body_bytes) {
         return (too_large(limits.max_body_bytes), name);
     }
-    let read = Limited::new(body, limits.max_body_bytes as usize).collect();
-    let body = match tokio::time::timeout(limits.request_timeout, read).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
+    // Most requests have no body: skip the reader and its timer.
+    let read = async {
+        if body.is_end_stream() {
+            return Ok(Ok(Bytes::new()));
+        }
+        let read = Limited::new(body, limits.max_body_bytes as usize).collect();
+        tokio::time::timeout(limits.request_timeout, read)
+            .await
+            .map(|r| r.map(|c| c.to_bytes()))
+    };
+    let body = match read.await {
+        Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return (too_large(limits.max_body_bytes), name);
         }
@@ -147,13 +156,7 @@ async fn route(
     };
     let g: &Generation = generation.generation();
     let (route, params) = match g.routes.find(parts.method.as_str(), parts.uri.path()) {
-        RouteMatch::Found { route, params } => {
-            let params: Vec<(String, String)> = params
-                .iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
-            (route, params)
-        }
+        RouteMatch::Found { route, params } => (route, params),
         RouteMatch::NotFound => {
             let message = format!("no route for {} {}", parts.method, parts.uri.path());
             return (error(StatusCode::NOT_FOUND, &message), name);
@@ -167,8 +170,14 @@ async fn route(
     };
 
     let request = ffi_request(&parts, &domain, client, request_id, &params, route, body);
-    let call = CatchPanic(g.instance.handle(request));
-    let outcome = match tokio::time::timeout(limits.request_timeout, call).await {
+    // A handler that answers at once (most do) needs no timer: poll it once first.
+    let mut call = CatchPanic(g.instance.handle(request));
+    let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut call).poll(cx))).await;
+    let outcome = match first {
+        Poll::Ready(outcome) => Ok(outcome),
+        Poll::Pending => tokio::time::timeout(limits.request_timeout, call).await,
+    };
+    let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(_) => {
             tracing::warn!(
@@ -210,12 +219,14 @@ async fn route(
     (response, name)
 }
 
-fn ffi_request(
+/// Builds the request a plugin sees: every text field is a span into one buffer, and the
+/// body is handed over without a copy.
+pub fn ffi_request(
     parts: &hyper::http::request::Parts,
     domain: &str,
-    client: SocketAddr,
+    client: &str,
     request_id: &str,
-    params: &[(String, String)],
+    params: &matchit::Params<'_, '_>,
     route: u32,
     body: Bytes,
 ) -> FfiRequest {
@@ -240,12 +251,7 @@ fn ffi_request(
     let path = FfiSpan::push(&mut buf, uri.path().as_bytes());
     let query = FfiSpan::push(&mut buf, query.as_bytes());
     let domain = FfiSpan::push(&mut buf, domain.as_bytes());
-    let start = buf.len() as u32;
-    let _ = write!(buf, "{client}");
-    let client_addr = FfiSpan {
-        start,
-        end: buf.len() as u32,
-    };
+    let client_addr = FfiSpan::push(&mut buf, client.as_bytes());
     let request_id = FfiSpan::push(&mut buf, request_id.as_bytes());
     let mut headers = RVec::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
@@ -254,7 +260,7 @@ fn ffi_request(
         headers.push(FfiHeader { name, value });
     }
     let mut ffi_params = RVec::with_capacity(params.len());
-    for (k, v) in params {
+    for (k, v) in params.iter() {
         let name = FfiSpan::push(&mut buf, k.as_bytes());
         let value = FfiSpan::push(&mut buf, v.as_bytes());
         ffi_params.push(FfiParam { name, value });

@@ -153,9 +153,12 @@ pub async fn serve(
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .max_headers(servers.routing().limits.max_headers);
                 let servers = servers.clone();
+                // Formatted once per connection, not per request.
+                let client: Arc<str> = peer.to_string().into();
                 let service = service_fn(move |req| {
                     let servers = servers.clone();
-                    async move { crate::http::handle(&servers, req, peer).await }
+                    let client = client.clone();
+                    async move { crate::http::handle(&servers, req, &client).await }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn.into_owned());

@@ -97,6 +97,16 @@ impl FfiBytes {
         }
     }
 
+    /// Borrows bytes that live for the whole program: no allocation, nothing to free.
+    pub fn from_static(bytes: &'static [u8]) -> Self {
+        FfiBytes {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+            owner: std::ptr::null_mut(),
+            drop: drop_nothing,
+        }
+    }
+
     /// Takes ownership of any byte container without copying its contents.
     pub fn from_owner<T: AsRef<[u8]> + Send + Sync + 'static>(owner: T) -> Self {
         if owner.as_ref().is_empty() {

@@ -69,7 +69,7 @@ mod response;
 pub use error::Error;
 pub use host::sleep;
 pub use request::Request;
-pub use response::{IntoResponse, Json, Response};
+pub use response::{Body, IntoResponse, Json, Response};
 pub use tracing;
 
 /// A microserver: one type per plugin library, one instance per configured server.

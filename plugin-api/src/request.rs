@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 
-use crate::ffi::{FfiRequest, FfiSpan};
+use crate::ffi::{FfiBytes, FfiRequest, FfiSpan};
 use crate::Error;
 
 /// An HTTP request routed to this microserver.
@@ -120,6 +120,19 @@ impl Request {
     /// The whole request body.
     pub fn body(&self) -> &[u8] {
         self.raw.body.as_slice()
+    }
+
+    /// Takes the body out of the request (leaving it empty), for example to send it back
+    /// without copying it.
+    ///
+    /// ```
+    /// # use plugin_api::{Request, Response};
+    /// async fn echo(mut req: Request) -> Response {
+    ///     Response::new(200).with_body(req.take_body())
+    /// }
+    /// ```
+    pub fn take_body(&mut self) -> crate::Body {
+        crate::Body(std::mem::replace(&mut self.raw.body, FfiBytes::empty()))
     }
 
     /// The body parsed as JSON. A parse error becomes a 400 response if returned.

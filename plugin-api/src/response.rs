@@ -47,11 +47,12 @@ impl Response {
         }
     }
 
-    /// A `200 OK` with a `text/plain; charset=utf-8` body.
-    pub fn text(body: impl Into<String>) -> Self {
+    /// A `200 OK` with a `text/plain; charset=utf-8` body (a `String`, or a
+    /// `&'static str`, which costs no allocation).
+    pub fn text(body: impl Into<Body>) -> Self {
         Response::new(200)
             .with_header("content-type", "text/plain; charset=utf-8")
-            .with_body(body.into().into_bytes())
+            .with_body(body)
     }
 
     /// A `200 OK` with `value` serialized as the JSON body.
@@ -80,9 +81,12 @@ impl Response {
         self
     }
 
-    /// Replaces the body without copying it.
-    pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Self {
-        self.body = FfiBytes::from_owner(body.into());
+    /// Replaces the body without copying it: a `Vec<u8>` or `String` is handed over as
+    /// it is, a `&'static str` or `&'static [u8]` is not even allocated, and a request's
+    /// [`Body`] (from [`Request::take_body`](crate::Request::take_body)) goes back out
+    /// untouched.
+    pub fn with_body(mut self, body: impl Into<Body>) -> Self {
+        self.body = body.into().0;
         self
     }
 
@@ -114,6 +118,70 @@ impl Response {
             headers: RVec::from(self.headers),
             body: self.body,
         }
+    }
+}
+
+/// A body: bytes owned by either side of the boundary, moved, never copied.
+///
+/// ```
+/// # use plugin_api::{Body, Response};
+/// let r = Response::text("static text, no allocation");
+/// let r = Response::new(200).with_body(Body::from(vec![1, 2, 3]));
+/// assert_eq!(r.body(), &[1, 2, 3]);
+/// ```
+pub struct Body(pub(crate) FfiBytes);
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body").field("len", &self.0.len()).finish()
+    }
+}
+
+impl Body {
+    pub fn empty() -> Self {
+        Body(FfiBytes::empty())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Self {
+        Body(FfiBytes::from_owner(v))
+    }
+}
+
+impl From<String> for Body {
+    fn from(s: String) -> Self {
+        Body::from(s.into_bytes())
+    }
+}
+
+impl From<&'static [u8]> for Body {
+    fn from(b: &'static [u8]) -> Self {
+        Body(FfiBytes::from_static(b))
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(s: &'static str) -> Self {
+        Body(FfiBytes::from_static(s.as_bytes()))
     }
 }
 

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+mod bench;
 mod bench_reload;
 mod dev;
 
@@ -17,6 +18,11 @@ tasks:
                               as plugins/<name>.so (via a temporary name and a rename)
   dev [-- HOST_ARGS...]       build the plugins, start the host, and rebuild and install a
                               plugin whenever its sources change (the host reloads it)
+  bench [--quick] [--rounds N] [--duration S] [--rate R] [--only CASE]
+                              the host against bare hyper (and nginx if installed):
+                              req/s, latency, server CPU per request, start-up, memory.
+                              Needs wrk (apt-get install -y wrk) and oha (cargo install
+                              oha --locked); --quick takes about a minute
   bench-reload [--reloads N] [--clients C]
                               replace a plugin library N times (default 50) under load and
                               report failed requests, reload latency, memory, threads, fds
@@ -38,6 +44,7 @@ fn main() -> Result<()> {
             dev::run(&host_args)
         }
         Some("bench-reload") => bench_reload::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("help") | Some("--help") | None => {
             print!("{HELP}");
             Ok(())

@@ -48,7 +48,11 @@ impl Microserver for Hello {
         routes
             .get("/", Self::index)
             .get("/hello/{name}", Self::greet)
+            .get("/greet/{first}/{last}", Self::greet_full)
             .post("/echo", Self::echo)
+            .post("/echo-raw", Self::echo_raw)
+            .get("/plain", Self::plain)
+            .get("/bytes/{n}", Self::bytes)
             .get("/slow", Self::slow);
     }
 }
@@ -72,6 +76,37 @@ impl Hello {
             text = text.to_uppercase();
         }
         Response::text(text + "\n")
+    }
+
+    /// `GET /greet/{first}/{last}`: two path parameters.
+    async fn greet_full(self: Arc<Self>, req: Request) -> Response {
+        let first = req.param("first").unwrap_or_default();
+        let last = req.param("last").unwrap_or_default();
+        Response::text(format!("{}, {first} {last}!\n", self.greeting))
+    }
+
+    /// `GET /plain`: the cheapest answer there is, a static body (no allocation).
+    async fn plain(self: Arc<Self>, _req: Request) -> Response {
+        Response::text("Hello, world!\n")
+    }
+
+    /// `GET /bytes/{n}`: `n` bytes of `x` (at most 1 MiB).
+    async fn bytes(self: Arc<Self>, req: Request) -> Result<Response, Error> {
+        let n: usize = req
+            .param("n")
+            .and_then(|n| n.parse().ok())
+            .filter(|n| *n <= 1 << 20)
+            .ok_or_else(|| Error::bad_request("n must be a number of bytes up to 1048576"))?;
+        Ok(Response::new(200)
+            .with_header("content-type", "application/octet-stream")
+            .with_body(vec![b'x'; n]))
+    }
+
+    /// `POST /echo-raw`: the request body back, untouched and not copied.
+    async fn echo_raw(self: Arc<Self>, mut req: Request) -> Response {
+        Response::new(200)
+            .with_header("content-type", "application/octet-stream")
+            .with_body(req.take_body())
     }
 
     /// `POST /echo` with a JSON body: sends it back with some request details.

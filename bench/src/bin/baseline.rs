@@ -1,0 +1,100 @@
+//! `baseline`: bare hyper answering the same bytes as the host's `hello` plugin, with the
+//! same hyper and tokio versions and connection settings, but no domain routing, no route
+//! table and no plugin. It is what `cargo xtask bench` compares the host with.
+//!
+//! Usage: `baseline [--listen ADDR]` (default 127.0.0.1:7778; port 0 picks one). It
+//! prints `listening on http://ADDR` on stderr once ready.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TEXT: &str = "text/plain; charset=utf-8";
+const BINARY: &str = "application/octet-stream";
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut listen: SocketAddr = "127.0.0.1:7778".parse().expect("valid");
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--listen", Some(addr)) => listen = addr.parse().expect("--listen takes IP:port"),
+            _ => {
+                eprintln!("usage: baseline [--listen ADDR]");
+                std::process::exit(2);
+            }
+        }
+    }
+    // The same runtime as the host: multi-threaded, one worker per core.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(serve(listen));
+}
+
+async fn serve(listen: SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    eprintln!("listening on http://{}", listener.local_addr().expect("addr"));
+    loop {
+        let Ok((stream, _peer)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_headers(100);
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(answer));
+            let _ = conn.await;
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let (content_type, body) = match (&parts.method, segments.as_slice()) {
+        (&Method::GET, ["plain"]) => (TEXT, Bytes::from_static(b"Hello, world!\n")),
+        (&Method::GET, ["greet", first, last]) => (TEXT, Bytes::from(format!("Hello, {first} {last}!\n"))),
+        (&Method::GET, ["bytes", n]) => match n.parse::<usize>() {
+            Ok(n) if n <= 1 << 20 => (BINARY, Bytes::from(vec![b'x'; n])),
+            _ => return Ok(status(StatusCode::BAD_REQUEST)),
+        },
+        (&Method::POST, ["echo-raw"]) => match Limited::new(body, 1 << 20).collect().await {
+            Ok(collected) => (BINARY, collected.to_bytes()),
+            Err(_) => return Ok(status(StatusCode::PAYLOAD_TOO_LARGE)),
+        },
+        _ => return Ok(status(StatusCode::NOT_FOUND)),
+    };
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(X_REQUEST_ID.clone(), request_id());
+    Ok(response)
+}
+
+fn status(code: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = code;
+    response
+}
+
+/// A 16-hex-digit id, as the host sends.
+fn request_id() -> HeaderValue {
+    static NEXT: AtomicU64 = AtomicU64::new(0x5eed);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    HeaderValue::from_str(&format!("{n:016x}")).expect("hex is a valid header value")
+}

@@ -1,0 +1,520 @@
+//! `cargo xtask bench`: the host side by side with bare hyper (the `baseline` binary) and,
+//! when installed, nginx.
+//!
+//! Each target runs pinned to core 0 and the load generator to core 1, so the figure that
+//! tells is the server's CPU time per request (from /proc, summed over its threads), not
+//! only requests/s (at full rate the generator, not the server, is the bottleneck).
+//! Targets run interleaved (A, B, A, B...) for several rounds; the report gives medians
+//! with min-max, and host/baseline ratios.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{cargo, root};
+
+struct Settings {
+    rounds: usize,
+    duration: u64,
+    rate: u64,
+    connections: Vec<u32>,
+    quick: bool,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let num = |name: &str, default: u64| -> u64 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1)?.parse().ok())
+            .unwrap_or(default)
+    };
+    let settings = Settings {
+        rounds: num("--rounds", 3) as usize,
+        duration: num("--duration", if quick { 1 } else { 5 }),
+        rate: num("--rate", 20_000),
+        connections: if quick { vec![64] } else { vec![64, 256] },
+        quick,
+    };
+    let wrk = tool("wrk").context("wrk is needed: apt-get install -y wrk")?;
+    let oha = tool("oha").context("oha is needed: cargo install oha --locked")?;
+    let nginx = tool("nginx");
+    let taskset = tool("taskset");
+    if taskset.is_none() {
+        println!("note: taskset not found (apt-get install -y util-linux); server and load generator share cores");
+    }
+
+    let root = root();
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    println!("building host, baseline and the hello plugin (release)...");
+    for (what, args) in [("host", vec!["-p", "host"]), ("baseline", vec!["-p", "bench", "--bin", "baseline"]), ("plugins", vec!["-p", "hello", "-p", "notes"])] {
+        let status = cargo().arg("build").arg("--release").args(&args).current_dir(&root).status()?;
+        anyhow::ensure!(status.success(), "building {what} failed");
+    }
+    let release = root.join("target/release");
+    let lib = |name: &str| release.join(format!("lib{name}{}", std::env::consts::DLL_SUFFIX));
+
+    // Start-up and idle memory, with the shipped example plugins.
+    let examples = out.join("examples");
+    prepare(&examples, &std::fs::read_to_string(root.join("servers.config.json"))?, &[(lib("hello"), "hello"), (lib("notes"), "notes")])?;
+    let (startup_ms, idle_rss_kib) = startup(&release.join("host"), &examples, if quick { 3 } else { 7 })?;
+
+    // The targets.
+    let one = out.join("host-1-domain");
+    prepare(&one, &config_with_domains(1), &[(lib("hello"), "hello")])?;
+    let many = out.join("host-10k-domains");
+    prepare(&many, &config_with_domains(10_000), &[(lib("hello"), "hello")])?;
+    let pin = |cmd: &Path, core: u32| -> Command {
+        match &taskset {
+            Some(t) => {
+                let mut c = Command::new(t);
+                c.arg("-c").arg(core.to_string()).arg(cmd);
+                c
+            }
+            None => Command::new(cmd),
+        }
+    };
+    let mut targets = vec![
+        Target::start("baseline", "hello.localhost", pin(&release.join("baseline"), 0).args(["--listen", "127.0.0.1:0"]))?,
+        Target::start("host", "hello.localhost", host_cmd(&mut pin(&release.join("host"), 0), &one))?,
+        Target::start("host-10k", "d4242.bench.localhost", host_cmd(&mut pin(&release.join("host"), 0), &many))?,
+    ];
+    if let Some(nginx) = &nginx {
+        let dir = out.join("nginx");
+        let port = free_port()?;
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("nginx.conf"), nginx_config(&dir, port))?;
+        let mut cmd = pin(nginx, 0);
+        cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir);
+        targets.push(Target::start_at("nginx", "d42.bench.localhost", &mut cmd, port)?);
+    } else {
+        println!("note: nginx not installed (apt-get install -y nginx); it is left out");
+    }
+
+    let echo_body = out.join("echo-64k.bin");
+    std::fs::write(&echo_body, vec![b'x'; 64 * 1024])?;
+    let wrk_post = out.join("post-64k.lua");
+    std::fs::write(&wrk_post, "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", 65536)\n")?;
+    let cases = [
+        Case { name: "hello", path: "/plain", post: false, targets: &["baseline", "host", "host-10k", "nginx"] },
+        Case { name: "two path parameters", path: "/greet/ada/lovelace", post: false, targets: &["baseline", "host"] },
+        Case { name: "16 KiB response", path: "/bytes/16384", post: false, targets: &["baseline", "host"] },
+        Case { name: "64 KiB POST echoed", path: "/echo-raw", post: true, targets: &["baseline", "host"] },
+    ];
+
+    let load = Load { wrk: &wrk, oha: &oha, taskset: taskset.as_deref(), echo_body: &echo_body, wrk_post: &wrk_post };
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1));
+    let mut results = Vec::new();
+    for case in cases.iter().filter(|c| only.is_none_or(|o| c.name.contains(o.as_str()))) {
+        let names: Vec<&str> = case.targets.iter().copied().filter(|n| targets.iter().any(|t| t.name == *n)).collect();
+        println!("case {:?}: {} rounds of {} ({} s per run)", case.name, settings.rounds, names.join(", "), settings.duration);
+        let mut runs: Vec<Value> = Vec::new();
+        for round in 0..settings.rounds {
+            for name in &names {
+                let target = targets.iter().find(|t| t.name == *name).expect("listed");
+                for &c in &settings.connections {
+                    let r = load.wrk(target, case, c, settings.duration)?;
+                    runs.push(json!({"target": name, "round": round, "mode": format!("wrk c={c}"), "result": r}));
+                }
+                let r = load.oha(target, case, 64, settings.rate, settings.duration)?;
+                runs.push(json!({"target": name, "round": round, "mode": format!("oha {} req/s c=64", settings.rate), "result": r}));
+            }
+        }
+        results.push(json!({"case": case.name, "path": case.path, "runs": runs}));
+    }
+    for t in &mut targets {
+        t.stop();
+    }
+
+    let report = json!({
+        "settings": {"rounds": settings.rounds, "duration_s": settings.duration, "rate": settings.rate,
+                     "connections": settings.connections, "quick": settings.quick, "pinned": taskset.is_some()},
+        "startup_ms": startup_ms,
+        "idle_rss_kib": idle_rss_kib,
+        "cases": results,
+    });
+    std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&report)?)?;
+    print_report(&report, &settings);
+    println!("\nraw figures: {}", out.join("bench.json").display());
+    Ok(())
+}
+
+struct Case {
+    name: &'static str,
+    path: &'static str,
+    post: bool,
+    targets: &'static [&'static str],
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    let home_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin").join(name));
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .chain(home_bin)
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A folder with a config and a plugins/ folder holding `libs` as `<name>.so`.
+fn prepare(dir: &Path, config: &str, libs: &[(PathBuf, &str)]) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("plugins"))?;
+    std::fs::write(dir.join("servers.config.json"), config)?;
+    for (lib, name) in libs {
+        std::fs::copy(lib, dir.join("plugins").join(format!("{name}{}", std::env::consts::DLL_SUFFIX)))
+            .with_context(|| format!("copying {}", lib.display()))?;
+    }
+    Ok(())
+}
+
+/// `hello` on hello.localhost, plus (for n > 1) 100 servers sharing n domains
+/// `d<i>.bench.localhost` in all.
+fn config_with_domains(n: usize) -> String {
+    let mut servers = vec![json!({"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"})];
+    if n > 1 {
+        let per = n / 100;
+        for s in 0..100 {
+            let domains: Vec<String> = (s * per..(s + 1) * per).map(|i| format!("d{i}.bench.localhost")).collect();
+            servers.push(json!({"name": format!("s{s}"), "domains": domains, "plugin": "hello"}));
+        }
+    }
+    json!({"global": {"reload": {"watch": false}}, "servers": servers}).to_string()
+}
+
+fn nginx_config(dir: &Path, port: u16) -> String {
+    let mut servers = String::new();
+    for i in 0..100 {
+        servers.push_str(&format!(
+            "  server {{ listen 127.0.0.1:{port}; server_name d{i}.bench.localhost; \
+             location / {{ default_type \"text/plain; charset=utf-8\"; return 200 \"Hello, world!\\n\"; }} }}\n"
+        ));
+    }
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  keepalive_requests 100000000;\n{servers}}}\n"
+    )
+}
+
+fn host_cmd<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command {
+    cmd.arg("--config")
+        .arg(dir.join("servers.config.json"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn,host::serve=info")
+}
+
+/// Median time from spawning the host to its first served request, and its resident
+/// memory once idle.
+fn startup(host: &Path, dir: &Path, times: usize) -> Result<(f64, u64)> {
+    let mut samples = Vec::new();
+    let mut rss = 0;
+    for _ in 0..times {
+        let port = free_port()?;
+        let started = Instant::now();
+        let mut child = Command::new(host)
+            .arg("--config")
+            .arg(dir.join("servers.config.json"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        loop {
+            if let Ok(status) = http_get(addr, "hello.localhost", "/plain") {
+                if status == 200 {
+                    break;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                bail!("the host did not answer within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(500));
+        rss = proc_status(child.id(), "VmRSS:");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok((samples[samples.len() / 2], rss))
+}
+
+fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(100))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0))
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time the process has spent, in nanoseconds, summed over its threads.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A server under test. For nginx, the CPU of every process in its group counts.
+struct Target {
+    name: &'static str,
+    domain: &'static str,
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Target {
+    fn start(name: &'static str, domain: &'static str, cmd: &mut Command) -> Result<Target> {
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {name}"))?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let (Some(addr), Some(tx)) = (line.split("listening on http://").nth(1), tx.as_ref()) {
+                    let _ = tx.send(addr.trim().to_owned());
+                    let _ = tx;
+                }
+                if line.contains("listening on") {
+                    tx = None;
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).with_context(|| format!("{name} did not start"))?.parse()?;
+        Ok(Target { name, domain, addr, child })
+    }
+
+    fn start_at(name: &'static str, domain: &'static str, cmd: &mut Command, port: u16) -> Result<Target> {
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().with_context(|| format!("starting {name}"))?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_get(addr, domain, "/").is_err() {
+            if Instant::now() > deadline {
+                bail!("{name} did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Target { name, domain, addr, child })
+    }
+
+    /// CPU nanoseconds of the target (nginx: master and workers, found by parent pid).
+    fn cpu_ns(&self) -> u64 {
+        let pid = self.child.id();
+        let mut total = cpu_ns(pid);
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.filter_map(Result::ok) {
+                let Some(child) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+                let ppid = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse::<u32>().ok());
+                if ppid == Some(pid) {
+                    total += cpu_ns(child);
+                }
+            }
+        }
+        total
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+struct Load<'a> {
+    wrk: &'a Path,
+    oha: &'a Path,
+    taskset: Option<&'a Path>,
+    echo_body: &'a Path,
+    wrk_post: &'a Path,
+}
+
+impl Load<'_> {
+    fn command(&self, tool: &Path) -> Command {
+        match self.taskset {
+            Some(t) => {
+                let mut c = Command::new(t);
+                c.arg("-c").arg("1").arg(tool);
+                c
+            }
+            None => Command::new(tool),
+        }
+    }
+
+    /// Maximum rate: requests/s, latency p50/p99 (ms) and server CPU per request (us).
+    fn wrk(&self, target: &Target, case: &Case, connections: u32, seconds: u64) -> Result<Value> {
+        let mut cmd = self.command(self.wrk);
+        cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+            .args(["-H", &format!("Host: {}", target.domain)]);
+        if case.post {
+            cmd.arg("-s").arg(self.wrk_post);
+        }
+        cmd.arg(format!("http://{}{}", target.addr, case.path));
+        let before = target.cpu_ns();
+        let out = cmd.output().context("running wrk")?;
+        let cpu = target.cpu_ns() - before;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let requests: f64 = text
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("wrk output without a request count:\n{text}"))?;
+        let rps: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors")).map(str::trim).unwrap_or("");
+        let pct = |p: &str| -> f64 {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(p))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map_or(f64::NAN, wrk_duration_ms)
+        };
+        Ok(json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"), "requests": requests,
+                  "cpu_us_per_request": cpu as f64 / 1000.0 / requests.max(1.0), "errors": errors}))
+    }
+
+    /// Fixed rate: server CPU per request (us) is the figure that tells.
+    fn oha(&self, target: &Target, case: &Case, connections: u32, rate: u64, seconds: u64) -> Result<Value> {
+        let mut cmd = self.command(self.oha);
+        cmd.args(["-z", &format!("{seconds}s"), "-q", &rate.to_string(), "-c", &connections.to_string()])
+            .args(["--no-tui", "--output-format", "json"])
+            .args(["-H", &format!("Host: {}", target.domain)]);
+        if case.post {
+            cmd.args(["-m", "POST", "-D"]).arg(self.echo_body);
+        }
+        cmd.arg(format!("http://{}{}", target.addr, case.path));
+        let before = target.cpu_ns();
+        let out = cmd.output().context("running oha")?;
+        let cpu = target.cpu_ns() - before;
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("oha output is not JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let ok = report["statusCodeDistribution"]["200"].as_f64().unwrap_or(0.0);
+        let all: f64 = report["statusCodeDistribution"].as_object().map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+        let errors: f64 = report["errorDistribution"].as_object().map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+        let p = |k: &str| report["latencyPercentiles"][k].as_f64().map_or(f64::NAN, |s| s * 1000.0);
+        Ok(json!({"rps": report["summary"]["requestsPerSec"], "p50_ms": p("p50"), "p99_ms": p("p99"),
+                  "requests": all, "non_200": all - ok, "errors": errors,
+                  "cpu_us_per_request": cpu as f64 / 1000.0 / all.max(1.0)}))
+    }
+}
+
+fn wrk_duration_ms(v: &str) -> f64 {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// median, min, max of one field over the runs of (target, mode).
+fn stats(runs: &[Value], target: &str, mode: &str, field: &str) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["target"] == target && r["mode"] == mode)
+        .filter_map(|r| r["result"][field].as_f64())
+        .filter(|x| x.is_finite())
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+}
+
+fn print_report(report: &Value, settings: &Settings) {
+    println!("\n## Benchmarks{}\n", if settings.quick { " (quick)" } else { "" });
+    println!(
+        "{} rounds, interleaved, {} s per run; server pinned to core 0, load generator to core 1: {}.",
+        settings.rounds, settings.duration, report["settings"]["pinned"]
+    );
+    println!("Figures are medians (min-max). CPU/req is the server's CPU time per request.\n");
+    println!("Start-up to first served request (example plugins): {:.1} ms; idle resident memory: {:.1} MiB\n",
+        report["startup_ms"].as_f64().unwrap_or(f64::NAN), report["idle_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0);
+    let fmt = |s: Option<(f64, f64, f64)>, digits: usize| match s {
+        Some((m, lo, hi)) => format!("{m:.digits$} ({lo:.digits$}-{hi:.digits$})"),
+        None => "-".to_owned(),
+    };
+    for case in report["cases"].as_array().into_iter().flatten() {
+        let runs = case["runs"].as_array().cloned().unwrap_or_default();
+        println!("### {} (`{}`)\n", case["case"].as_str().unwrap_or(""), case["path"].as_str().unwrap_or(""));
+        println!("| target | load | req/s | p50 ms | p99 ms | CPU/req us | CPU/req vs baseline | req/s vs baseline |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let mut modes: Vec<String> = runs.iter().filter_map(|r| r["mode"].as_str().map(str::to_owned)).collect();
+        modes.dedup();
+        modes.sort();
+        modes.dedup();
+        let mut targets: Vec<String> = Vec::new();
+        for r in &runs {
+            let t = r["target"].as_str().unwrap_or("").to_owned();
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+        for mode in &modes {
+            let base_cpu = stats(&runs, "baseline", mode, "cpu_us_per_request").map(|s| s.0);
+            let base_rps = stats(&runs, "baseline", mode, "rps").map(|s| s.0);
+            for t in &targets {
+                let cpu = stats(&runs, t, mode, "cpu_us_per_request");
+                let rps = stats(&runs, t, mode, "rps");
+                let ratio = |a: Option<(f64, f64, f64)>, b: Option<f64>| match (a, b) {
+                    (Some((a, _, _)), Some(b)) if b > 0.0 => format!("{:.3}x", a / b),
+                    _ => "-".to_owned(),
+                };
+                println!(
+                    "| {t} | {mode} | {} | {} | {} | {} | {} | {} |",
+                    fmt(rps, 0),
+                    fmt(stats(&runs, t, mode, "p50_ms"), 3),
+                    fmt(stats(&runs, t, mode, "p99_ms"), 3),
+                    fmt(cpu, 2),
+                    ratio(cpu, base_cpu),
+                    ratio(rps, base_rps),
+                );
+            }
+        }
+        println!();
+    }
+}
