@@ -22,10 +22,16 @@ use host::routes::{RouteMatch, RouteTable};
 fn table(n: usize, wildcards: usize) -> DomainTable<usize> {
     let mut t = DomainTable::default();
     for i in 0..n {
-        t.insert(&DomainPattern::parse(&format!("d{i}.bench.localhost")).unwrap(), i);
+        t.insert(
+            &DomainPattern::parse(&format!("d{i}.bench.localhost")).unwrap(),
+            i,
+        );
     }
     for i in 0..wildcards {
-        t.insert(&DomainPattern::parse(&format!("*.w{i}.example.com")).unwrap(), i);
+        t.insert(
+            &DomainPattern::parse(&format!("*.w{i}.example.com")).unwrap(),
+            i,
+        );
     }
     t
 }
@@ -33,15 +39,21 @@ fn table(n: usize, wildcards: usize) -> DomainTable<usize> {
 fn domains(c: &mut Criterion) {
     let one = table(1, 0);
     let many = table(10_000, 100);
-    c.bench_function("domain lookup, 1 domain, exact", |b| b.iter(|| one.lookup(black_box("d0.bench.localhost"))));
+    c.bench_function("domain lookup, 1 domain, exact", |b| {
+        b.iter(|| one.lookup(black_box("d0.bench.localhost")))
+    });
     c.bench_function("domain lookup, 10k domains, exact", |b| {
         b.iter(|| many.lookup(black_box("d4242.bench.localhost")))
     });
     c.bench_function("domain lookup, 10k domains, wildcard", |b| {
         b.iter(|| many.lookup(black_box("api.v2.w42.example.com")))
     });
-    c.bench_function("domain lookup, 10k domains, miss", |b| b.iter(|| many.lookup(black_box("nobody.example.org"))));
-    c.bench_function("normalize Host header", |b| b.iter(|| normalize_host(black_box("hello.localhost:7777"))));
+    c.bench_function("domain lookup, 10k domains, miss", |b| {
+        b.iter(|| many.lookup(black_box("nobody.example.org")))
+    });
+    c.bench_function("normalize Host header", |b| {
+        b.iter(|| normalize_host(black_box("hello.localhost:7777")))
+    });
 }
 
 fn routes(c: &mut Criterion) {
@@ -60,10 +72,20 @@ fn routes(c: &mut Criterion) {
     )
     .unwrap();
     c.bench_function("route match, static path", |b| {
-        b.iter(|| matches!(routes.find(black_box("GET"), black_box("/plain")), RouteMatch::Found { .. }))
+        b.iter(|| {
+            matches!(
+                routes.find(black_box("GET"), black_box("/plain")),
+                RouteMatch::Found { .. }
+            )
+        })
     });
     c.bench_function("route match, two parameters", |b| {
-        b.iter(|| matches!(routes.find(black_box("GET"), black_box("/greet/ada/lovelace")), RouteMatch::Found { .. }))
+        b.iter(|| {
+            matches!(
+                routes.find(black_box("GET"), black_box("/greet/ada/lovelace")),
+                RouteMatch::Found { .. }
+            )
+        })
     });
 }
 
@@ -93,8 +115,13 @@ fn ready<F: Future>(f: F) -> F::Output {
 /// What an in-process framework does for the same handler: a boxed handler behind
 /// dynamic dispatch returns a boxed future, which builds a response with one header and
 /// a static body.
-type InProcessHandler =
-    Box<dyn Fn(&hyper::http::request::Parts) -> std::pin::Pin<Box<dyn Future<Output = InProcessResponse> + Send>> + Send + Sync>;
+type InProcessHandler = Box<
+    dyn Fn(
+            &hyper::http::request::Parts,
+        ) -> std::pin::Pin<Box<dyn Future<Output = InProcessResponse> + Send>>
+        + Send
+        + Sync,
+>;
 
 struct InProcessResponse {
     status: u16,
@@ -130,20 +157,34 @@ fn plugin_call(c: &mut Criterion) {
         panic!("hello has /plain")
     };
 
-    c.bench_function("plugin call round trip (hello /plain, across the boundary)", |b| {
-        b.iter(|| {
-            let request = host::http::ffi_request(&parts, "hello.localhost", client, "0123456789abcdef", &params, route, Bytes::new());
-            let response = ready(instance.handle(request));
-            black_box(response.unwrap().body.len())
-        })
-    });
+    c.bench_function(
+        "plugin call round trip (hello /plain, across the boundary)",
+        |b| {
+            b.iter(|| {
+                let request = host::http::ffi_request(
+                    &parts,
+                    "hello.localhost",
+                    client,
+                    "0123456789abcdef",
+                    &params,
+                    route,
+                    Bytes::new(),
+                );
+                let response = ready(instance.handle(request));
+                black_box(response.unwrap().body.len())
+            })
+        },
+    );
     let direct = plain_in_process();
-    c.bench_function("direct in-process call (same handler, boxed like a framework)", |b| {
-        b.iter(|| {
-            let response = ready(direct(black_box(&parts)));
-            black_box((response.status, response.headers.len(), response.body.len()))
-        })
-    });
+    c.bench_function(
+        "direct in-process call (same handler, boxed like a framework)",
+        |b| {
+            b.iter(|| {
+                let response = ready(direct(black_box(&parts)));
+                black_box((response.status, response.headers.len(), response.body.len()))
+            })
+        },
+    );
     let _ = std::fs::remove_dir_all(copies);
 }
 

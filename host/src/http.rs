@@ -37,8 +37,13 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let request_id = RequestId::next();
     // What the debug line needs is gathered only when it will be written.
-    let debug = tracing::enabled!(tracing::Level::DEBUG)
-        .then(|| (Instant::now(), req.method().clone(), req.uri().path().to_owned()));
+    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        (
+            Instant::now(),
+            req.method().clone(),
+            req.uri().path().to_owned(),
+        )
+    });
     let (mut response, server) = route(servers, req, client, request_id.as_str()).await;
     if let Ok(id) = HeaderValue::from_bytes(&request_id.0) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), id);
@@ -389,7 +394,10 @@ fn into_http(
         headers.insert(CONTENT_LENGTH, HeaderValue::from(response.body.len()));
         return Ok(builder.body(Full::new(Bytes::new())).expect("valid parts"));
     }
-    let body = if response.body.is_empty() {
+    let body = if let Some(bytes) = response.body.as_static() {
+        // A plugin's static data stays mapped for the life of the process.
+        Bytes::from_static(bytes)
+    } else if response.body.is_empty() {
         Bytes::new()
     } else {
         Bytes::from_owner(PluginBody {

@@ -197,7 +197,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.generation.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Only a retired generation has anyone waiting (see `enter` for why SeqCst on
+        // both sides makes this check race-free).
+        if self.generation.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.generation.retired.load(Ordering::SeqCst)
+        {
             self.generation.idle.notify_waiters();
         }
     }

@@ -138,6 +138,17 @@ impl FfiBytes {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The bytes, if they live for the whole program (made by [`FfiBytes::from_static`]):
+    /// nothing owns them, so they can be used without keeping this value.
+    pub fn as_static(&self) -> Option<&'static [u8]> {
+        // SAFETY: a null owner means `from_static` or `empty` made this value, from a
+        // `&'static [u8]`. (A plugin library stays mapped for the life of the process, so
+        // its statics are `'static` for the host too.)
+        self.owner
+            .is_null()
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr, self.len) })
+    }
 }
 
 impl AsRef<[u8]> for FfiBytes {

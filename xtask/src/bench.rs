@@ -53,8 +53,17 @@ pub fn run(args: &[String]) -> Result<()> {
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
     println!("building host, baseline and the hello plugin (release)...");
-    for (what, args) in [("host", vec!["-p", "host"]), ("baseline", vec!["-p", "bench", "--bin", "baseline"]), ("plugins", vec!["-p", "hello", "-p", "notes"])] {
-        let status = cargo().arg("build").arg("--release").args(&args).current_dir(&root).status()?;
+    for (what, args) in [
+        ("host", vec!["-p", "host"]),
+        ("baseline", vec!["-p", "bench", "--bin", "baseline"]),
+        ("plugins", vec!["-p", "hello", "-p", "notes"]),
+    ] {
+        let status = cargo()
+            .arg("build")
+            .arg("--release")
+            .args(&args)
+            .current_dir(&root)
+            .status()?;
         anyhow::ensure!(status.success(), "building {what} failed");
     }
     let release = root.join("target/release");
@@ -62,14 +71,23 @@ pub fn run(args: &[String]) -> Result<()> {
 
     // Start-up and idle memory, with the shipped example plugins.
     let examples = out.join("examples");
-    prepare(&examples, &std::fs::read_to_string(root.join("servers.config.json"))?, &[(lib("hello"), "hello"), (lib("notes"), "notes")])?;
-    let (startup_ms, idle_rss_kib) = startup(&release.join("host"), &examples, if quick { 3 } else { 7 })?;
+    prepare(
+        &examples,
+        &std::fs::read_to_string(root.join("servers.config.json"))?,
+        &[(lib("hello"), "hello"), (lib("notes"), "notes")],
+    )?;
+    let (startup_ms, idle_rss_kib) =
+        startup(&release.join("host"), &examples, if quick { 3 } else { 7 })?;
 
     // The targets.
     let one = out.join("host-1-domain");
     prepare(&one, &config_with_domains(1), &[(lib("hello"), "hello")])?;
     let many = out.join("host-10k-domains");
-    prepare(&many, &config_with_domains(10_000), &[(lib("hello"), "hello")])?;
+    prepare(
+        &many,
+        &config_with_domains(10_000),
+        &[(lib("hello"), "hello")],
+    )?;
     let pin = |cmd: &Path, core: u32| -> Command {
         match &taskset {
             Some(t) => {
@@ -81,9 +99,21 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     };
     let mut targets = vec![
-        Target::start("baseline", "hello.localhost", pin(&release.join("baseline"), 0).args(["--listen", "127.0.0.1:0"]))?,
-        Target::start("host", "hello.localhost", host_cmd(&mut pin(&release.join("host"), 0), &one))?,
-        Target::start("host-10k", "d4242.bench.localhost", host_cmd(&mut pin(&release.join("host"), 0), &many))?,
+        Target::start(
+            "baseline",
+            "hello.localhost",
+            pin(&release.join("baseline"), 0).args(["--listen", "127.0.0.1:0"]),
+        )?,
+        Target::start(
+            "host",
+            "hello.localhost",
+            host_cmd(&mut pin(&release.join("host"), 0), &one),
+        )?,
+        Target::start(
+            "host-10k",
+            "d4242.bench.localhost",
+            host_cmd(&mut pin(&release.join("host"), 0), &many),
+        )?,
     ];
     if let Some(nginx) = &nginx {
         let dir = out.join("nginx");
@@ -91,8 +121,16 @@ pub fn run(args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("nginx.conf"), nginx_config(&dir, port))?;
         let mut cmd = pin(nginx, 0);
-        cmd.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir);
-        targets.push(Target::start_at("nginx", "d42.bench.localhost", &mut cmd, port)?);
+        cmd.arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir);
+        targets.push(Target::start_at(
+            "nginx",
+            "d42.bench.localhost",
+            &mut cmd,
+            port,
+        )?);
     } else {
         println!("note: nginx not installed (apt-get install -y nginx); it is left out");
     }
@@ -100,20 +138,66 @@ pub fn run(args: &[String]) -> Result<()> {
     let echo_body = out.join("echo-64k.bin");
     std::fs::write(&echo_body, vec![b'x'; 64 * 1024])?;
     let wrk_post = out.join("post-64k.lua");
-    std::fs::write(&wrk_post, "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", 65536)\n")?;
+    std::fs::write(
+        &wrk_post,
+        "wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", 65536)\n",
+    )?;
     let cases = [
-        Case { name: "hello", path: "/plain", post: false, targets: &["baseline", "host", "host-10k", "nginx"] },
-        Case { name: "two path parameters", path: "/greet/ada/lovelace", post: false, targets: &["baseline", "host"] },
-        Case { name: "16 KiB response", path: "/bytes/16384", post: false, targets: &["baseline", "host"] },
-        Case { name: "64 KiB POST echoed", path: "/echo-raw", post: true, targets: &["baseline", "host"] },
+        Case {
+            name: "hello",
+            path: "/plain",
+            post: false,
+            targets: &["baseline", "host", "host-10k", "nginx"],
+        },
+        Case {
+            name: "two path parameters",
+            path: "/greet/ada/lovelace",
+            post: false,
+            targets: &["baseline", "host"],
+        },
+        Case {
+            name: "16 KiB response",
+            path: "/bytes/16384",
+            post: false,
+            targets: &["baseline", "host"],
+        },
+        Case {
+            name: "64 KiB POST echoed",
+            path: "/echo-raw",
+            post: true,
+            targets: &["baseline", "host"],
+        },
     ];
 
-    let load = Load { wrk: &wrk, oha: &oha, taskset: taskset.as_deref(), echo_body: &echo_body, wrk_post: &wrk_post };
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1));
+    let load = Load {
+        wrk: &wrk,
+        oha: &oha,
+        taskset: taskset.as_deref(),
+        echo_body: &echo_body,
+        wrk_post: &wrk_post,
+    };
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
     let mut results = Vec::new();
-    for case in cases.iter().filter(|c| only.is_none_or(|o| c.name.contains(o.as_str()))) {
-        let names: Vec<&str> = case.targets.iter().copied().filter(|n| targets.iter().any(|t| t.name == *n)).collect();
-        println!("case {:?}: {} rounds of {} ({} s per run)", case.name, settings.rounds, names.join(", "), settings.duration);
+    for case in cases
+        .iter()
+        .filter(|c| only.is_none_or(|o| c.name.contains(o.as_str())))
+    {
+        let names: Vec<&str> = case
+            .targets
+            .iter()
+            .copied()
+            .filter(|n| targets.iter().any(|t| t.name == *n))
+            .collect();
+        println!(
+            "case {:?}: {} rounds of {} ({} s per run)",
+            case.name,
+            settings.rounds,
+            names.join(", "),
+            settings.duration
+        );
         let mut runs: Vec<Value> = Vec::new();
         for round in 0..settings.rounds {
             for name in &names {
@@ -139,7 +223,10 @@ pub fn run(args: &[String]) -> Result<()> {
         "idle_rss_kib": idle_rss_kib,
         "cases": results,
     });
-    std::fs::write(out.join("bench.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out.join("bench.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     print_report(&report, &settings);
     println!("\nraw figures: {}", out.join("bench.json").display());
     Ok(())
@@ -163,7 +250,9 @@ fn tool(name: &str) -> Option<PathBuf> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A folder with a config and a plugins/ folder holding `libs` as `<name>.so`.
@@ -172,8 +261,12 @@ fn prepare(dir: &Path, config: &str, libs: &[(PathBuf, &str)]) -> Result<()> {
     std::fs::create_dir_all(dir.join("plugins"))?;
     std::fs::write(dir.join("servers.config.json"), config)?;
     for (lib, name) in libs {
-        std::fs::copy(lib, dir.join("plugins").join(format!("{name}{}", std::env::consts::DLL_SUFFIX)))
-            .with_context(|| format!("copying {}", lib.display()))?;
+        std::fs::copy(
+            lib,
+            dir.join("plugins")
+                .join(format!("{name}{}", std::env::consts::DLL_SUFFIX)),
+        )
+        .with_context(|| format!("copying {}", lib.display()))?;
     }
     Ok(())
 }
@@ -181,11 +274,14 @@ fn prepare(dir: &Path, config: &str, libs: &[(PathBuf, &str)]) -> Result<()> {
 /// `hello` on hello.localhost, plus (for n > 1) 100 servers sharing n domains
 /// `d<i>.bench.localhost` in all.
 fn config_with_domains(n: usize) -> String {
-    let mut servers = vec![json!({"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"})];
+    let mut servers =
+        vec![json!({"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"})];
     if n > 1 {
         let per = n / 100;
         for s in 0..100 {
-            let domains: Vec<String> = (s * per..(s + 1) * per).map(|i| format!("d{i}.bench.localhost")).collect();
+            let domains: Vec<String> = (s * per..(s + 1) * per)
+                .map(|i| format!("d{i}.bench.localhost"))
+                .collect();
             servers.push(json!({"name": format!("s{s}"), "domains": domains, "plugin": "hello"}));
         }
     }
@@ -257,7 +353,10 @@ fn startup(host: &Path, dir: &Path, times: usize) -> Result<(f64, u64)> {
 fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(100))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0))
@@ -266,13 +365,22 @@ fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<u16> {
 fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
 /// CPU time the process has spent, in nanoseconds, summed over its threads.
 fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
     tasks
         .filter_map(Result::ok)
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
@@ -290,13 +398,19 @@ struct Target {
 
 impl Target {
     fn start(name: &'static str, domain: &'static str, cmd: &mut Command) -> Result<Target> {
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().with_context(|| format!("starting {name}"))?;
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let (Some(addr), Some(tx)) = (line.split("listening on http://").nth(1), tx.as_ref()) {
+                if let (Some(addr), Some(tx)) =
+                    (line.split("listening on http://").nth(1), tx.as_ref())
+                {
                     let _ = tx.send(addr.trim().to_owned());
                     let _ = tx;
                 }
@@ -305,12 +419,29 @@ impl Target {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).with_context(|| format!("{name} did not start"))?.parse()?;
-        Ok(Target { name, domain, addr, child })
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .with_context(|| format!("{name} did not start"))?
+            .parse()?;
+        Ok(Target {
+            name,
+            domain,
+            addr,
+            child,
+        })
     }
 
-    fn start_at(name: &'static str, domain: &'static str, cmd: &mut Command, port: u16) -> Result<Target> {
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().with_context(|| format!("starting {name}"))?;
+    fn start_at(
+        name: &'static str,
+        domain: &'static str,
+        cmd: &mut Command,
+        port: u16,
+    ) -> Result<Target> {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while http_get(addr, domain, "/").is_err() {
@@ -319,7 +450,12 @@ impl Target {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Target { name, domain, addr, child })
+        Ok(Target {
+            name,
+            domain,
+            addr,
+            child,
+        })
     }
 
     /// CPU nanoseconds of the target (nginx: master and workers, found by parent pid).
@@ -328,10 +464,19 @@ impl Target {
         let mut total = cpu_ns(pid);
         if let Ok(procs) = std::fs::read_dir("/proc") {
             for p in procs.filter_map(Result::ok) {
-                let Some(child) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+                let Some(child) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
                 let ppid = std::fs::read_to_string(format!("/proc/{child}/stat"))
                     .ok()
-                    .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse::<u32>().ok());
+                    .and_then(|s| {
+                        s.rsplit(')')
+                            .next()?
+                            .split_whitespace()
+                            .nth(1)?
+                            .parse::<u32>()
+                            .ok()
+                    });
                 if ppid == Some(pid) {
                     total += cpu_ns(child);
                 }
@@ -341,7 +486,9 @@ impl Target {
     }
 
     fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -382,8 +529,13 @@ impl Load<'_> {
     /// Maximum rate: requests/s, latency p50/p99 (ms) and server CPU per request (us).
     fn wrk(&self, target: &Target, case: &Case, connections: u32, seconds: u64) -> Result<Value> {
         let mut cmd = self.command(self.wrk);
-        cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
-            .args(["-H", &format!("Host: {}", target.domain)]);
+        cmd.args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+        ])
+        .args(["-H", &format!("Host: {}", target.domain)]);
         if case.post {
             cmd.arg("-s").arg(self.wrk_post);
         }
@@ -402,23 +554,43 @@ impl Load<'_> {
             .find_map(|l| l.strip_prefix("Requests/sec:"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0);
-        let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors")).map(str::trim).unwrap_or("");
+        let errors = text
+            .lines()
+            .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+            .map(str::trim)
+            .unwrap_or("");
         let pct = |p: &str| -> f64 {
             text.lines()
                 .find(|l| l.trim_start().starts_with(p))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .map_or(f64::NAN, wrk_duration_ms)
         };
-        Ok(json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"), "requests": requests,
-                  "cpu_us_per_request": cpu as f64 / 1000.0 / requests.max(1.0), "errors": errors}))
+        Ok(
+            json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"), "requests": requests,
+                  "cpu_us_per_request": cpu as f64 / 1000.0 / requests.max(1.0), "errors": errors}),
+        )
     }
 
     /// Fixed rate: server CPU per request (us) is the figure that tells.
-    fn oha(&self, target: &Target, case: &Case, connections: u32, rate: u64, seconds: u64) -> Result<Value> {
+    fn oha(
+        &self,
+        target: &Target,
+        case: &Case,
+        connections: u32,
+        rate: u64,
+        seconds: u64,
+    ) -> Result<Value> {
         let mut cmd = self.command(self.oha);
-        cmd.args(["-z", &format!("{seconds}s"), "-q", &rate.to_string(), "-c", &connections.to_string()])
-            .args(["--no-tui", "--output-format", "json"])
-            .args(["-H", &format!("Host: {}", target.domain)]);
+        cmd.args([
+            "-z",
+            &format!("{seconds}s"),
+            "-q",
+            &rate.to_string(),
+            "-c",
+            &connections.to_string(),
+        ])
+        .args(["--no-tui", "--output-format", "json"])
+        .args(["-H", &format!("Host: {}", target.domain)]);
         if case.post {
             cmd.args(["-m", "POST", "-D"]).arg(self.echo_body);
         }
@@ -426,15 +598,31 @@ impl Load<'_> {
         let before = target.cpu_ns();
         let out = cmd.output().context("running oha")?;
         let cpu = target.cpu_ns() - before;
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("oha output is not JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
-        let ok = report["statusCodeDistribution"]["200"].as_f64().unwrap_or(0.0);
-        let all: f64 = report["statusCodeDistribution"].as_object().map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
-        let errors: f64 = report["errorDistribution"].as_object().map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
-        let p = |k: &str| report["latencyPercentiles"][k].as_f64().map_or(f64::NAN, |s| s * 1000.0);
-        Ok(json!({"rps": report["summary"]["requestsPerSec"], "p50_ms": p("p50"), "p99_ms": p("p99"),
+        let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "oha output is not JSON: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let ok = report["statusCodeDistribution"]["200"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let all: f64 = report["statusCodeDistribution"]
+            .as_object()
+            .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+        let errors: f64 = report["errorDistribution"]
+            .as_object()
+            .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+        let p = |k: &str| {
+            report["latencyPercentiles"][k]
+                .as_f64()
+                .map_or(f64::NAN, |s| s * 1000.0)
+        };
+        Ok(
+            json!({"rps": report["summary"]["requestsPerSec"], "p50_ms": p("p50"), "p99_ms": p("p99"),
                   "requests": all, "non_200": all - ok, "errors": errors,
-                  "cpu_us_per_request": cpu as f64 / 1000.0 / all.max(1.0)}))
+                  "cpu_us_per_request": cpu as f64 / 1000.0 / all.max(1.0)}),
+        )
     }
 }
 
@@ -466,7 +654,10 @@ fn stats(runs: &[Value], target: &str, mode: &str, field: &str) -> Option<(f64, 
 }
 
 fn print_report(report: &Value, settings: &Settings) {
-    println!("\n## Benchmarks{}\n", if settings.quick { " (quick)" } else { "" });
+    println!(
+        "\n## Benchmarks{}\n",
+        if settings.quick { " (quick)" } else { "" }
+    );
     println!(
         "{} rounds, interleaved, {} s per run; server pinned to core 0, load generator to core 1: {}.",
         settings.rounds, settings.duration, report["settings"]["pinned"]
@@ -480,10 +671,17 @@ fn print_report(report: &Value, settings: &Settings) {
     };
     for case in report["cases"].as_array().into_iter().flatten() {
         let runs = case["runs"].as_array().cloned().unwrap_or_default();
-        println!("### {} (`{}`)\n", case["case"].as_str().unwrap_or(""), case["path"].as_str().unwrap_or(""));
+        println!(
+            "### {} (`{}`)\n",
+            case["case"].as_str().unwrap_or(""),
+            case["path"].as_str().unwrap_or("")
+        );
         println!("| target | load | req/s | p50 ms | p99 ms | CPU/req us | CPU/req vs baseline | req/s vs baseline |");
         println!("|---|---|---|---|---|---|---|---|");
-        let mut modes: Vec<String> = runs.iter().filter_map(|r| r["mode"].as_str().map(str::to_owned)).collect();
+        let mut modes: Vec<String> = runs
+            .iter()
+            .filter_map(|r| r["mode"].as_str().map(str::to_owned))
+            .collect();
         modes.dedup();
         modes.sort();
         modes.dedup();

@@ -45,9 +45,14 @@ fn main() {
 
 async fn serve(listen: SocketAddr) {
     let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
-    eprintln!("listening on http://{}", listener.local_addr().expect("addr"));
+    eprintln!(
+        "listening on http://{}",
+        listener.local_addr().expect("addr")
+    );
     loop {
-        let Ok((stream, _peer)) = listener.accept().await else { continue };
+        let Ok((stream, _peer)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -56,7 +61,8 @@ async fn serve(listen: SocketAddr) {
             .header_read_timeout(Duration::from_secs(30))
             .max_headers(100);
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(answer));
+            let conn =
+                builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(answer));
             let _ = conn.await;
         });
     }
@@ -68,7 +74,9 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let (content_type, body) = match (&parts.method, segments.as_slice()) {
         (&Method::GET, ["plain"]) => (TEXT, Bytes::from_static(b"Hello, world!\n")),
-        (&Method::GET, ["greet", first, last]) => (TEXT, Bytes::from(format!("Hello, {first} {last}!\n"))),
+        (&Method::GET, ["greet", first, last]) => {
+            (TEXT, Bytes::from(format!("Hello, {first} {last}!\n")))
+        }
         (&Method::GET, ["bytes", n]) => match n.parse::<usize>() {
             Ok(n) if n <= 1 << 20 => (BINARY, Bytes::from(vec![b'x'; n])),
             _ => return Ok(status(StatusCode::BAD_REQUEST)),
@@ -95,6 +103,8 @@ fn status(code: StatusCode) -> Response<Full<Bytes>> {
 /// A 16-hex-digit id, as the host sends.
 fn request_id() -> HeaderValue {
     static NEXT: AtomicU64 = AtomicU64::new(0x5eed);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let n = NEXT
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     HeaderValue::from_str(&format!("{n:016x}")).expect("hex is a valid header value")
 }
