@@ -324,3 +324,34 @@ fn a_library_still_being_written_is_loaded_once_complete_and_never_half_written(
     }
     host.wait_until("b serves", || body(&host, "v.localhost", "/") == "b x");
 }
+
+#[test]
+fn a_plugin_folder_that_cannot_be_read_leaves_servers_serving() {
+    let host = versioned_host("folder-gone", "a");
+    let dir = host.dir().join("plugins");
+    let aside = host.dir().join("plugins.aside");
+    std::fs::rename(&dir, &aside).unwrap();
+    // Something in the old folder changes; the host looks, cannot read the folder, and
+    // keeps what it has.
+    std::fs::write(aside.join("trigger.so"), b"x").unwrap();
+    host.wait_for_log(&["plugin folder", "looking again shortly"]);
+    assert_eq!(body(&host, "v.localhost", "/"), "a x");
+    std::fs::remove_file(aside.join("trigger.so")).unwrap();
+    std::fs::rename(&aside, &dir).unwrap();
+    assert_eq!(body(&host, "v.localhost", "/"), "a x");
+}
+
+#[test]
+fn a_file_named_after_the_plugin_wins_over_a_backup_copy() {
+    let config =
+        r#"{"servers": [{"name": "notes", "domains": ["notes.localhost"], "plugin": "notes"}]}"#;
+    let mut backup = std::fs::read(library("notes")).unwrap();
+    backup.extend_from_slice(b"an older build kept as a backup");
+    // "notes.bak.so" sorts before "notes.so" and also holds a plugin named "notes".
+    let host = Setup::new("backup-copy", config)
+        .file("notes.bak.so", &backup)
+        .plugin("notes", "notes.so")
+        .start();
+    let line = host.wait_for_log(&["serving", "server=notes"]);
+    assert!(line.contains("plugins/notes.so"), "{line}");
+}

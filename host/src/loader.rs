@@ -216,9 +216,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Makes a new folder for private copies that only this user can enter, under
-/// `$XDG_RUNTIME_DIR` if set, else the temporary folder. Never reuses an existing one.
+/// `$PLUGIN_HOST_COPIES_DIR` if set, else the temporary folder. Never reuses an existing
+/// one. (Not `$XDG_RUNTIME_DIR`: it is usually a tmpfs, where every unlinked but still
+/// mapped copy would keep all of its pages in memory.)
 pub fn private_copies_dir() -> std::io::Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
+    let base = std::env::var_os("PLUGIN_HOST_COPIES_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);

@@ -154,14 +154,16 @@ async fn run(
     if !drained {
         tracing::warn!("some requests were still running at the shutdown deadline");
     }
-    servers.shutdown_all();
+    // No more file events; then every generation's hook, each with a deadline.
+    drop(_watch);
+    servers.shutdown_all(config.global.reload.init_timeout);
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
 fn check(config: &Config, config_path: &std::path::Path, plugin_dir: PathBuf) -> ExitCode {
     let (servers, report) = Microservers::start(config, plugin_dir);
-    servers.shutdown_all();
+    servers.shutdown_all(config.global.reload.init_timeout);
     if report.problems.is_empty() {
         let n = servers.routing().servers.len();
         println!(

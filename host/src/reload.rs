@@ -99,11 +99,13 @@ impl ControlLoop {
             }
         }
         let servers = self.servers.clone();
-        let _ = tokio::task::spawn_blocking(move || servers.apply_config(new, since)).await;
-        tracing::info!(
-            took_ms = since.elapsed().as_micros() as f64 / 1000.0,
-            "applied config change from {}",
-            self.config_file.display()
-        );
+        let applied = tokio::task::spawn_blocking(move || servers.apply_config(new, since)).await;
+        if let Ok(Some(_)) = applied {
+            tracing::info!(
+                took_ms = since.elapsed().as_micros() as f64 / 1000.0,
+                "applied config change from {}",
+                self.config_file.display()
+            );
+        }
     }
 }

@@ -102,7 +102,9 @@ struct ServerEntry {
 
 /// What the plugin folder holds, as last seen.
 struct FileState {
-    fingerprint: Fingerprint,
+    /// `None` after a failure that says nothing about the file (an I/O error while
+    /// reading or copying it), so the next look tries again.
+    fingerprint: Option<Fingerprint>,
     outcome: Result<Arc<PluginLibrary>, LoadError>,
 }
 
@@ -130,6 +132,8 @@ impl Fingerprint {
 }
 
 struct Control {
+    /// Set by `shutdown_all`: no change is applied after it.
+    stopping: bool,
     config: Config,
     plugin_dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
@@ -167,11 +171,22 @@ fn with_deadline<T: Send + 'static>(
     limit: Duration,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
+    with_deadline_or(limit, f, drop)
+}
+
+/// Like [`with_deadline`]; `late` gets the result of a call that overran.
+fn with_deadline_or<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+    late: impl FnOnce(T) + Send + 'static,
+) -> Result<T, String> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
-        .name("plugin-init".to_owned())
+        .name("plugin-call".to_owned())
         .spawn(move || {
-            let _ = tx.send(f());
+            if let Err(std::sync::mpsc::SendError(value)) = tx.send(f()) {
+                late(value);
+            }
         })
         .map_err(|e| format!("cannot start a thread for init: {e}"))?;
     rx.recv_timeout(limit)
@@ -275,6 +290,7 @@ impl Microservers {
                 limits: config.global.limits.clone(),
             }),
             control: Mutex::new(Control {
+                stopping: false,
                 config: config.clone(),
                 plugin_dir,
                 files: BTreeMap::new(),
@@ -314,6 +330,9 @@ impl Microservers {
         let timing = Timing::new(since);
         let mut report = Report::default();
         let mut control = self.control();
+        if control.stopping {
+            return report;
+        }
         self.sync_files(&mut control, &mut report);
         self.sync_servers(&mut control, timing, &mut report);
         self.publish(&control);
@@ -323,34 +342,51 @@ impl Microservers {
     /// Applies a new, already validated config: servers and domains added, removed or
     /// moved, servers enabled or disabled, changed plugin configs (a new generation),
     /// new limits. Listen addresses are the caller's business.
-    pub fn apply_config(&self, config: Config, since: Instant) -> Report {
+    pub fn apply_config(&self, config: Config, since: Instant) -> Option<Report> {
         let timing = Timing::new(since);
         let mut report = Report::default();
         let mut control = self.control();
+        if control.stopping || control.config == config {
+            return None;
+        }
         if config.global.plugin_dir != control.config.global.plugin_dir {
             tracing::warn!(
                 "global.plugin_dir changed; restart the host to load plugins from the new folder"
             );
         }
         control.config = config;
+        // A config may name a library that just arrived: look at the folder first.
+        self.sync_files(&mut control, &mut report);
         self.sync_servers(&mut control, timing, &mut report);
         self.publish(&control);
-        report
+        Some(report)
     }
 
     /// Calls the shutdown hook of every generation, serving or draining (the host is
-    /// stopping).
-    pub fn shutdown_all(&self) {
-        for server in &self.routing.load().servers {
-            if let Some(generation) = server.serving() {
-                generation.shutdown();
-                tracing::info!(server = %server.name, generation = generation.number, "shut down");
+    /// stopping). Waits for a change in progress to finish, and applies none after it.
+    /// Each hook gets `deadline`; one that overruns is left behind.
+    pub fn shutdown_all(&self, deadline: Duration) {
+        let mut control = self.control();
+        control.stopping = true;
+        let mut generations: Vec<Arc<Generation>> = control
+            .servers
+            .iter()
+            .filter_map(|e| e.server.serving())
+            .collect();
+        generations.extend(std::mem::take(
+            &mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        for generation in generations {
+            let (server, number) = (generation.server.clone(), generation.number);
+            match with_deadline(deadline, move || generation.shutdown()) {
+                Ok(()) => tracing::info!(%server, generation = number, "shut down"),
+                Err(_) => tracing::warn!(
+                    %server,
+                    generation = number,
+                    "shutdown hook did not finish within {} ms; not waiting for it",
+                    deadline.as_millis()
+                ),
             }
-        }
-        let retiring =
-            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()));
-        for generation in retiring {
-            generation.shutdown();
         }
     }
 
@@ -359,10 +395,13 @@ impl Microservers {
         let files = match scan_plugin_dir(&control.plugin_dir) {
             Ok(files) => files,
             Err(e) => {
+                // Out of file descriptors, or the folder being replaced: what was loaded
+                // stays as it is, and the folder is looked at again shortly.
                 let message = format!("plugin folder {}: {e}", control.plugin_dir.display());
-                tracing::error!("{message}");
+                tracing::error!("{message}; looking again shortly");
                 report.problems.push(message);
-                Vec::new()
+                report.retry = true;
+                return;
             }
         };
         control.files.retain(|path, _| {
@@ -377,7 +416,7 @@ impl Microservers {
                 continue;
             };
             let previous = control.files.get(&path);
-            if previous.is_some_and(|p| p.fingerprint == fingerprint) {
+            if previous.is_some_and(|p| p.fingerprint.as_ref() == Some(&fingerprint)) {
                 continue;
             }
             let outcome = match loader::read(&path) {
@@ -391,7 +430,7 @@ impl Microservers {
                         control.files.insert(
                             path,
                             FileState {
-                                fingerprint,
+                                fingerprint: Some(fingerprint),
                                 outcome,
                             },
                         );
@@ -419,6 +458,17 @@ impl Microservers {
                     report.problems.push(e.to_string());
                 }
             }
+            let transient = matches!(
+                &outcome,
+                Err(LoadError {
+                    reason: LoadFailure::Unreadable(_) | LoadFailure::Other(_),
+                    ..
+                })
+            );
+            if transient {
+                report.retry = true;
+            }
+            let fingerprint = (!transient).then_some(fingerprint);
             control.files.insert(
                 path,
                 FileState {
@@ -432,14 +482,25 @@ impl Microservers {
     /// Which library (or why none) a `plugin` name refers to.
     fn resolve(control: &Control, plugin: &str) -> Resolution {
         let by_stem = |path: &Path| file_stem(path).is_some_and(|s| same_name(&s, plugin));
+        // A file named after the plugin wins over another file that happens to hold a
+        // plugin of that name (such as a backup copy next to it).
         let mut refused = None;
-        for (path, state) in &control.files {
+        for (_, state) in control.files.iter().filter(|(p, _)| by_stem(p)) {
             match &state.outcome {
-                Ok(lib) if by_stem(path) || same_name(&lib.name, plugin) => {
-                    return Resolution::Library(lib.clone())
-                }
-                Err(e) if by_stem(path) => refused = Some(e.clone()),
-                _ => {}
+                Ok(lib) => return Resolution::Library(lib.clone()),
+                Err(e) => refused = Some(e.clone()),
+            }
+        }
+        if refused.is_none() {
+            let by_name = control
+                .files
+                .values()
+                .find_map(|state| match &state.outcome {
+                    Ok(lib) if same_name(&lib.name, plugin) => Some(lib.clone()),
+                    _ => None,
+                });
+            if let Some(lib) = by_name {
+                return Resolution::Library(lib);
             }
         }
         match refused {
@@ -635,11 +696,21 @@ impl Microservers {
             server.name.to_string(),
             spec.plugin_config.clone(),
         );
-        let created = with_deadline(deadlines.init, move || {
-            let state = handover.and_then(|g| g.instance.export_state());
-            let created = Instance::create(lib, &name, &config, state.as_deref());
-            (created, state.map_or(0, |s| s.len()))
-        });
+        let created = with_deadline_or(
+            deadlines.init,
+            move || {
+                let state = handover.and_then(|g| g.instance.export_state());
+                let created = Instance::create(lib, &name, &config, state.as_deref());
+                (created, state.map_or(0, |s| s.len()))
+            },
+            // An init that finishes after the deadline started things nobody will use.
+            |(late, _)| {
+                if let Ok((instance, _)) = late {
+                    tracing::warn!("an init that overran its deadline finished; shutting it down");
+                    instance.shutdown();
+                }
+            },
+        );
         let (created, state_bytes) = match created {
             Ok(done) => done,
             Err(timeout) => (Err(timeout), 0),

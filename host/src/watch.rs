@@ -48,6 +48,7 @@ pub fn watch(
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let (tx, rx) = mpsc::unbounded_channel();
+    let tx_first = tx.clone();
     let dir = plugin_dir.clone();
     let file = config_file.clone();
     let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
@@ -97,6 +98,14 @@ pub fn watch(
             .watch(&config_dir, RecursiveMode::NonRecursive)
             .map_err(|e| format!("cannot watch config folder {}: {e}", config_dir.display()))?;
     }
+    // Whatever changed between start-up's look and the watch being in place is found by
+    // one look right away.
+    let _ = tx_first.send(Change::Plugins {
+        since: Instant::now(),
+    });
+    let _ = tx_first.send(Change::Config {
+        since: Instant::now(),
+    });
     Ok((
         Watch {
             _debouncer: debouncer,
