@@ -335,10 +335,12 @@ fn a_plugin_folder_that_cannot_be_read_leaves_servers_serving() {
     // keeps what it has.
     std::fs::write(aside.join("trigger.so"), b"x").unwrap();
     host.wait_for_log(&["plugin folder", "looking again shortly"]);
-    assert_eq!(body(&host, "v.localhost", "/"), "a x");
+    let r = host.get("v.localhost", "/");
+    assert_eq!(r.body, "a x", "{r:?}\n{}", host.logs());
     std::fs::remove_file(aside.join("trigger.so")).unwrap();
     std::fs::rename(&aside, &dir).unwrap();
-    assert_eq!(body(&host, "v.localhost", "/"), "a x");
+    let r = host.get("v.localhost", "/");
+    assert_eq!(r.body, "a x", "{r:?}\n{}", host.logs());
 }
 
 #[test]

@@ -12,7 +12,7 @@
 #![allow(unsafe_code)]
 
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -105,79 +105,114 @@ impl std::error::Error for LoadError {}
 
 static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
 
-/// A plugin file read into memory, not yet opened.
+/// A plugin file copied to a private path and checked, not yet opened. Dropping it
+/// removes the copy.
 #[derive(Debug)]
 pub struct PluginFile {
     pub path: PathBuf,
-    pub bytes: Vec<u8>,
     pub content_hash: u64,
+    copy: PathBuf,
+}
+
+impl Drop for PluginFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.copy);
+    }
 }
 
 /// Loads and checks the plugin at `file`, using `copies_dir` for its private copy.
 pub fn load(file: &Path, copies_dir: &Path) -> Result<PluginLibrary, LoadError> {
-    open(read(file)?, copies_dir)
+    open(read(file, copies_dir)?)
 }
 
-/// Reads a plugin file and checks that it is a complete ELF file.
-pub fn read(file: &Path) -> Result<PluginFile, LoadError> {
+/// Copies a plugin file to a fresh private path and checks the copy: a complete ELF
+/// file, and a hash of its bytes. Every later step works on this copy, so a file being
+/// rewritten meanwhile cannot make the checks and the load see different bytes.
+///
+/// The bytes are streamed in 256 KiB chunks: reading whole multi-MiB libraries into
+/// memory on every reload fragmented glibc's heap and cost about 600 KiB of resident
+/// memory per reload.
+pub fn read(file: &Path, copies_dir: &Path) -> Result<PluginFile, LoadError> {
+    use std::io::{Read, Write};
     let fail = |reason| LoadError {
         file: file.to_owned(),
         reason,
     };
-    let bytes = std::fs::read(file).map_err(|e| fail(LoadFailure::Unreadable(e.to_string())))?;
-    if !bytes.starts_with(b"\x7fELF") && !bytes.starts_with(&[0xcf, 0xfa, 0xed, 0xfe]) {
-        let what = if bytes.is_empty() {
+    let unreadable = |e: std::io::Error| fail(LoadFailure::Unreadable(e.to_string()));
+    let mut source = std::fs::File::open(file).map_err(unreadable)?;
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin");
+    let copy_path = copies_dir.join(format!(
+        "{stem}.{}.{}",
+        NEXT_COPY.fetch_add(1, Ordering::Relaxed),
+        std::env::consts::DLL_EXTENSION
+    ));
+    let mut copy = create_private(&copy_path).map_err(|e| {
+        fail(LoadFailure::Other(format!(
+            "cannot write a private copy to {}: {e}",
+            copy_path.display()
+        )))
+    })?;
+    // From here on the copy exists; `PluginFile` removes it however this ends.
+    let mut plugin = PluginFile {
+        path: file.to_owned(),
+        content_hash: 0,
+        copy: copy_path,
+    };
+    // One pass: each chunk is written to the copy and hashed, so the hash is of exactly
+    // the bytes that will be opened.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut header = Vec::with_capacity(64);
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = source.read(&mut chunk).map_err(unreadable)?;
+        if n == 0 {
+            break;
+        }
+        copy.write_all(&chunk[..n]).map_err(|e| {
+            fail(LoadFailure::Other(format!(
+                "cannot write a private copy to {}: {e}",
+                plugin.copy.display()
+            )))
+        })?;
+        if header.len() < 64 {
+            let take = (64 - header.len()).min(n);
+            header.extend_from_slice(&chunk[..take]);
+        }
+        hasher.write(&chunk[..n]);
+        len += n as u64;
+    }
+    if !header.starts_with(b"\x7fELF") && !header.starts_with(&[0xcf, 0xfa, 0xed, 0xfe]) {
+        let what = if len == 0 {
             "the file is empty"
         } else {
             "it has no ELF header"
         };
         return Err(fail(LoadFailure::NotALibrary(what.to_owned())));
     }
-    if let Some(why) = elf_incomplete(&bytes) {
+    if let Some(why) = elf_incomplete(&header, len) {
         return Err(fail(LoadFailure::Incomplete(why)));
     }
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    Ok(PluginFile {
-        path: file.to_owned(),
-        content_hash: hasher.finish(),
-        bytes,
-    })
+    plugin.content_hash = hasher.finish();
+    Ok(plugin)
 }
 
-/// Opens a plugin file from a fresh private copy and checks its ABI.
-pub fn open(plugin: PluginFile, copies_dir: &Path) -> Result<PluginLibrary, LoadError> {
-    let PluginFile {
-        path,
-        bytes,
-        content_hash,
-    } = plugin;
-    let file = path.as_path();
+/// Opens a checked plugin copy and checks its ABI.
+pub fn open(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
+    let file = plugin.path.as_path();
+    let copy = plugin.copy.as_path();
+    let content_hash = plugin.content_hash;
     let fail = |reason| LoadError {
         file: file.to_owned(),
         reason,
     };
-
-    let stem = file
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("plugin");
-    let copy = copies_dir.join(format!(
-        "{stem}.{}.{}",
-        NEXT_COPY.fetch_add(1, Ordering::Relaxed),
-        std::env::consts::DLL_EXTENSION
-    ));
-    write_private(&copy, &bytes).map_err(|e| {
-        fail(LoadFailure::Other(format!(
-            "cannot write a private copy to {}: {e}",
-            copy.display()
-        )))
-    })?;
     // SAFETY: loading a library runs its initialisers. Plugins are code the operator chose
     // to run in this process; this is the trust boundary the product is built on.
-    let opened = unsafe { libloading::Library::new(&copy) };
-    let _ = std::fs::remove_file(&copy);
-    let library = opened.map_err(|e| fail(LoadFailure::NotALibrary(dl_error(&e, &copy))))?;
+    let opened = unsafe { libloading::Library::new(copy) };
+    let library = opened.map_err(|e| fail(LoadFailure::NotALibrary(dl_error(&e, copy))))?;
 
     // SAFETY: abi_stable exports the header as a static whose address is an `AbiHeaderRef`
     // (this mirrors `abi_stable::library::abi_header_from_raw_library`).
@@ -206,13 +241,12 @@ pub fn open(plugin: PluginFile, copies_dir: &Path) -> Result<PluginLibrary, Load
 
 /// Writes a new file that only this user can read, refusing to follow or reuse an
 /// existing path.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.read(true).write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o700);
-    options.open(path)?.write_all(bytes)
+    options.open(path)
 }
 
 /// Makes a new folder for private copies that only this user can enter, under
@@ -248,7 +282,7 @@ pub fn private_copies_dir() -> std::io::Result<PathBuf> {
 /// Linkers write the section header table last, so a file that ends before it is
 /// incomplete: truncated, or still being written. glibc would load such a file as long
 /// as its loadable segments are complete, so check it here.
-fn elf_incomplete(bytes: &[u8]) -> Option<String> {
+fn elf_incomplete(bytes: &[u8], file_len: u64) -> Option<String> {
     let field = |at: usize, len: usize| -> Option<u64> {
         let raw = bytes.get(at..at + len)?;
         let mut buf = [0u8; 8];
@@ -271,14 +305,14 @@ fn elf_incomplete(bytes: &[u8]) -> Option<String> {
     let (Some(shoff), Some(shentsize), Some(shnum)) = (shoff, shentsize, shnum) else {
         return Some(format!(
             "it is truncated ({} bytes, shorter than an ELF header)",
-            bytes.len()
+            file_len
         ));
     };
     let end = shoff.saturating_add(shentsize.saturating_mul(shnum));
-    (end > bytes.len() as u64).then(|| {
+    (end > file_len).then(|| {
         format!(
             "it is incomplete ({} of at least {end} bytes): truncated, or still being written",
-            bytes.len()
+            file_len
         )
     })
 }
@@ -341,8 +375,8 @@ mod tests {
         }
         // A copy is never written over an existing file.
         let copy = a.join("x.so");
-        write_private(&copy, b"1").unwrap();
-        assert!(write_private(&copy, b"2").is_err());
+        create_private(&copy).unwrap();
+        assert!(create_private(&copy).is_err());
         std::fs::remove_dir_all(a).unwrap();
         std::fs::remove_dir_all(b).unwrap();
     }
@@ -350,8 +384,9 @@ mod tests {
     #[test]
     fn truncated_elf_files_are_incomplete() {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert_eq!(elf_incomplete(&me), None);
-        assert!(elf_incomplete(&me[..me.len() - 1]).is_some());
-        assert!(elf_incomplete(&me[..10]).is_some());
+        let len = me.len() as u64;
+        assert_eq!(elf_incomplete(&me[..64], len), None);
+        assert!(elf_incomplete(&me[..64], len - 1).is_some());
+        assert!(elf_incomplete(&me[..10], 10).is_some());
     }
 }

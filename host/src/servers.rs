@@ -171,26 +171,75 @@ fn with_deadline<T: Send + 'static>(
     limit: Duration,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
-    with_deadline_or(limit, f, drop)
-}
-
-/// Like [`with_deadline`]; `late` gets the result of a call that overran.
-fn with_deadline_or<T: Send + 'static>(
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-    late: impl FnOnce(T) + Send + 'static,
-) -> Result<T, String> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("plugin-call".to_owned())
         .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
+    rx.recv_timeout(limit)
+        .map_err(|_| format!("the call did not finish within {} ms", limit.as_millis()))
+}
+
+/// A long-lived thread for plugin calls that must not block the control loop forever
+/// (init, export_state). One thread, not one per call: glibc gives every new thread a
+/// malloc arena of its own, and what a plugin allocates in init lives as long as its
+/// instance, so a thread per call spreads long-lived allocations over many arenas
+/// (measured: +580 KiB of resident memory per reload). A call that overruns its deadline
+/// keeps its thread; the next call gets a fresh one.
+#[derive(Default)]
+struct PluginThread {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl PluginThread {
+    fn call<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+        late: impl FnOnce(T) + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move || {
             if let Err(std::sync::mpsc::SendError(value)) = tx.send(f()) {
                 late(value);
             }
-        })
-        .map_err(|e| format!("cannot start a thread for init: {e}"))?;
-    rx.recv_timeout(limit)
-        .map_err(|_| format!("init did not finish within {} ms", limit.as_millis()))
+        });
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let sender = match jobs.as_ref() {
+            Some(sender) => sender.clone(),
+            None => {
+                let (sender, receiver) = std::sync::mpsc::channel::<Job>();
+                std::thread::Builder::new()
+                    .name("plugin-calls".to_owned())
+                    .spawn(move || {
+                        for job in receiver {
+                            job();
+                        }
+                    })
+                    .map_err(|e| format!("cannot start a thread for plugin calls: {e}"))?;
+                *jobs = Some(sender.clone());
+                sender
+            }
+        };
+        sender
+            .send(job)
+            .map_err(|_| "the plugin-calls thread is gone".to_owned())?;
+        match rx.recv_timeout(limit) {
+            Ok(value) => Ok(value),
+            Err(_) => {
+                // Leave the stuck thread behind; it ends once its call returns.
+                *jobs = None;
+                Err(format!(
+                    "init did not finish within {} ms",
+                    limit.as_millis()
+                ))
+            }
+        }
+    }
 }
 
 /// Problems found while starting or changing; `--check` turns them into exit code 2.
@@ -208,6 +257,7 @@ pub struct Microservers {
     copies_dir: PathBuf,
     /// Replaced generations still draining, so that shutdown can reach them too.
     retiring: Arc<Mutex<Vec<Arc<Generation>>>>,
+    plugin_thread: PluginThread,
 }
 
 impl std::fmt::Debug for Microservers {
@@ -298,6 +348,7 @@ impl Microservers {
             }),
             copies_dir,
             retiring: Arc::default(),
+            plugin_thread: PluginThread::default(),
         };
         {
             let mut control = this.control();
@@ -419,7 +470,7 @@ impl Microservers {
             if previous.is_some_and(|p| p.fingerprint.as_ref() == Some(&fingerprint)) {
                 continue;
             }
-            let outcome = match loader::read(&path) {
+            let outcome = match loader::read(&path, &self.copies_dir) {
                 Ok(file) => {
                     let same_bytes = previous
                         .and_then(|p| p.outcome.as_ref().ok())
@@ -436,7 +487,7 @@ impl Microservers {
                         );
                         continue;
                     }
-                    loader::open(file, &self.copies_dir).map(Arc::new)
+                    loader::open(file).map(Arc::new)
                 }
                 Err(e) => Err(e),
             };
@@ -696,7 +747,7 @@ impl Microservers {
             server.name.to_string(),
             spec.plugin_config.clone(),
         );
-        let created = with_deadline_or(
+        let created = self.plugin_thread.call(
             deadlines.init,
             move || {
                 let state = handover.and_then(|g| g.instance.export_state());
