@@ -334,6 +334,21 @@ fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, S
     }
 }
 
+/// A header value from a plugin. Common values are static (no allocation, no copy).
+fn header_value(value: &[u8]) -> Result<HeaderValue, hyper::header::InvalidHeaderValue> {
+    const COMMON: [&str; 5] = [
+        "text/plain; charset=utf-8",
+        "application/json",
+        "application/octet-stream",
+        "text/html; charset=utf-8",
+        "no-cache",
+    ];
+    match COMMON.iter().find(|c| c.as_bytes() == value) {
+        Some(c) => Ok(HeaderValue::from_static(c)),
+        None => HeaderValue::from_bytes(value),
+    }
+}
+
 /// Headers a plugin may not set: the host frames the message itself, and these would
 /// contradict it or the connection's state.
 fn is_framing_header(name: &HeaderName) -> bool {
@@ -368,15 +383,13 @@ fn into_http(
     };
     let mut builder = Response::builder().status(status);
     let headers = builder.headers_mut().expect("fresh builder");
-    headers.reserve(response.headers.len());
-    for h in response.headers.iter() {
-        let name = h.name.get(&response.header_buf);
-        let value = h.value.get(&response.header_buf);
+    headers.reserve(response.headers.entries().len() + 1);
+    for (name, value) in response.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(name) else {
             let name = String::from_utf8_lossy(name);
             return Err((in_flight, format!("header name {name:?} is not valid")));
         };
-        let Ok(value) = HeaderValue::from_bytes(value) else {
+        let Ok(value) = header_value(value) else {
             return Err((
                 in_flight,
                 format!("the value of header {name} is not valid"),

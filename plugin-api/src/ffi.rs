@@ -45,10 +45,108 @@ impl FfiSpan {
 
 /// One header: its name and value as spans into the buffer that carries them.
 #[repr(C)]
-#[derive(StableAbi, Clone, Copy, Debug)]
+#[derive(StableAbi, Clone, Copy, Debug, Default)]
 pub struct FfiHeader {
     pub name: FfiSpan,
     pub value: FfiSpan,
+}
+
+/// Response headers. The first few travel inside the struct, so a typical response needs
+/// no allocation for its headers (and the host frees nothing through the plugin's code);
+/// past `INLINE_HEADERS` entries or `INLINE_HEADER_BYTES` bytes they spill into vectors.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiHeaders {
+    inline_bytes: [u8; INLINE_HEADER_BYTES],
+    inline_entries: [FfiHeader; INLINE_HEADERS],
+    bytes_len: u16,
+    entries_len: u8,
+    spilled: bool,
+    spill_bytes: RVec<u8>,
+    spill_entries: RVec<FfiHeader>,
+}
+
+/// How many headers fit in an [`FfiHeaders`] without allocating.
+pub const INLINE_HEADERS: usize = 6;
+/// How many bytes of names and values fit in an [`FfiHeaders`] without allocating.
+pub const INLINE_HEADER_BYTES: usize = 192;
+
+impl Default for FfiHeaders {
+    fn default() -> Self {
+        FfiHeaders {
+            inline_bytes: [0; INLINE_HEADER_BYTES],
+            inline_entries: [FfiHeader::default(); INLINE_HEADERS],
+            bytes_len: 0,
+            entries_len: 0,
+            spilled: false,
+            spill_bytes: RVec::new(),
+            spill_entries: RVec::new(),
+        }
+    }
+}
+
+impl FfiHeaders {
+    /// Appends a header.
+    pub fn push(&mut self, name: &[u8], value: &[u8]) {
+        let len = self.bytes_len as usize;
+        let fits = len + name.len() + value.len() <= INLINE_HEADER_BYTES
+            && (self.entries_len as usize) < INLINE_HEADERS;
+        if !self.spilled && fits {
+            let name_span = FfiSpan {
+                start: len as u32,
+                end: (len + name.len()) as u32,
+            };
+            let value_span = FfiSpan {
+                start: name_span.end,
+                end: name_span.end + value.len() as u32,
+            };
+            self.inline_bytes[len..len + name.len()].copy_from_slice(name);
+            self.inline_bytes[name_span.end as usize..value_span.end as usize]
+                .copy_from_slice(value);
+            self.inline_entries[self.entries_len as usize] = FfiHeader {
+                name: name_span,
+                value: value_span,
+            };
+            self.bytes_len = value_span.end as u16;
+            self.entries_len += 1;
+            return;
+        }
+        if !self.spilled {
+            self.spill_bytes = RVec::from(&self.inline_bytes[..len]);
+            self.spill_entries = RVec::from(&self.inline_entries[..self.entries_len as usize]);
+            self.spilled = true;
+        }
+        let mut bytes = std::mem::take(&mut self.spill_bytes).into_vec();
+        let name = FfiSpan::push(&mut bytes, name);
+        let value = FfiSpan::push(&mut bytes, value);
+        self.spill_bytes = RVec::from(bytes);
+        self.spill_entries.push(FfiHeader { name, value });
+    }
+
+    /// The buffer the entries' spans point into.
+    pub fn bytes(&self) -> &[u8] {
+        if self.spilled {
+            &self.spill_bytes
+        } else {
+            &self.inline_bytes[..self.bytes_len as usize]
+        }
+    }
+
+    pub fn entries(&self) -> &[FfiHeader] {
+        if self.spilled {
+            &self.spill_entries
+        } else {
+            &self.inline_entries[..self.entries_len as usize]
+        }
+    }
+
+    /// (name, value) pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let bytes = self.bytes();
+        self.entries()
+            .iter()
+            .map(move |h| (h.name.get(bytes), h.value.get(bytes)))
+    }
 }
 
 /// One path parameter: its name and its raw (still percent-encoded) value.
@@ -189,8 +287,7 @@ pub struct FfiRequest {
 #[derive(StableAbi)]
 pub struct FfiResponse {
     pub status: u16,
-    pub header_buf: RVec<u8>,
-    pub headers: RVec<FfiHeader>,
+    pub headers: FfiHeaders,
     pub body: FfiBytes,
 }
 

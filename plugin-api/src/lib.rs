@@ -270,6 +270,29 @@ pub mod __private {
 
 #[cfg(test)]
 mod tests {
+    use crate::Response;
+
+    #[test]
+    fn headers_stay_readable_inline_and_after_spilling() {
+        let long = "v".repeat(300);
+        let mut r = Response::new(200)
+            .with_header("a", "1")
+            .with_header("b", "2");
+        assert_eq!((r.header("A"), r.header("b")), (Some("1"), Some("2")));
+        for i in 0..10 {
+            r = r.with_header(&format!("x-{i}"), &i.to_string());
+        }
+        r = r.with_header("long", &long);
+        assert_eq!(r.header("a"), Some("1"));
+        assert_eq!(r.header("x-9"), Some("9"));
+        assert_eq!(r.header("long"), Some(long.as_str()));
+        let ffi = r.into_ffi();
+        assert_eq!(ffi.headers.entries().len(), 13);
+        let names: Vec<&[u8]> = ffi.headers.iter().map(|(n, _)| n).collect();
+        assert_eq!(names[0], b"a");
+        assert_eq!(names[12], b"long");
+    }
+
     #[test]
     fn exported_symbol_is_the_one_abi_stable_looks_up() {
         assert_eq!(

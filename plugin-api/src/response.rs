@@ -1,9 +1,8 @@
 //! Responses, and the conversions handlers may return instead of building one.
 
-use abi_stable::std_types::RVec;
 use serde::Serialize;
 
-use crate::ffi::{FfiBytes, FfiHeader, FfiResponse, FfiSpan};
+use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse};
 
 /// An HTTP response.
 ///
@@ -16,8 +15,7 @@ use crate::ffi::{FfiBytes, FfiHeader, FfiResponse, FfiSpan};
 /// ```
 pub struct Response {
     status: u16,
-    header_buf: Vec<u8>,
-    headers: Vec<FfiHeader>,
+    headers: FfiHeaders,
     body: FfiBytes,
 }
 
@@ -41,8 +39,7 @@ impl Response {
     pub fn new(status: u16) -> Self {
         Response {
             status,
-            header_buf: Vec::new(),
-            headers: Vec::new(),
+            headers: FfiHeaders::default(),
             body: FfiBytes::empty(),
         }
     }
@@ -75,9 +72,7 @@ impl Response {
 
     /// Adds a header. Names and values the host cannot send turn the response into a 500.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        let name = FfiSpan::push(&mut self.header_buf, name.as_bytes());
-        let value = FfiSpan::push(&mut self.header_buf, value.as_bytes());
-        self.headers.push(FfiHeader { name, value });
+        self.headers.push(name.as_bytes(), value.as_bytes());
         self
     }
 
@@ -102,20 +97,15 @@ impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
-            .find(|h| {
-                h.name
-                    .get(&self.header_buf)
-                    .eq_ignore_ascii_case(name.as_bytes())
-            })
-            .and_then(|h| std::str::from_utf8(h.value.get(&self.header_buf)).ok())
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
     #[doc(hidden)]
     pub fn into_ffi(self) -> FfiResponse {
         FfiResponse {
             status: self.status,
-            header_buf: RVec::from(self.header_buf),
-            headers: RVec::from(self.headers),
+            headers: self.headers,
             body: self.body,
         }
     }
