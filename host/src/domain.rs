@@ -104,21 +104,32 @@ pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
         let ip: Ipv6Addr = ip.parse().ok()?;
         return Some(Cow::Owned(ip.to_string()));
     } else {
-        match raw.rsplit_once(':') {
-            Some((h, port)) if is_port(port) => h,
-            Some(_) => return None,
-            None => raw,
-        }
+        raw
     };
+    // One pass over the bytes: find the port separator, check every byte, note upper case.
+    let bytes = host.as_bytes();
+    let mut end = bytes.len();
+    let mut upper = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {}
+            b'A'..=b'Z' => upper = true,
+            b':' => {
+                if !is_port(&host[i + 1..]) {
+                    return None;
+                }
+                end = i;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    let host = &host[..end];
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty()
-        || !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    {
+    if host.is_empty() {
         return None;
     }
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    if upper {
         Some(Cow::Owned(host.to_ascii_lowercase()))
     } else {
         Some(Cow::Borrowed(host))
@@ -132,16 +143,21 @@ fn is_port(s: &str) -> bool {
 /// Maps domains to values (servers). Built once per configuration and then only read.
 #[derive(Debug)]
 pub struct DomainTable<T> {
-    exact: HashMap<Box<str>, T>,
-    wildcard: HashMap<Box<str>, T>,
+    exact: Map<T>,
+    wildcard: Map<T>,
     default: Option<T>,
 }
+
+/// FxHash rather than SipHash: the table is built from the config and never grows at
+/// request time, so a client choosing colliding names can slow only its own lookup by a
+/// probe or two, and FxHash is several times cheaper for short names.
+type Map<T> = HashMap<Box<str>, T, rustc_hash::FxBuildHasher>;
 
 impl<T> Default for DomainTable<T> {
     fn default() -> Self {
         DomainTable {
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
+            exact: Map::default(),
+            wildcard: Map::default(),
             default: None,
         }
     }

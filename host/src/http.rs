@@ -237,11 +237,9 @@ pub fn ffi_request(
 ) -> FfiRequest {
     let uri = &parts.uri;
     let query = uri.query().unwrap_or("");
-    let headers_len: usize = parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len())
-        .sum();
+    // A guess, not a second pass over the headers: typical names and values are short,
+    // and the buffer grows if it is wrong.
+    let headers_len = parts.headers.len() * 48;
     let params_len: usize = params.iter().map(|(k, v)| k.len() + v.len()).sum();
     let mut buf = Vec::with_capacity(
         16 + uri.path().len()
