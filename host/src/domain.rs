@@ -181,13 +181,6 @@ impl<T: Clone> DomainTable<T> {
         self.default = value;
     }
 
-    pub fn contains(&self, pattern: &DomainPattern) -> bool {
-        match pattern {
-            DomainPattern::Exact(d) => self.exact.contains_key(d.as_str()),
-            DomainPattern::Wildcard(d) => self.wildcard.contains_key(d.as_str()),
-        }
-    }
-
     /// Finds the value for a normalised host: exact name first, then the most specific
     /// wildcard, then the default.
     pub fn lookup(&self, host: &str) -> Option<&T> {

@@ -125,7 +125,7 @@ async fn run(
                     servers: servers.clone(),
                     listeners: listeners.clone(),
                     config_file,
-                    listen_override: listen_override.then(|| config.global.listen.clone()),
+                    listen_override,
                 };
                 tokio::spawn(control.run(changes));
                 tracing::info!(

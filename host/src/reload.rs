@@ -1,6 +1,5 @@
 //! The control loop: applies plugin-folder and config-file changes while the host serves.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,8 +22,8 @@ pub struct ControlLoop {
     pub servers: Arc<Microservers>,
     pub listeners: Arc<Listeners>,
     pub config_file: PathBuf,
-    /// Listen addresses given on the command line win over the config's.
-    pub listen_override: Option<Vec<SocketAddr>>,
+    /// Listen addresses were given on the command line: they win over the config's.
+    pub listen_override: bool,
 }
 
 impl ControlLoop {
@@ -87,15 +86,12 @@ impl ControlLoop {
                 return;
             }
         };
-        match &self.listen_override {
-            Some(_) => {}
-            None => {
-                if let Err(e) = self.listeners.apply(&new.global.listen).await {
-                    tracing::error!(
-                        "config change rejected; the running configuration stays in force: {e}"
-                    );
-                    return;
-                }
+        if !self.listen_override {
+            if let Err(e) = self.listeners.apply(&new.global.listen).await {
+                tracing::error!(
+                    "config change rejected; the running configuration stays in force: {e}"
+                );
+                return;
             }
         }
         let servers = self.servers.clone();

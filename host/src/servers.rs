@@ -364,11 +364,6 @@ impl Microservers {
         self.routing.load()
     }
 
-    /// The plugin folder being served.
-    pub fn plugin_dir(&self) -> PathBuf {
-        self.control().plugin_dir.clone()
-    }
-
     fn control(&self) -> MutexGuard<'_, Control> {
         // A panic while holding the lock would be a host bug; the data is still usable.
         self.control.lock().unwrap_or_else(|p| p.into_inner())
