@@ -199,3 +199,61 @@ fn sigterm_lets_in_flight_requests_finish_runs_shutdown_hooks_and_exits_0() {
 fn h_pid(host: &crate::support::Host) -> String {
     host.pid().to_string()
 }
+
+#[test]
+fn a_plugin_reads_the_whole_request_and_may_keep_it_after_answering() {
+    let host = standard_host("seen");
+    let r = host.send(
+        "GET",
+        "Bad.Localhost:80",
+        "/seen/one%20x/two/three?q=1&r",
+        b"",
+        &[
+            ("x-twice", "first"),
+            ("x-other", "o"),
+            ("X-Twice", "second"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.header("x-request-id").expect("an id").to_owned();
+    for line in [
+        "method=GET",
+        "path=/seen/one%20x/two/three",
+        "query=q=1&r",
+        // Normalised: lower case, no port.
+        "domain=bad.localhost",
+        "client=127.0.0.1:",
+        &format!("id={id}"),
+        "a=Some(\"one x\")",
+        "rest=Some(\"two/three\")",
+        // Names compare case-insensitively; the first value wins.
+        "x-twice=Some(\"first\")",
+        "header host=Bad.Localhost:80",
+        "header x-twice=first\nheader x-twice=second\nheader x-other=o",
+    ] {
+        assert!(r.body.contains(line), "{line:?} missing from:\n{}", r.body);
+    }
+
+    // A request kept past its handler (and its connection) stays whole: the host frees
+    // it only when the plugin drops it.
+    let kept = host.send(
+        "GET",
+        "bad.localhost",
+        "/keep?k=v",
+        b"",
+        &[("x-twice", "kept")],
+    );
+    assert_eq!(kept.body, "kept");
+    for _ in 0..20 {
+        assert_eq!(host.get("bad.localhost", "/ok").body, "ok");
+    }
+    let r = host.get("bad.localhost", "/kept");
+    for line in [
+        "path=/keep",
+        "query=k=v",
+        "x-twice=Some(\"kept\")",
+        "domain=bad.localhost",
+    ] {
+        assert!(r.body.contains(line), "{line:?} missing from:\n{}", r.body);
+    }
+}

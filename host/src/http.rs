@@ -2,24 +2,20 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
-use abi_stable::std_types::{RResult, RVec};
-use async_ffi::FfiFuture;
+use abi_stable::std_types::RResult;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode, Version};
-use plugin_api::ffi::{
-    FfiBytes, FfiHandleResult, FfiHeader, FfiParam, FfiRequest, FfiResponse, FfiSpan,
-};
+use plugin_api::ffi::{FfiBytes, FfiParam, FfiResponse, FfiStr};
 
+use crate::call::{self, intern, ClientAddr, Domain, OutcomeSlot, PendingRequest};
 use crate::domain::normalize_host;
 use crate::plugin::{Generation, InFlight};
 use crate::routes::RouteMatch;
@@ -30,10 +26,13 @@ pub type Body = Full<Bytes>;
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Answers one request. Never fails: every problem becomes a response.
+///
+/// It owns its arguments so that the connection's service can return this future as it
+/// is: every layer of async wrapping would move the request once more.
 pub async fn handle(
-    servers: &Microservers,
+    servers: Arc<Microservers>,
     req: Request<Incoming>,
-    client: &str,
+    client: ClientAddr,
 ) -> Result<Response<Body>, Infallible> {
     let request_id = RequestId::next();
     // What the debug line needs is gathered only when it will be written.
@@ -44,7 +43,10 @@ pub async fn handle(
             req.uri().path().to_owned(),
         )
     });
-    let (mut response, server) = route(servers, req, client, request_id.as_str()).await;
+    let (parts, body) = req.into_parts();
+    // Boxed once, and lent to the plugin as it is: nothing is copied for the boundary.
+    let pending = PendingRequest::new(parts, &client, request_id.0);
+    let (mut response, server) = route(&servers, pending, body, &request_id, debug.is_some()).await;
     if let Ok(id) = HeaderValue::from_bytes(&request_id.0) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
@@ -62,21 +64,24 @@ pub async fn handle(
     Ok(response)
 }
 
+/// Routes and answers a request; also returns the server's name if `want_name`.
 async fn route(
     servers: &Microservers,
-    req: Request<Incoming>,
-    client: &str,
-    request_id: &str,
-) -> (Response<Body>, Option<std::sync::Arc<str>>) {
+    pending: PendingRequest,
+    body: Incoming,
+    id: &RequestId,
+    want_name: bool,
+) -> (Response<Body>, Option<Arc<str>>) {
+    let request_id = id.as_str();
     let routing = servers.routing();
-    let (parts, body) = req.into_parts();
+    let parts = pending.parts();
     if parts.method == Method::CONNECT {
         return (
             error(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported"),
             None,
         );
     }
-    let domain = match request_domain(&parts) {
+    let domain = match request_domain(parts) {
         Ok(d) => d,
         Err(message) => return (error(StatusCode::BAD_REQUEST, &message), None),
     };
@@ -93,13 +98,18 @@ async fn route(
             None,
         );
     };
-    let name = Some(server.name.clone());
+    let name = want_name.then(|| server.name.clone());
     let unavailable = |reason: &str| {
         let message = format!("microserver {:?} is not available: {reason}", &*server.name);
         error(StatusCode::SERVICE_UNAVAILABLE, &message)
     };
-    if let ServerState::Waiting(reason) = &**server.state() {
-        return (unavailable(reason), name);
+    // A server that cannot answer turns a request away before its body is read. (A
+    // request without a body is checked once, below, when it enters a generation.)
+    let has_body = !body.is_end_stream();
+    if has_body {
+        if let ServerState::Waiting(reason) = &**server.state() {
+            return (unavailable(reason), name);
+        }
     }
     let limits = &routing.limits;
 
@@ -115,7 +125,7 @@ async fn route(
     }
     // Most requests have no body: skip the reader and its timer.
     let read = async {
-        if body.is_end_stream() {
+        if !has_body {
             return Ok(Ok(Bytes::new()));
         }
         let read = Limited::new(body, limits.max_body_bytes as usize).collect();
@@ -148,8 +158,9 @@ async fn route(
 
     // Enter the server's current generation. A generation retired between the load and
     // the entry turns the request away; the next load sees its successor.
+    let mut state = server.state();
     let generation = loop {
-        match &**server.state() {
+        match &**state {
             ServerState::Serving(g) => {
                 if let Some(in_flight) = g.enter() {
                     break in_flight;
@@ -157,11 +168,18 @@ async fn route(
             }
             ServerState::Waiting(reason) => return (unavailable(reason), name),
         }
+        drop(state);
         tokio::task::yield_now().await;
+        state = server.state();
     };
+    drop(state);
     let g: &Generation = generation.generation();
-    let (route, params) = match g.routes.find(parts.method.as_str(), parts.uri.path()) {
-        RouteMatch::Found { route, params } => (route, params),
+    let (route, params, names) = match g.routes.find(parts.method.as_str(), parts.uri.path()) {
+        RouteMatch::Found {
+            route,
+            params,
+            names,
+        } => (route, params, names),
         RouteMatch::NotFound => {
             let message = format!("no route for {} {}", parts.method, parts.uri.path());
             return (error(StatusCode::NOT_FOUND, &message), name);
@@ -173,43 +191,64 @@ async fn route(
             return (response, name);
         }
     };
+    let head = parts.method == Method::HEAD;
+    // Parameter values are views of the path in the record; names are `'static`.
+    let params: Vec<FfiParam> = params
+        .iter()
+        .enumerate()
+        .map(|(i, (key, value))| FfiParam {
+            name: FfiStr::new(
+                names
+                    .get(i)
+                    .copied()
+                    .filter(|n| *n == key)
+                    .unwrap_or_else(|| intern(key))
+                    .as_bytes(),
+            ),
+            value: FfiStr::new(value.as_bytes()),
+        })
+        .collect();
+    let domain = Domain::new(domain);
+    let request = pending.into_ffi(domain, params, route, body);
 
-    let request = ffi_request(&parts, &domain, client, request_id, &params, route, body);
-    // A handler that answers at once (most do) needs no timer: poll it once first.
-    let mut call = CatchPanic(g.instance.handle(request));
-    let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut call).poll(cx))).await;
-    let outcome = match first {
-        Poll::Ready(outcome) => Ok(outcome),
-        Poll::Pending => tokio::time::timeout(limits.request_timeout, call).await,
-    };
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(_) => {
-            tracing::warn!(
-                server = %g.server,
-                plugin = %g.plugin().name,
-                request_id,
-                timeout_ms = limits.request_timeout.as_millis() as u64,
-                "handler timed out"
-            );
-            let message = format!(
-                "the microserver did not answer within {} ms",
-                limits.request_timeout.as_millis()
-            );
-            return (error(StatusCode::GATEWAY_TIMEOUT, &message), name);
-        }
-    };
-    let response = match outcome {
-        RResult::ROk(response) => {
-            match into_http(response, generation, parts.method == Method::HEAD) {
-                Ok(response) => response,
-                Err((generation, problem)) => {
-                    let g = generation.generation();
-                    tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id, "invalid response: {problem}");
-                    internal_error(request_id)
-                }
+    // Most handlers answer on their first poll, into `slot`, and need no timer.
+    let mut slot = OutcomeSlot::new();
+    let mut request = Some(request);
+    let running = std::future::poll_fn(|cx| {
+        let request = request.take().expect("polled once");
+        Poll::Ready(call::start(&g.instance, request, cx, &mut slot))
+    })
+    .await;
+    if let Some(call) = running {
+        match tokio::time::timeout(limits.request_timeout, call).await {
+            Ok(outcome) => {
+                slot.put(outcome);
+            }
+            Err(_) => {
+                tracing::warn!(
+                    server = %g.server,
+                    plugin = %g.plugin().name,
+                    request_id,
+                    timeout_ms = limits.request_timeout.as_millis() as u64,
+                    "handler timed out"
+                );
+                let message = format!(
+                    "the microserver did not answer within {} ms",
+                    limits.request_timeout.as_millis()
+                );
+                return (error(StatusCode::GATEWAY_TIMEOUT, &message), name);
             }
         }
+    }
+    let response = match slot.get_mut().expect("the call answered") {
+        RResult::ROk(response) => match into_http(response, generation, head) {
+            Ok(response) => response,
+            Err((generation, problem)) => {
+                let g = generation.generation();
+                tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id, "invalid response: {problem}");
+                internal_error(request_id)
+            }
+        },
         RResult::RErr(panic) => {
             tracing::error!(
                 server = %g.server,
@@ -222,69 +261,6 @@ async fn route(
         }
     };
     (response, name)
-}
-
-/// Builds the request a plugin sees: every text field is a span into one buffer, and the
-/// body is handed over without a copy.
-pub fn ffi_request(
-    parts: &hyper::http::request::Parts,
-    domain: &str,
-    client: &str,
-    request_id: &str,
-    params: &matchit::Params<'_, '_>,
-    route: u32,
-    body: Bytes,
-) -> FfiRequest {
-    let uri = &parts.uri;
-    let query = uri.query().unwrap_or("");
-    // A guess, not a second pass over the headers: typical names and values are short,
-    // and the buffer grows if it is wrong.
-    let headers_len = parts.headers.len() * 48;
-    let params_len: usize = params.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let mut buf = Vec::with_capacity(
-        16 + uri.path().len()
-            + query.len()
-            + domain.len()
-            + 48
-            + request_id.len()
-            + headers_len
-            + params_len,
-    );
-    let method = FfiSpan::push(&mut buf, parts.method.as_str().as_bytes());
-    let path = FfiSpan::push(&mut buf, uri.path().as_bytes());
-    let query = FfiSpan::push(&mut buf, query.as_bytes());
-    let domain = FfiSpan::push(&mut buf, domain.as_bytes());
-    let client_addr = FfiSpan::push(&mut buf, client.as_bytes());
-    let request_id = FfiSpan::push(&mut buf, request_id.as_bytes());
-    let mut headers = RVec::with_capacity(parts.headers.len());
-    for (name, value) in &parts.headers {
-        let name = FfiSpan::push(&mut buf, name.as_str().as_bytes());
-        let value = FfiSpan::push(&mut buf, value.as_bytes());
-        headers.push(FfiHeader { name, value });
-    }
-    let mut ffi_params = RVec::with_capacity(params.len());
-    for (k, v) in params.iter() {
-        let name = FfiSpan::push(&mut buf, k.as_bytes());
-        let value = FfiSpan::push(&mut buf, v.as_bytes());
-        ffi_params.push(FfiParam { name, value });
-    }
-    FfiRequest {
-        buf: buf.into(),
-        method,
-        path,
-        query,
-        domain,
-        client_addr,
-        request_id,
-        headers,
-        params: ffi_params,
-        route,
-        body: if body.is_empty() {
-            FfiBytes::empty()
-        } else {
-            FfiBytes::from_owner(body)
-        },
-    }
 }
 
 /// A response body made by a plugin, kept with the in-flight guard of its generation so
@@ -304,9 +280,13 @@ impl AsRef<[u8]> for PluginBody {
 /// target, which takes precedence over `Host`), else the `Host` header; normalised. An
 /// empty string for an HTTP/1.0 request without either (it goes to the default server).
 fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, String> {
-    let mut hosts = parts.headers.get_all(HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    let headers = &parts.headers;
+    let host = headers.get(HOST);
+    // Only a request that repeats some header name can repeat Host.
+    if host.is_some()
+        && headers.len() != headers.keys_len()
+        && headers.get_all(HOST).iter().nth(1).is_some()
+    {
         return Err("more than one Host header".to_owned());
     }
     let host = match host.map(|h| h.to_str()) {
@@ -332,19 +312,43 @@ fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, S
     }
 }
 
-/// A header value from a plugin. Common values are static (no allocation, no copy).
-fn header_value(value: &[u8]) -> Result<HeaderValue, hyper::header::InvalidHeaderValue> {
-    const COMMON: [&str; 5] = [
-        "text/plain; charset=utf-8",
-        "application/json",
-        "application/octet-stream",
-        "text/html; charset=utf-8",
-        "no-cache",
+/// A header name from a plugin. The usual names of a response are compared first, which
+/// is cheaper than parsing them.
+fn header_name(name: &[u8]) -> Result<HeaderName, hyper::header::InvalidHeaderName> {
+    use hyper::header::{CACHE_CONTROL, ETAG, LAST_MODIFIED, LOCATION, SET_COOKIE};
+    static COMMON: [(&[u8], HeaderName); 7] = [
+        (b"content-type", CONTENT_TYPE),
+        (b"cache-control", CACHE_CONTROL),
+        (b"location", LOCATION),
+        (b"set-cookie", SET_COOKIE),
+        (b"etag", ETAG),
+        (b"last-modified", LAST_MODIFIED),
+        (b"allow", ALLOW),
     ];
-    match COMMON.iter().find(|c| c.as_bytes() == value) {
-        Some(c) => Ok(HeaderValue::from_static(c)),
+    match COMMON.iter().find(|(bytes, _)| *bytes == name) {
+        Some((_, header)) => Ok(header.clone()),
+        None => HeaderName::from_bytes(name),
+    }
+}
+
+/// A header value from a plugin. Common values are made at compile time (no allocation,
+/// no copy, no validation per request).
+fn header_value(value: &[u8]) -> Result<HeaderValue, hyper::header::InvalidHeaderValue> {
+    static COMMON: [(&[u8], HeaderValue); 5] = [
+        common_value("text/plain; charset=utf-8"),
+        common_value("application/json"),
+        common_value("application/octet-stream"),
+        common_value("text/html; charset=utf-8"),
+        common_value("no-cache"),
+    ];
+    match COMMON.iter().find(|(bytes, _)| *bytes == value) {
+        Some((_, header)) => Ok(header.clone()),
         None => HeaderValue::from_bytes(value),
     }
+}
+
+const fn common_value(value: &'static str) -> (&'static [u8], HeaderValue) {
+    (value.as_bytes(), HeaderValue::from_static(value))
 }
 
 /// Headers a plugin may not set: the host frames the message itself, and these would
@@ -365,7 +369,7 @@ fn is_framing_header(name: &HeaderName) -> bool {
 }
 
 fn into_http(
-    response: FfiResponse,
+    response: &mut FfiResponse,
     in_flight: InFlight,
     head: bool,
 ) -> Result<Response<Body>, (InFlight, String)> {
@@ -379,11 +383,13 @@ fn into_http(
             return Err((in_flight, message));
         }
     };
-    let mut builder = Response::builder().status(status);
-    let headers = builder.headers_mut().expect("fresh builder");
+    let mut out = Response::new(Full::new(Bytes::new()));
+    *out.status_mut() = status;
+    let headers = out.headers_mut();
+    // One more for the x-request-id the host adds.
     headers.reserve(response.headers.entries().len() + 1);
     for (name, value) in response.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(name) else {
+        let Ok(name) = header_name(name) else {
             let name = String::from_utf8_lossy(name);
             return Err((in_flight, format!("header name {name:?} is not valid")));
         };
@@ -403,7 +409,7 @@ fn into_http(
         // No body in a HEAD response (HTTP/2 would send it as DATA frames), but the
         // length the GET would have had.
         headers.insert(CONTENT_LENGTH, HeaderValue::from(response.body.len()));
-        return Ok(builder.body(Full::new(Bytes::new())).expect("valid parts"));
+        return Ok(out);
     }
     let body = if let Some(bytes) = response.body.as_static() {
         // A plugin's static data stays mapped for the life of the process.
@@ -412,27 +418,12 @@ fn into_http(
         Bytes::new()
     } else {
         Bytes::from_owner(PluginBody {
-            bytes: response.body,
+            bytes: std::mem::replace(&mut response.body, FfiBytes::empty()),
             _in_flight: in_flight,
         })
     };
-    Ok(builder.body(Full::new(body)).expect("valid parts"))
-}
-
-/// Turns a panic that escaped the plugin's own catching (an `FfiPoll::Panicked` from a
-/// library not built with plugin-api's wrappers) into an error value.
-struct CatchPanic(FfiFuture<FfiHandleResult>);
-
-impl Future for CatchPanic {
-    type Output = FfiHandleResult;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FfiHandleResult> {
-        let inner = Pin::new(&mut self.0);
-        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(poll) => poll,
-            Err(_) => Poll::Ready(RResult::RErr("the handler's future panicked".into())),
-        }
-    }
+    *out.body_mut() = Full::new(body);
+    Ok(out)
 }
 
 /// A JSON error response: `{"error": "..."}`.
@@ -467,7 +458,7 @@ fn too_large(max: u64) -> Response<Body> {
 
 /// A request id: 16 hex digits, unique within the process and unlikely to repeat across
 /// restarts.
-struct RequestId([u8; 16]);
+pub struct RequestId([u8; 16]);
 
 impl RequestId {
     fn next() -> Self {

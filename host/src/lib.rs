@@ -3,6 +3,7 @@
 //!
 //! See ARCHITECTURE.md for the request path and the invariants.
 
+pub mod call;
 pub mod config;
 pub mod domain;
 pub mod http;

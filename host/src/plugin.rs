@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use abi_stable::std_types::{RResult, RSlice};
-use async_ffi::FfiFuture;
-use plugin_api::ffi::{FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest};
+use async_ffi::FfiContext;
+use plugin_api::ffi::{FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest};
 use tokio::sync::Notify;
 
 use crate::loader::PluginLibrary;
@@ -75,9 +75,15 @@ impl Instance {
         &self.library
     }
 
-    /// Starts handling a request. The future catches the handler's panics itself.
-    pub fn handle(&self, request: FfiRequest) -> FfiFuture<FfiHandleResult> {
-        (self.library.module.handle())(self.ptr, request)
+    /// Starts handling a request and polls the handler once (see `call::start`, which
+    /// is the only caller). The plugin catches the handler's panics itself.
+    pub fn handle(
+        &self,
+        request: FfiRequest,
+        cx: &mut FfiContext<'_>,
+        out: *mut FfiHandleResult,
+    ) -> FfiCall {
+        (self.library.module.handle())(self.ptr, request, cx, out)
     }
 
     /// The state this instance hands to its successor, copied into host memory.

@@ -18,6 +18,9 @@ struct PathRoutes {
     methods: Vec<(String, u32)>,
     any: Option<u32>,
     allow: HeaderValue,
+    /// The pattern's parameter names in order, `'static` so that a request can carry
+    /// them (see `call::intern`).
+    params: Box<[&'static str]>,
 }
 
 /// The outcome of matching a request.
@@ -26,6 +29,8 @@ pub enum RouteMatch<'t, 'p> {
     Found {
         route: u32,
         params: matchit::Params<'t, 'p>,
+        /// The parameters' names in the order of `params`, when known in advance.
+        names: &'t [&'static str],
     },
     /// The path exists with other methods; the value is the `Allow` header.
     MethodNotAllowed(&'t HeaderValue),
@@ -57,6 +62,7 @@ impl RouteTable {
                         methods: Vec::new(),
                         any: None,
                         allow: HeaderValue::from_static(""),
+                        params: param_names(pattern).map(crate::call::intern).collect(),
                     });
                     paths.len() - 1
                 }
@@ -97,6 +103,7 @@ impl RouteTable {
                 Some(route) => RouteMatch::Found {
                     route,
                     params: matchit::Params::new(),
+                    names: &[],
                 },
                 None => RouteMatch::NotFound,
             };
@@ -122,10 +129,28 @@ impl RouteTable {
             Some(route) => RouteMatch::Found {
                 route,
                 params: m.params,
+                names: &entry.params,
             },
             None => RouteMatch::MethodNotAllowed(&entry.allow),
         }
     }
+}
+
+/// The parameter names of a matchit pattern in order: `{name}` and `{*name}` segments
+/// (`{{` and `}}` are escaped braces).
+fn param_names(pattern: &str) -> impl Iterator<Item = &str> {
+    let mut rest = pattern;
+    std::iter::from_fn(move || loop {
+        let open = rest.find('{')?;
+        if rest[open + 1..].starts_with('{') {
+            rest = &rest[open + 2..];
+            continue;
+        }
+        let close = open + rest[open..].find('}')?;
+        let name = &rest[open + 1..close];
+        rest = &rest[close + 1..];
+        return Some(name.strip_prefix('*').unwrap_or(name));
+    })
 }
 
 #[cfg(test)]
@@ -148,14 +173,30 @@ mod tests {
     #[test]
     fn matches_methods_params_and_catch_all() {
         let t = table();
-        let RouteMatch::Found { route, params } = t.find("DELETE", "/users/42") else {
+        let RouteMatch::Found {
+            route,
+            params,
+            names,
+        } = t.find("DELETE", "/users/42")
+        else {
             panic!()
         };
-        assert_eq!((route, params.get("id")), (2, Some("42")));
-        let RouteMatch::Found { route, params } = t.find("PUT", "/files/a/b.txt") else {
+        assert_eq!(
+            (route, params.get("id"), names),
+            (2, Some("42"), &["id"][..])
+        );
+        let RouteMatch::Found {
+            route,
+            params,
+            names,
+        } = t.find("PUT", "/files/a/b.txt")
+        else {
             panic!()
         };
-        assert_eq!((route, params.get("path")), (3, Some("a/b.txt")));
+        assert_eq!(
+            (route, params.get("path"), names),
+            (3, Some("a/b.txt"), &["path"][..])
+        );
         assert!(matches!(
             t.find("HEAD", "/"),
             RouteMatch::Found { route: 0, .. }
@@ -165,6 +206,19 @@ mod tests {
             panic!()
         };
         assert_eq!(allow, "GET, DELETE, HEAD");
+    }
+
+    #[test]
+    fn parameter_names_come_in_pattern_order() {
+        let names: Vec<&str> = param_names("/a/{first}/{{x}}/{last}/{*rest}").collect();
+        assert_eq!(names, ["first", "last", "rest"]);
+        assert_eq!(param_names("/plain").count(), 0);
+        let t = RouteTable::new([("GET", "/greet/{first}/{last}")], None).unwrap();
+        let RouteMatch::Found { params, names, .. } = t.find("GET", "/greet/ada/lovelace") else {
+            panic!()
+        };
+        let keys: Vec<&str> = params.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, names);
     }
 
     #[test]

@@ -154,12 +154,9 @@ pub async fn serve(
                     .max_headers(servers.routing().limits.max_headers);
                 let servers = servers.clone();
                 // Formatted once per connection, not per request.
-                let client: Arc<str> = peer.to_string().into();
-                let service = service_fn(move |req| {
-                    let servers = servers.clone();
-                    let client = client.clone();
-                    async move { crate::http::handle(&servers, req, &client).await }
-                });
+                let client = crate::call::ClientAddr::new(peer);
+                let service =
+                    service_fn(move |req| crate::http::handle(servers.clone(), req, client));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {

@@ -5,6 +5,7 @@
 //! aborts the whole host process).
 #![allow(unsafe_code)]
 
+use std::ffi::c_void;
 use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,19 +15,21 @@ use std::task::{Context, Poll};
 
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::std_types::{RErr, ROk, ROption, RResult, RStr, RString, RVec};
-use async_ffi::FfiFuture;
+use async_ffi::FfiContext;
 
 use crate::ffi::{
-    FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute, PluginMod,
+    FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute, PluginMod,
     PluginModRef,
 };
 use crate::host::{self, panic_message};
 use crate::{InitContext, IntoResponse, Microserver, Request, Routes};
 
+/// A route's handler with its types erased: starts the handler and polls it once (see
+/// [`start`]).
 pub(crate) type ErasedHandler<S> =
-    Box<dyn Fn(Arc<S>, Request) -> FfiFuture<FfiHandleResult> + Send + Sync>;
+    Box<dyn Fn(Arc<S>, Request, &mut Context<'_>, *mut FfiHandleResult) -> FfiCall + Send + Sync>;
 
-/// Wraps a handler so that it returns an FFI future that never unwinds.
+/// Wraps a handler so that it runs behind the C ABI and never unwinds.
 pub(crate) fn erase<S, H, Fut, R>(handler: H) -> ErasedHandler<S>
 where
     S: Microserver,
@@ -34,16 +37,83 @@ where
     Fut: Future<Output = R> + Send + 'static,
     R: IntoResponse,
 {
-    Box::new(move |server, request| {
+    Box::new(move |server, request, cx, out| {
         match catch_unwind(AssertUnwindSafe(|| handler(server, request))) {
-            Ok(fut) => FfiFuture::new(CatchUnwind(ManuallyDrop::new(fut))),
-            Err(payload) => {
-                let message = panic_message(&*payload);
-                FfiFuture::new(std::future::ready(RErr(RString::from(message))))
-            }
+            Ok(fut) => start(fut, cx, out),
+            Err(payload) => answered(out, RErr(panic_message(&*payload).into())),
         }
     })
 }
+
+/// Boxes a handler's future and polls it once: most handlers answer at once, and then
+/// the outcome goes straight to `out` and nothing is left for the host to poll.
+fn start<F, R>(fut: F, cx: &mut Context<'_>, out: *mut FfiHandleResult) -> FfiCall
+where
+    F: Future<Output = R> + Send + 'static,
+    R: IntoResponse,
+{
+    let mut boxed = Box::pin(CatchUnwind(ManuallyDrop::new(fut)));
+    match boxed.as_mut().poll(cx) {
+        Poll::Ready(outcome) => answered(out, outcome),
+        Poll::Pending => FfiCall {
+            // SAFETY (for poll_call and drop_call): the pointer comes from a pinned box
+            // and is turned back into one exactly once, by drop_call.
+            future: Box::into_raw(unsafe { Pin::into_inner_unchecked(boxed) }).cast(),
+            poll: poll_call::<F, R>,
+            drop: drop_call::<F>,
+        },
+    }
+}
+
+fn answered(out: *mut FfiHandleResult, outcome: FfiHandleResult) -> FfiCall {
+    // SAFETY: the host passes a pointer to space for one outcome, which it reads only
+    // after this returns a call with a null future.
+    unsafe { out.write(outcome) };
+    FfiCall {
+        future: std::ptr::null_mut(),
+        poll: poll_nothing,
+        drop: drop_nothing,
+    }
+}
+
+extern "C" fn poll_call<F, R>(
+    future: *mut c_void,
+    cx: &mut FfiContext<'_>,
+    out: *mut FfiHandleResult,
+) -> bool
+where
+    F: Future<Output = R>,
+    R: IntoResponse,
+{
+    // SAFETY: `future` is the pinned box made in `start` (never moved since), alive until
+    // drop_call; the host polls it from one thread at a time.
+    let future = unsafe { Pin::new_unchecked(&mut *future.cast::<CatchUnwind<F>>()) };
+    // CatchUnwind catches panics in the handler; the waker glue does not panic.
+    match cx.with_context(|cx| future.poll(cx)) {
+        Poll::Ready(outcome) => {
+            // SAFETY: as in `answered`.
+            unsafe { out.write(outcome) };
+            true
+        }
+        Poll::Pending => false,
+    }
+}
+
+extern "C" fn drop_call<F>(future: *mut c_void) {
+    // SAFETY: made by `Box::into_raw` in `start`; the host drops a call once. Dropping
+    // a CatchUnwind catches the handler's panics.
+    drop(unsafe { Box::from_raw(future.cast::<CatchUnwind<F>>()) });
+}
+
+extern "C" fn poll_nothing(
+    _: *mut c_void,
+    _: &mut FfiContext<'_>,
+    _: *mut FfiHandleResult,
+) -> bool {
+    false
+}
+
+extern "C" fn drop_nothing(_: *mut c_void) {}
 
 /// Polls the handler's future, turning its response into the FFI shape and a panic into
 /// an error carrying the panic message. Dropping it catches panics too: the host drops a
@@ -146,16 +216,23 @@ pub fn init<S: Microserver>(
 extern "C" fn handle<S: Microserver>(
     ptr: FfiInstance,
     request: FfiRequest,
-) -> FfiFuture<FfiHandleResult> {
+    cx: &mut FfiContext<'_>,
+    out: *mut FfiHandleResult,
+) -> FfiCall {
     let instance = instance::<S>(ptr);
     match instance.handlers.get(request.route as usize) {
-        // `erase` already catches panics in the handler.
-        Some(handler) => handler(instance.server.clone(), Request::from_ffi(request)),
-        None => FfiFuture::new(std::future::ready(RErr(RString::from(format!(
-            "the host asked for route {} of {}",
-            request.route,
-            instance.handlers.len()
-        ))))),
+        // `erase` catches panics in the handler; the waker glue does not panic.
+        Some(handler) => cx.with_context(|cx| {
+            handler(instance.server.clone(), Request::from_ffi(request), cx, out)
+        }),
+        None => {
+            let message = format!(
+                "the host asked for route {} of {}",
+                request.route,
+                instance.handlers.len()
+            );
+            answered(out, RErr(message.into()))
+        }
     }
 }
 

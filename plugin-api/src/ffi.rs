@@ -15,7 +15,7 @@ use abi_stable::library::RootModule;
 use abi_stable::sabi_types::VersionStrings;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use abi_stable::StableAbi;
-use async_ffi::FfiFuture;
+use async_ffi::{FfiContext, FfiFuture};
 
 /// A byte range `[start, end)` inside a buffer that travels with it.
 #[repr(C)]
@@ -72,6 +72,7 @@ pub const INLINE_HEADERS: usize = 6;
 pub const INLINE_HEADER_BYTES: usize = 192;
 
 impl Default for FfiHeaders {
+    #[inline]
     fn default() -> Self {
         FfiHeaders {
             inline_bytes: [0; INLINE_HEADER_BYTES],
@@ -87,6 +88,7 @@ impl Default for FfiHeaders {
 
 impl FfiHeaders {
     /// Appends a header.
+    #[inline]
     pub fn push(&mut self, name: &[u8], value: &[u8]) {
         let len = self.bytes_len as usize;
         let fits = len + name.len() + value.len() <= INLINE_HEADER_BYTES
@@ -124,6 +126,7 @@ impl FfiHeaders {
     }
 
     /// The buffer the entries' spans point into.
+    #[inline]
     pub fn bytes(&self) -> &[u8] {
         if self.spilled {
             &self.spill_bytes
@@ -132,6 +135,7 @@ impl FfiHeaders {
         }
     }
 
+    #[inline]
     pub fn entries(&self) -> &[FfiHeader] {
         if self.spilled {
             &self.spill_entries
@@ -141,6 +145,7 @@ impl FfiHeaders {
     }
 
     /// (name, value) pairs.
+    #[inline]
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let bytes = self.bytes();
         self.entries()
@@ -149,12 +154,79 @@ impl FfiHeaders {
     }
 }
 
+/// Bytes borrowed from the host's side of a request: valid for as long as the
+/// [`FfiRequest`] that carries them (the host frees them when it is dropped).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct FfiStr {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: an `FfiStr` is a shared view of immutable bytes; the request that owns them is
+// `Send + Sync`.
+unsafe impl Send for FfiStr {}
+unsafe impl Sync for FfiStr {}
+
+impl FfiStr {
+    /// A view of `bytes`. The caller keeps them alive while the view is used.
+    #[inline]
+    pub fn new(bytes: &[u8]) -> Self {
+        FfiStr {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+        }
+    }
+
+    /// The bytes.
+    ///
+    /// # Safety
+    /// The memory this view was made from must still be alive for `'a`: for the fields of
+    /// an [`FfiRequest`], as long as that request.
+    #[inline]
+    pub unsafe fn get<'a>(self) -> &'a [u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the caller's promise; `new` took `ptr..ptr+len` from a slice.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
 /// One path parameter: its name and its raw (still percent-encoded) value.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug)]
 pub struct FfiParam {
-    pub name: FfiSpan,
-    pub value: FfiSpan,
+    pub name: FfiStr,
+    pub value: FfiStr,
+}
+
+/// The host's request object, opaque to the plugin.
+#[repr(transparent)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct FfiRequestData(pub *mut c_void);
+
+// SAFETY: the pointee is the host's request record, which is `Send + Sync`.
+unsafe impl Send for FfiRequestData {}
+unsafe impl Sync for FfiRequestData {}
+
+/// The callback [`FfiRequestFns::each_header`] calls with `(context, name, value)`.
+#[repr(transparent)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct FfiEachHeader(pub extern "C" fn(*mut c_void, FfiStr, FfiStr));
+
+/// What a plugin can ask of the host about a request. Every function is the host's, so a
+/// request stays valid whatever happens to the library that received it.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiRequestFns {
+    /// The first value of a header (the name compares case-insensitively), if present.
+    pub header: extern "C" fn(FfiRequestData, name: FfiStr) -> ROption<FfiStr>,
+    /// Calls `each(context, name, value)` for every header, grouped by name in the order
+    /// their names first appeared.
+    pub each_header: extern "C" fn(FfiRequestData, context: *mut c_void, each: FfiEachHeader),
+    /// Frees the request. Called once, by `FfiRequest`'s drop.
+    pub drop: extern "C" fn(FfiRequestData),
 }
 
 /// An immutable byte buffer owned by either side, freed by the side that made it.
@@ -186,6 +258,7 @@ extern "C" fn drop_boxed<T>(owner: *mut c_void) {
 
 impl FfiBytes {
     /// An empty buffer that owns nothing.
+    #[inline]
     pub fn empty() -> Self {
         FfiBytes {
             ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
@@ -196,6 +269,7 @@ impl FfiBytes {
     }
 
     /// Borrows bytes that live for the whole program: no allocation, nothing to free.
+    #[inline]
     pub fn from_static(bytes: &'static [u8]) -> Self {
         FfiBytes {
             ptr: bytes.as_ptr(),
@@ -206,6 +280,7 @@ impl FfiBytes {
     }
 
     /// Takes ownership of any byte container without copying its contents.
+    #[inline]
     pub fn from_owner<T: AsRef<[u8]> + Send + Sync + 'static>(owner: T) -> Self {
         if owner.as_ref().is_empty() {
             return Self::empty();
@@ -223,22 +298,26 @@ impl FfiBytes {
         }
     }
 
+    #[inline]
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr..ptr+len` points into the owner, which lives as long as `self`
         // and is never mutated; an empty buffer uses a dangling, aligned pointer.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The bytes, if they live for the whole program (made by [`FfiBytes::from_static`]):
     /// nothing owns them, so they can be used without keeping this value.
+    #[inline]
     pub fn as_static(&self) -> Option<&'static [u8]> {
         // SAFETY: a null owner means `from_static` or `empty` made this value, from a
         // `&'static [u8]`. (A plugin library stays mapped for the life of the process, so
@@ -263,24 +342,72 @@ impl Drop for FfiBytes {
 
 /// A request as the host hands it to a plugin.
 ///
-/// All text fields are spans into `buf`, so a request costs the same two allocations
-/// however many headers it has. Text spans hold valid UTF-8 except header values.
+/// Nothing is copied to make one: the text fields are views of the host's own request
+/// record (`data`), which the host frees when this value is dropped, and headers are
+/// looked up through `fns` when a handler asks. The text fields hold valid UTF-8.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct FfiRequest {
-    pub buf: RVec<u8>,
-    pub method: FfiSpan,
-    pub path: FfiSpan,
-    pub query: FfiSpan,
-    pub domain: FfiSpan,
-    pub client_addr: FfiSpan,
-    pub request_id: FfiSpan,
-    pub headers: RVec<FfiHeader>,
-    pub params: RVec<FfiParam>,
+    pub data: FfiRequestData,
+    pub fns: &'static FfiRequestFns,
+    pub method: FfiStr,
+    pub path: FfiStr,
+    pub query: FfiStr,
+    pub domain: FfiStr,
+    pub client_addr: FfiStr,
+    pub request_id: FfiStr,
+    /// `params_len` path parameters, in the order of the pattern.
+    pub params: *const FfiParam,
+    pub params_len: usize,
     /// Index into the route table the plugin returned from init.
     pub route: u32,
     pub body: FfiBytes,
 }
+
+// SAFETY: every pointer in a request points into the host's request record, which is
+// `Send + Sync` and lives until the request is dropped.
+unsafe impl Send for FfiRequest {}
+unsafe impl Sync for FfiRequest {}
+
+impl Drop for FfiRequest {
+    fn drop(&mut self) {
+        (self.fns.drop)(self.data);
+    }
+}
+
+impl FfiRequest {
+    /// The path parameters.
+    #[inline]
+    pub fn params(&self) -> &[FfiParam] {
+        if self.params_len == 0 {
+            return &[];
+        }
+        // SAFETY: the host points `params` at `params_len` entries that live as long as
+        // this request.
+        unsafe { std::slice::from_raw_parts(self.params, self.params_len) }
+    }
+}
+
+/// A handler call that did not finish on its first poll: the handler's future, boxed in
+/// the plugin, polled and dropped through the plugin's functions.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiCall {
+    /// The future; null when the handler answered at once (nothing left to poll or drop).
+    pub future: *mut c_void,
+    /// Polls the future. On `true` the outcome has been written to the last argument.
+    pub poll: for<'a, 'b> extern "C" fn(
+        *mut c_void,
+        &'a mut FfiContext<'b>,
+        *mut FfiHandleResult,
+    ) -> bool,
+    /// Drops the future (the host drops a call early when it times out or the client
+    /// goes away).
+    pub drop: extern "C" fn(*mut c_void),
+}
+
+// SAFETY: the future is a handler's future, which `export_plugin!` requires to be `Send`.
+unsafe impl Send for FfiCall {}
 
 /// A response as a plugin hands it back.
 #[repr(C)]
@@ -380,7 +507,15 @@ pub struct PluginMod {
     /// The plugin's own version (its crate version).
     pub version: RStr<'static>,
     pub init: for<'a> extern "C" fn(FfiInitArgs<'a>) -> RResult<FfiInit, RString>,
-    pub handle: extern "C" fn(FfiInstance, FfiRequest) -> FfiFuture<FfiHandleResult>,
+    /// Starts a handler and polls it once. If it answers at once, the outcome is written
+    /// to the last argument and the returned call has a null future; otherwise the host
+    /// polls the call until it answers.
+    pub handle: for<'a, 'b> extern "C" fn(
+        FfiInstance,
+        FfiRequest,
+        &'a mut FfiContext<'b>,
+        *mut FfiHandleResult,
+    ) -> FfiCall,
     /// Called once when the instance is being replaced: its state to hand to the next
     /// generation's init, if it has any.
     pub export_state: extern "C" fn(FfiInstance) -> ROption<RVec<u8>>,

@@ -1,11 +1,13 @@
 //! The request a handler receives.
+#![allow(unsafe_code)] // FfiStr views of the host's request record (see ffi.rs)
 
 use std::borrow::Cow;
+use std::ffi::c_void;
 
 use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 
-use crate::ffi::{FfiBytes, FfiRequest, FfiSpan};
+use crate::ffi::{FfiBytes, FfiEachHeader, FfiRequest, FfiStr};
 use crate::Error;
 
 /// An HTTP request routed to this microserver.
@@ -35,25 +37,37 @@ impl std::fmt::Debug for Request {
 
 impl Request {
     #[doc(hidden)]
+    #[inline]
     pub fn from_ffi(raw: FfiRequest) -> Self {
         Request { raw }
     }
 
-    fn text(&self, span: FfiSpan) -> &str {
-        std::str::from_utf8(span.get(&self.raw.buf)).unwrap_or_default()
+    #[inline]
+    fn bytes(&self, s: FfiStr) -> &[u8] {
+        // SAFETY: every `FfiStr` the host puts in a request (its fields, its parameters,
+        // the headers it hands out) lives as long as the request, which `self` owns.
+        unsafe { s.get() }
+    }
+
+    #[inline]
+    fn text(&self, s: FfiStr) -> &str {
+        std::str::from_utf8(self.bytes(s)).unwrap_or_default()
     }
 
     /// The method in upper case, such as `GET`.
+    #[inline]
     pub fn method(&self) -> &str {
         self.text(self.raw.method)
     }
 
     /// The path, still percent-encoded, such as `/users/42`.
+    #[inline]
     pub fn path(&self) -> &str {
         self.text(self.raw.path)
     }
 
     /// The query string without the `?`, still percent-encoded; empty if there is none.
+    #[inline]
     pub fn query(&self) -> &str {
         self.text(self.raw.query)
     }
@@ -79,13 +93,14 @@ impl Request {
     /// A path parameter from the route pattern (`{id}` in `/users/{id}`), percent-decoded.
     pub fn param(&self, name: &str) -> Option<Cow<'_, str>> {
         self.raw
-            .params
+            .params()
             .iter()
-            .find(|p| p.name.get(&self.raw.buf) == name.as_bytes())
+            .find(|p| self.bytes(p.name) == name.as_bytes())
             .map(|p| percent_decode_str(self.text(p.value)).decode_utf8_lossy())
     }
 
     /// The domain this request was routed by: lower case, without port or trailing dot.
+    #[inline]
     pub fn domain(&self) -> &str {
         self.text(self.raw.domain)
     }
@@ -96,28 +111,37 @@ impl Request {
     }
 
     /// The id the host gave this request; it is also sent back as `x-request-id`.
+    #[inline]
     pub fn request_id(&self) -> &str {
         self.text(self.raw.request_id)
     }
 
     /// The first value of a header (names compare case-insensitively), if it is text.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        let value = (self.raw.fns.header)(self.raw.data, FfiStr::new(name.as_bytes()));
+        std::str::from_utf8(self.bytes(value.into_option()?)).ok()
     }
 
-    /// Every header as `(lower-case name, raw value)`, in the order the client sent them.
+    /// Every header as `(lower-case name, raw value)`: names in the order the client first
+    /// sent them, and the values of a repeated name together, in order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.raw.headers.iter().map(|h| {
-            (
-                std::str::from_utf8(h.name.get(&self.raw.buf)).unwrap_or_default(),
-                h.value.get(&self.raw.buf),
-            )
-        })
+        extern "C" fn push(list: *mut c_void, name: FfiStr, value: FfiStr) {
+            // SAFETY: `list` is the vector below, borrowed for the duration of the call.
+            let list = unsafe { &mut *list.cast::<Vec<(FfiStr, FfiStr)>>() };
+            list.push((name, value));
+        }
+        let mut list: Vec<(FfiStr, FfiStr)> = Vec::new();
+        (self.raw.fns.each_header)(
+            self.raw.data,
+            (&raw mut list).cast::<c_void>(),
+            FfiEachHeader(push),
+        );
+        list.into_iter()
+            .map(|(name, value)| (self.text(name), self.bytes(value)))
     }
 
     /// The whole request body.
+    #[inline]
     pub fn body(&self) -> &[u8] {
         self.raw.body.as_slice()
     }

@@ -36,6 +36,7 @@ impl Default for Response {
 
 impl Response {
     /// An empty response with the given status.
+    #[inline]
     pub fn new(status: u16) -> Self {
         Response {
             status,
@@ -46,6 +47,7 @@ impl Response {
 
     /// A `200 OK` with a `text/plain; charset=utf-8` body (a `String`, or a
     /// `&'static str`, which costs no allocation).
+    #[inline]
     pub fn text(body: impl Into<Body>) -> Self {
         Response::new(200)
             .with_header("content-type", "text/plain; charset=utf-8")
@@ -65,12 +67,14 @@ impl Response {
     }
 
     /// Replaces the status.
+    #[inline]
     pub fn with_status(mut self, status: u16) -> Self {
         self.status = status;
         self
     }
 
     /// Adds a header. Names and values the host cannot send turn the response into a 500.
+    #[inline]
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
         self.headers.push(name.as_bytes(), value.as_bytes());
         self
@@ -80,6 +84,7 @@ impl Response {
     /// it is, a `&'static str` or `&'static [u8]` is not even allocated, and a request's
     /// [`Body`] (from [`Request::take_body`](crate::Request::take_body)) goes back out
     /// untouched.
+    #[inline]
     pub fn with_body(mut self, body: impl Into<Body>) -> Self {
         self.body = body.into().0;
         self
@@ -102,6 +107,7 @@ impl Response {
     }
 
     #[doc(hidden)]
+    #[inline]
     pub fn into_ffi(self) -> FfiResponse {
         FfiResponse {
             status: self.status,
@@ -128,6 +134,7 @@ impl std::fmt::Debug for Body {
 }
 
 impl Body {
+    #[inline]
     pub fn empty() -> Self {
         Body(FfiBytes::empty())
     }
@@ -152,24 +159,28 @@ impl AsRef<[u8]> for Body {
 }
 
 impl From<Vec<u8>> for Body {
+    #[inline]
     fn from(v: Vec<u8>) -> Self {
         Body(FfiBytes::from_owner(v))
     }
 }
 
 impl From<String> for Body {
+    #[inline]
     fn from(s: String) -> Self {
         Body::from(s.into_bytes())
     }
 }
 
 impl From<&'static [u8]> for Body {
+    #[inline]
     fn from(b: &'static [u8]) -> Self {
         Body(FfiBytes::from_static(b))
     }
 }
 
 impl From<&'static str> for Body {
+    #[inline]
     fn from(s: &'static str) -> Self {
         Body(FfiBytes::from_static(s.as_bytes()))
     }
@@ -181,6 +192,7 @@ pub trait IntoResponse {
 }
 
 impl IntoResponse for Response {
+    #[inline]
     fn into_response(self) -> Response {
         self
     }

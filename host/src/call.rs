@@ -1,0 +1,329 @@
+//! One request across the plugin boundary: the request record the host lends to a
+//! plugin, and the call that answers it.
+//!
+//! Nothing about the request is copied for the plugin. The parsed request (hyper's
+//! `Parts`) is boxed once, and the `FfiRequest` the plugin receives holds views of it
+//! plus the host functions that read headers and free the box. Whoever drops the
+//! `FfiRequest` last (usually the plugin's handler, when it finishes with its `Request`)
+//! frees it through the host's own code, so the record is valid however long a handler
+//! keeps it and whatever happens to the library afterwards.
+//!
+//! Invariant: every `FfiStr` handed out points into the boxed record (or into heap memory
+//! the record owns, or into `'static` data), and the record does not move or change
+//! after it is handed over.
+#![allow(unsafe_code)]
+
+use std::borrow::Cow;
+use std::ffi::c_void;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::ptr::NonNull;
+use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use abi_stable::std_types::ROption;
+use async_ffi::ContextExt;
+use bytes::Bytes;
+use hyper::http::request::Parts;
+use plugin_api::ffi::{
+    FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest, FfiRequestData,
+    FfiRequestFns, FfiStr,
+};
+
+use crate::plugin::Instance;
+
+/// A client's socket address as text, made once per connection and copied into each
+/// request record (no allocation, no reference count).
+#[derive(Clone, Copy)]
+pub struct ClientAddr {
+    len: u8,
+    buf: [u8; 64],
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> Self {
+        let mut out = ClientAddr {
+            len: 0,
+            buf: [0; 64],
+        };
+        // The longest, `[v6%scope]:port`, is 58 bytes.
+        let _ = write!(out, "{addr}");
+        out
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for ClientAddr {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let start = self.len as usize;
+        let end = start + s.len();
+        let slot = self.buf.get_mut(start..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end as u8;
+        Ok(())
+    }
+}
+
+/// The host's record of one request, as lent to a plugin.
+struct Record {
+    parts: Parts,
+    client: ClientAddr,
+    request_id: [u8; 16],
+    /// The normalised domain, when it differs from the bytes the client sent.
+    domain: Option<Box<str>>,
+    params: Vec<FfiParam>,
+}
+
+/// A request record not yet handed to a plugin; freed if it never is.
+pub struct PendingRequest(NonNull<Record>);
+
+// SAFETY: it owns a `Record`, which is `Send + Sync`.
+unsafe impl Send for PendingRequest {}
+unsafe impl Sync for PendingRequest {}
+
+/// The record's domain: a view of the `Host` header (or `:authority`), or a normalised
+/// copy.
+pub enum Domain {
+    Borrowed(FfiStr),
+    Owned(Box<str>),
+}
+
+impl Domain {
+    pub fn new(domain: Cow<'_, str>) -> Self {
+        match domain {
+            Cow::Borrowed(d) => Domain::Borrowed(FfiStr::new(d.as_bytes())),
+            Cow::Owned(d) => Domain::Owned(d.into_boxed_str()),
+        }
+    }
+}
+
+impl PendingRequest {
+    pub fn new(parts: Parts, client: &ClientAddr, request_id: [u8; 16]) -> Self {
+        let record = Box::new(Record {
+            parts,
+            client: *client,
+            request_id,
+            domain: None,
+            params: Vec::new(),
+        });
+        PendingRequest(NonNull::from(Box::leak(record)))
+    }
+
+    /// The request as hyper parsed it. Views made from it (with [`FfiStr::new`]) stay
+    /// valid in the `FfiRequest` this turns into.
+    pub fn parts(&self) -> &Parts {
+        // SAFETY: the record is alive and only read until `into_ffi` or drop.
+        unsafe { &self.0.as_ref().parts }
+    }
+
+    /// Hands the record over. `domain` and the parameters' values must be views of
+    /// [`parts`](Self::parts) (or owned); parameter names must be `'static`.
+    pub fn into_ffi(
+        self,
+        domain: Domain,
+        params: Vec<FfiParam>,
+        route: u32,
+        body: Bytes,
+    ) -> FfiRequest {
+        let ptr = self.0.as_ptr();
+        std::mem::forget(self);
+        // SAFETY: `ptr` is the live record this value owned; from here on the
+        // `FfiRequest` owns it, and nothing changes it after these writes.
+        let (record, domain) = unsafe {
+            (*ptr).params = params;
+            let domain = match domain {
+                Domain::Borrowed(view) => view,
+                Domain::Owned(owned) => FfiStr::new((*ptr).domain.insert(owned).as_bytes()),
+            };
+            (&*ptr, domain)
+        };
+        let uri = &record.parts.uri;
+        FfiRequest {
+            data: FfiRequestData(ptr.cast()),
+            fns: &REQUEST_FNS,
+            method: FfiStr::new(record.parts.method.as_str().as_bytes()),
+            path: FfiStr::new(uri.path().as_bytes()),
+            query: FfiStr::new(uri.query().unwrap_or("").as_bytes()),
+            domain,
+            client_addr: FfiStr::new(record.client.as_str().as_bytes()),
+            request_id: FfiStr::new(&record.request_id),
+            params: record.params.as_ptr(),
+            params_len: record.params.len(),
+            route,
+            body: if body.is_empty() {
+                FfiBytes::empty()
+            } else {
+                FfiBytes::from_owner(body)
+            },
+        }
+    }
+}
+
+impl Drop for PendingRequest {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::leak` in `new`, and not handed over.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+static REQUEST_FNS: FfiRequestFns = FfiRequestFns {
+    header,
+    each_header,
+    drop: drop_record,
+};
+
+fn record<'a>(data: FfiRequestData) -> &'a Record {
+    // SAFETY: plugins get `data` only inside the `FfiRequest` that owns the record, and
+    // these functions are called through that request, so the record is alive.
+    unsafe { &*data.0.cast::<Record>() }
+}
+
+// None of these functions can panic (a panic may not unwind out of `extern "C"`).
+
+extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiStr> {
+    // SAFETY: the plugin passes a view of its own string, alive during the call.
+    let name = unsafe { name.get() };
+    let Ok(name) = std::str::from_utf8(name) else {
+        return ROption::RNone;
+    };
+    // `HeaderMap::get` compares names case-insensitively, and finds nothing for an
+    // invalid name.
+    match record(data).parts.headers.get(name) {
+        Some(value) => ROption::RSome(FfiStr::new(value.as_bytes())),
+        None => ROption::RNone,
+    }
+}
+
+extern "C" fn each_header(data: FfiRequestData, context: *mut c_void, each: FfiEachHeader) {
+    for (name, value) in &record(data).parts.headers {
+        (each.0)(
+            context,
+            FfiStr::new(name.as_str().as_bytes()),
+            FfiStr::new(value.as_bytes()),
+        );
+    }
+}
+
+extern "C" fn drop_record(data: FfiRequestData) {
+    // SAFETY: `FfiRequest::drop` calls this once, with the record `into_ffi` handed over.
+    drop(unsafe { Box::from_raw(data.0.cast::<Record>()) });
+}
+
+/// `'static` copies of path-parameter names, so a request can point at them whatever
+/// becomes of the route table. One copy per distinct name for the life of the process.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<std::collections::HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    match names.get(name) {
+        Some(interned) => interned,
+        None => {
+            let interned: &'static str = Box::leak(name.into());
+            names.insert(interned);
+            interned
+        }
+    }
+}
+
+/// Where a plugin writes a handler's outcome. It lives in the request's own future, so
+/// the response (a few hundred bytes) is read where it was written, not moved through
+/// every layer on its way out.
+pub struct OutcomeSlot {
+    value: MaybeUninit<FfiHandleResult>,
+    full: bool,
+}
+
+impl OutcomeSlot {
+    pub fn new() -> Self {
+        OutcomeSlot {
+            value: MaybeUninit::uninit(),
+            full: false,
+        }
+    }
+
+    /// Stores an outcome that arrived by value (from a handler that did not answer at
+    /// once).
+    pub fn put(&mut self, outcome: FfiHandleResult) -> &mut FfiHandleResult {
+        self.take_out();
+        self.full = true;
+        self.value.write(outcome)
+    }
+
+    pub fn get_mut(&mut self) -> Option<&mut FfiHandleResult> {
+        // SAFETY: `full` is set only once the value is written.
+        self.full.then(|| unsafe { self.value.assume_init_mut() })
+    }
+
+    fn take_out(&mut self) {
+        if std::mem::take(&mut self.full) {
+            // SAFETY: it was full; `full` is now false, so it is dropped once.
+            unsafe { self.value.assume_init_drop() };
+        }
+    }
+}
+
+impl Default for OutcomeSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for OutcomeSlot {
+    fn drop(&mut self) {
+        self.take_out();
+    }
+}
+
+/// Starts a handler: calls into the plugin, which polls it once with this task's context.
+/// `None` means it answered at once, into `slot`; otherwise the call is still running.
+pub fn start(
+    instance: &Instance,
+    request: FfiRequest,
+    cx: &mut Context<'_>,
+    slot: &mut OutcomeSlot,
+) -> Option<PluginCall> {
+    slot.take_out();
+    let out = slot.value.as_mut_ptr();
+    let call = cx.with_ffi_context(|cx| instance.handle(request, cx, out));
+    if call.future.is_null() {
+        // A call with a null future means the plugin wrote the outcome.
+        slot.full = true;
+        None
+    } else {
+        Some(PluginCall(call))
+    }
+}
+
+/// A handler still running inside a plugin. Dropping it drops the handler's future (in
+/// the plugin's code, which catches its panics).
+pub struct PluginCall(FfiCall);
+
+impl Future for PluginCall {
+    type Output = FfiHandleResult;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FfiHandleResult> {
+        let call = &self.0;
+        let mut out = MaybeUninit::<FfiHandleResult>::uninit();
+        let ready = cx.with_ffi_context(|cx| (call.poll)(call.future, cx, out.as_mut_ptr()));
+        if ready {
+            // SAFETY: `true` means the plugin wrote the outcome.
+            Poll::Ready(unsafe { out.assume_init() })
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for PluginCall {
+    fn drop(&mut self) {
+        (self.0.drop)(self.0.future);
+    }
+}
