@@ -1,15 +1,20 @@
 //! Listening sockets, connections, and graceful shutdown.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::servers::Microservers;
@@ -139,7 +144,7 @@ pub async fn serve(
     for addr in listeners.local_addrs() {
         tracing::info!("listening on http://{addr}");
     }
-    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Connections::default());
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -158,7 +163,8 @@ pub async fn serve(
                 let service =
                     service_fn(move |req| crate::http::handle(servers.clone(), req, client));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
+                let conn = connections.watch(conn.into_owned());
+                // Spawned as a task of its own: `Watched` relies on it (see there).
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, "connection ended with an error: {e}");
@@ -173,9 +179,105 @@ pub async fn serve(
         "stopped accepting; waiting up to {} ms for open requests",
         grace.as_millis()
     );
-    tokio::time::timeout(grace, graceful.shutdown())
+    connections.stop();
+    tokio::time::timeout(grace, connections.closed())
         .await
         .is_ok()
+}
+
+/// Open connections, and the signal that asks them to finish their requests and close.
+///
+/// hyper-util's `GracefulShutdown` does the same by polling a watch channel every time a
+/// connection is polled, which cost about 200 instructions per request (a quarter of a
+/// microsecond here). Here a poll costs one atomic load: the stop signal is sent by
+/// waking each connection's task once.
+#[derive(Default)]
+struct Connections {
+    stopping: AtomicBool,
+    next_id: AtomicU64,
+    /// Each open connection by id, with its task's waker once it has been polled.
+    open: Mutex<HashMap<u64, Option<Waker>>>,
+    all_closed: Notify,
+}
+
+impl Connections {
+    fn watch<C: GracefulConnection>(self: &Arc<Self>, conn: C) -> Watched<C> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, None);
+        Watched {
+            conn: Box::pin(conn),
+            id,
+            registered: false,
+            shutting_down: false,
+            connections: self.clone(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<Waker>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every open connection, and every one accepted later, to finish.
+    fn stop(&self) {
+        // Set before taking the lock: a connection that registers after this wakes
+        // reads `stopping` after the lock, so it sees it.
+        self.stopping.store(true, Ordering::SeqCst);
+        for waker in self.lock().values().flatten() {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Completes once no connection is open.
+    async fn closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A connection that finishes gracefully once `Connections::stop` is called.
+///
+/// It registers its task's waker on its first poll and keeps it: it must be the whole of
+/// a spawned task (a task's waker stays valid for the task's life).
+struct Watched<C> {
+    conn: Pin<Box<C>>,
+    id: u64,
+    registered: bool,
+    shutting_down: bool,
+    connections: Arc<Connections>,
+}
+
+impl<C: GracefulConnection> Future for Watched<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = &mut *self;
+        if !this.registered {
+            this.connections
+                .lock()
+                .insert(this.id, Some(cx.waker().clone()));
+            this.registered = true;
+        }
+        if !this.shutting_down && this.connections.stopping.load(Ordering::SeqCst) {
+            this.conn.as_mut().graceful_shutdown();
+            this.shutting_down = true;
+        }
+        this.conn.as_mut().poll(cx)
+    }
+}
+
+impl<C> Drop for Watched<C> {
+    fn drop(&mut self) {
+        let mut open = self.connections.lock();
+        open.remove(&self.id);
+        if open.is_empty() {
+            self.connections.all_closed.notify_waiters();
+        }
+    }
 }
 
 /// Installs the SIGINT and SIGTERM handlers now, and returns a future that completes on
