@@ -115,9 +115,10 @@ async fn route(
 
     // The body is read before the request counts as in flight on a generation, and
     // under the request timeout: a client that trickles its body holds up no reload.
-    let declared_len = parts
-        .headers
-        .get(CONTENT_LENGTH)
+    // (A request without a body has no length worth checking.)
+    let declared_len = has_body
+        .then(|| parts.headers.get(CONTENT_LENGTH))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|n| n > limits.max_body_bytes) {
