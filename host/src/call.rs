@@ -55,7 +55,12 @@ impl ClientAddr {
     }
 
     pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    /// The text's bytes (ASCII: an address and a port).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
     }
 }
 
@@ -151,7 +156,7 @@ impl PendingRequest {
             path: FfiStr::new(uri.path().as_bytes()),
             query: FfiStr::new(uri.query().unwrap_or("").as_bytes()),
             domain,
-            client_addr: FfiStr::new(record.client.as_str().as_bytes()),
+            client_addr: FfiStr::new(record.client.as_bytes()),
             request_id: FfiStr::new(&record.request_id),
             params: record.params.as_ptr(),
             params_len: record.params.len(),

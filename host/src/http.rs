@@ -72,7 +72,6 @@ async fn route(
     id: &RequestId,
     want_name: bool,
 ) -> (Response<Body>, Option<Arc<str>>) {
-    let request_id = id.as_str();
     let routing = servers.routing();
     let parts = pending.parts();
     if parts.method == Method::CONNECT {
@@ -229,7 +228,7 @@ async fn route(
                 tracing::warn!(
                     server = %g.server,
                     plugin = %g.plugin().name,
-                    request_id,
+                    request_id = id.as_str(),
                     timeout_ms = limits.request_timeout.as_millis() as u64,
                     "handler timed out"
                 );
@@ -246,8 +245,8 @@ async fn route(
             Ok(response) => response,
             Err((generation, problem)) => {
                 let g = generation.generation();
-                tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id, "invalid response: {problem}");
-                internal_error(request_id)
+                tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id = id.as_str(), "invalid response: {problem}");
+                internal_error(id.as_str())
             }
         },
         RResult::RErr(panic) => {
@@ -255,10 +254,10 @@ async fn route(
                 server = %g.server,
                 plugin = %g.plugin().name,
                 generation = g.number,
-                request_id,
+                request_id = id.as_str(),
                 "handler panicked: {panic}"
             );
-            internal_error(request_id)
+            internal_error(id.as_str())
         }
     };
     (response, name)
@@ -282,7 +281,10 @@ impl AsRef<[u8]> for PluginBody {
 /// empty string for an HTTP/1.0 request without either (it goes to the default server).
 fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, String> {
     let headers = &parts.headers;
-    let host = headers.get(HOST);
+    // A scan, not a hashed lookup: clients send Host first or nearly so.
+    let host = headers
+        .iter()
+        .find_map(|(name, value)| (*name == HOST).then_some(value));
     // Only a request that repeats some header name can repeat Host.
     if host.is_some()
         && headers.len() != headers.keys_len()
@@ -290,7 +292,8 @@ fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, S
     {
         return Err("more than one Host header".to_owned());
     }
-    let host = match host.map(|h| h.to_str()) {
+    // Any text will do here: normalize_host admits only host name characters.
+    let host = match host.map(|h| std::str::from_utf8(h.as_bytes())) {
         Some(Ok(h)) => Some(h),
         Some(Err(_)) => return Err("the Host header is not text".to_owned()),
         None => None,

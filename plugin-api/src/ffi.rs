@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_types::VersionStrings;
@@ -57,7 +58,8 @@ pub struct FfiHeader {
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct FfiHeaders {
-    inline_bytes: [u8; INLINE_HEADER_BYTES],
+    /// Written up to `bytes_len`; never zeroed (a response is built on every request).
+    inline_bytes: [MaybeUninit<u8>; INLINE_HEADER_BYTES],
     inline_entries: [FfiHeader; INLINE_HEADERS],
     bytes_len: u16,
     entries_len: u8,
@@ -67,15 +69,15 @@ pub struct FfiHeaders {
 }
 
 /// How many headers fit in an [`FfiHeaders`] without allocating.
-pub const INLINE_HEADERS: usize = 6;
+pub const INLINE_HEADERS: usize = 4;
 /// How many bytes of names and values fit in an [`FfiHeaders`] without allocating.
-pub const INLINE_HEADER_BYTES: usize = 192;
+pub const INLINE_HEADER_BYTES: usize = 128;
 
 impl Default for FfiHeaders {
     #[inline]
     fn default() -> Self {
         FfiHeaders {
-            inline_bytes: [0; INLINE_HEADER_BYTES],
+            inline_bytes: [MaybeUninit::uninit(); INLINE_HEADER_BYTES],
             inline_entries: [FfiHeader::default(); INLINE_HEADERS],
             bytes_len: 0,
             entries_len: 0,
@@ -102,9 +104,11 @@ impl FfiHeaders {
                 start: name_span.end,
                 end: name_span.end + value.len() as u32,
             };
-            self.inline_bytes[len..len + name.len()].copy_from_slice(name);
-            self.inline_bytes[name_span.end as usize..value_span.end as usize]
-                .copy_from_slice(value);
+            write_bytes(&mut self.inline_bytes[len..len + name.len()], name);
+            write_bytes(
+                &mut self.inline_bytes[name_span.end as usize..value_span.end as usize],
+                value,
+            );
             self.inline_entries[self.entries_len as usize] = FfiHeader {
                 name: name_span,
                 value: value_span,
@@ -114,7 +118,7 @@ impl FfiHeaders {
             return;
         }
         if !self.spilled {
-            self.spill_bytes = RVec::from(&self.inline_bytes[..len]);
+            self.spill_bytes = RVec::from(self.inline_written());
             self.spill_entries = RVec::from(&self.inline_entries[..self.entries_len as usize]);
             self.spilled = true;
         }
@@ -125,13 +129,20 @@ impl FfiHeaders {
         self.spill_entries.push(FfiHeader { name, value });
     }
 
+    /// The written part of the inline buffer.
+    fn inline_written(&self) -> &[u8] {
+        let written = &self.inline_bytes[..self.bytes_len as usize];
+        // SAFETY: `push` writes every byte below `bytes_len` before raising it.
+        unsafe { std::slice::from_raw_parts(written.as_ptr().cast::<u8>(), written.len()) }
+    }
+
     /// The buffer the entries' spans point into.
     #[inline]
     pub fn bytes(&self) -> &[u8] {
         if self.spilled {
             &self.spill_bytes
         } else {
-            &self.inline_bytes[..self.bytes_len as usize]
+            self.inline_written()
         }
     }
 
@@ -190,6 +201,13 @@ impl FfiStr {
         }
         // SAFETY: the caller's promise; `new` took `ptr..ptr+len` from a slice.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// Copies `src` into `dst` (of the same length).
+fn write_bytes(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(*s);
     }
 }
 
