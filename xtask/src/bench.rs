@@ -180,6 +180,13 @@ pub fn run(args: &[String]) -> Result<()> {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1));
+    // `--targets baseline,host` runs only those (the baseline always runs: the ratios
+    // need it).
+    let wanted: Option<Vec<&str>> = args
+        .iter()
+        .position(|a| a == "--targets")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').chain(["baseline"]).collect());
     let mut results = Vec::new();
     for case in cases
         .iter()
@@ -190,6 +197,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .iter()
             .copied()
             .filter(|n| targets.iter().any(|t| t.name == *n))
+            .filter(|n| wanted.as_ref().is_none_or(|w| w.contains(n)))
             .collect();
         println!(
             "case {:?}: {} rounds of {} ({} s per run)",
@@ -376,6 +384,21 @@ fn proc_status(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// User and kernel CPU time of a process (all its threads), in milliseconds.
+fn user_sys_ms(pid: u32) -> (f64, f64) {
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let mut fields = s.rsplit(')').next()?.split_whitespace();
+            // After the command: state is field 3; utime and stime are fields 14 and 15.
+            let utime: f64 = fields.nth(11)?.parse().ok()?;
+            let stime: f64 = fields.next()?.parse().ok()?;
+            Some((utime * 1000.0 / ticks_per_s, stime * 1000.0 / ticks_per_s))
+        })
+        .unwrap_or((0.0, 0.0))
+}
+
 /// CPU time the process has spent, in nanoseconds, summed over its threads.
 fn cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -541,8 +564,10 @@ impl Load<'_> {
         }
         cmd.arg(format!("http://{}{}", target.addr, case.path));
         let before = target.cpu_ns();
+        let split_before = user_sys_ms(target.child.id());
         let out = cmd.output().context("running wrk")?;
         let cpu = target.cpu_ns() - before;
+        let split = user_sys_ms(target.child.id());
         let text = String::from_utf8_lossy(&out.stdout);
         let requests: f64 = text
             .lines()
@@ -567,7 +592,9 @@ impl Load<'_> {
         };
         Ok(
             json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"), "requests": requests,
-                  "cpu_us_per_request": cpu as f64 / 1000.0 / requests.max(1.0), "errors": errors}),
+                  "cpu_us_per_request": cpu as f64 / 1000.0 / requests.max(1.0), "errors": errors,
+                  "user_us_per_request": (split.0 - split_before.0) * 1000.0 / requests.max(1.0),
+                  "sys_us_per_request": (split.1 - split_before.1) * 1000.0 / requests.max(1.0)}),
         )
     }
 
@@ -596,8 +623,10 @@ impl Load<'_> {
         }
         cmd.arg(format!("http://{}{}", target.addr, case.path));
         let before = target.cpu_ns();
+        let split_before = user_sys_ms(target.child.id());
         let out = cmd.output().context("running oha")?;
         let cpu = target.cpu_ns() - before;
+        let split = user_sys_ms(target.child.id());
         let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "oha output is not JSON: {}",
@@ -621,7 +650,10 @@ impl Load<'_> {
         Ok(
             json!({"rps": report["summary"]["requestsPerSec"], "p50_ms": p("p50"), "p99_ms": p("p99"),
                   "requests": all, "non_200": all - ok, "errors": errors,
-                  "cpu_us_per_request": cpu as f64 / 1000.0 / all.max(1.0)}),
+                  "cpu_us_per_request": cpu as f64 / 1000.0 / all.max(1.0),
+                  // From /proc/<pid>/stat's clock ticks: coarse, but it tells user from kernel.
+                  "user_us_per_request": (split.0 - split_before.0) * 1000.0 / all.max(1.0),
+                  "sys_us_per_request": (split.1 - split_before.1) * 1000.0 / all.max(1.0)}),
         )
     }
 }
@@ -653,6 +685,28 @@ fn stats(runs: &[Value], target: &str, mode: &str, field: &str) -> Option<(f64, 
     Some((v[v.len() / 2], v[0], v[v.len() - 1]))
 }
 
+/// A target's figure over the baseline's in the same round and mode, one ratio per round:
+/// median, min, max. Paired rounds run seconds apart, so slow drifts in the machine's
+/// speed (other tenants, frequency) cancel out of each ratio.
+fn paired(runs: &[Value], target: &str, mode: &str, field: &str) -> Option<(f64, f64, f64)> {
+    let figure = |t: &str, round: &Value| {
+        runs.iter()
+            .find(|r| r["target"] == t && r["mode"] == mode && r["round"] == *round)
+            .and_then(|r| r["result"][field].as_f64())
+            .filter(|x| x.is_finite() && *x > 0.0)
+    };
+    let mut v: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["target"] == target && r["mode"] == mode)
+        .filter_map(|r| Some(figure(target, &r["round"])? / figure("baseline", &r["round"])?))
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+}
+
 fn print_report(report: &Value, settings: &Settings) {
     println!(
         "\n## Benchmarks{}\n",
@@ -662,7 +716,7 @@ fn print_report(report: &Value, settings: &Settings) {
         "{} rounds, interleaved, {} s per run; server pinned to core 0, load generator to core 1: {}.",
         settings.rounds, settings.duration, report["settings"]["pinned"]
     );
-    println!("Figures are medians (min-max). CPU/req is the server's CPU time per request.\n");
+    println!("Figures are medians (min-max). CPU/req is the server's CPU time per request. The ratios to the baseline are per round (each run against the baseline's run of the same round), then the median (min-max) of those.\n");
     println!("Start-up to first served request (example plugins): {:.1} ms; idle resident memory: {:.1} MiB\n",
         report["startup_ms"].as_f64().unwrap_or(f64::NAN), report["idle_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0);
     let fmt = |s: Option<(f64, f64, f64)>, digits: usize| match s {
@@ -676,8 +730,8 @@ fn print_report(report: &Value, settings: &Settings) {
             case["case"].as_str().unwrap_or(""),
             case["path"].as_str().unwrap_or("")
         );
-        println!("| target | load | req/s | p50 ms | p99 ms | CPU/req us | CPU/req vs baseline | req/s vs baseline |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| target | load | req/s | p50 ms | p99 ms | CPU/req us | user / kernel us | CPU/req vs baseline | req/s vs baseline |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         let mut modes: Vec<String> = runs
             .iter()
             .filter_map(|r| r["mode"].as_str().map(str::to_owned))
@@ -692,24 +746,27 @@ fn print_report(report: &Value, settings: &Settings) {
                 targets.push(t);
             }
         }
+        let ratio = |s: Option<(f64, f64, f64)>| match s {
+            Some((m, lo, hi)) => format!("{m:.3}x ({lo:.3}-{hi:.3})"),
+            None => "-".to_owned(),
+        };
         for mode in &modes {
-            let base_cpu = stats(&runs, "baseline", mode, "cpu_us_per_request").map(|s| s.0);
-            let base_rps = stats(&runs, "baseline", mode, "rps").map(|s| s.0);
             for t in &targets {
-                let cpu = stats(&runs, t, mode, "cpu_us_per_request");
-                let rps = stats(&runs, t, mode, "rps");
-                let ratio = |a: Option<(f64, f64, f64)>, b: Option<f64>| match (a, b) {
-                    (Some((a, _, _)), Some(b)) if b > 0.0 => format!("{:.3}x", a / b),
+                let split = match (
+                    stats(&runs, t, mode, "user_us_per_request"),
+                    stats(&runs, t, mode, "sys_us_per_request"),
+                ) {
+                    (Some(u), Some(k)) => format!("{:.2} / {:.2}", u.0, k.0),
                     _ => "-".to_owned(),
                 };
                 println!(
-                    "| {t} | {mode} | {} | {} | {} | {} | {} | {} |",
-                    fmt(rps, 0),
+                    "| {t} | {mode} | {} | {} | {} | {} | {split} | {} | {} |",
+                    fmt(stats(&runs, t, mode, "rps"), 0),
                     fmt(stats(&runs, t, mode, "p50_ms"), 3),
                     fmt(stats(&runs, t, mode, "p99_ms"), 3),
-                    fmt(cpu, 2),
-                    ratio(cpu, base_cpu),
-                    ratio(rps, base_rps),
+                    fmt(stats(&runs, t, mode, "cpu_us_per_request"), 2),
+                    ratio(paired(&runs, t, mode, "cpu_us_per_request")),
+                    ratio(paired(&runs, t, mode, "rps")),
                 );
             }
         }

@@ -18,7 +18,7 @@ tasks:
                               as plugins/<name>.so (via a temporary name and a rename)
   dev [-- HOST_ARGS...]       build the plugins, start the host, and rebuild and install a
                               plugin whenever its sources change (the host reloads it)
-  bench [--quick] [--rounds N] [--duration S] [--rate R] [--only CASE]
+  bench [--quick] [--rounds N] [--duration S] [--rate R] [--only CASE] [--targets A,B]
                               the host against bare hyper (and nginx if installed):
                               req/s, latency, server CPU per request, start-up, memory.
                               Needs wrk (apt-get install -y wrk) and oha (cargo install
