@@ -217,6 +217,17 @@ pub fn run(args: &[String]) -> Result<()> {
                 let r = load.oha(target, case, 64, settings.rate, settings.duration)?;
                 runs.push(json!({"target": name, "round": round, "mode": format!("oha {} req/s c=64", settings.rate), "result": r}));
             }
+            let baseline = targets.iter().find(|t| t.name == "baseline");
+            for name in names.iter().filter(|n| **n != "baseline") {
+                let (Some(target), Some(baseline)) =
+                    (targets.iter().find(|t| t.name == *name), baseline)
+                else {
+                    continue;
+                };
+                let each = settings.rate / 2;
+                let r = load.side_by_side(target, baseline, case, each, settings.duration)?;
+                runs.push(json!({"target": name, "round": round, "mode": format!("{SIDE_BY_SIDE}, oha {each} req/s each"), "result": r}));
+            }
         }
         results.push(json!({"case": case.name, "path": case.path, "runs": runs}));
     }
@@ -239,6 +250,9 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("\nraw figures: {}", out.join("bench.json").display());
     Ok(())
 }
+
+/// The mode where a target and the baseline run at the same time (see `side_by_side`).
+const SIDE_BY_SIDE: &str = "side by side with the baseline";
 
 struct Case {
     name: &'static str,
@@ -599,14 +613,15 @@ impl Load<'_> {
     }
 
     /// Fixed rate: server CPU per request (us) is the figure that tells.
-    fn oha(
+    /// An oha command for a fixed rate against `target`.
+    fn oha_command(
         &self,
         target: &Target,
         case: &Case,
         connections: u32,
         rate: u64,
         seconds: u64,
-    ) -> Result<Value> {
+    ) -> Command {
         let mut cmd = self.command(self.oha);
         cmd.args([
             "-z",
@@ -622,40 +637,95 @@ impl Load<'_> {
             cmd.args(["-m", "POST", "-D"]).arg(self.echo_body);
         }
         cmd.arg(format!("http://{}{}", target.addr, case.path));
+        cmd
+    }
+
+    /// Fixed rate: requests/s, latency p50/p99 (ms) and server CPU per request (us).
+    fn oha(
+        &self,
+        target: &Target,
+        case: &Case,
+        connections: u32,
+        rate: u64,
+        seconds: u64,
+    ) -> Result<Value> {
+        let mut cmd = self.oha_command(target, case, connections, rate, seconds);
         let before = target.cpu_ns();
         let split_before = user_sys_ms(target.child.id());
         let out = cmd.output().context("running oha")?;
         let cpu = target.cpu_ns() - before;
         let split = user_sys_ms(target.child.id());
-        let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "oha output is not JSON: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-        let ok = report["statusCodeDistribution"]["200"]
-            .as_f64()
-            .unwrap_or(0.0);
-        let all: f64 = report["statusCodeDistribution"]
-            .as_object()
-            .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
-        let errors: f64 = report["errorDistribution"]
-            .as_object()
-            .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
-        let p = |k: &str| {
-            report["latencyPercentiles"][k]
-                .as_f64()
-                .map_or(f64::NAN, |s| s * 1000.0)
+        let mut result = oha_result(&out)?;
+        let all = result["requests"].as_f64().unwrap_or(0.0).max(1.0);
+        result["cpu_us_per_request"] = json!(cpu as f64 / 1000.0 / all);
+        // From /proc/<pid>/stat's clock ticks: coarse, but it tells user from kernel.
+        result["user_us_per_request"] = json!((split.0 - split_before.0) * 1000.0 / all);
+        result["sys_us_per_request"] = json!((split.1 - split_before.1) * 1000.0 / all);
+        Ok(result)
+    }
+
+    /// `target` and the baseline at the same time, on the same core, each under its own
+    /// oha at `rate` requests/s: whatever disturbs the machine disturbs both alike, so
+    /// their ratio holds steady where separate runs drift. Returns both CPU times per
+    /// request and their ratio.
+    fn side_by_side(
+        &self,
+        target: &Target,
+        baseline: &Target,
+        case: &Case,
+        rate: u64,
+        seconds: u64,
+    ) -> Result<Value> {
+        let mut a = self.oha_command(target, case, 64, rate, seconds);
+        let mut b = self.oha_command(baseline, case, 64, rate, seconds);
+        for cmd in [&mut a, &mut b] {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let (a_before, b_before) = (target.cpu_ns(), baseline.cpu_ns());
+        let a = a.spawn().context("running oha")?;
+        let b = b.spawn().context("running oha")?;
+        let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
+        let (a_cpu, b_cpu) = (target.cpu_ns() - a_before, baseline.cpu_ns() - b_before);
+        let (a, b) = (oha_result(&a)?, oha_result(&b)?);
+        let per_request = |cpu: u64, r: &Value| {
+            cpu as f64 / 1000.0 / r["requests"].as_f64().unwrap_or(0.0).max(1.0)
         };
+        let (a_us, b_us) = (per_request(a_cpu, &a), per_request(b_cpu, &b));
         Ok(
-            json!({"rps": report["summary"]["requestsPerSec"], "p50_ms": p("p50"), "p99_ms": p("p99"),
-                  "requests": all, "non_200": all - ok, "errors": errors,
-                  "cpu_us_per_request": cpu as f64 / 1000.0 / all.max(1.0),
-                  // From /proc/<pid>/stat's clock ticks: coarse, but it tells user from kernel.
-                  "user_us_per_request": (split.0 - split_before.0) * 1000.0 / all.max(1.0),
-                  "sys_us_per_request": (split.1 - split_before.1) * 1000.0 / all.max(1.0)}),
+            json!({"cpu_us_per_request": a_us, "baseline_cpu_us_per_request": b_us,
+                  "cpu_ratio": a_us / b_us, "requests": a["requests"], "non_200": a["non_200"],
+                  "errors": a["errors"], "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"],
+                  "baseline_p50_ms": b["p50_ms"], "baseline_p99_ms": b["p99_ms"]}),
         )
     }
+}
+
+/// Requests/s, latency, request and error counts from oha's JSON report.
+fn oha_result(out: &std::process::Output) -> Result<Value> {
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "oha output is not JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let ok = report["statusCodeDistribution"]["200"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let all: f64 = report["statusCodeDistribution"]
+        .as_object()
+        .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+    let errors: f64 = report["errorDistribution"]
+        .as_object()
+        .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum());
+    let p = |k: &str| {
+        report["latencyPercentiles"][k]
+            .as_f64()
+            .map_or(f64::NAN, |s| s * 1000.0)
+    };
+    Ok(
+        json!({"rps": report["summary"]["requestsPerSec"], "p50_ms": p("p50"), "p99_ms": p("p99"),
+              "requests": all, "non_200": all - ok, "errors": errors}),
+    )
 }
 
 fn wrk_duration_ms(v: &str) -> f64 {
@@ -751,7 +821,14 @@ fn print_report(report: &Value, settings: &Settings) {
             None => "-".to_owned(),
         };
         for mode in &modes {
+            let side_by_side = mode.starts_with(SIDE_BY_SIDE);
             for t in &targets {
+                if !runs
+                    .iter()
+                    .any(|r| r["target"] == t.as_str() && r["mode"] == mode.as_str())
+                {
+                    continue;
+                }
                 let split = match (
                     stats(&runs, t, mode, "user_us_per_request"),
                     stats(&runs, t, mode, "sys_us_per_request"),
@@ -765,7 +842,11 @@ fn print_report(report: &Value, settings: &Settings) {
                     fmt(stats(&runs, t, mode, "p50_ms"), 3),
                     fmt(stats(&runs, t, mode, "p99_ms"), 3),
                     fmt(stats(&runs, t, mode, "cpu_us_per_request"), 2),
-                    ratio(paired(&runs, t, mode, "cpu_us_per_request")),
+                    ratio(if side_by_side {
+                        stats(&runs, t, mode, "cpu_ratio")
+                    } else {
+                        paired(&runs, t, mode, "cpu_us_per_request")
+                    }),
                     ratio(paired(&runs, t, mode, "rps")),
                 );
             }
