@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -13,7 +14,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode, Version};
-use plugin_api::ffi::{FfiBytes, FfiParam, FfiResponse, FfiStr};
+use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiParam, FfiResponse, FfiStr};
 
 use crate::call::{self, intern, ClientAddr, Domain, OutcomeSlot, PendingRequest};
 use crate::domain::normalize_host;
@@ -27,41 +28,48 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Answers one request. Never fails: every problem becomes a response.
 ///
-/// It owns its arguments so that the connection's service can return this future as it
-/// is: every layer of async wrapping would move the request once more.
-pub async fn handle(
+/// The request is taken apart and boxed here, before the future is made, so the future
+/// (which lives in the connection's memory while the request runs) holds only a pointer
+/// to it: the smaller that future, the less of it is out of the CPU's cache when a
+/// request comes. It is returned as it is to hyper, since every layer of async wrapping
+/// would move it once more.
+pub fn handle(
     servers: Arc<Microservers>,
     req: Request<Incoming>,
     client: ClientAddr,
-) -> Result<Response<Body>, Infallible> {
+) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
     let request_id = RequestId::next();
     // What the debug line needs is gathered only when it will be written.
     let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-        (
+        Box::new((
             Instant::now(),
             req.method().clone(),
             req.uri().path().to_owned(),
-        )
+        ))
     });
     let (parts, body) = req.into_parts();
     // Boxed once, and lent to the plugin as it is: nothing is copied for the boundary.
     let pending = PendingRequest::new(parts, &client, request_id.0);
-    let (mut response, server) = route(&servers, pending, body, &request_id, debug.is_some()).await;
-    if let Ok(id) = HeaderValue::from_bytes(&request_id.0) {
-        response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    async move {
+        let (mut response, server) =
+            route(&servers, pending, body, &request_id, debug.is_some()).await;
+        if let Ok(id) = HeaderValue::from_bytes(&request_id.0) {
+            response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        }
+        if let Some(debug) = debug {
+            let (started, method, path) = *debug;
+            tracing::debug!(
+                %method,
+                path,
+                status = response.status().as_u16(),
+                server = server.as_deref().unwrap_or("-"),
+                request_id = request_id.as_str(),
+                micros = started.elapsed().as_micros() as u64,
+                "request"
+            );
+        }
+        Ok(response)
     }
-    if let Some((started, method, path)) = debug {
-        tracing::debug!(
-            %method,
-            path,
-            status = response.status().as_u16(),
-            server = server.as_deref().unwrap_or("-"),
-            request_id = request_id.as_str(),
-            micros = started.elapsed().as_micros() as u64,
-            "request"
-        );
-    }
-    Ok(response)
 }
 
 /// Routes and answers a request; also returns the server's name if `want_name`.
@@ -123,17 +131,19 @@ async fn route(
     if declared_len.is_some_and(|n| n > limits.max_body_bytes) {
         return (too_large(limits.max_body_bytes), name);
     }
-    // Most requests have no body: skip the reader and its timer.
-    let read = async {
-        if !has_body {
-            return Ok(Ok(Bytes::new()));
-        }
+    // Most requests have no body: skip the reader and its timer. (Boxed, as is every
+    // rarely taken await below: this future lives in each connection's memory, and the
+    // less of it there is, the less of it is out of the CPU's cache when a request
+    // comes.)
+    let read = if has_body {
         let read = Limited::new(body, limits.max_body_bytes as usize).collect();
-        tokio::time::timeout(limits.request_timeout, read)
+        Box::pin(tokio::time::timeout(limits.request_timeout, read))
             .await
             .map(|r| r.map(|c| c.to_bytes()))
+    } else {
+        Ok(Ok(Bytes::new()))
     };
-    let body = match read.await {
+    let body = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return (too_large(limits.max_body_bytes), name);
@@ -209,38 +219,58 @@ async fn route(
         })
         .collect();
     let domain = Domain::new(domain);
-    let request = pending.into_ffi(domain, params, route, body);
 
-    // Most handlers answer on their first poll, into `slot`, and need no timer.
-    let mut slot = OutcomeSlot::new();
-    let mut request = Some(request);
-    let running = std::future::poll_fn(|cx| {
-        let request = request.take().expect("polled once");
-        Poll::Ready(call::start(&g.instance, request, cx, &mut slot))
+    // Most handlers answer on their first poll and need no timer; their response is
+    // read from a slot on the stack, where the plugin wrote it.
+    let mut call = Some((pending, domain, params, body, generation));
+    let started = std::future::poll_fn(|cx| {
+        let (pending, domain, params, body, generation) = call.take().expect("polled once");
+        let request = pending.into_ffi(domain, params, route, body);
+        let mut slot = OutcomeSlot::new();
+        let instance = &generation.generation().instance;
+        Poll::Ready(match call::start(instance, request, cx, &mut slot) {
+            None => {
+                let outcome = slot.get_mut().expect("the call answered");
+                Ok(respond(outcome, generation, head, id))
+            }
+            Some(running) => Err((running, generation)),
+        })
     })
     .await;
-    if let Some(call) = running {
-        match tokio::time::timeout(limits.request_timeout, call).await {
-            Ok(outcome) => {
-                slot.put(outcome);
-            }
-            Err(_) => {
-                tracing::warn!(
-                    server = %g.server,
-                    plugin = %g.plugin().name,
-                    request_id = id.as_str(),
-                    timeout_ms = limits.request_timeout.as_millis() as u64,
-                    "handler timed out"
-                );
-                let message = format!(
-                    "the microserver did not answer within {} ms",
-                    limits.request_timeout.as_millis()
-                );
-                return (error(StatusCode::GATEWAY_TIMEOUT, &message), name);
+    let response = match started {
+        Ok(response) => response,
+        Err((running, generation)) => {
+            match Box::pin(tokio::time::timeout(limits.request_timeout, running)).await {
+                Ok(mut outcome) => respond(&mut outcome, generation, head, id),
+                Err(_) => {
+                    let g = generation.generation();
+                    tracing::warn!(
+                        server = %g.server,
+                        plugin = %g.plugin().name,
+                        request_id = id.as_str(),
+                        timeout_ms = limits.request_timeout.as_millis() as u64,
+                        "handler timed out"
+                    );
+                    let message = format!(
+                        "the microserver did not answer within {} ms",
+                        limits.request_timeout.as_millis()
+                    );
+                    error(StatusCode::GATEWAY_TIMEOUT, &message)
+                }
             }
         }
-    }
-    let response = match slot.get_mut().expect("the call answered") {
+    };
+    (response, name)
+}
+
+/// The HTTP response for a handler's outcome (a 500 for a panic or an invalid response).
+fn respond(
+    outcome: &mut FfiHandleResult,
+    generation: InFlight,
+    head: bool,
+    id: &RequestId,
+) -> Response<Body> {
+    match outcome {
         RResult::ROk(response) => match into_http(response, generation, head) {
             Ok(response) => response,
             Err((generation, problem)) => {
@@ -250,6 +280,7 @@ async fn route(
             }
         },
         RResult::RErr(panic) => {
+            let g = generation.generation();
             tracing::error!(
                 server = %g.server,
                 plugin = %g.plugin().name,
@@ -259,8 +290,7 @@ async fn route(
             );
             internal_error(id.as_str())
         }
-    };
-    (response, name)
+    }
 }
 
 /// A response body made by a plugin, kept with the in-flight guard of its generation so
