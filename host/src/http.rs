@@ -3,9 +3,11 @@
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
+use std::time::Duration;
 use std::time::Instant;
 
 use abi_stable::std_types::RResult;
@@ -13,14 +15,15 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiParam, FfiResponse, FfiStr};
 
-use crate::call::{self, intern, ClientAddr, Domain, OutcomeSlot, PendingRequest};
+use crate::call::{self, intern, ClientAddr, Domain, OutcomeSlot, PendingRequest, PluginCall};
 use crate::domain::normalize_host;
 use crate::plugin::{Generation, InFlight};
 use crate::routes::RouteMatch;
-use crate::servers::{Microservers, ServerState};
+use crate::servers::{Microservers, Routing, Server, ServerState};
 
 pub type Body = Full<Bytes>;
 
@@ -28,16 +31,12 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Answers one request. Never fails: every problem becomes a response.
 ///
-/// The request is taken apart and boxed here, before the future is made, so the future
-/// (which lives in the connection's memory while the request runs) holds only a pointer
-/// to it: the smaller that future, the less of it is out of the CPU's cache when a
-/// request comes. It is returned as it is to hyper, since every layer of async wrapping
-/// would move it once more.
-pub fn handle(
-    servers: Arc<Microservers>,
-    req: Request<Incoming>,
-    client: ClientAddr,
-) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
+/// The request is taken apart and boxed here, and the returned future is small: it lives
+/// in the connection's memory while the request runs, and the less of it there is, the
+/// less of it is out of the CPU's cache when a request comes. A request without a body
+/// whose handler answers at once (most) is served in one synchronous step on the first
+/// poll; anything else continues in a boxed async path.
+pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: ClientAddr) -> Handle {
     let request_id = RequestId::next();
     // What the debug line needs is gathered only when it will be written.
     let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| {
@@ -50,217 +49,366 @@ pub fn handle(
     let (parts, body) = req.into_parts();
     // Boxed once, and lent to the plugin as it is: nothing is copied for the boundary.
     let pending = PendingRequest::new(parts, &client, request_id.0);
-    async move {
-        let (mut response, server) =
-            route(&servers, pending, body, &request_id, debug.is_some()).await;
-        if let Ok(id) = HeaderValue::from_bytes(&request_id.0) {
+    Handle {
+        servers,
+        start: Some((pending, body)),
+        request_id,
+        debug,
+        rest: None,
+    }
+}
+
+/// The future of one request (see [`handle`]).
+pub struct Handle {
+    servers: Arc<Microservers>,
+    start: Option<(PendingRequest, Incoming)>,
+    request_id: RequestId,
+    debug: Option<Box<(Instant, Method, String)>>,
+    rest: Option<Pin<Box<dyn Future<Output = Routed> + Send>>>,
+}
+
+/// A response, and the server's name when the debug line wants it.
+type Routed = (Response<Body>, Option<Arc<str>>);
+
+impl Future for Handle {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if this.rest.is_none() {
+            let (pending, body) = this.start.take().expect("polled after it answered");
+            let want_name = this.debug.is_some();
+            match first_step(&this.servers, pending, body, this.request_id, want_name, cx) {
+                Ok(routed) => return Poll::Ready(Ok(this.finish(routed))),
+                Err(rest) => this.rest = Some(rest),
+            }
+        }
+        let rest = this.rest.as_mut().expect("set above");
+        let routed = std::task::ready!(rest.as_mut().poll(cx));
+        this.rest = None;
+        Poll::Ready(Ok(this.finish(routed)))
+    }
+}
+
+impl Handle {
+    fn finish(&mut self, (mut response, server): Routed) -> Response<Body> {
+        if let Ok(id) = HeaderValue::from_bytes(&self.request_id.0) {
             response.headers_mut().insert(X_REQUEST_ID.clone(), id);
         }
-        if let Some(debug) = debug {
+        if let Some(debug) = self.debug.take() {
             let (started, method, path) = *debug;
             tracing::debug!(
                 %method,
                 path,
                 status = response.status().as_u16(),
                 server = server.as_deref().unwrap_or("-"),
-                request_id = request_id.as_str(),
+                request_id = self.request_id.as_str(),
                 micros = started.elapsed().as_micros() as u64,
                 "request"
             );
         }
-        Ok(response)
+        response
     }
 }
 
-/// Routes and answers a request; also returns the server's name if `want_name`.
-async fn route(
-    servers: &Microservers,
+/// The first poll: a request without a body goes straight to its handler; one with a
+/// body, or one that cannot finish now, continues in the returned future.
+fn first_step(
+    servers: &Arc<Microservers>,
     pending: PendingRequest,
     body: Incoming,
-    id: &RequestId,
+    id: RequestId,
     want_name: bool,
-) -> (Response<Body>, Option<Arc<str>>) {
-    let routing = servers.routing();
-    let parts = pending.parts();
-    if parts.method == Method::CONNECT {
-        return (
-            error(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported"),
-            None,
-        );
+    cx: &mut Context<'_>,
+) -> Result<Routed, Pin<Box<dyn Future<Output = Routed> + Send>>> {
+    if !body.is_end_stream() {
+        return Err(Box::pin(with_body(
+            servers.clone(),
+            pending,
+            body,
+            id,
+            want_name,
+        )));
     }
-    let domain = match request_domain(parts) {
-        Ok(d) => d,
-        Err(message) => return (error(StatusCode::BAD_REQUEST, &message), None),
-    };
+    match dispatch(servers, pending, Bytes::new(), id, want_name, cx) {
+        Step::Done(routed) => Ok(routed),
+        Step::Retry(pending, body) => Err(Box::pin(dispatch_later(
+            servers.clone(),
+            pending,
+            body,
+            id,
+            want_name,
+        ))),
+        Step::Running(running, name) => Err(Box::pin(async move { (running.await, name) })),
+    }
+}
+
+/// Where one synchronous step left a request.
+enum Step {
+    Done(Routed),
+    /// The generation retired between its load and the entry: try again after a yield
+    /// (the next load sees its successor).
+    Retry(PendingRequest, Bytes),
+    /// The handler did not answer at once.
+    Running(
+        Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+        Option<Arc<str>>,
+    ),
+}
+
+/// The server a request is for.
+struct Resolved<'r> {
+    server: &'r Server,
+    domain: Cow<'r, str>,
+    /// The server's name, if the debug line wants it.
+    name: Option<Arc<str>>,
+}
+
+/// The server a request is for; or the response that turns it away (boxed: it is the
+/// rare case).
+fn resolve<'r>(
+    routing: &'r Routing,
+    parts: &'r Parts,
+    want_name: bool,
+) -> Result<Resolved<'r>, Box<Routed>> {
+    let refuse = |status, message: &str| Box::new((error(status, message), None));
+    if parts.method == Method::CONNECT {
+        return Err(refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported",
+        ));
+    }
+    let domain = request_domain(parts).map_err(|m| refuse(StatusCode::BAD_REQUEST, &m))?;
     let Some(server) = routing.domains.lookup(&domain) else {
         if domain.is_empty() {
             let message = "the request has no Host header and no default server is configured";
-            return (error(StatusCode::NOT_FOUND, message), None);
+            return Err(refuse(StatusCode::NOT_FOUND, message));
         }
-        return (
-            error(
-                StatusCode::NOT_FOUND,
-                &format!("no microserver serves the domain {:?}", &*domain),
-            ),
-            None,
-        );
+        let message = format!("no microserver serves the domain {:?}", &*domain);
+        return Err(refuse(StatusCode::NOT_FOUND, &message));
     };
     let name = want_name.then(|| server.name.clone());
-    let unavailable = |reason: &str| {
-        let message = format!("microserver {:?} is not available: {reason}", &*server.name);
-        error(StatusCode::SERVICE_UNAVAILABLE, &message)
-    };
-    // A server that cannot answer turns a request away before its body is read. (A
-    // request without a body is checked once, below, when it enters a generation.)
-    let has_body = !body.is_end_stream();
-    if has_body {
-        if let ServerState::Waiting(reason) = &**server.state() {
-            return (unavailable(reason), name);
-        }
-    }
-    let limits = &routing.limits;
+    Ok(Resolved {
+        server,
+        domain,
+        name,
+    })
+}
 
-    // The body is read before the request counts as in flight on a generation, and
-    // under the request timeout: a client that trickles its body holds up no reload.
-    // (A request without a body has no length worth checking.)
-    let declared_len = has_body
-        .then(|| parts.headers.get(CONTENT_LENGTH))
-        .flatten()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared_len.is_some_and(|n| n > limits.max_body_bytes) {
-        return (too_large(limits.max_body_bytes), name);
-    }
-    // Most requests have no body: skip the reader and its timer. (Boxed, as is every
-    // rarely taken await below: this future lives in each connection's memory, and the
-    // less of it there is, the less of it is out of the CPU's cache when a request
-    // comes.)
-    let read = if has_body {
-        let read = Limited::new(body, limits.max_body_bytes as usize).collect();
-        Box::pin(tokio::time::timeout(limits.request_timeout, read))
-            .await
-            .map(|r| r.map(|c| c.to_bytes()))
-    } else {
-        Ok(Ok(Bytes::new()))
+fn unavailable(server: &Server, reason: &str) -> Response<Body> {
+    let message = format!("microserver {:?} is not available: {reason}", &*server.name);
+    error(StatusCode::SERVICE_UNAVAILABLE, &message)
+}
+
+/// A request with a body: turned away early if it cannot be served, else its body is
+/// read (before the request counts as in flight on a generation, and under the request
+/// timeout: a client that trickles its body holds up no reload), then dispatched.
+async fn with_body(
+    servers: Arc<Microservers>,
+    pending: PendingRequest,
+    body: Incoming,
+    id: RequestId,
+    want_name: bool,
+) -> Routed {
+    let (max, timeout) = {
+        let routing = servers.routing();
+        let parts = pending.parts();
+        let Resolved { server, name, .. } = match resolve(&routing, parts, want_name) {
+            Ok(resolved) => resolved,
+            Err(routed) => return *routed,
+        };
+        if let ServerState::Waiting(reason) = &**server.state() {
+            return (unavailable(server, reason), name);
+        }
+        let max = routing.limits.max_body_bytes;
+        let declared_len = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > max) {
+            return (too_large(max), name);
+        }
+        (max, routing.limits.request_timeout)
     };
-    let body = match read {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return (too_large(limits.max_body_bytes), name);
+    let read = Limited::new(body, max as usize).collect();
+    let problem = match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(collected)) => {
+            return dispatch_later(servers, pending, collected.to_bytes(), id, want_name).await
         }
-        Ok(Err(e)) => {
-            return (
-                error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("could not read the request body: {e}"),
-                ),
-                name,
-            );
-        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => too_large(max),
+        Ok(Err(e)) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("could not read the request body: {e}"),
+        ),
         Err(_) => {
             let message = format!(
                 "the request body did not arrive within {} ms",
-                limits.request_timeout.as_millis()
+                timeout.as_millis()
             );
-            return (error(StatusCode::REQUEST_TIMEOUT, &message), name);
+            error(StatusCode::REQUEST_TIMEOUT, &message)
         }
     };
-
-    // Enter the server's current generation. A generation retired between the load and
-    // the entry turns the request away; the next load sees its successor.
-    let mut state = server.state();
-    let generation = loop {
-        match &**state {
-            ServerState::Serving(g) => {
-                if let Some(in_flight) = g.enter() {
-                    break in_flight;
-                }
-            }
-            ServerState::Waiting(reason) => return (unavailable(reason), name),
-        }
-        drop(state);
-        tokio::task::yield_now().await;
-        state = server.state();
-    };
-    drop(state);
-    let g: &Generation = generation.generation();
-    let (route, params, names) = match g.routes.find(parts.method.as_str(), parts.uri.path()) {
-        RouteMatch::Found {
-            route,
-            params,
-            names,
-        } => (route, params, names),
-        RouteMatch::NotFound => {
-            let message = format!("no route for {} {}", parts.method, parts.uri.path());
-            return (error(StatusCode::NOT_FOUND, &message), name);
-        }
-        RouteMatch::MethodNotAllowed(allow) => {
-            let message = format!("{} is not allowed for {}", parts.method, parts.uri.path());
-            let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
-            response.headers_mut().insert(ALLOW, allow.clone());
-            return (response, name);
-        }
-    };
-    let head = parts.method == Method::HEAD;
-    // Parameter values are views of the path in the record; names are `'static`.
-    let params: Vec<FfiParam> = params
-        .iter()
-        .enumerate()
-        .map(|(i, (key, value))| FfiParam {
-            name: FfiStr::new(
-                names
-                    .get(i)
-                    .copied()
-                    .filter(|n| *n == key)
-                    .unwrap_or_else(|| intern(key))
-                    .as_bytes(),
-            ),
-            value: FfiStr::new(value.as_bytes()),
+    let name = want_name
+        .then(|| {
+            let routing = servers.routing();
+            resolve(&routing, pending.parts(), true)
+                .ok()
+                .and_then(|resolved| resolved.name)
         })
-        .collect();
-    let domain = Domain::new(domain);
+        .flatten();
+    (problem, name)
+}
 
-    // Most handlers answer on their first poll and need no timer; their response is
-    // read from a slot on the stack, where the plugin wrote it.
-    let mut call = Some((pending, domain, params, body, generation));
-    let started = std::future::poll_fn(|cx| {
-        let (pending, domain, params, body, generation) = call.take().expect("polled once");
-        let request = pending.into_ffi(domain, params, route, body);
-        let mut slot = OutcomeSlot::new();
-        let instance = &generation.generation().instance;
-        Poll::Ready(match call::start(instance, request, cx, &mut slot) {
-            None => {
-                let outcome = slot.get_mut().expect("the call answered");
-                Ok(respond(outcome, generation, head, id))
-            }
-            Some(running) => Err((running, generation)),
+/// Dispatches a request from an async context, yielding while a reload retires the
+/// generation it tried to enter.
+async fn dispatch_later(
+    servers: Arc<Microservers>,
+    pending: PendingRequest,
+    body: Bytes,
+    id: RequestId,
+    want_name: bool,
+) -> Routed {
+    let mut next = Some((pending, body));
+    loop {
+        let step = std::future::poll_fn(|cx| {
+            let (pending, body) = next.take().expect("set before each poll");
+            Poll::Ready(dispatch(&servers, pending, body, id, want_name, cx))
         })
-    })
-    .await;
-    let response = match started {
-        Ok(response) => response,
-        Err((running, generation)) => {
-            match Box::pin(tokio::time::timeout(limits.request_timeout, running)).await {
-                Ok(mut outcome) => respond(&mut outcome, generation, head, id),
-                Err(_) => {
-                    let g = generation.generation();
-                    tracing::warn!(
-                        server = %g.server,
-                        plugin = %g.plugin().name,
-                        request_id = id.as_str(),
-                        timeout_ms = limits.request_timeout.as_millis() as u64,
-                        "handler timed out"
-                    );
-                    let message = format!(
-                        "the microserver did not answer within {} ms",
-                        limits.request_timeout.as_millis()
-                    );
-                    error(StatusCode::GATEWAY_TIMEOUT, &message)
-                }
+        .await;
+        match step {
+            Step::Done(routed) => return routed,
+            Step::Retry(pending, body) => {
+                next = Some((pending, body));
+                tokio::task::yield_now().await;
+            }
+            Step::Running(running, name) => return (running.await, name),
+        }
+    }
+}
+
+/// One synchronous step: domain, server, generation, route, and the handler's first
+/// poll (with this task's context).
+fn dispatch(
+    servers: &Microservers,
+    pending: PendingRequest,
+    body: Bytes,
+    id: RequestId,
+    want_name: bool,
+    cx: &mut Context<'_>,
+) -> Step {
+    let routing = servers.routing();
+    // Everything borrowed from the request ends with this block, before it is handed on.
+    let prepared = {
+        let parts = pending.parts();
+        let Resolved {
+            server,
+            domain,
+            name,
+        } = match resolve(&routing, parts, want_name) {
+            Ok(resolved) => resolved,
+            Err(routed) => return Step::Done(*routed),
+        };
+        // Enter the server's current generation. A generation retired between the load
+        // and the entry turns the request away; the caller tries again.
+        let generation = match &**server.state() {
+            ServerState::Serving(g) => g.enter(),
+            ServerState::Waiting(reason) => {
+                return Step::Done((unavailable(server, reason), name));
+            }
+        };
+        match generation {
+            None => None,
+            Some(generation) => {
+                let g: &Generation = generation.generation();
+                let found = g.routes.find(parts.method.as_str(), parts.uri.path());
+                let (route, params, names) = match found {
+                    RouteMatch::Found {
+                        route,
+                        params,
+                        names,
+                    } => (route, params, names),
+                    RouteMatch::NotFound => {
+                        let message = format!("no route for {} {}", parts.method, parts.uri.path());
+                        return Step::Done((error(StatusCode::NOT_FOUND, &message), name));
+                    }
+                    RouteMatch::MethodNotAllowed(allow) => {
+                        let message =
+                            format!("{} is not allowed for {}", parts.method, parts.uri.path());
+                        let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
+                        response.headers_mut().insert(ALLOW, allow.clone());
+                        return Step::Done((response, name));
+                    }
+                };
+                // Parameter values are views of the path in the record; names are
+                // `'static`.
+                let params: Vec<FfiParam> = params
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (key, value))| FfiParam {
+                        name: FfiStr::new(
+                            names
+                                .get(i)
+                                .copied()
+                                .filter(|n| *n == key)
+                                .unwrap_or_else(|| intern(key))
+                                .as_bytes(),
+                        ),
+                        value: FfiStr::new(value.as_bytes()),
+                    })
+                    .collect();
+                let head = parts.method == Method::HEAD;
+                Some((generation, route, params, Domain::new(domain), head, name))
             }
         }
     };
-    (response, name)
+    let Some((generation, route, params, domain, head, name)) = prepared else {
+        return Step::Retry(pending, body);
+    };
+    let request = pending.into_ffi(domain, params, route, body);
+    // Most handlers answer on their first poll and need no timer; their response is read
+    // from a slot on the stack, where the plugin wrote it.
+    let mut slot = OutcomeSlot::new();
+    let instance = &generation.generation().instance;
+    match call::start(instance, request, cx, &mut slot) {
+        None => {
+            let outcome = slot.get_mut().expect("the call answered");
+            Step::Done((respond(outcome, generation, head, &id), name))
+        }
+        Some(running) => {
+            let timeout = routing.limits.request_timeout;
+            let waiting = wait_for(running, generation, timeout, head, id);
+            Step::Running(Box::pin(waiting), name)
+        }
+    }
+}
+
+/// Waits for a handler that did not answer at once, under the request timeout.
+async fn wait_for(
+    running: PluginCall,
+    generation: InFlight,
+    timeout: Duration,
+    head: bool,
+    id: RequestId,
+) -> Response<Body> {
+    match tokio::time::timeout(timeout, running).await {
+        Ok(mut outcome) => respond(&mut outcome, generation, head, &id),
+        Err(_) => {
+            let g = generation.generation();
+            tracing::warn!(
+                server = %g.server,
+                plugin = %g.plugin().name,
+                request_id = id.as_str(),
+                timeout_ms = timeout.as_millis() as u64,
+                "handler timed out"
+            );
+            let message = format!(
+                "the microserver did not answer within {} ms",
+                timeout.as_millis()
+            );
+            error(StatusCode::GATEWAY_TIMEOUT, &message)
+        }
+    }
 }
 
 /// The HTTP response for a handler's outcome (a 500 for a panic or an invalid response).
@@ -492,6 +640,7 @@ fn too_large(max: u64) -> Response<Body> {
 
 /// A request id: 16 hex digits, unique within the process and unlikely to repeat across
 /// restarts.
+#[derive(Clone, Copy)]
 pub struct RequestId([u8; 16]);
 
 impl RequestId {
