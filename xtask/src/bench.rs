@@ -497,8 +497,21 @@ impl Target {
 
     /// CPU nanoseconds of the target (nginx: master and workers, found by parent pid).
     fn cpu_ns(&self) -> u64 {
+        self.pids().into_iter().map(cpu_ns).sum()
+    }
+
+    /// User and kernel CPU milliseconds of the target, as `cpu_ns` counts processes.
+    fn user_sys_ms(&self) -> (f64, f64) {
+        self.pids()
+            .into_iter()
+            .map(user_sys_ms)
+            .fold((0.0, 0.0), |(u, s), (pu, ps)| (u + pu, s + ps))
+    }
+
+    /// The target's process and its children.
+    fn pids(&self) -> Vec<u32> {
         let pid = self.child.id();
-        let mut total = cpu_ns(pid);
+        let mut pids = vec![pid];
         if let Ok(procs) = std::fs::read_dir("/proc") {
             for p in procs.filter_map(Result::ok) {
                 let Some(child) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -515,11 +528,11 @@ impl Target {
                             .ok()
                     });
                 if ppid == Some(pid) {
-                    total += cpu_ns(child);
+                    pids.push(child);
                 }
             }
         }
-        total
+        pids
     }
 
     fn stop(&mut self) {
@@ -578,10 +591,10 @@ impl Load<'_> {
         }
         cmd.arg(format!("http://{}{}", target.addr, case.path));
         let before = target.cpu_ns();
-        let split_before = user_sys_ms(target.child.id());
+        let split_before = target.user_sys_ms();
         let out = cmd.output().context("running wrk")?;
         let cpu = target.cpu_ns() - before;
-        let split = user_sys_ms(target.child.id());
+        let split = target.user_sys_ms();
         let text = String::from_utf8_lossy(&out.stdout);
         let requests: f64 = text
             .lines()
@@ -651,10 +664,10 @@ impl Load<'_> {
     ) -> Result<Value> {
         let mut cmd = self.oha_command(target, case, connections, rate, seconds);
         let before = target.cpu_ns();
-        let split_before = user_sys_ms(target.child.id());
+        let split_before = target.user_sys_ms();
         let out = cmd.output().context("running oha")?;
         let cpu = target.cpu_ns() - before;
-        let split = user_sys_ms(target.child.id());
+        let split = target.user_sys_ms();
         let mut result = oha_result(&out)?;
         let all = result["requests"].as_f64().unwrap_or(0.0).max(1.0);
         result["cpu_us_per_request"] = json!(cpu as f64 / 1000.0 / all);
