@@ -54,10 +54,6 @@ impl ClientAddr {
         out
     }
 
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
-    }
-
     /// The text's bytes (ASCII: an address and a port).
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len as usize]
@@ -252,14 +248,6 @@ impl OutcomeSlot {
             value: MaybeUninit::uninit(),
             full: false,
         }
-    }
-
-    /// Stores an outcome that arrived by value (from a handler that did not answer at
-    /// once).
-    pub fn put(&mut self, outcome: FfiHandleResult) -> &mut FfiHandleResult {
-        self.take_out();
-        self.full = true;
-        self.value.write(outcome)
     }
 
     pub fn get_mut(&mut self) -> Option<&mut FfiHandleResult> {
