@@ -224,6 +224,12 @@ impl<T: Clone> DomainTable<T> {
         self.default.as_ref()
     }
 
+    /// The value for exactly this name, if it is configured. A configured name is
+    /// already normalised, so a raw `Host` that matches one needs no normalising.
+    pub fn lookup_exact(&self, host: &str) -> Option<&T> {
+        self.exact.get(host)
+    }
+
     pub fn len(&self) -> usize {
         self.exact.len() + self.wildcard.len()
     }

@@ -178,7 +178,27 @@ fn resolve<'r>(
             "CONNECT is not supported",
         ));
     }
-    let domain = request_domain(parts).map_err(|m| refuse(StatusCode::BAD_REQUEST, &m))?;
+    let raw = request_domain(parts).map_err(|m| refuse(StatusCode::BAD_REQUEST, &m))?;
+    // A configured name is already normalised: a client that sends one exactly (most
+    // do) needs no normalising.
+    if let Some(server) = routing.domains.lookup_exact(raw) {
+        let name = want_name.then(|| server.name.clone());
+        return Ok(Resolved {
+            server,
+            domain: Cow::Borrowed(raw),
+            name,
+        });
+    }
+    let domain = if raw.is_empty() {
+        Cow::Borrowed("")
+    } else {
+        normalize_host(raw).ok_or_else(|| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid Host header {raw:?}"),
+            )
+        })?
+    };
     let Some(server) = routing.domains.lookup(&domain) else {
         if domain.is_empty() {
             let message = "the request has no Host header and no default server is configured";
@@ -454,10 +474,10 @@ impl AsRef<[u8]> for PluginBody {
     }
 }
 
-/// The domain a request is for: `:authority` (HTTP/2, or an absolute-form HTTP/1.1
-/// target, which takes precedence over `Host`), else the `Host` header; normalised. An
-/// empty string for an HTTP/1.0 request without either (it goes to the default server).
-fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, String> {
+/// The domain a request is for, as sent: `:authority` (HTTP/2, or an absolute-form
+/// HTTP/1.1 target, which takes precedence over `Host`), else the `Host` header. An empty
+/// string for an HTTP/1.0 request without either (it goes to the default server).
+fn request_domain(parts: &hyper::http::request::Parts) -> Result<&str, String> {
     let headers = &parts.headers;
     // A scan, not a hashed lookup: clients send Host first or nearly so.
     let host = headers
@@ -487,9 +507,9 @@ fn request_domain(parts: &hyper::http::request::Parts) -> Result<Cow<'_, str>, S
         }
     }
     match authority.or(host) {
-        Some(raw) => normalize_host(raw).ok_or_else(|| format!("invalid Host header {raw:?}")),
+        Some(raw) => Ok(raw),
         // HTTP/1.0 may omit Host: it goes to the default server, if any.
-        None if parts.version <= Version::HTTP_10 => Ok("".into()),
+        None if parts.version <= Version::HTTP_10 => Ok(""),
         None => Err("missing Host header".to_owned()),
     }
 }
