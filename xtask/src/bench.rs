@@ -590,11 +590,9 @@ impl Load<'_> {
             cmd.arg("-s").arg(self.wrk_post);
         }
         cmd.arg(format!("http://{}{}", target.addr, case.path));
-        let before = target.cpu_ns();
-        let split_before = target.user_sys_ms();
+        let usage = Usage::start(target);
         let out = cmd.output().context("running wrk")?;
-        let cpu = target.cpu_ns() - before;
-        let split = target.user_sys_ms();
+        let usage = usage.end(target);
         let text = String::from_utf8_lossy(&out.stdout);
         let requests: f64 = text
             .lines()
@@ -617,15 +615,12 @@ impl Load<'_> {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .map_or(f64::NAN, wrk_duration_ms)
         };
-        Ok(
-            json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"), "requests": requests,
-                  "cpu_us_per_request": cpu as f64 / 1000.0 / requests.max(1.0), "errors": errors,
-                  "user_us_per_request": (split.0 - split_before.0) * 1000.0 / requests.max(1.0),
-                  "sys_us_per_request": (split.1 - split_before.1) * 1000.0 / requests.max(1.0)}),
-        )
+        let mut result = json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"),
+                                "requests": requests, "errors": errors});
+        usage.record(&mut result, requests);
+        Ok(result)
     }
 
-    /// Fixed rate: server CPU per request (us) is the figure that tells.
     /// An oha command for a fixed rate against `target`.
     fn oha_command(
         &self,
@@ -663,17 +658,12 @@ impl Load<'_> {
         seconds: u64,
     ) -> Result<Value> {
         let mut cmd = self.oha_command(target, case, connections, rate, seconds);
-        let before = target.cpu_ns();
-        let split_before = target.user_sys_ms();
+        let usage = Usage::start(target);
         let out = cmd.output().context("running oha")?;
-        let cpu = target.cpu_ns() - before;
-        let split = target.user_sys_ms();
+        let usage = usage.end(target);
         let mut result = oha_result(&out)?;
-        let all = result["requests"].as_f64().unwrap_or(0.0).max(1.0);
-        result["cpu_us_per_request"] = json!(cpu as f64 / 1000.0 / all);
-        // From /proc/<pid>/stat's clock ticks: coarse, but it tells user from kernel.
-        result["user_us_per_request"] = json!((split.0 - split_before.0) * 1000.0 / all);
-        result["sys_us_per_request"] = json!((split.1 - split_before.1) * 1000.0 / all);
+        let requests = result["requests"].as_f64().unwrap_or(0.0);
+        usage.record(&mut result, requests);
         Ok(result)
     }
 
@@ -710,6 +700,43 @@ impl Load<'_> {
                   "errors": a["errors"], "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"],
                   "baseline_p50_ms": b["p50_ms"], "baseline_p99_ms": b["p99_ms"]}),
         )
+    }
+}
+
+/// A target's CPU time over a run: total (ns, from schedstat) and user / kernel (ms, from
+/// /proc/<pid>/stat's clock ticks: coarse, but it tells user from kernel).
+struct Usage {
+    cpu_ns: u64,
+    user_ms: f64,
+    sys_ms: f64,
+}
+
+impl Usage {
+    fn start(target: &Target) -> Usage {
+        let (user_ms, sys_ms) = target.user_sys_ms();
+        Usage {
+            cpu_ns: target.cpu_ns(),
+            user_ms,
+            sys_ms,
+        }
+    }
+
+    /// The usage since `start`.
+    fn end(self, target: &Target) -> Usage {
+        let (user_ms, sys_ms) = target.user_sys_ms();
+        Usage {
+            cpu_ns: target.cpu_ns() - self.cpu_ns,
+            user_ms: user_ms - self.user_ms,
+            sys_ms: sys_ms - self.sys_ms,
+        }
+    }
+
+    /// Adds the per-request figures to a run's result.
+    fn record(&self, result: &mut Value, requests: f64) {
+        let n = requests.max(1.0);
+        result["cpu_us_per_request"] = json!(self.cpu_ns as f64 / 1000.0 / n);
+        result["user_us_per_request"] = json!(self.user_ms * 1000.0 / n);
+        result["sys_us_per_request"] = json!(self.sys_ms * 1000.0 / n);
     }
 }
 
