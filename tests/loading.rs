@@ -39,7 +39,7 @@ fn bad_libraries_are_refused_with_a_one_line_reason_and_good_ones_serve() {
     }
     let old = host.wait_for_log(&["refused plugin", "old.so"]);
     assert!(
-        old.contains("built against plugin-api 99.0.0, but this host needs plugin-api 0.2.0"),
+        old.contains("built against plugin-api 99.0.0, but this host needs plugin-api 0.3.0"),
         "{old}"
     );
 

@@ -78,6 +78,10 @@ fn missing_or_invalid_host_is_400() {
     assert_eq!(r.json()["error"], "missing Host header");
     let r = host.raw(b"GET / HTTP/1.1\r\nhost: bad host!\r\nconnection: close\r\n\r\n");
     assert_eq!(r.status, 400);
+    // Not a configured name and not text: refused before any normalising.
+    let r = host.raw(b"GET / HTTP/1.1\r\nhost: h\xe9llo.localhost\r\nconnection: close\r\n\r\n");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "the Host header is not text");
     // HTTP/1.0 may omit Host; with no default server that is a 404 that says why.
     let r = host.raw(b"GET / HTTP/1.0\r\n\r\n");
     assert_eq!(r.status, 404);

@@ -171,7 +171,7 @@ fn plugin_call(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let pending = PendingRequest::new(request_parts(), &client, *b"0123456789abcdef");
-                let domain = Domain::new(Cow::Borrowed("hello.localhost"));
+                let domain = Domain::new(Cow::Borrowed(&b"hello.localhost"[..]));
                 let request = pending.into_ffi(domain, Vec::new(), route, Bytes::new());
                 let mut slot = OutcomeSlot::new();
                 let mut cx = Context::from_waker(Waker::noop());

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use hyper::http::request::Parts;
 use plugin_api::ffi::{
     FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest, FfiRequestData,
-    FfiRequestFns, FfiStr,
+    FfiRequestFns, FfiRequestHead, FfiStr,
 };
 
 use crate::plugin::Instance;
@@ -71,13 +71,16 @@ impl std::fmt::Write for ClientAddr {
     }
 }
 
-/// The host's record of one request, as lent to a plugin.
+/// The host's record of one request, as lent to a plugin. It begins with the fields the
+/// plugin reads (the `FfiRequest` points at the record), followed by what they view.
+#[repr(C)]
 struct Record {
+    head: FfiRequestHead,
     parts: Parts,
     client: ClientAddr,
     request_id: [u8; 16],
     /// The normalised domain, when it differs from the bytes the client sent.
-    domain: Option<Box<str>>,
+    domain: Option<Box<[u8]>>,
     params: Vec<FfiParam>,
 }
 
@@ -92,27 +95,35 @@ unsafe impl Sync for PendingRequest {}
 /// copy.
 pub enum Domain {
     Borrowed(FfiStr),
-    Owned(Box<str>),
+    Owned(Box<[u8]>),
 }
 
 impl Domain {
-    pub fn new(domain: Cow<'_, str>) -> Self {
+    /// `domain` is text (the plugin reads it as a `&str`).
+    pub fn new(domain: Cow<'_, [u8]>) -> Self {
         match domain {
-            Cow::Borrowed(d) => Domain::Borrowed(FfiStr::new(d.as_bytes())),
-            Cow::Owned(d) => Domain::Owned(d.into_boxed_str()),
+            Cow::Borrowed(d) => Domain::Borrowed(FfiStr::new(d)),
+            Cow::Owned(d) => Domain::Owned(d.into_boxed_slice()),
         }
     }
 }
 
 impl PendingRequest {
     pub fn new(parts: Parts, client: &ClientAddr, request_id: [u8; 16]) -> Self {
-        let record = Box::new(Record {
-            parts,
-            client: *client,
-            request_id,
-            domain: None,
-            params: Vec::new(),
-        });
+        // Written in place: `Box::new` would build the record (half a kilobyte) on the
+        // stack and then copy it.
+        let mut record = Box::<Record>::new_uninit();
+        let p = record.as_mut_ptr();
+        // SAFETY: every field is written once, in place, before `assume_init`.
+        let record = unsafe {
+            (&raw mut (*p).head).write(FfiRequestHead::empty());
+            (&raw mut (*p).parts).write(parts);
+            (&raw mut (*p).client).write(*client);
+            (&raw mut (*p).request_id).write(request_id);
+            (&raw mut (*p).domain).write(None);
+            (&raw mut (*p).params).write(Vec::new());
+            record.assume_init()
+        };
         PendingRequest(NonNull::from(Box::leak(record)))
     }
 
@@ -135,19 +146,15 @@ impl PendingRequest {
         let ptr = self.0.as_ptr();
         std::mem::forget(self);
         // SAFETY: `ptr` is the live record this value owned; from here on the
-        // `FfiRequest` owns it, and nothing changes it after these writes.
-        let (record, domain) = unsafe {
-            (*ptr).params = params;
-            let domain = match domain {
-                Domain::Borrowed(view) => view,
-                Domain::Owned(owned) => FfiStr::new((*ptr).domain.insert(owned).as_bytes()),
-            };
-            (&*ptr, domain)
+        // `FfiRequest` owns it, and the host changes nothing in it after these writes.
+        let record = unsafe { &mut *ptr };
+        record.params = params;
+        let domain = match domain {
+            Domain::Borrowed(view) => view,
+            Domain::Owned(owned) => FfiStr::new(record.domain.insert(owned)),
         };
         let uri = &record.parts.uri;
-        FfiRequest {
-            data: FfiRequestData(ptr.cast()),
-            fns: &REQUEST_FNS,
+        record.head = FfiRequestHead {
             method: FfiStr::new(record.parts.method.as_str().as_bytes()),
             path: FfiStr::new(uri.path().as_bytes()),
             query: FfiStr::new(uri.query().unwrap_or("").as_bytes()),
@@ -162,6 +169,10 @@ impl PendingRequest {
             } else {
                 FfiBytes::from_owner(body)
             },
+        };
+        FfiRequest {
+            data: FfiRequestData(ptr.cast()),
+            fns: &REQUEST_FNS,
         }
     }
 }

@@ -175,8 +175,9 @@ pub struct DomainTable<T> {
 
 /// FxHash rather than SipHash: the table is built from the config and never grows at
 /// request time, so a client choosing colliding names can slow only its own lookup by a
-/// probe or two, and FxHash is several times cheaper for short names.
-type Map<T> = HashMap<Box<str>, T, rustc_hash::FxBuildHasher>;
+/// probe or two, and FxHash is several times cheaper for short names. Keyed by bytes, so
+/// that a raw `Host` can be looked up before it is checked to be text.
+type Map<T> = HashMap<Box<[u8]>, T, rustc_hash::FxBuildHasher>;
 
 impl<T> Default for DomainTable<T> {
     fn default() -> Self {
@@ -195,10 +196,10 @@ impl<T: Clone> DomainTable<T> {
             DomainPattern::Exact(d) => (&mut self.exact, d),
             DomainPattern::Wildcard(d) => (&mut self.wildcard, d),
         };
-        if map.contains_key(key.as_str()) {
+        if map.contains_key(key.as_bytes()) {
             return false;
         }
-        map.insert(key.as_str().into(), value);
+        map.insert(key.as_bytes().into(), value);
         true
     }
 
@@ -209,13 +210,13 @@ impl<T: Clone> DomainTable<T> {
     /// Finds the value for a normalised host: exact name first, then the most specific
     /// wildcard, then the default.
     pub fn lookup(&self, host: &str) -> Option<&T> {
-        if let Some(v) = self.exact.get(host) {
+        if let Some(v) = self.exact.get(host.as_bytes()) {
             return Some(v);
         }
         if !self.wildcard.is_empty() {
             let mut rest = host;
             while let Some((_, parent)) = rest.split_once('.') {
-                if let Some(v) = self.wildcard.get(parent) {
+                if let Some(v) = self.wildcard.get(parent.as_bytes()) {
                     return Some(v);
                 }
                 rest = parent;
@@ -225,8 +226,9 @@ impl<T: Clone> DomainTable<T> {
     }
 
     /// The value for exactly this name, if it is configured. A configured name is
-    /// already normalised, so a raw `Host` that matches one needs no normalising.
-    pub fn lookup_exact(&self, host: &str) -> Option<&T> {
+    /// already normalised, so a raw `Host` that matches one needs no normalising (and is
+    /// text: every configured name is).
+    pub fn lookup_exact(&self, host: &[u8]) -> Option<&T> {
         self.exact.get(host)
     }
 

@@ -79,19 +79,25 @@ impl Future for Handle {
             let (pending, body) = this.start.take().expect("polled after it answered");
             let want_name = this.debug.is_some();
             match first_step(&this.servers, pending, body, this.request_id, want_name, cx) {
-                Ok(routed) => return Poll::Ready(Ok(this.finish(routed))),
+                Ok((mut response, name)) => {
+                    this.finish(&mut response, name);
+                    return Poll::Ready(Ok(response));
+                }
                 Err(rest) => this.rest = Some(rest),
             }
         }
         let rest = this.rest.as_mut().expect("set above");
-        let routed = std::task::ready!(rest.as_mut().poll(cx));
+        let (mut response, name) = std::task::ready!(rest.as_mut().poll(cx));
         this.rest = None;
-        Poll::Ready(Ok(this.finish(routed)))
+        this.finish(&mut response, name);
+        Poll::Ready(Ok(response))
     }
 }
 
 impl Handle {
-    fn finish(&mut self, (mut response, server): Routed) -> Response<Body> {
+    /// Adds the request id, and writes the debug line if it is wanted. Takes the
+    /// response by reference: it is large, and moving it costs a copy.
+    fn finish(&mut self, response: &mut Response<Body>, server: Option<Arc<str>>) {
         if let Ok(id) = HeaderValue::from_bytes(&self.request_id.0) {
             response.headers_mut().insert(X_REQUEST_ID.clone(), id);
         }
@@ -107,7 +113,6 @@ impl Handle {
                 "request"
             );
         }
-        response
     }
 }
 
@@ -159,7 +164,7 @@ enum Step {
 /// The server a request is for.
 struct Resolved<'r> {
     server: &'r Server,
-    domain: Cow<'r, str>,
+    domain: Cow<'r, [u8]>,
     /// The server's name, if the debug line wants it.
     name: Option<Arc<str>>,
 }
@@ -189,6 +194,12 @@ fn resolve<'r>(
             name,
         });
     }
+    let Ok(raw) = std::str::from_utf8(raw) else {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "the Host header is not text",
+        ));
+    };
     let domain = if raw.is_empty() {
         Cow::Borrowed("")
     } else {
@@ -208,6 +219,10 @@ fn resolve<'r>(
         return Err(refuse(StatusCode::NOT_FOUND, &message));
     };
     let name = want_name.then(|| server.name.clone());
+    let domain = match domain {
+        Cow::Borrowed(d) => Cow::Borrowed(d.as_bytes()),
+        Cow::Owned(d) => Cow::Owned(d.into_bytes()),
+    };
     Ok(Resolved {
         server,
         domain,
@@ -476,8 +491,9 @@ impl AsRef<[u8]> for PluginBody {
 
 /// The domain a request is for, as sent: `:authority` (HTTP/2, or an absolute-form
 /// HTTP/1.1 target, which takes precedence over `Host`), else the `Host` header. An empty
-/// string for an HTTP/1.0 request without either (it goes to the default server).
-fn request_domain(parts: &hyper::http::request::Parts) -> Result<&str, String> {
+/// string for an HTTP/1.0 request without either (it goes to the default server). Not
+/// yet checked to be text: a configured name is found without that.
+fn request_domain(parts: &hyper::http::request::Parts) -> Result<&[u8], String> {
     let headers = &parts.headers;
     // A scan, not a hashed lookup: clients send Host first or nearly so.
     let host = headers
@@ -490,15 +506,13 @@ fn request_domain(parts: &hyper::http::request::Parts) -> Result<&str, String> {
     {
         return Err("more than one Host header".to_owned());
     }
-    // Any text will do here: normalize_host admits only host name characters.
-    let host = match host.map(|h| std::str::from_utf8(h.as_bytes())) {
-        Some(Ok(h)) => Some(h),
-        Some(Err(_)) => return Err("the Host header is not text".to_owned()),
-        None => None,
-    };
     let authority = parts.uri.authority().map(|a| a.as_str());
     if parts.version == Version::HTTP_2 {
         if let (Some(a), Some(h)) = (authority, host) {
+            // Any text will do here: normalize_host admits only host name characters.
+            let Ok(h) = std::str::from_utf8(h.as_bytes()) else {
+                return Err("the Host header is not text".to_owned());
+            };
             if normalize_host(a) != normalize_host(h) {
                 return Err(format!(
                     "the Host header {h:?} differs from :authority {a:?}"
@@ -506,10 +520,13 @@ fn request_domain(parts: &hyper::http::request::Parts) -> Result<&str, String> {
             }
         }
     }
-    match authority.or(host) {
+    match authority
+        .map(str::as_bytes)
+        .or(host.map(HeaderValue::as_bytes))
+    {
         Some(raw) => Ok(raw),
         // HTTP/1.0 may omit Host: it goes to the default server, if any.
-        None if parts.version <= Version::HTTP_10 => Ok(""),
+        None if parts.version <= Version::HTTP_10 => Ok(b""),
         None => Err("missing Host header".to_owned()),
     }
 }
@@ -588,8 +605,13 @@ fn into_http(
     let mut out = Response::new(Full::new(Bytes::new()));
     *out.status_mut() = status;
     let headers = out.headers_mut();
-    // One more for the x-request-id the host adds.
-    headers.reserve(response.headers.entries().len() + 1);
+    let content_type = response.content_type();
+    if !content_type.is_empty() {
+        let Ok(value) = header_value(content_type) else {
+            return Err((in_flight, "the content-type is not valid".to_owned()));
+        };
+        headers.append(CONTENT_TYPE, value);
+    }
     for (name, value) in response.headers.iter() {
         let Ok(name) = header_name(name) else {
             let name = String::from_utf8_lossy(name);

@@ -220,7 +220,7 @@ extern "C" fn handle<S: Microserver>(
     out: *mut FfiHandleResult,
 ) -> FfiCall {
     let instance = instance::<S>(ptr);
-    match instance.handlers.get(request.route as usize) {
+    match instance.handlers.get(request.head().route as usize) {
         // `erase` catches panics in the handler; the waker glue does not panic.
         Some(handler) => cx.with_context(|cx| {
             handler(instance.server.clone(), Request::from_ffi(request), cx, out)
@@ -228,7 +228,7 @@ extern "C" fn handle<S: Microserver>(
         None => {
             let message = format!(
                 "the host asked for route {} of {}",
-                request.route,
+                request.head().route,
                 instance.handlers.len()
             );
             answered(out, RErr(message.into()))

@@ -10,7 +10,6 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
-use std::mem::MaybeUninit;
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_types::VersionStrings;
@@ -18,150 +17,67 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use abi_stable::StableAbi;
 use async_ffi::{FfiContext, FfiFuture};
 
-/// A byte range `[start, end)` inside a buffer that travels with it.
+/// Response headers other than a static `content-type` (see [`FfiResponse`]), packed
+/// into one buffer: per header, the name's length and the value's length (`u32`, little
+/// endian), then the name and the value. A response with none allocates nothing; the
+/// first header allocates once.
 #[repr(C)]
-#[derive(StableAbi, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FfiSpan {
-    pub start: u32,
-    pub end: u32,
-}
-
-impl FfiSpan {
-    /// Returns the bytes of `buf` this span covers, or an empty slice if it is out of range.
-    pub fn get<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        buf.get(self.start as usize..self.end as usize)
-            .unwrap_or_default()
-    }
-
-    /// Appends `bytes` to `buf` and returns the span that covers them.
-    pub fn push(buf: &mut Vec<u8>, bytes: &[u8]) -> FfiSpan {
-        let start = buf.len() as u32;
-        buf.extend_from_slice(bytes);
-        FfiSpan {
-            start,
-            end: buf.len() as u32,
-        }
-    }
-}
-
-/// One header: its name and value as spans into the buffer that carries them.
-#[repr(C)]
-#[derive(StableAbi, Clone, Copy, Debug, Default)]
-pub struct FfiHeader {
-    pub name: FfiSpan,
-    pub value: FfiSpan,
-}
-
-/// Response headers. The first few travel inside the struct, so a typical response needs
-/// no allocation for its headers (and the host frees nothing through the plugin's code);
-/// past `INLINE_HEADERS` entries or `INLINE_HEADER_BYTES` bytes they spill into vectors.
-#[repr(C)]
-#[derive(StableAbi)]
+#[derive(StableAbi, Default)]
 pub struct FfiHeaders {
-    /// Written up to `bytes_len`; never zeroed (a response is built on every request).
-    inline_bytes: [MaybeUninit<u8>; INLINE_HEADER_BYTES],
-    inline_entries: [FfiHeader; INLINE_HEADERS],
-    bytes_len: u16,
-    entries_len: u8,
-    spilled: bool,
-    spill_bytes: RVec<u8>,
-    spill_entries: RVec<FfiHeader>,
-}
-
-/// How many headers fit in an [`FfiHeaders`] without allocating.
-pub const INLINE_HEADERS: usize = 4;
-/// How many bytes of names and values fit in an [`FfiHeaders`] without allocating.
-pub const INLINE_HEADER_BYTES: usize = 128;
-
-impl Default for FfiHeaders {
-    #[inline]
-    fn default() -> Self {
-        FfiHeaders {
-            inline_bytes: [MaybeUninit::uninit(); INLINE_HEADER_BYTES],
-            inline_entries: [FfiHeader::default(); INLINE_HEADERS],
-            bytes_len: 0,
-            entries_len: 0,
-            spilled: false,
-            spill_bytes: RVec::new(),
-            spill_entries: RVec::new(),
-        }
-    }
+    buf: RVec<u8>,
+    len: u32,
 }
 
 impl FfiHeaders {
     /// Appends a header.
-    #[inline]
     pub fn push(&mut self, name: &[u8], value: &[u8]) {
-        let len = self.bytes_len as usize;
-        let fits = len + name.len() + value.len() <= INLINE_HEADER_BYTES
-            && (self.entries_len as usize) < INLINE_HEADERS;
-        if !self.spilled && fits {
-            let name_span = FfiSpan {
-                start: len as u32,
-                end: (len + name.len()) as u32,
-            };
-            let value_span = FfiSpan {
-                start: name_span.end,
-                end: name_span.end + value.len() as u32,
-            };
-            write_bytes(&mut self.inline_bytes[len..len + name.len()], name);
-            write_bytes(
-                &mut self.inline_bytes[name_span.end as usize..value_span.end as usize],
-                value,
-            );
-            self.inline_entries[self.entries_len as usize] = FfiHeader {
-                name: name_span,
-                value: value_span,
-            };
-            self.bytes_len = value_span.end as u16;
-            self.entries_len += 1;
+        let mut buf = std::mem::take(&mut self.buf).into_vec();
+        buf.reserve(8 + name.len() + value.len());
+        buf.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(value);
+        self.buf = RVec::from(buf);
+        self.len += 1;
+    }
+
+    /// Removes every header named `name` (compared case-insensitively).
+    pub fn remove(&mut self, name: &[u8]) {
+        if !self.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
             return;
         }
-        if !self.spilled {
-            self.spill_bytes = RVec::from(self.inline_written());
-            self.spill_entries = RVec::from(&self.inline_entries[..self.entries_len as usize]);
-            self.spilled = true;
+        let mut kept = FfiHeaders::default();
+        for (n, v) in self.iter().filter(|(n, _)| !n.eq_ignore_ascii_case(name)) {
+            kept.push(n, v);
         }
-        let mut bytes = std::mem::take(&mut self.spill_bytes).into_vec();
-        let name = FfiSpan::push(&mut bytes, name);
-        let value = FfiSpan::push(&mut bytes, value);
-        self.spill_bytes = RVec::from(bytes);
-        self.spill_entries.push(FfiHeader { name, value });
+        *self = kept;
     }
 
-    /// The written part of the inline buffer.
-    fn inline_written(&self) -> &[u8] {
-        let written = &self.inline_bytes[..self.bytes_len as usize];
-        // SAFETY: `push` writes every byte below `bytes_len` before raising it.
-        unsafe { std::slice::from_raw_parts(written.as_ptr().cast::<u8>(), written.len()) }
-    }
-
-    /// The buffer the entries' spans point into.
+    /// How many headers there are.
     #[inline]
-    pub fn bytes(&self) -> &[u8] {
-        if self.spilled {
-            &self.spill_bytes
-        } else {
-            self.inline_written()
-        }
+    pub fn len(&self) -> usize {
+        self.len as usize
     }
 
     #[inline]
-    pub fn entries(&self) -> &[FfiHeader] {
-        if self.spilled {
-            &self.spill_entries
-        } else {
-            &self.inline_entries[..self.entries_len as usize]
-        }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
-    /// (name, value) pairs.
+    /// (name, value) pairs, in the order they were pushed. A malformed buffer (which
+    /// `push` cannot make) ends the iteration early.
     #[inline]
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let bytes = self.bytes();
-        self.entries()
-            .iter()
-            .map(move |h| (h.name.get(bytes), h.value.get(bytes)))
+        let mut rest: &[u8] = &self.buf;
+        std::iter::from_fn(move || {
+            let (lens, after) = rest.split_first_chunk::<8>()?;
+            let name_len = u32::from_le_bytes([lens[0], lens[1], lens[2], lens[3]]) as usize;
+            let value_len = u32::from_le_bytes([lens[4], lens[5], lens[6], lens[7]]) as usize;
+            let (name, after) = after.split_at_checked(name_len)?;
+            let (value, after) = after.split_at_checked(value_len)?;
+            rest = after;
+            Some((name, value))
+        })
     }
 }
 
@@ -201,13 +117,6 @@ impl FfiStr {
         }
         // SAFETY: the caller's promise; `new` took `ptr..ptr+len` from a slice.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-/// Copies `src` into `dst` (of the same length).
-fn write_bytes(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        d.write(*s);
     }
 }
 
@@ -358,16 +267,13 @@ impl Drop for FfiBytes {
     }
 }
 
-/// A request as the host hands it to a plugin.
+/// The fields of a request, at the start of the host's request record.
 ///
-/// Nothing is copied to make one: the text fields are views of the host's own request
-/// record (`data`), which the host frees when this value is dropped, and headers are
-/// looked up through `fns` when a handler asks. The text fields hold valid UTF-8.
+/// Nothing is copied to make them: the text fields are views of the host's own parsed
+/// request, in the same record, and hold valid UTF-8.
 #[repr(C)]
 #[derive(StableAbi)]
-pub struct FfiRequest {
-    pub data: FfiRequestData,
-    pub fns: &'static FfiRequestFns,
+pub struct FfiRequestHead {
     pub method: FfiStr,
     pub path: FfiStr,
     pub query: FfiStr,
@@ -379,7 +285,50 @@ pub struct FfiRequest {
     pub params_len: usize,
     /// Index into the route table the plugin returned from init.
     pub route: u32,
+    /// The body. The plugin may take it (leaving an empty one in its place).
     pub body: FfiBytes,
+}
+
+impl FfiRequestHead {
+    /// Fields that view nothing, to be filled in when the request is handed over.
+    pub fn empty() -> Self {
+        FfiRequestHead {
+            method: FfiStr::new(&[]),
+            path: FfiStr::new(&[]),
+            query: FfiStr::new(&[]),
+            domain: FfiStr::new(&[]),
+            client_addr: FfiStr::new(&[]),
+            request_id: FfiStr::new(&[]),
+            params: std::ptr::null(),
+            params_len: 0,
+            route: 0,
+            body: FfiBytes::empty(),
+        }
+    }
+
+    /// The path parameters.
+    #[inline]
+    pub fn params(&self) -> &[FfiParam] {
+        if self.params_len == 0 {
+            return &[];
+        }
+        // SAFETY: the host points `params` at `params_len` entries that live as long as
+        // this request.
+        unsafe { std::slice::from_raw_parts(self.params, self.params_len) }
+    }
+}
+
+/// A request as the host hands it to a plugin: two pointers, so that handing it on (into
+/// a handler, into the handler's future) moves next to nothing.
+///
+/// `data` is the host's request record, which begins with an [`FfiRequestHead`]; the
+/// host frees the record when this value is dropped. Headers are looked up through `fns`
+/// when a handler asks.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiRequest {
+    pub data: FfiRequestData,
+    pub fns: &'static FfiRequestFns,
 }
 
 // SAFETY: every pointer in a request points into the host's request record, which is
@@ -394,15 +343,19 @@ impl Drop for FfiRequest {
 }
 
 impl FfiRequest {
-    /// The path parameters.
+    /// The request's fields.
     #[inline]
-    pub fn params(&self) -> &[FfiParam] {
-        if self.params_len == 0 {
-            return &[];
-        }
-        // SAFETY: the host points `params` at `params_len` entries that live as long as
-        // this request.
-        unsafe { std::slice::from_raw_parts(self.params, self.params_len) }
+    pub fn head(&self) -> &FfiRequestHead {
+        // SAFETY: `data` points at the host's live record, which begins with the head;
+        // the host does not touch the head while the plugin holds the request.
+        unsafe { &*self.data.0.cast::<FfiRequestHead>() }
+    }
+
+    /// The request's fields, to take the body.
+    #[inline]
+    pub fn head_mut(&mut self) -> &mut FfiRequestHead {
+        // SAFETY: as in `head`; `&mut self` is the only handle to the request.
+        unsafe { &mut *self.data.0.cast::<FfiRequestHead>() }
     }
 }
 
@@ -427,13 +380,28 @@ pub struct FfiCall {
 // SAFETY: the future is a handler's future, which `export_plugin!` requires to be `Send`.
 unsafe impl Send for FfiCall {}
 
-/// A response as a plugin hands it back.
+/// A response as a plugin hands it back. Small (about 100 bytes), because it is moved
+/// from the handler to the host on every request.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct FfiResponse {
     pub status: u16,
+    /// The `content-type`, when it is known at compile time (set by `Response::text`,
+    /// `json` and the like): `'static` bytes of the plugin, or empty for none. A
+    /// `content-type` among `headers` replaces it.
+    pub content_type: FfiStr,
     pub headers: FfiHeaders,
     pub body: FfiBytes,
+}
+
+impl FfiResponse {
+    /// The bytes of [`content_type`](Self::content_type) (empty for none).
+    #[inline]
+    pub fn content_type(&self) -> &[u8] {
+        // SAFETY: plugin-api sets it only from a `&'static str`, and a plugin library
+        // stays mapped for the life of the process.
+        unsafe { self.content_type.get() }
+    }
 }
 
 /// One entry of a microserver's route table.

@@ -273,8 +273,8 @@ mod tests {
     use crate::Response;
 
     #[test]
-    fn headers_stay_readable_inline_and_after_spilling() {
-        let long = "v".repeat(300);
+    fn headers_keep_their_order_and_any_length() {
+        let long = "v".repeat(70_000);
         let mut r = Response::new(200)
             .with_header("a", "1")
             .with_header("b", "2");
@@ -282,15 +282,42 @@ mod tests {
         for i in 0..10 {
             r = r.with_header(&format!("x-{i}"), &i.to_string());
         }
-        r = r.with_header("long", &long);
+        r = r.with_header("long", &long).with_header("empty", "");
         assert_eq!(r.header("a"), Some("1"));
         assert_eq!(r.header("x-9"), Some("9"));
         assert_eq!(r.header("long"), Some(long.as_str()));
+        assert_eq!(r.header("empty"), Some(""));
         let ffi = r.into_ffi();
-        assert_eq!(ffi.headers.entries().len(), 13);
+        assert_eq!(ffi.headers.len(), 14);
+        let all: Vec<(&[u8], &[u8])> = ffi.headers.iter().collect();
+        assert_eq!(all.len(), 14);
+        assert_eq!(all[0], (&b"a"[..], &b"1"[..]));
+        assert_eq!(all[12], (&b"long"[..], long.as_bytes()));
+        assert_eq!(all[13], (&b"empty"[..], &b""[..]));
+    }
+
+    #[test]
+    fn a_response_has_one_content_type_the_last_set() {
+        let r = Response::text("x");
+        assert_eq!(r.header("Content-Type"), Some("text/plain; charset=utf-8"));
+        let r = r
+            .with_header("x-a", "1")
+            .with_header("content-type", "text/html");
+        assert_eq!(r.header("content-type"), Some("text/html"));
+        let ffi = r.with_header("x-b", "2").into_ffi();
+        assert_eq!(ffi.content_type(), b"");
         let names: Vec<&[u8]> = ffi.headers.iter().map(|(n, _)| n).collect();
-        assert_eq!(names[0], b"a");
-        assert_eq!(names[12], b"long");
+        assert_eq!(names, [&b"x-a"[..], b"content-type", b"x-b"]);
+
+        let r = Response::new(200)
+            .with_header("Content-Type", "text/html")
+            .with_header("x-a", "1")
+            .with_content_type("application/json");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let ffi = r.into_ffi();
+        assert_eq!(ffi.content_type(), b"application/json");
+        let names: Vec<&[u8]> = ffi.headers.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, [&b"x-a"[..]]);
     }
 
     #[test]

@@ -57,19 +57,19 @@ impl Request {
     /// The method in upper case, such as `GET`.
     #[inline]
     pub fn method(&self) -> &str {
-        self.text(self.raw.method)
+        self.text(self.raw.head().method)
     }
 
     /// The path, still percent-encoded, such as `/users/42`.
     #[inline]
     pub fn path(&self) -> &str {
-        self.text(self.raw.path)
+        self.text(self.raw.head().path)
     }
 
     /// The query string without the `?`, still percent-encoded; empty if there is none.
     #[inline]
     pub fn query(&self) -> &str {
-        self.text(self.raw.query)
+        self.text(self.raw.head().query)
     }
 
     /// The first value of a query parameter, percent-decoded (`+` counts as a space).
@@ -93,6 +93,7 @@ impl Request {
     /// A path parameter from the route pattern (`{id}` in `/users/{id}`), percent-decoded.
     pub fn param(&self, name: &str) -> Option<Cow<'_, str>> {
         self.raw
+            .head()
             .params()
             .iter()
             .find(|p| self.bytes(p.name) == name.as_bytes())
@@ -102,18 +103,18 @@ impl Request {
     /// The domain this request was routed by: lower case, without port or trailing dot.
     #[inline]
     pub fn domain(&self) -> &str {
-        self.text(self.raw.domain)
+        self.text(self.raw.head().domain)
     }
 
     /// The client's socket address, such as `127.0.0.1:50412`.
     pub fn client_addr(&self) -> &str {
-        self.text(self.raw.client_addr)
+        self.text(self.raw.head().client_addr)
     }
 
     /// The id the host gave this request; it is also sent back as `x-request-id`.
     #[inline]
     pub fn request_id(&self) -> &str {
-        self.text(self.raw.request_id)
+        self.text(self.raw.head().request_id)
     }
 
     /// The first value of a header (names compare case-insensitively), if it is text.
@@ -143,7 +144,7 @@ impl Request {
     /// The whole request body.
     #[inline]
     pub fn body(&self) -> &[u8] {
-        self.raw.body.as_slice()
+        self.raw.head().body.as_slice()
     }
 
     /// Takes the body out of the request (leaving it empty), for example to send it back
@@ -156,7 +157,10 @@ impl Request {
     /// }
     /// ```
     pub fn take_body(&mut self) -> crate::Body {
-        crate::Body(std::mem::replace(&mut self.raw.body, FfiBytes::empty()))
+        crate::Body(std::mem::replace(
+            &mut self.raw.head_mut().body,
+            FfiBytes::empty(),
+        ))
     }
 
     /// The body parsed as JSON. A parse error becomes a 400 response if returned.

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse};
+use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse, FfiStr};
 
 /// An HTTP response.
 ///
@@ -13,11 +13,18 @@ use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse};
 ///     .with_header("location", "/notes/1");
 /// assert_eq!(r.status(), 201);
 /// ```
+///
+/// A response has one `content-type`: the last one set wins.
 pub struct Response {
     status: u16,
+    /// A `content-type` known at compile time; empty when none is, or when it is among
+    /// `headers`.
+    content_type: &'static str,
     headers: FfiHeaders,
     body: FfiBytes,
 }
+
+const CONTENT_TYPE: &str = "content-type";
 
 impl std::fmt::Debug for Response {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,6 +47,7 @@ impl Response {
     pub fn new(status: u16) -> Self {
         Response {
             status,
+            content_type: "",
             headers: FfiHeaders::default(),
             body: FfiBytes::empty(),
         }
@@ -50,7 +58,7 @@ impl Response {
     #[inline]
     pub fn text(body: impl Into<Body>) -> Self {
         Response::new(200)
-            .with_header("content-type", "text/plain; charset=utf-8")
+            .with_content_type("text/plain; charset=utf-8")
             .with_body(body)
     }
 
@@ -58,7 +66,7 @@ impl Response {
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Self {
         match serde_json::to_vec(value) {
             Ok(bytes) => Response::new(200)
-                .with_header("content-type", "application/json")
+                .with_content_type("application/json")
                 .with_body(bytes),
             Err(e) => {
                 crate::Error::internal(format!("cannot serialize response: {e}")).into_response()
@@ -73,9 +81,24 @@ impl Response {
         self
     }
 
-    /// Adds a header. Names and values the host cannot send turn the response into a 500.
+    /// Sets the `content-type`, replacing any. A `&'static str` costs nothing to hand
+    /// over; for one made at run time, use [`with_header`](Self::with_header).
     #[inline]
+    pub fn with_content_type(mut self, value: &'static str) -> Self {
+        if !self.headers.is_empty() {
+            self.headers.remove(CONTENT_TYPE.as_bytes());
+        }
+        self.content_type = value;
+        self
+    }
+
+    /// Adds a header (a `content-type` replaces the one set before). Names and values
+    /// the host cannot send turn the response into a 500.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        if name.eq_ignore_ascii_case(CONTENT_TYPE) {
+            self.content_type = "";
+            self.headers.remove(CONTENT_TYPE.as_bytes());
+        }
         self.headers.push(name.as_bytes(), value.as_bytes());
         self
     }
@@ -100,6 +123,9 @@ impl Response {
 
     /// The first value of a header, if any (names compare case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
+        if !self.content_type.is_empty() && name.eq_ignore_ascii_case(CONTENT_TYPE) {
+            return Some(self.content_type);
+        }
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
@@ -111,6 +137,7 @@ impl Response {
     pub fn into_ffi(self) -> FfiResponse {
         FfiResponse {
             status: self.status,
+            content_type: FfiStr::new(self.content_type.as_bytes()),
             headers: self.headers,
             body: self.body,
         }

@@ -98,14 +98,14 @@ impl Hello {
             .filter(|n| *n <= 1 << 20)
             .ok_or_else(|| Error::bad_request("n must be a number of bytes up to 1048576"))?;
         Ok(Response::new(200)
-            .with_header("content-type", "application/octet-stream")
+            .with_content_type("application/octet-stream")
             .with_body(vec![b'x'; n]))
     }
 
     /// `POST /echo-raw`: the request body back, untouched and not copied.
     async fn echo_raw(self: Arc<Self>, mut req: Request) -> Response {
         Response::new(200)
-            .with_header("content-type", "application/octet-stream")
+            .with_content_type("application/octet-stream")
             .with_body(req.take_body())
     }
 
