@@ -227,6 +227,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 let each = settings.rate / 2;
                 let r = load.side_by_side(target, baseline, case, each, settings.duration)?;
                 runs.push(json!({"target": name, "round": round, "mode": format!("{SIDE_BY_SIDE}, oha {each} req/s each"), "result": r}));
+                for &c in &settings.connections {
+                    let r = load.side_by_side_wrk(target, baseline, case, c, settings.duration)?;
+                    runs.push(json!({"target": name, "round": round, "mode": format!("{SIDE_BY_SIDE}, wrk c={c} each"), "result": r}));
+                }
             }
         }
         results.push(json!({"case": case.name, "path": case.path, "runs": runs}));
@@ -576,8 +580,8 @@ impl Load<'_> {
         }
     }
 
-    /// Maximum rate: requests/s, latency p50/p99 (ms) and server CPU per request (us).
-    fn wrk(&self, target: &Target, case: &Case, connections: u32, seconds: u64) -> Result<Value> {
+    /// A wrk command for the maximum rate against `target`.
+    fn wrk_command(&self, target: &Target, case: &Case, connections: u32, seconds: u64) -> Command {
         let mut cmd = self.command(self.wrk);
         cmd.args([
             "-t1",
@@ -590,35 +594,40 @@ impl Load<'_> {
             cmd.arg("-s").arg(self.wrk_post);
         }
         cmd.arg(format!("http://{}{}", target.addr, case.path));
+        cmd
+    }
+
+    /// Maximum rate: requests/s, latency p50/p99 (ms) and server CPU per request (us).
+    fn wrk(&self, target: &Target, case: &Case, connections: u32, seconds: u64) -> Result<Value> {
+        let mut cmd = self.wrk_command(target, case, connections, seconds);
         let usage = Usage::start(target);
         let out = cmd.output().context("running wrk")?;
         let usage = usage.end(target);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let requests: f64 = text
-            .lines()
-            .find(|l| l.contains(" requests in "))
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .with_context(|| format!("wrk output without a request count:\n{text}"))?;
-        let rps: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Requests/sec:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0);
-        let errors = text
-            .lines()
-            .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
-            .map(str::trim)
-            .unwrap_or("");
-        let pct = |p: &str| -> f64 {
-            text.lines()
-                .find(|l| l.trim_start().starts_with(p))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .map_or(f64::NAN, wrk_duration_ms)
-        };
-        let mut result = json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"),
-                                "requests": requests, "errors": errors});
+        let mut result = wrk_result(&out)?;
+        let requests = result["requests"].as_f64().unwrap_or(0.0);
         usage.record(&mut result, requests);
         Ok(result)
+    }
+
+    /// `target` and the baseline at the same time, both on the server core, each under
+    /// its own wrk (both on the generator core): the requests/s each gets from the same
+    /// machine at the same moment. A server that costs more per request serves fewer of
+    /// them; drifts in the machine's speed touch both alike, so their ratio holds steady
+    /// where separate wrk runs drift by tens of percent.
+    fn side_by_side_wrk(
+        &self,
+        target: &Target,
+        baseline: &Target,
+        case: &Case,
+        connections: u32,
+        seconds: u64,
+    ) -> Result<Value> {
+        let a = self.wrk_command(target, case, connections, seconds);
+        let b = self.wrk_command(baseline, case, connections, seconds);
+        let mut r = pair([a, b], [target, baseline], wrk_result)?;
+        let rps = |field: &str| r[field].as_f64().unwrap_or(f64::NAN);
+        r["rps_ratio"] = json!(rps("rps") / rps("baseline_rps"));
+        Ok(r)
     }
 
     /// An oha command for a fixed rate against `target`.
@@ -679,28 +688,41 @@ impl Load<'_> {
         rate: u64,
         seconds: u64,
     ) -> Result<Value> {
-        let mut a = self.oha_command(target, case, 64, rate, seconds);
-        let mut b = self.oha_command(baseline, case, 64, rate, seconds);
-        for cmd in [&mut a, &mut b] {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        }
-        let (a_before, b_before) = (target.cpu_ns(), baseline.cpu_ns());
-        let a = a.spawn().context("running oha")?;
-        let b = b.spawn().context("running oha")?;
-        let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
-        let (a_cpu, b_cpu) = (target.cpu_ns() - a_before, baseline.cpu_ns() - b_before);
-        let (a, b) = (oha_result(&a)?, oha_result(&b)?);
-        let per_request = |cpu: u64, r: &Value| {
-            cpu as f64 / 1000.0 / r["requests"].as_f64().unwrap_or(0.0).max(1.0)
-        };
-        let (a_us, b_us) = (per_request(a_cpu, &a), per_request(b_cpu, &b));
-        Ok(
-            json!({"cpu_us_per_request": a_us, "baseline_cpu_us_per_request": b_us,
-                  "cpu_ratio": a_us / b_us, "requests": a["requests"], "non_200": a["non_200"],
-                  "errors": a["errors"], "p50_ms": a["p50_ms"], "p99_ms": a["p99_ms"],
-                  "baseline_p50_ms": b["p50_ms"], "baseline_p99_ms": b["p99_ms"]}),
-        )
+        let a = self.oha_command(target, case, 64, rate, seconds);
+        let b = self.oha_command(baseline, case, 64, rate, seconds);
+        pair([a, b], [target, baseline], oha_result)
     }
+}
+
+/// Runs two load generators at once, one per server, and returns the first's result
+/// with both servers' CPU time per request, their ratio, and the second's requests/s and
+/// latency under `baseline_*`.
+fn pair(
+    mut commands: [Command; 2],
+    targets: [&Target; 2],
+    parse: fn(&std::process::Output) -> Result<Value>,
+) -> Result<Value> {
+    for cmd in &mut commands {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    let before = targets.map(Target::cpu_ns);
+    let [mut a, mut b] = commands;
+    let a = a.spawn().context("running a load generator")?;
+    let b = b.spawn().context("running a load generator")?;
+    let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
+    let after = targets.map(Target::cpu_ns);
+    let (mut a, b) = (parse(&a)?, parse(&b)?);
+    let per_request = |i: usize, r: &Value| {
+        (after[i] - before[i]) as f64 / 1000.0 / r["requests"].as_f64().unwrap_or(0.0).max(1.0)
+    };
+    let (a_us, b_us) = (per_request(0, &a), per_request(1, &b));
+    a["cpu_us_per_request"] = json!(a_us);
+    a["baseline_cpu_us_per_request"] = json!(b_us);
+    a["cpu_ratio"] = json!(a_us / b_us);
+    for field in ["rps", "p50_ms", "p99_ms"] {
+        a[format!("baseline_{field}")] = b[field].clone();
+    }
+    Ok(a)
 }
 
 /// A target's CPU time over a run: total (ns, from schedstat) and user / kernel (ms, from
@@ -738,6 +760,36 @@ impl Usage {
         result["user_us_per_request"] = json!(self.user_ms * 1000.0 / n);
         result["sys_us_per_request"] = json!(self.sys_ms * 1000.0 / n);
     }
+}
+
+/// Requests/s, latency, request count and errors from wrk's report.
+fn wrk_result(out: &std::process::Output) -> Result<Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("wrk output without a request count:\n{text}"))?;
+    let rps: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(str::trim)
+        .unwrap_or("");
+    let pct = |p: &str| -> f64 {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map_or(f64::NAN, wrk_duration_ms)
+    };
+    Ok(
+        json!({"rps": rps, "p50_ms": pct("50%"), "p99_ms": pct("99%"),
+                  "requests": requests, "errors": errors}),
+    )
 }
 
 /// Requests/s, latency, request and error counts from oha's JSON report.
@@ -887,7 +939,11 @@ fn print_report(report: &Value, settings: &Settings) {
                     } else {
                         paired(&runs, t, mode, "cpu_us_per_request")
                     }),
-                    ratio(paired(&runs, t, mode, "rps")),
+                    ratio(if side_by_side {
+                        stats(&runs, t, mode, "rps_ratio")
+                    } else {
+                        paired(&runs, t, mode, "rps")
+                    }),
                 );
             }
         }
