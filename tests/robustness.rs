@@ -81,6 +81,14 @@ fn a_plugin_cannot_break_message_framing() {
     assert_eq!(r.header("content-length"), Some("5"));
     assert_eq!(r.header("transfer-encoding"), None);
     assert_eq!(r.header("x-kept"), Some("yes"));
+    // The content-type set last replaces the one `Response::text` set: one, not two.
+    let types: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(types, ["text/csv"]);
     // The connection was not closed or desynchronised.
     assert_eq!(conn.get("bad.localhost", "/ok").unwrap().body, "ok");
 }

@@ -23,6 +23,16 @@ fn each_example_domain_answers() {
 }
 
 #[test]
+fn a_raw_body_goes_back_out_untouched_with_its_content_type() {
+    let host = standard_host("echo-raw");
+    let body: Vec<u8> = (b'a'..=b'z').cycle().take(30_000).collect();
+    let r = host.send("POST", "hello.localhost", "/echo-raw", &body, &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    assert!(r.body.as_bytes() == body, "the body came back changed");
+}
+
+#[test]
 fn domains_are_matched_case_insensitively_without_port_or_trailing_dot() {
     let host = standard_host("normalise");
     for h in [
