@@ -387,8 +387,8 @@ unsafe impl Send for FfiCall {}
 pub struct FfiResponse {
     pub status: u16,
     /// The `content-type`, when it is known at compile time (set by `Response::text`,
-    /// `json` and the like): `'static` bytes of the plugin, or empty for none. A
-    /// `content-type` among `headers` replaces it.
+    /// `json` and the like): `'static` bytes of the plugin, or empty for none. Empty
+    /// whenever a `content-type` is among `headers` (plugin-api keeps one of the two).
     pub content_type: FfiStr,
     pub headers: FfiHeaders,
     pub body: FfiBytes,
