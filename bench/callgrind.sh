@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per request, host against baseline, counted by callgrind: steadier than
-# any timing on a shared machine (the count does not drift), though it says nothing of
-# cache misses or kernel time.
+# any timing on a shared machine (counts move by about 1-2% between runs, as the
+# runtime's timers and parking vary), though it says nothing of cache misses or kernel
+# time.
 #
 #   bench/callgrind.sh [PATH] [REQUESTS]      (default /plain, 4000)
 #

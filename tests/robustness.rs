@@ -209,6 +209,13 @@ fn h_pid(host: &crate::support::Host) -> String {
 }
 
 #[test]
+fn more_path_parameters_than_the_record_holds_inline_all_arrive() {
+    let host = standard_host("six");
+    let r = host.get("bad.localhost", "/six/1/2/3/4/5/six%20!");
+    assert_eq!((r.status, r.body.as_str()), (200, "1 2 3 4 5 six !"));
+}
+
+#[test]
 fn a_plugin_reads_the_whole_request_and_may_keep_it_after_answering() {
     let host = standard_host("seen");
     let r = host.send(

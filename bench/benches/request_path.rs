@@ -172,7 +172,7 @@ fn plugin_call(c: &mut Criterion) {
             b.iter(|| {
                 let pending = PendingRequest::new(request_parts(), &client, *b"0123456789abcdef");
                 let domain = Domain::new(Cow::Borrowed(&b"hello.localhost"[..]));
-                let request = pending.into_ffi(domain, Vec::new(), route, Bytes::new());
+                let request = pending.into_ffi(domain, route, Bytes::new());
                 let mut slot = OutcomeSlot::new();
                 let mut cx = Context::from_waker(Waker::noop());
                 assert!(call::start(&instance, request, &mut cx, &mut slot).is_none());

@@ -32,6 +32,7 @@ use plugin_api::ffi::{
     FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest, FfiRequestData,
     FfiRequestFns, FfiRequestHead, FfiStr,
 };
+use smallvec::SmallVec;
 
 use crate::plugin::Instance;
 
@@ -81,8 +82,12 @@ struct Record {
     request_id: [u8; 16],
     /// The normalised domain, when it differs from the bytes the client sent.
     domain: Option<Box<[u8]>>,
-    params: Vec<FfiParam>,
+    params: Params,
 }
+
+/// Path parameters: views of the path (names are `'static`). A few live in the record
+/// itself, so a route with parameters costs no allocation of its own.
+pub type Params = SmallVec<[FfiParam; 4]>;
 
 /// A request record not yet handed to a plugin; freed if it never is.
 pub struct PendingRequest(NonNull<Record>);
@@ -121,7 +126,7 @@ impl PendingRequest {
             (&raw mut (*p).client).write(*client);
             (&raw mut (*p).request_id).write(request_id);
             (&raw mut (*p).domain).write(None);
-            (&raw mut (*p).params).write(Vec::new());
+            (&raw mut (*p).params).write(Params::new());
             record.assume_init()
         };
         PendingRequest(NonNull::from(Box::leak(record)))
@@ -134,21 +139,23 @@ impl PendingRequest {
         unsafe { &self.0.as_ref().parts }
     }
 
+    /// [`parts`](Self::parts), and the record's path parameters to fill in with views
+    /// of them.
+    pub fn parts_and_params(&mut self) -> (&Parts, &mut Params) {
+        // SAFETY: the record is alive, and `&mut self` is its only handle until
+        // `into_ffi`; the two borrows are of different fields.
+        let record = unsafe { self.0.as_mut() };
+        (&record.parts, &mut record.params)
+    }
+
     /// Hands the record over. `domain` and the parameters' values must be views of
     /// [`parts`](Self::parts) (or owned); parameter names must be `'static`.
-    pub fn into_ffi(
-        self,
-        domain: Domain,
-        params: Vec<FfiParam>,
-        route: u32,
-        body: Bytes,
-    ) -> FfiRequest {
+    pub fn into_ffi(self, domain: Domain, route: u32, body: Bytes) -> FfiRequest {
         let ptr = self.0.as_ptr();
         std::mem::forget(self);
         // SAFETY: `ptr` is the live record this value owned; from here on the
         // `FfiRequest` owns it, and the host changes nothing in it after these writes.
         let record = unsafe { &mut *ptr };
-        record.params = params;
         let domain = match domain {
             Domain::Borrowed(view) => view,
             Domain::Owned(owned) => FfiStr::new(record.domain.insert(owned)),

@@ -326,7 +326,7 @@ async fn dispatch_later(
 /// poll (with this task's context).
 fn dispatch(
     servers: &Microservers,
-    pending: PendingRequest,
+    mut pending: PendingRequest,
     body: Bytes,
     id: RequestId,
     want_name: bool,
@@ -335,7 +335,7 @@ fn dispatch(
     let routing = servers.routing();
     // Everything borrowed from the request ends with this block, before it is handed on.
     let prepared = {
-        let parts = pending.parts();
+        let (parts, record_params) = pending.parts_and_params();
         let Resolved {
             server,
             domain,
@@ -357,7 +357,7 @@ fn dispatch(
             Some(generation) => {
                 let g: &Generation = generation.generation();
                 let found = g.routes.find(parts.method.as_str(), parts.uri.path());
-                let (route, params, names) = match found {
+                let (route, found_params, names) = match found {
                     RouteMatch::Found {
                         route,
                         params,
@@ -377,10 +377,9 @@ fn dispatch(
                 };
                 // Parameter values are views of the path in the record; names are
                 // `'static`.
-                let params: Vec<FfiParam> = params
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (key, value))| FfiParam {
+                record_params.clear();
+                record_params.extend(found_params.iter().enumerate().map(|(i, (key, value))| {
+                    FfiParam {
                         name: FfiStr::new(
                             names
                                 .get(i)
@@ -390,17 +389,17 @@ fn dispatch(
                                 .as_bytes(),
                         ),
                         value: FfiStr::new(value.as_bytes()),
-                    })
-                    .collect();
+                    }
+                }));
                 let head = parts.method == Method::HEAD;
-                Some((generation, route, params, Domain::new(domain), head, name))
+                Some((generation, route, Domain::new(domain), head, name))
             }
         }
     };
-    let Some((generation, route, params, domain, head, name)) = prepared else {
+    let Some((generation, route, domain, head, name)) = prepared else {
         return Step::Retry(pending, body);
     };
-    let request = pending.into_ffi(domain, params, route, body);
+    let request = pending.into_ffi(domain, route, body);
     // Most handlers answer on their first poll and need no timer; their response is read
     // from a slot on the stack, where the plugin wrote it.
     let mut slot = OutcomeSlot::new();

@@ -165,8 +165,9 @@ pub struct FfiRequestFns {
 pub struct FfiBytes {
     ptr: *const u8,
     len: usize,
+    /// What `drop` needs besides `ptr` and `len`: null for bytes nothing owns.
     owner: *mut c_void,
-    drop: extern "C" fn(*mut c_void),
+    drop: extern "C" fn(*const u8, usize, *mut c_void),
 }
 
 // SAFETY: an `FfiBytes` is only built from owners that are `Send + Sync` (see the
@@ -174,9 +175,15 @@ pub struct FfiBytes {
 unsafe impl Send for FfiBytes {}
 unsafe impl Sync for FfiBytes {}
 
-extern "C" fn drop_nothing(_: *mut c_void) {}
+extern "C" fn drop_nothing(_: *const u8, _: usize, _: *mut c_void) {}
 
-extern "C" fn drop_boxed<T>(owner: *mut c_void) {
+extern "C" fn drop_vec(ptr: *const u8, len: usize, capacity: *mut c_void) {
+    // SAFETY: made by `FfiBytes::from_vec` from a `Vec<u8>` of this pointer, length and
+    // capacity, which it forgot.
+    drop(unsafe { Vec::from_raw_parts(ptr.cast_mut(), len, capacity as usize) });
+}
+
+extern "C" fn drop_boxed<T>(_: *const u8, _: usize, owner: *mut c_void) {
     // A panic must not unwind out of an `extern "C"` fn; dropping a byte owner does not
     // panic in practice, and if it did, aborting is the documented outcome.
     // SAFETY: `owner` came from `Box::into_raw(Box<T>)` in `FfiBytes::from_owner::<T>`.
@@ -206,7 +213,25 @@ impl FfiBytes {
         }
     }
 
-    /// Takes ownership of any byte container without copying its contents.
+    /// Takes ownership of a vector without copying it or allocating (its capacity
+    /// travels in place of an owner).
+    #[inline]
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        if bytes.is_empty() {
+            return Self::empty();
+        }
+        let mut bytes = std::mem::ManuallyDrop::new(bytes);
+        FfiBytes {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            // Not null: a non-empty vector has a non-zero capacity.
+            owner: bytes.capacity() as *mut c_void,
+            drop: drop_vec,
+        }
+    }
+
+    /// Takes ownership of any byte container without copying its contents (the
+    /// container is boxed; a `Vec<u8>` is cheaper through [`from_vec`](Self::from_vec)).
     #[inline]
     pub fn from_owner<T: AsRef<[u8]> + Send + Sync + 'static>(owner: T) -> Self {
         if owner.as_ref().is_empty() {
@@ -263,7 +288,7 @@ impl AsRef<[u8]> for FfiBytes {
 
 impl Drop for FfiBytes {
     fn drop(&mut self) {
-        (self.drop)(self.owner);
+        (self.drop)(self.ptr, self.len, self.owner);
     }
 }
 

@@ -321,6 +321,24 @@ mod tests {
     }
 
     #[test]
+    fn a_vector_body_is_handed_over_as_it_is() {
+        use crate::ffi::FfiBytes;
+        let mut v = Vec::with_capacity(100);
+        v.extend_from_slice(b"abc");
+        let at = v.as_ptr();
+        let bytes = FfiBytes::from_vec(v);
+        assert_eq!(
+            (bytes.as_slice(), bytes.as_slice().as_ptr()),
+            (&b"abc"[..], at)
+        );
+        assert!(bytes.as_static().is_none());
+        drop(bytes);
+        assert!(FfiBytes::from_vec(Vec::new()).is_empty());
+        let r = Response::text(String::from("made at run time")).into_ffi();
+        assert_eq!(r.body.as_slice(), b"made at run time");
+    }
+
+    #[test]
     fn exported_symbol_is_the_one_abi_stable_looks_up() {
         assert_eq!(
             crate::__root_module_symbol!(),

@@ -188,7 +188,7 @@ impl AsRef<[u8]> for Body {
 impl From<Vec<u8>> for Body {
     #[inline]
     fn from(v: Vec<u8>) -> Self {
-        Body(FfiBytes::from_owner(v))
+        Body(FfiBytes::from_vec(v))
     }
 }
 
