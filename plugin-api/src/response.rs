@@ -85,9 +85,7 @@ impl Response {
     /// over; for one made at run time, use [`with_header`](Self::with_header).
     #[inline]
     pub fn with_content_type(mut self, value: &'static str) -> Self {
-        if !self.headers.is_empty() {
-            self.headers.remove(CONTENT_TYPE.as_bytes());
-        }
+        self.headers.remove(CONTENT_TYPE.as_bytes());
         self.content_type = value;
         self
     }
