@@ -5,11 +5,19 @@
 //! by path and by inode and would hand back an old build. The copy is unlinked as soon
 //! as it is open; the mapping stays valid.
 //!
+//! Before abi_stable reads anything from a library, `header` checks the library's
+//! exported header against the library's own mapped segments, so that a corrupt file is
+//! refused with a reason instead of crashing the host. Then the plugin-api version is
+//! checked against the promise in [`loads_plugins_built_against`], and only then does
+//! abi_stable check the layout and run the plugin's constructor.
+//!
 //! Libraries are never closed. A plugin that touched a `thread_local!` with a destructor
 //! (std, tokio and tracing all do) cannot be unmapped by glibc anyway, and abi_stable's
 //! layout checker keeps global caches that point into every library it checked, so a
 //! `dlclose` would leave dangling pointers. ARCHITECTURE.md says what this costs.
 #![allow(unsafe_code)]
+
+mod header;
 
 use std::fmt;
 use std::hash::Hasher;
@@ -61,10 +69,16 @@ pub enum LoadFailure {
     Incomplete(String),
     NotAPlugin,
     AbiStableVersion,
+    /// Built against a plugin-api version this host does not load (see
+    /// [`loads_plugins_built_against`]). `expected` is the host's version.
     InterfaceVersion {
         expected: String,
         found: String,
     },
+    /// Something in the library's plugin header (or its root module's name or version)
+    /// points outside the library, is too long, is not UTF-8, or is not what a freshly
+    /// opened library holds: what is wrong.
+    CorruptHeader(String),
     Layout {
         found: String,
     },
@@ -90,7 +104,12 @@ impl fmt::Display for LoadError {
             ),
             LoadFailure::InterfaceVersion { expected, found } => write!(
                 f,
-                "built against plugin-api {found}, but this host needs plugin-api {expected} (a compatible version); rebuild the plugin"
+                "built against plugin-api {found}, but this host has plugin-api {expected}, which loads {}; rebuild the plugin against plugin-api {expected}",
+                loadable_range(expected)
+            ),
+            LoadFailure::CorruptHeader(what) => write!(
+                f,
+                "its plugin header is corrupt: {what}; rebuild the plugin"
             ),
             LoadFailure::Layout { found } => write!(
                 f,
@@ -214,29 +233,148 @@ pub fn open(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
     let opened = unsafe { libloading::Library::new(copy) };
     let library = opened.map_err(|e| fail(LoadFailure::NotALibrary(dl_error(&e, copy))))?;
 
+    let symbol = ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes();
+    // SAFETY: only the symbol's address is taken; nothing is read through it here.
+    let address = match unsafe { library.get::<*const u8>(symbol) } {
+        Ok(address) => *address as usize,
+        Err(_) => return Err(fail(LoadFailure::NotAPlugin)),
+    };
+    if address == 0 {
+        return Err(fail(LoadFailure::CorruptHeader(
+            "its header symbol is null".to_owned(),
+        )));
+    }
     // SAFETY: abi_stable exports the header as a static whose address is an `AbiHeaderRef`
-    // (this mirrors `abi_stable::library::abi_header_from_raw_library`).
-    let header: AbiHeaderRef =
-        match unsafe { library.get::<AbiHeaderRef>(ROOT_MODULE_LOADER_NAME_WITH_NUL.as_bytes()) } {
-            Ok(symbol) => *symbol,
-            Err(_) => return Err(fail(LoadFailure::NotAPlugin)),
-        };
+    // (this mirrors `abi_stable::library::abi_header_from_raw_library`). The address is
+    // not null; nothing is read through it before `header::check` below.
+    let header: AbiHeaderRef = match unsafe { library.get::<AbiHeaderRef>(symbol) } {
+        Ok(symbol) => *symbol,
+        Err(_) => return Err(fail(LoadFailure::NotAPlugin)),
+    };
     // Never unmapped: see the module docs.
     std::mem::forget(library);
 
+    // Everything abi_stable reads or calls up to the plugin's constructor is checked
+    // first: see `header`.
+    let segments = header::Segments::of_object(copy).ok_or_else(|| {
+        fail(LoadFailure::NotALibrary(
+            "it was opened, but where it is mapped cannot be found".to_owned(),
+        ))
+    })?;
+    let api_version = match header::check(address, &segments) {
+        Ok(version) => version,
+        Err(header::Refusal::AbiStable) => return Err(fail(LoadFailure::AbiStableVersion)),
+        Err(header::Refusal::Corrupt(what)) => return Err(fail(LoadFailure::CorruptHeader(what))),
+    };
+    check_api_version(api_version).map_err(fail)?;
+
     let lib_header = header.upgrade().map_err(|e| fail(classify(e, "")))?;
-    let api_version = lib_header.version_strings().version.to_string();
     let module = lib_header
         .init_root_module::<PluginModRef>()
-        .map_err(|e| fail(classify(e, &api_version)))?;
+        .map_err(|e| fail(classify(e, api_version)))?;
+    let text = |what, s| {
+        header::text(&segments, what, header::RawStr::of(s))
+            .map_err(|what| fail(LoadFailure::CorruptHeader(what)))
+    };
+    let name = text("the plugin's name", module.name())?;
+    let version = text("the plugin's version", module.version())?;
     Ok(PluginLibrary {
-        name: module.name().to_string(),
-        version: module.version().to_string(),
-        api_version,
+        name: name.to_owned(),
+        version: version.to_owned(),
+        api_version: api_version.to_owned(),
         file: file.to_owned(),
         content_hash,
         module,
     })
+}
+
+/// A plugin-api version: `major.minor.patch`, optionally followed by a `-pre-release`
+/// or `+build` suffix, which is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl ApiVersion {
+    pub fn parse(s: &str) -> Option<ApiVersion> {
+        let number = |p: &str| {
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            p.parse().ok()
+        };
+        let mut parts = s.splitn(3, '.');
+        let major = number(parts.next()?)?;
+        let minor = number(parts.next()?)?;
+        let rest = parts.next()?;
+        let patch = number(&rest[..rest.find(['-', '+']).unwrap_or(rest.len())])?;
+        Some(ApiVersion {
+            major,
+            minor,
+            patch,
+        })
+    }
+}
+
+impl fmt::Display for ApiVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// The promise plugin-api keeps: while at 0.x, the minor number is the breaking one,
+/// and a host built with plugin-api 0.y.z loads plugins built against 0.y.w for w <= z
+/// (a patch release never changes layout or meaning; any change bumps y). From 1.0.0
+/// on, a host loads plugins built against the same major version and a minor.patch no
+/// later than its own.
+pub fn loads_plugins_built_against(host: ApiVersion, plugin: ApiVersion) -> bool {
+    if host.major == 0 {
+        plugin.major == 0 && plugin.minor == host.minor && plugin.patch <= host.patch
+    } else {
+        plugin.major == host.major && (plugin.minor, plugin.patch) <= (host.minor, host.patch)
+    }
+}
+
+/// Which versions a host with plugin-api `host` loads, for messages.
+fn loadable_range(host: &str) -> String {
+    let Some(v) = ApiVersion::parse(host) else {
+        return format!("only plugins built against {host}");
+    };
+    let first = if v.major == 0 {
+        ApiVersion { patch: 0, ..v }
+    } else {
+        ApiVersion {
+            minor: 0,
+            patch: 0,
+            ..v
+        }
+    };
+    if first == v {
+        format!("only plugins built against {v}")
+    } else {
+        format!("plugins built against {first} to {v}")
+    }
+}
+
+/// Checks a plugin's interface version against this host's, before abi_stable's own
+/// (looser) check.
+fn check_api_version(found: &str) -> Result<(), LoadFailure> {
+    let host = PluginModRef::VERSION_STRINGS.version.as_str();
+    let Some(plugin) = ApiVersion::parse(found) else {
+        let shown: String = found.chars().take(40).collect();
+        return Err(LoadFailure::CorruptHeader(format!(
+            "its interface version {shown:?} is not a major.minor.patch version"
+        )));
+    };
+    match ApiVersion::parse(host) {
+        Some(ours) if loads_plugins_built_against(ours, plugin) => Ok(()),
+        _ => Err(LoadFailure::InterfaceVersion {
+            expected: host.to_owned(),
+            found: found.to_owned(),
+        }),
+    }
 }
 
 /// Writes a new file that only this user can read, refusing to follow or reuse an
@@ -388,5 +526,453 @@ mod tests {
         assert_eq!(elf_incomplete(&me[..64], len), None);
         assert!(elf_incomplete(&me[..64], len - 1).is_some());
         assert!(elf_incomplete(&me[..10], 10).is_some());
+    }
+
+    #[test]
+    fn the_version_promise() {
+        let v = |s| ApiVersion::parse(s).unwrap();
+        // (host, plugin, loads)
+        let table = [
+            ("0.4.0", "0.4.0", true),
+            ("0.4.2", "0.4.0", true),
+            ("0.4.2", "0.4.2", true),
+            ("0.4.2", "0.4.3", false),
+            ("0.4.0", "0.4.1", false),
+            ("0.4.0", "0.3.0", false),
+            ("0.4.0", "0.3.9", false),
+            ("0.4.0", "0.5.0", false),
+            ("0.4.0", "0.99.0", false),
+            ("0.4.0", "1.4.0", false),
+            ("0.4.0", "99.0.0", false),
+            ("0.0.3", "0.0.1", true),
+            ("0.0.3", "0.1.0", false),
+            ("1.2.3", "1.2.3", true),
+            ("1.2.3", "1.2.0", true),
+            ("1.2.3", "1.0.9", true),
+            ("1.2.3", "1.1.99", true),
+            ("1.2.3", "1.2.4", false),
+            ("1.2.3", "1.3.0", false),
+            ("1.2.3", "2.0.0", false),
+            ("1.2.3", "0.2.3", false),
+            ("2.0.0", "1.9.9", false),
+        ];
+        for (host, plugin, loads) in table {
+            assert_eq!(
+                loads_plugins_built_against(v(host), v(plugin)),
+                loads,
+                "host {host}, plugin {plugin}"
+            );
+        }
+    }
+
+    #[test]
+    fn versions_parse_as_major_minor_patch() {
+        let ok = |s, (major, minor, patch)| {
+            assert_eq!(
+                ApiVersion::parse(s),
+                Some(ApiVersion {
+                    major,
+                    minor,
+                    patch
+                }),
+                "{s}"
+            );
+        };
+        ok("0.4.0", (0, 4, 0));
+        ok("10.20.30", (10, 20, 30));
+        ok("0.4.1-alpha.2", (0, 4, 1));
+        ok("0.4.1+build.5", (0, 4, 1));
+        for bad in [
+            "",
+            "0",
+            "0.4",
+            "0.4.",
+            "a.4.0",
+            "0.b.0",
+            "0.4.c",
+            "+1.4.0",
+            "0.-4.0",
+            "0.4.0x",
+            " 0.4.0",
+            "0.4.0.1",
+            "99999999999.0.0",
+        ] {
+            assert_eq!(ApiVersion::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn version_refusals_name_both_versions_and_the_rule() {
+        let host = PluginModRef::VERSION_STRINGS.version.as_str();
+        let ours = ApiVersion::parse(host).unwrap();
+        let next_minor = ApiVersion {
+            minor: ours.minor + 1,
+            patch: 0,
+            ..ours
+        }
+        .to_string();
+        assert_eq!(check_api_version(host), Ok(()));
+        let refused = check_api_version(&next_minor).unwrap_err();
+        assert_eq!(
+            refused,
+            LoadFailure::InterfaceVersion {
+                expected: host.to_owned(),
+                found: next_minor.clone()
+            }
+        );
+        let line = LoadError {
+            file: PathBuf::from("/p/x.so"),
+            reason: refused,
+        }
+        .to_string();
+        assert!(
+            line.starts_with(&format!(
+                "/p/x.so: built against plugin-api {next_minor}, but this host has plugin-api {host}, which loads "
+            )) && line.ends_with(&format!("; rebuild the plugin against plugin-api {host}")),
+            "{line}"
+        );
+        assert_eq!(loadable_range("0.4.0"), "only plugins built against 0.4.0");
+        assert_eq!(
+            loadable_range("0.4.2"),
+            "plugins built against 0.4.0 to 0.4.2"
+        );
+        assert_eq!(
+            loadable_range("1.2.3"),
+            "plugins built against 1.0.0 to 1.2.3"
+        );
+        assert_eq!(loadable_range("2.0.0"), "only plugins built against 2.0.0");
+        assert!(matches!(
+            check_api_version("zero.four"),
+            Err(LoadFailure::CorruptHeader(what)) if what.contains("not a major.minor.patch version")
+        ));
+    }
+
+    mod header_mirror {
+        use super::super::header::{self, RawLibHeader, RawMutexVTable, RawStr, Refusal, Segments};
+        use abi_stable::library::{
+            AbiHeader, CAbiTestingFns, CheckTypeLayout, IsLayoutChecked, LibHeader, RootModule,
+            RootModuleConsts, RootModuleResult,
+        };
+        use abi_stable::sabi_types::LateStaticRef;
+        use abi_stable::std_types::RStr;
+        use plugin_api::ffi::PluginModRef;
+        use std::mem::{align_of, offset_of, size_of};
+
+        extern "C" fn never_called() -> RootModuleResult {
+            std::process::abort()
+        }
+
+        /// A header built by abi_stable exactly as `export_plugin!` builds it.
+        static REAL: LibHeader = unsafe {
+            LibHeader::from_constructor::<PluginModRef>(never_called, CheckTypeLayout::Yes)
+        };
+
+        fn real() -> (usize, RawLibHeader, Segments) {
+            let addr = &REAL as *const LibHeader as usize;
+            let segments = Segments::containing(addr).expect("the test binary's segments");
+            // SAFETY: a real `LibHeader`, read through the mirror whose size matches.
+            let raw = unsafe { std::ptr::read(addr as *const RawLibHeader) };
+            (addr, raw, segments)
+        }
+
+        #[test]
+        fn the_mirror_has_abi_stables_sizes() {
+            fn same<A, B>() {
+                assert_eq!(
+                    (size_of::<A>(), align_of::<A>()),
+                    (size_of::<B>(), align_of::<B>()),
+                    "{} vs {}",
+                    std::any::type_name::<A>(),
+                    std::any::type_name::<B>()
+                );
+            }
+            same::<RawLibHeader, LibHeader>();
+            same::<header::RawAbiHeader, AbiHeader>();
+            same::<header::RawRootModuleConsts, RootModuleConsts>();
+            same::<header::RawLayoutChecked, IsLayoutChecked>();
+            same::<RawStr, RStr<'static>>();
+            same::<header::RawCAbiTestingFns, CAbiTestingFns>();
+            same::<header::RawLateStaticRef, LateStaticRef<&'static u8>>();
+        }
+
+        #[test]
+        fn the_mirror_reads_what_abi_stables_accessors_read() {
+            let (addr, raw, segments) = real();
+            let abi = AbiHeader::VALUE;
+            assert_eq!(raw.header.magic_string, abi.magic_string);
+            assert_eq!(
+                (raw.header.abi_major, raw.header.abi_minor),
+                (abi.abi_major, abi.abi_minor)
+            );
+            let consts = REAL.root_mod_consts();
+            assert_eq!(
+                consts as *const RootModuleConsts as usize - addr,
+                offset_of!(RawLibHeader, root_mod_consts)
+            );
+            let c = &raw.root_mod_consts;
+            assert_eq!(c.base_name, RawStr::of(consts.base_name()));
+            assert_eq!(c.name, RawStr::of(consts.name()));
+            assert_eq!(c.version, RawStr::of(REAL.version_strings().version));
+            assert_eq!(c.layout.tag, 0);
+            assert_eq!(c.layout.layout, REAL.layout().unwrap() as *const _ as usize);
+            assert_eq!(
+                c.c_abi_testing_fns,
+                consts.c_abi_testing_fns() as *const CAbiTestingFns as usize
+            );
+            assert_eq!(
+                raw.init_globals_with,
+                abi_stable::globals::initialize_globals_with as *const () as usize
+            );
+            assert_eq!(raw.constructor, never_called as *const () as usize);
+            assert_eq!((raw.module.pointer, raw.module.lock_state), (0, 0));
+            // The strings are what abi_stable declares for plugin-api.
+            assert_eq!(
+                header::text(&segments, "v", c.version),
+                Ok(PluginModRef::VERSION_STRINGS.version.as_str())
+            );
+            assert_eq!(header::text(&segments, "n", c.name), Ok(PluginModRef::NAME));
+            assert_eq!(
+                header::text(&segments, "b", c.base_name),
+                Ok(PluginModRef::BASE_NAME)
+            );
+        }
+
+        #[test]
+        fn the_mirror_finds_a_late_static_refs_pointer_and_its_locks_functions() {
+            static VALUE: u8 = 7;
+            static LATE: LateStaticRef<&'static u8> = LateStaticRef::new();
+            let at = &LATE as *const LateStaticRef<&'static u8> as usize;
+            // SAFETY: the mirror's size matches (checked above); integers only.
+            let read = || unsafe { std::ptr::read(at as *const header::RawLateStaticRef) };
+            let before = read();
+            assert_eq!((before.pointer, before.lock_state), (0, 0));
+            LATE.init(|| &VALUE);
+            let after = read();
+            assert_eq!(after.pointer, &VALUE as *const u8 as usize);
+            assert_eq!(after.lock_state, 0);
+            // The vtable's functions are lock, try_lock, unlock, in that order: lock a
+            // mutex of our own with them.
+            // SAFETY: checked to lie in this binary's readable memory first.
+            let segments = Segments::containing(at).unwrap();
+            assert!(segments.readable(after.lock_vtable, size_of::<RawMutexVTable>()));
+            let vtable = unsafe { std::ptr::read(after.lock_vtable as *const RawMutexVTable) };
+            type Op = extern "C" fn(&usize);
+            type TryLock = extern "C" fn(&usize) -> bool;
+            // SAFETY: these are abi_stable's `extern "C" fn(&OpaqueMutex)` functions; an
+            // `OpaqueMutex` is a usize-sized, usize-aligned parking_lot mutex (0 =
+            // unlocked), like the `usize` they are given here.
+            let (lock, try_lock, unlock) = unsafe {
+                (
+                    std::mem::transmute::<usize, Op>(vtable.lock),
+                    std::mem::transmute::<usize, TryLock>(vtable.try_lock),
+                    std::mem::transmute::<usize, Op>(vtable.unlock),
+                )
+            };
+            let mutex = std::sync::atomic::AtomicUsize::new(0);
+            // SAFETY: an AtomicUsize has the layout of a usize.
+            let state =
+                unsafe { &*(&mutex as *const std::sync::atomic::AtomicUsize as *const usize) };
+            lock(state);
+            assert_ne!(mutex.load(std::sync::atomic::Ordering::SeqCst), 0);
+            assert!(!try_lock(state));
+            unlock(state);
+            assert_eq!(mutex.load(std::sync::atomic::Ordering::SeqCst), 0);
+            assert!(try_lock(state));
+            unlock(state);
+        }
+
+        #[test]
+        fn a_real_header_passes() {
+            let (addr, raw, segments) = real();
+            let version = PluginModRef::VERSION_STRINGS.version.as_str();
+            assert_eq!(header::check_fields(&raw, &segments), Ok(version));
+            assert_eq!(header::check(addr, &segments), Ok(version));
+        }
+
+        static NOT_UTF8: [u8; 4] = [b'0', 0xff, 0xfe, b'1'];
+        static DATA: u8 = 1;
+        static DATA_TABLE: [&u8; 15] = [&DATA; 15];
+        #[repr(C)]
+        struct FakeVTable {
+            accessibility: u64,
+            layout: &'static u8,
+            fns: [&'static u8; 4],
+        }
+        static DATA_VTABLE: FakeVTable = FakeVTable {
+            accessibility: 0b1111,
+            layout: &DATA,
+            fns: [&DATA; 4],
+        };
+        #[repr(C, align(8))]
+        struct Zeros([u8; 256]);
+        static ZEROS: Zeros = Zeros([0; 256]);
+
+        #[test]
+        fn every_field_is_checked_before_it_is_used() {
+            let (_, good, segments) = real();
+            let data = &DATA as *const u8 as usize;
+            let far = 0x0000_0100_0000_0005usize;
+            let version = good.root_mod_consts.version.ptr;
+            let segment_end = segments
+                .0
+                .iter()
+                .find(|s| s.start <= version && version < s.end)
+                .unwrap()
+                .end;
+            type Edit = Box<dyn Fn(&mut RawLibHeader)>;
+            let cases: Vec<(&str, Edit, &str)> = vec![
+                (
+                    "huge version length",
+                    Box::new(|h| h.root_mod_consts.version.len = 0x0000_0100_0000_0005),
+                    "its interface version is 1099511627781 bytes long (at most 4096)",
+                ),
+                (
+                    "version running past the end of its segment",
+                    Box::new(move |h| {
+                        h.root_mod_consts.version = RawStr {
+                            ptr: segment_end - 2,
+                            len: 4,
+                        }
+                    }),
+                    "its interface version (4 bytes at",
+                ),
+                (
+                    "empty name",
+                    Box::new(|h| h.root_mod_consts.name.len = 0),
+                    "its interface name is empty",
+                ),
+                (
+                    "null base name",
+                    Box::new(|h| h.root_mod_consts.base_name.ptr = 0),
+                    "its library base name (18 bytes at 0x0) is not inside",
+                ),
+                (
+                    "name elsewhere",
+                    Box::new(move |h| h.root_mod_consts.name.ptr = far),
+                    "its interface name (10 bytes at 0x10000000005) is not inside",
+                ),
+                (
+                    "version not UTF-8",
+                    Box::new(|h| {
+                        h.root_mod_consts.version = RawStr {
+                            ptr: NOT_UTF8.as_ptr() as usize,
+                            len: 4,
+                        }
+                    }),
+                    "its interface version is not valid UTF-8",
+                ),
+                (
+                    "no layout",
+                    Box::new(|h| h.root_mod_consts.layout.tag = 1),
+                    "it leaves out its root module's type layout",
+                ),
+                (
+                    "bad layout tag",
+                    Box::new(|h| h.root_mod_consts.layout.tag = 5),
+                    "its type-layout tag is 5",
+                ),
+                (
+                    "layout elsewhere",
+                    Box::new(move |h| h.root_mod_consts.layout.layout = far),
+                    "its type-layout pointer (0x10000000005)",
+                ),
+                (
+                    "misaligned layout",
+                    Box::new(|h| h.root_mod_consts.layout.layout += 1),
+                    "its type-layout pointer",
+                ),
+                (
+                    "C-ABI table elsewhere",
+                    Box::new(|h| h.root_mod_consts.c_abi_testing_fns = usize::MAX - 15),
+                    "its C-ABI self-test table pointer",
+                ),
+                (
+                    "C-ABI table of data",
+                    Box::new(|h| {
+                        h.root_mod_consts.c_abi_testing_fns = DATA_TABLE.as_ptr() as usize
+                    }),
+                    "its C-ABI self-test function #0",
+                ),
+                (
+                    "globals initialiser in data",
+                    Box::new(move |h| h.init_globals_with = data),
+                    "its globals initialiser",
+                ),
+                (
+                    "globals initialiser null",
+                    Box::new(|h| h.init_globals_with = 0),
+                    "its globals initialiser (0x0) is not inside the library's code",
+                ),
+                (
+                    "module already set",
+                    Box::new(move |h| h.module.pointer = data),
+                    "its root module is already set",
+                ),
+                (
+                    "lock held",
+                    Box::new(|h| h.module.lock_state = 1),
+                    "its root-module lock is not in its unlocked initial state (0x1)",
+                ),
+                (
+                    "lock padding",
+                    Box::new(|h| h.module.lock_state = 0x0100),
+                    "its root-module lock is not in its unlocked initial state",
+                ),
+                (
+                    "lock vtable elsewhere",
+                    Box::new(move |h| h.module.lock_vtable = far),
+                    "its root-module lock's vtable pointer",
+                ),
+                (
+                    "lock vtable of data",
+                    Box::new(|h| h.module.lock_vtable = &DATA_VTABLE as *const FakeVTable as usize),
+                    "its root-module lock's lock function",
+                ),
+                (
+                    "constructor in data",
+                    Box::new(move |h| h.constructor = data),
+                    "its root-module constructor",
+                ),
+                (
+                    "constructor far away",
+                    Box::new(move |h| h.constructor = far),
+                    "its root-module constructor (0x10000000005) is not inside the library's code",
+                ),
+            ];
+            for (what, edit, expected) in cases {
+                let mut bad = good;
+                edit(&mut bad);
+                match header::check_fields(&bad, &segments) {
+                    Err(message) => {
+                        assert!(message.contains(expected), "{what}: {message}")
+                    }
+                    Ok(_) => panic!("{what}: passed"),
+                }
+            }
+            // Other abi_stable versions (or corrupt magic), and headers outside the
+            // library or cut off by its end.
+            let zeros = ZEROS.0.as_ptr() as usize;
+            assert_eq!(header::check(zeros, &segments), Err(Refusal::AbiStable));
+            for addr in [0, 8, far, zeros + 4] {
+                assert!(
+                    matches!(header::check(addr, &segments), Err(Refusal::Corrupt(m)) if m.contains("its header symbol")),
+                    "{addr:#x}"
+                );
+            }
+            let end = segments
+                .0
+                .iter()
+                .find(|s| s.readable && s.start <= zeros && zeros < s.end)
+                .unwrap()
+                .end;
+            let near_end = (end - size_of::<AbiHeader>()) & !7;
+            assert!(
+                matches!(
+                    header::check(near_end, &segments),
+                    Err(Refusal::Corrupt(_)) | Err(Refusal::AbiStable)
+                ),
+                "{near_end:#x}"
+            );
+        }
     }
 }
