@@ -5,6 +5,7 @@
 
 mod support;
 
+mod boundary;
 mod config;
 mod loading;
 mod reload;

@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 use abi_stable::std_types::RResult;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use host::call::{self, ClientAddr, Domain, OutcomeSlot, PendingRequest};
+use host::call::{self, ClientAddr, Lending, OutcomeSlot, PendingRequest};
 use host::domain::{normalize_host, DomainPattern, DomainTable};
 use host::loader;
 use host::plugin::Instance;
@@ -171,8 +171,13 @@ fn plugin_call(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let pending = PendingRequest::new(request_parts(), &client, *b"0123456789abcdef");
-                let domain = Domain::new(Cow::Borrowed(&b"hello.localhost"[..]));
-                let request = pending.into_ffi(domain, route, Bytes::new());
+                let lent = pending.lend(Bytes::new(), |_, _| {
+                    let domain = Cow::Borrowed(&b"hello.localhost"[..]);
+                    Ok::<_, ()>((Lending { domain, route }, ()))
+                });
+                let Ok((request, ())) = lent else {
+                    unreachable!("always lent")
+                };
                 let mut slot = OutcomeSlot::new();
                 let mut cx = Context::from_waker(Waker::noop());
                 assert!(call::start(&instance, request, &mut cx, &mut slot).is_none());

@@ -96,21 +96,28 @@ pub struct PendingRequest(NonNull<Record>);
 unsafe impl Send for PendingRequest {}
 unsafe impl Sync for PendingRequest {}
 
-/// The record's domain: a view of the `Host` header (or `:authority`), or a normalised
-/// copy.
-pub enum Domain {
-    Borrowed(FfiStr),
-    Owned(Box<[u8]>),
+/// Path parameters being filled in by [`PendingRequest::lend`]'s caller: names are
+/// `'static`, values must be views of the request's own `Parts` (`'p`), so that every
+/// view handed to the plugin points into the record.
+pub struct ParamSink<'r, 'p> {
+    params: &'r mut Params,
+    _parts: std::marker::PhantomData<&'p Parts>,
 }
 
-impl Domain {
-    /// `domain` is text (the plugin reads it as a `&str`).
-    pub fn new(domain: Cow<'_, [u8]>) -> Self {
-        match domain {
-            Cow::Borrowed(d) => Domain::Borrowed(FfiStr::new(d)),
-            Cow::Owned(d) => Domain::Owned(d.into_boxed_slice()),
-        }
+impl<'p> ParamSink<'_, 'p> {
+    pub fn push(&mut self, name: &'static str, value: &'p str) {
+        self.params.push(FfiParam {
+            name: FfiStr::new(name.as_bytes()),
+            value: FfiStr::new(value.as_bytes()),
+        });
     }
+}
+
+/// What a request is lent with: its domain (a view of the request's `Host` or
+/// `:authority`, or a normalised copy) and its route.
+pub struct Lending<'p> {
+    pub domain: Cow<'p, [u8]>,
+    pub route: u32,
 }
 
 impl PendingRequest {
@@ -132,55 +139,101 @@ impl PendingRequest {
         PendingRequest(NonNull::from(Box::leak(record)))
     }
 
-    /// The request as hyper parsed it. Views made from it (with [`FfiStr::new`]) stay
-    /// valid in the `FfiRequest` this turns into.
+    /// The request as hyper parsed it.
     pub fn parts(&self) -> &Parts {
-        // SAFETY: the record is alive and only read until `into_ffi` or drop.
+        // SAFETY: the record is alive and only read until it is lent or dropped.
         unsafe { &self.0.as_ref().parts }
     }
 
-    /// [`parts`](Self::parts), and the record's path parameters to fill in with views
-    /// of them.
-    pub fn parts_and_params(&mut self) -> (&Parts, &mut Params) {
-        // SAFETY: the record is alive, and `&mut self` is its only handle until
-        // `into_ffi`; the two borrows are of different fields.
+    /// Lends the request to a plugin, if `route` says where: `route` sees the request's
+    /// `Parts`, fills in the path parameters and returns the domain and route index
+    /// (plus anything of its own, `T`), or refuses with `X` (the request comes back).
+    ///
+    /// Every view in the `FfiRequest` points into the record, because `route` can only
+    /// give views of the `Parts` it was lent (`'p`, chosen here) or `'static` data: this
+    /// function is safe however it is called. A view of anything else does not compile:
+    ///
+    /// ```compile_fail,E0521
+    /// # use host::call::{Lending, PendingRequest};
+    /// fn lend_a_temporary(pending: PendingRequest, temporary: &[u8]) {
+    ///     let _ = pending.lend(bytes::Bytes::new(), |_, _| {
+    ///         let domain = std::borrow::Cow::Borrowed(temporary);
+    ///         Ok::<_, ()>((Lending { domain, route: 0 }, ()))
+    ///     });
+    /// }
+    /// ```
+    ///
+    /// ```compile_fail,E0521
+    /// # use host::call::{Lending, PendingRequest};
+    /// fn a_parameter_from_elsewhere(pending: PendingRequest, value: &str) {
+    ///     let _ = pending.lend(bytes::Bytes::new(), |_, params| {
+    ///         params.push("id", value);
+    ///         Ok::<_, ()>((Lending { domain: b"x".into(), route: 0 }, ()))
+    ///     });
+    /// }
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn lend<T, X>(
+        mut self,
+        body: Bytes,
+        route: impl for<'r, 'p> FnOnce(&'p Parts, &mut ParamSink<'r, 'p>) -> Result<(Lending<'p>, T), X>,
+    ) -> Result<(FfiRequest, T), (Self, Bytes, X)> {
+        // SAFETY: the record is alive, and `&mut self` is its only handle; the two
+        // borrows are of different fields and end before the record is handed over.
         let record = unsafe { self.0.as_mut() };
-        (&record.parts, &mut record.params)
-    }
-
-    /// Hands the record over. `domain` and the parameters' values must be views of
-    /// [`parts`](Self::parts) (or owned); parameter names must be `'static`.
-    pub fn into_ffi(self, domain: Domain, route: u32, body: Bytes) -> FfiRequest {
+        record.params.clear();
+        let mut sink = ParamSink {
+            params: &mut record.params,
+            _parts: std::marker::PhantomData,
+        };
+        let (lending, extra) = match route(&record.parts, &mut sink) {
+            Ok(done) => done,
+            Err(refused) => return Err((self, body, refused)),
+        };
         let ptr = self.0.as_ptr();
+        // Hold on to the normalised domain (when there is one) in the record; a view
+        // stays a view (of `parts`, which does not move: it is boxed).
+        let domain = match lending.domain {
+            Cow::Borrowed(view) => FfiStr::new(view),
+            Cow::Owned(owned) => {
+                // SAFETY: `ptr` is the live record; nothing borrows its `domain` field.
+                let slot = unsafe { &mut (*ptr).domain };
+                FfiStr::new(slot.insert(owned.into_boxed_slice()))
+            }
+        };
+        let route = lending.route;
         std::mem::forget(self);
         // SAFETY: `ptr` is the live record this value owned; from here on the
         // `FfiRequest` owns it, and the host changes nothing in it after these writes.
         let record = unsafe { &mut *ptr };
-        let domain = match domain {
-            Domain::Borrowed(view) => view,
-            Domain::Owned(owned) => FfiStr::new(record.domain.insert(owned)),
-        };
         let uri = &record.parts.uri;
-        record.head = FfiRequestHead {
-            method: FfiStr::new(record.parts.method.as_str().as_bytes()),
-            path: FfiStr::new(uri.path().as_bytes()),
-            query: FfiStr::new(uri.query().unwrap_or("").as_bytes()),
-            domain,
-            client_addr: FfiStr::new(record.client.as_bytes()),
-            request_id: FfiStr::new(&record.request_id),
-            params: record.params.as_ptr(),
-            params_len: record.params.len(),
-            route,
-            body: if body.is_empty() {
-                FfiBytes::empty()
-            } else {
-                FfiBytes::from_owner(body)
-            },
+        // SAFETY (`FfiRequestHead::new`): every view is of the boxed record (`parts`,
+        // which `route` could only lend from, `client`, `request_id`, `domain`,
+        // `params`) or `'static`, and the record neither moves nor changes until the
+        // `FfiRequest` frees it; the text fields are UTF-8 (hyper's method and URI are
+        // ASCII; a domain was checked or normalised to text by the router).
+        record.head = unsafe {
+            FfiRequestHead::new(
+                FfiStr::new(record.parts.method.as_str().as_bytes()),
+                FfiStr::new(uri.path().as_bytes()),
+                FfiStr::new(uri.query().unwrap_or("").as_bytes()),
+                domain,
+                FfiStr::new(record.client.as_bytes()),
+                FfiStr::new(&record.request_id),
+                &record.params,
+                route,
+                if body.is_empty() {
+                    FfiBytes::empty()
+                } else {
+                    FfiBytes::from_owner(body)
+                },
+            )
         };
-        FfiRequest {
-            data: FfiRequestData(ptr.cast()),
-            fns: &REQUEST_FNS,
-        }
+        // SAFETY (`FfiRequest::from_raw`): the record begins with the head just made,
+        // nothing else touches it from now on, and `REQUEST_FNS` read and free exactly
+        // this kind of record.
+        let request = unsafe { FfiRequest::from_raw(FfiRequestData(ptr.cast()), &REQUEST_FNS) };
+        Ok((request, extra))
     }
 }
 
@@ -197,15 +250,17 @@ static REQUEST_FNS: FfiRequestFns = FfiRequestFns {
     drop: drop_record,
 };
 
-fn record<'a>(data: FfiRequestData) -> &'a Record {
-    // SAFETY: plugins get `data` only inside the `FfiRequest` that owns the record, and
-    // these functions are called through that request, so the record is alive.
+/// # Safety
+/// `data` is the record of a live `FfiRequest` (the contract of `FfiRequestFns`).
+unsafe fn record<'a>(data: FfiRequestData) -> &'a Record {
+    // SAFETY: the caller's promise.
     unsafe { &*data.0.cast::<Record>() }
 }
 
-// None of these functions can panic (a panic may not unwind out of `extern "C"`).
+// None of these functions can panic (a panic may not unwind out of `extern "C"`). Their
+// contract is `FfiRequestFns`': `data` is a live record these functions were lent with.
 
-extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiStr> {
+unsafe extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiStr> {
     // SAFETY: the plugin passes a view of its own string, alive during the call.
     let name = unsafe { name.get() };
     let Ok(name) = std::str::from_utf8(name) else {
@@ -213,24 +268,29 @@ extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiStr> {
     };
     // `HeaderMap::get` compares names case-insensitively, and finds nothing for an
     // invalid name.
-    match record(data).parts.headers.get(name) {
+    // SAFETY: the contract above.
+    match unsafe { record(data) }.parts.headers.get(name) {
         Some(value) => ROption::RSome(FfiStr::new(value.as_bytes())),
         None => ROption::RNone,
     }
 }
 
-extern "C" fn each_header(data: FfiRequestData, context: *mut c_void, each: FfiEachHeader) {
-    for (name, value) in &record(data).parts.headers {
-        (each.0)(
-            context,
-            FfiStr::new(name.as_str().as_bytes()),
-            FfiStr::new(value.as_bytes()),
-        );
+unsafe extern "C" fn each_header(data: FfiRequestData, context: *mut c_void, each: FfiEachHeader) {
+    // SAFETY: the contract above; `each` is the caller's, called with its own context
+    // and views of the record that live as long as the request.
+    for (name, value) in unsafe { &record(data).parts.headers } {
+        unsafe {
+            (each.0)(
+                context,
+                FfiStr::new(name.as_str().as_bytes()),
+                FfiStr::new(value.as_bytes()),
+            )
+        };
     }
 }
 
-extern "C" fn drop_record(data: FfiRequestData) {
-    // SAFETY: `FfiRequest::drop` calls this once, with the record `into_ffi` handed over.
+unsafe extern "C" fn drop_record(data: FfiRequestData) {
+    // SAFETY: `FfiRequest::drop` calls this once, with the record `lend` handed over.
     drop(unsafe { Box::from_raw(data.0.cast::<Record>()) });
 }
 
@@ -303,7 +363,8 @@ pub fn start(
 ) -> Option<PluginCall> {
     slot.take_out();
     let out = slot.value.as_mut_ptr();
-    let call = cx.with_ffi_context(|cx| instance.handle(request, cx, out));
+    // SAFETY: `out` is the slot's room for one outcome.
+    let call = cx.with_ffi_context(|cx| unsafe { instance.handle(request, cx, out) });
     if call.future.is_null() {
         // A call with a null future means the plugin wrote the outcome.
         slot.full = true;
@@ -323,7 +384,10 @@ impl Future for PluginCall {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FfiHandleResult> {
         let call = &self.0;
         let mut out = MaybeUninit::<FfiHandleResult>::uninit();
-        let ready = cx.with_ffi_context(|cx| (call.poll)(call.future, cx, out.as_mut_ptr()));
+        // SAFETY: the plugin made this call for this future; it is polled from one task
+        // at a time (`&mut self`), with room for one outcome.
+        let ready =
+            cx.with_ffi_context(|cx| unsafe { (call.poll)(call.future, cx, out.as_mut_ptr()) });
         if ready {
             // SAFETY: `true` means the plugin wrote the outcome.
             Poll::Ready(unsafe { out.assume_init() })
@@ -335,6 +399,7 @@ impl Future for PluginCall {
 
 impl Drop for PluginCall {
     fn drop(&mut self) {
-        (self.0.drop)(self.0.future);
+        // SAFETY: the call's own future, dropped once (here).
+        unsafe { (self.0.drop)(self.0.future) };
     }
 }

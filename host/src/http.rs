@@ -17,9 +17,9 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiParam, FfiResponse, FfiStr};
+use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse};
 
-use crate::call::{self, intern, ClientAddr, Domain, OutcomeSlot, PendingRequest, PluginCall};
+use crate::call::{self, intern, ClientAddr, Lending, OutcomeSlot, PendingRequest, PluginCall};
 use crate::domain::normalize_host;
 use crate::plugin::{Generation, InFlight};
 use crate::routes::RouteMatch;
@@ -162,20 +162,21 @@ enum Step {
 }
 
 /// The server a request is for.
-struct Resolved<'r> {
+struct Resolved<'r, 'p> {
     server: &'r Server,
-    domain: Cow<'r, [u8]>,
+    /// A view of the request (`'p`), or normalised.
+    domain: Cow<'p, [u8]>,
     /// The server's name, if the debug line wants it.
     name: Option<Arc<str>>,
 }
 
 /// The server a request is for; or the response that turns it away (boxed: it is the
 /// rare case).
-fn resolve<'r>(
+fn resolve<'r, 'p>(
     routing: &'r Routing,
-    parts: &'r Parts,
+    parts: &'p Parts,
     want_name: bool,
-) -> Result<Resolved<'r>, Box<Routed>> {
+) -> Result<Resolved<'r, 'p>, Box<Routed>> {
     let refuse = |status, message: &str| Box::new((error(status, message), None));
     if parts.method == Method::CONNECT {
         return Err(refuse(
@@ -322,113 +323,135 @@ async fn dispatch_later(
     }
 }
 
+/// Why a request was not lent to a plugin.
+enum Refused {
+    /// Boxed: it is the rare case.
+    Done(Box<Routed>),
+    /// The generation retired between its load and the entry.
+    Retry,
+}
+
 /// One synchronous step: domain, server, generation, route, and the handler's first
 /// poll (with this task's context).
 fn dispatch(
     servers: &Microservers,
-    mut pending: PendingRequest,
+    pending: PendingRequest,
     body: Bytes,
     id: RequestId,
     want_name: bool,
     cx: &mut Context<'_>,
 ) -> Step {
     let routing = servers.routing();
-    // Everything borrowed from the request ends with this block, before it is handed on.
-    let prepared = {
-        let (parts, record_params) = pending.parts_and_params();
+    // Everything borrowed from the request ends with this closure, before it is lent.
+    let lent = pending.lend(body, |parts, params| {
         let Resolved {
             server,
             domain,
             name,
-        } = match resolve(&routing, parts, want_name) {
-            Ok(resolved) => resolved,
-            Err(routed) => return Step::Done(*routed),
-        };
+        } = resolve(&routing, parts, want_name).map_err(Refused::Done)?;
         // Enter the server's current generation. A generation retired between the load
         // and the entry turns the request away; the caller tries again.
         let generation = match &**server.state() {
-            ServerState::Serving(g) => g.enter(),
+            ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
             ServerState::Waiting(reason) => {
-                return Step::Done((unavailable(server, reason), name));
+                return Err(Refused::Done(Box::new((unavailable(server, reason), name))));
             }
         };
-        match generation {
-            None => None,
-            Some(generation) => {
-                let g: &Generation = generation.generation();
-                let found = g.routes.find(parts.method.as_str(), parts.uri.path());
-                let (route, found_params, names) = match found {
-                    RouteMatch::Found {
-                        route,
-                        params,
-                        names,
-                    } => (route, params, names),
-                    RouteMatch::NotFound => {
-                        let message = format!("no route for {} {}", parts.method, parts.uri.path());
-                        return Step::Done((error(StatusCode::NOT_FOUND, &message), name));
-                    }
-                    RouteMatch::MethodNotAllowed(allow) => {
-                        let message =
-                            format!("{} is not allowed for {}", parts.method, parts.uri.path());
-                        let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
-                        response.headers_mut().insert(ALLOW, allow.clone());
-                        return Step::Done((response, name));
-                    }
-                };
-                // Parameter values are views of the path in the record; names are
-                // `'static`.
-                record_params.clear();
-                record_params.extend(found_params.iter().enumerate().map(|(i, (key, value))| {
-                    FfiParam {
-                        name: FfiStr::new(
-                            names
-                                .get(i)
-                                .copied()
-                                .filter(|n| *n == key)
-                                .unwrap_or_else(|| intern(key))
-                                .as_bytes(),
-                        ),
-                        value: FfiStr::new(value.as_bytes()),
-                    }
-                }));
-                let head = parts.method == Method::HEAD;
-                Some((generation, route, Domain::new(domain), head, name))
-            }
+        let g: &Generation = generation.generation();
+        let (route, found_params, names) =
+            match g.routes.find(parts.method.as_str(), parts.uri.path()) {
+                RouteMatch::Found {
+                    route,
+                    params,
+                    names,
+                } => (route, params, names),
+                RouteMatch::NotFound => {
+                    let message = format!("no route for {} {}", parts.method, parts.uri.path());
+                    return Err(Refused::Done(Box::new((
+                        error(StatusCode::NOT_FOUND, &message),
+                        name,
+                    ))));
+                }
+                RouteMatch::MethodNotAllowed(allow) => {
+                    let message =
+                        format!("{} is not allowed for {}", parts.method, parts.uri.path());
+                    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
+                    response.headers_mut().insert(ALLOW, allow.clone());
+                    return Err(Refused::Done(Box::new((response, name))));
+                }
+            };
+        // Parameter values are views of the path; names are `'static`.
+        for (i, (key, value)) in found_params.iter().enumerate() {
+            let known = names.get(i).copied().filter(|n| *n == key);
+            params.push(known.unwrap_or_else(|| intern(key)), value);
         }
+        let head = parts.method == Method::HEAD;
+        Ok((Lending { domain, route }, (generation, route, head, name)))
+    });
+    let (request, (generation, route, head, name)) = match lent {
+        Ok(lent) => lent,
+        Err((pending, body, Refused::Retry)) => return Step::Retry(pending, body),
+        Err((_, _, Refused::Done(routed))) => return Step::Done(*routed),
     };
-    let Some((generation, route, domain, head, name)) = prepared else {
-        return Step::Retry(pending, body);
-    };
-    let request = pending.into_ffi(domain, route, body);
     // Most handlers answer on their first poll and need no timer; their response is read
     // from a slot on the stack, where the plugin wrote it.
     let mut slot = OutcomeSlot::new();
-    let instance = &generation.generation().instance;
-    match call::start(instance, request, cx, &mut slot) {
+    let started = call::start(&generation.generation().instance, request, cx, &mut slot);
+    match started {
         None => {
             let outcome = slot.get_mut().expect("the call answered");
-            Step::Done((respond(outcome, generation, head, &id), name))
+            let (response, in_flight) = respond(outcome, generation, route, head, &id);
+            // What the plugin made (its headers, a panic message, a HEAD request's body)
+            // is freed while the request still counts as in flight on its generation.
+            drop(slot);
+            drop(in_flight);
+            Step::Done((response, name))
         }
-        Some(running) => {
+        Some(call) => {
             let timeout = routing.limits.request_timeout;
-            let waiting = wait_for(running, generation, timeout, head, id);
-            Step::Running(Box::pin(waiting), name)
+            let running = Running {
+                call,
+                in_flight: generation,
+                route,
+            };
+            Step::Running(Box::pin(wait_for(running, timeout, head, id)), name)
         }
     }
 }
 
+/// A handler still running, and the in-flight guard of its generation. The fields drop
+/// in this order: the handler's future (plugin code) while the request still counts as
+/// in flight, however the request ends.
+struct Running {
+    call: PluginCall,
+    in_flight: InFlight,
+    route: u32,
+}
+
 /// Waits for a handler that did not answer at once, under the request timeout.
 async fn wait_for(
-    running: PluginCall,
-    generation: InFlight,
+    mut running: Running,
     timeout: Duration,
     head: bool,
     id: RequestId,
 ) -> Response<Body> {
-    match tokio::time::timeout(timeout, running).await {
-        Ok(mut outcome) => respond(&mut outcome, generation, head, &id),
+    let outcome = tokio::time::timeout(timeout, &mut running.call).await;
+    let Running {
+        call,
+        in_flight,
+        route,
+    } = running;
+    match outcome {
+        Ok(mut outcome) => {
+            let (response, in_flight) = respond(&mut outcome, in_flight, route, head, &id);
+            drop(outcome);
+            drop(call);
+            drop(in_flight);
+            response
+        }
         Err(_) => {
-            let g = generation.generation();
+            drop(call);
+            let g = in_flight.generation();
             tracing::warn!(
                 server = %g.server,
                 plugin = %g.plugin().name,
@@ -446,31 +469,30 @@ async fn wait_for(
 }
 
 /// The HTTP response for a handler's outcome (a 500 for a panic or an invalid response).
+/// The in-flight guard comes back unless the response body (made by the plugin) keeps
+/// it: the caller drops it after the outcome, so that everything the plugin made is freed
+/// while its generation still counts the request.
 fn respond(
     outcome: &mut FfiHandleResult,
     generation: InFlight,
+    route: u32,
     head: bool,
     id: &RequestId,
-) -> Response<Body> {
+) -> (Response<Body>, Option<InFlight>) {
     match outcome {
         RResult::ROk(response) => match into_http(response, generation, head) {
-            Ok(response) => response,
+            Ok(answered) => answered,
             Err((generation, problem)) => {
                 let g = generation.generation();
                 tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id = id.as_str(), "invalid response: {problem}");
-                internal_error(id.as_str())
+                (internal_error(id.as_str()), Some(generation))
             }
         },
         RResult::RErr(panic) => {
             let g = generation.generation();
-            tracing::error!(
-                server = %g.server,
-                plugin = %g.plugin().name,
-                generation = g.number,
-                request_id = id.as_str(),
-                "handler panicked: {panic}"
-            );
-            internal_error(id.as_str())
+            g.panics
+                .report(route, g.routes.describe(route), id.as_str(), panic.as_str());
+            (internal_error(id.as_str()), Some(generation))
         }
     }
 }
@@ -590,7 +612,7 @@ fn into_http(
     response: &mut FfiResponse,
     in_flight: InFlight,
     head: bool,
-) -> Result<Response<Body>, (InFlight, String)> {
+) -> Result<(Response<Body>, Option<InFlight>), (InFlight, String)> {
     let status = match StatusCode::from_u16(response.status) {
         Ok(s) if (200..=599).contains(&s.as_u16()) => s,
         _ => {
@@ -632,21 +654,22 @@ fn into_http(
         // No body in a HEAD response (HTTP/2 would send it as DATA frames), but the
         // length the GET would have had.
         headers.insert(CONTENT_LENGTH, HeaderValue::from(response.body.len()));
-        return Ok(out);
+        return Ok((out, Some(in_flight)));
     }
-    let body = if let Some(bytes) = response.body.as_static() {
+    let (body, in_flight) = if let Some(bytes) = response.body.as_static() {
         // A plugin's static data stays mapped for the life of the process.
-        Bytes::from_static(bytes)
+        (Bytes::from_static(bytes), Some(in_flight))
     } else if response.body.is_empty() {
-        Bytes::new()
+        (Bytes::new(), Some(in_flight))
     } else {
-        Bytes::from_owner(PluginBody {
+        let body = Bytes::from_owner(PluginBody {
             bytes: std::mem::replace(&mut response.body, FfiBytes::empty()),
             _in_flight: in_flight,
-        })
+        });
+        (body, None)
     };
     *out.body_mut() = Full::new(body);
-    Ok(out)
+    Ok((out, in_flight))
 }
 
 /// A JSON error response: `{"error": "..."}`.

@@ -89,7 +89,12 @@ fn main() -> ExitCode {
         }
     };
     let listen_override = !args.listen.is_empty();
-    runtime.block_on(run(config, config_path, plugin_dir, listen_override))
+    let code = runtime.block_on(run(config, config_path, plugin_dir, listen_override));
+    // Everything the host waits for at exit has been waited for, each under its deadline;
+    // a task still on the blocking pool (a reload stuck in plugin code) must not hold up
+    // the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
 }
 
 async fn run(
@@ -143,27 +148,22 @@ async fn run(
     } else {
         None
     };
-    let drained = host::serve::serve(
-        servers.clone(),
-        listeners,
-        accepted,
-        stop,
-        config.global.shutdown_timeout,
-    )
-    .await;
-    if !drained {
-        tracing::warn!("some requests were still running at the shutdown deadline");
-    }
-    // No more file events; then every generation's hook, each with a deadline.
+    let grace = config.global.shutdown_timeout;
+    let requests_until =
+        host::serve::serve(servers.clone(), listeners, accepted, stop, grace).await;
+    // No more file events; then every server stops: requests still inside a plugin get
+    // what is left of the grace period, then every shutdown hook runs, with a deadline.
     drop(_watch);
-    servers.shutdown_all(config.global.reload.init_timeout);
+    let stopping = servers.clone();
+    let stopped = tokio::task::spawn_blocking(move || stopping.shutdown_all(requests_until, grace));
+    let _ = stopped.await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
 fn check(config: &Config, config_path: &std::path::Path, plugin_dir: PathBuf) -> ExitCode {
     let (servers, report) = Microservers::start(config, plugin_dir);
-    servers.shutdown_all(config.global.reload.init_timeout);
+    servers.shutdown_all(std::time::Instant::now(), config.global.shutdown_timeout);
     if report.problems.is_empty() {
         let n = servers.routing().servers.len();
         println!(

@@ -4,10 +4,16 @@
 //! library and one config. Requests hold it through an [`InFlight`] guard, so a
 //! generation that has been replaced keeps serving the requests it already started and
 //! can tell when the last one is done.
+//!
+//! `unsafe` here is confined to [`Instance`]: the root module's functions take the
+//! instance pointer its `init` returned, and an `Instance` owns exactly one such pointer
+//! until its drop frees it.
+#![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RResult, RSlice};
 use async_ffi::FfiContext;
@@ -77,30 +83,39 @@ impl Instance {
 
     /// Starts handling a request and polls the handler once (see `call::start`, which
     /// is the only caller). The plugin catches the handler's panics itself.
-    pub fn handle(
+    ///
+    /// # Safety
+    /// `out` points at room for one outcome, which the plugin writes when the returned
+    /// call has a null future.
+    pub(crate) unsafe fn handle(
         &self,
         request: FfiRequest,
         cx: &mut FfiContext<'_>,
         out: *mut FfiHandleResult,
     ) -> FfiCall {
-        (self.library.module.handle())(self.ptr, request, cx, out)
+        // SAFETY: `ptr` is this library's live instance (freed only by our drop); `out`
+        // has room for one outcome (`call::start`'s slot).
+        unsafe { (self.library.module.handle())(self.ptr, request, cx, out) }
     }
 
     /// The state this instance hands to its successor, copied into host memory.
     pub fn export_state(&self) -> Option<Vec<u8>> {
-        (self.library.module.export_state())(self.ptr)
+        // SAFETY: `ptr` is this library's live instance.
+        unsafe { (self.library.module.export_state())(self.ptr) }
             .into_option()
             .map(|bytes| bytes.into_vec())
     }
 
     pub fn shutdown(&self) {
-        (self.library.module.shutdown())(self.ptr);
+        // SAFETY: `ptr` is this library's live instance.
+        unsafe { (self.library.module.shutdown())(self.ptr) };
     }
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        (self.library.module.drop_instance())(self.ptr);
+        // SAFETY: `ptr` is this library's live instance, freed here, once.
+        unsafe { (self.library.module.drop_instance())(self.ptr) };
     }
 }
 
@@ -115,11 +130,28 @@ pub struct Generation {
     idle: Notify,
     /// Set when the generation is replaced; no request may enter after that.
     retired: AtomicBool,
-    shut_down: AtomicBool,
+    hook: Mutex<Hook>,
+    hook_done: Condvar,
+    /// Handler panics, logged one line each with repeats summarised.
+    pub panics: Arc<PanicLog>,
+}
+
+/// Where a generation's shutdown hook is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    NotRun,
+    Running,
+    Done,
 }
 
 impl Generation {
     pub fn new(server: Arc<str>, number: u64, instance: Instance, routes: RouteTable) -> Arc<Self> {
+        let panics = Arc::new(PanicLog {
+            server: server.clone(),
+            plugin: instance.library().name.clone(),
+            generation: number,
+            windows: Mutex::default(),
+        });
         Arc::new(Generation {
             server,
             number,
@@ -128,7 +160,9 @@ impl Generation {
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             retired: AtomicBool::new(false),
-            shut_down: AtomicBool::new(false),
+            hook: Mutex::new(Hook::NotRun),
+            hook_done: Condvar::new(),
+            panics,
         })
     }
 
@@ -181,11 +215,129 @@ impl Generation {
         tokio::time::timeout(deadline, wait).await.is_ok()
     }
 
-    /// Calls the plugin's shutdown hook, once.
+    /// Calls the plugin's shutdown hook, once: a second caller returns at once, whether
+    /// the hook has finished or is still running on another thread (see
+    /// [`wait_for_shutdown`](Self::wait_for_shutdown)).
     pub fn shutdown(&self) {
-        if !self.shut_down.swap(true, Ordering::AcqRel) {
-            self.instance.shutdown();
+        {
+            let mut hook = self.hook.lock().unwrap_or_else(|p| p.into_inner());
+            if *hook != Hook::NotRun {
+                return;
+            }
+            *hook = Hook::Running;
         }
+        self.instance.shutdown();
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = Hook::Done;
+        self.hook_done.notify_all();
+    }
+
+    /// Waits until the shutdown hook has returned, or `deadline` passes. True if it has
+    /// returned.
+    pub fn wait_for_shutdown(&self, deadline: Instant) -> bool {
+        let mut hook = self.hook.lock().unwrap_or_else(|p| p.into_inner());
+        while *hook != Hook::Done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            hook = self
+                .hook_done
+                .wait_timeout(hook, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// How long repeated panics of one route are counted before a summary line.
+pub const PANIC_SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A generation's handler panics in the log: the first panic of a route is one ERROR
+/// line; further panics of that route within [`PANIC_SUMMARY_INTERVAL`] are counted and
+/// summarised in one line when the interval ends. A panicking route cannot flood the log.
+#[derive(Debug)]
+pub struct PanicLog {
+    server: Arc<str>,
+    plugin: String,
+    generation: u64,
+    /// Routes with a panic logged in the current interval.
+    windows: Mutex<HashMap<u32, Repeats>>,
+}
+
+#[derive(Debug)]
+struct Repeats {
+    count: u64,
+    last_request: String,
+    last_message: String,
+}
+
+impl PanicLog {
+    /// Logs (or counts) a panic of `route` (described as `METHOD /pattern`).
+    pub fn report(self: &Arc<Self>, route: u32, described: &str, request_id: &str, message: &str) {
+        {
+            let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+            match windows.get_mut(&route) {
+                Some(repeats) => {
+                    repeats.count += 1;
+                    repeats.last_request = request_id.to_owned();
+                    repeats.last_message = message.to_owned();
+                    return;
+                }
+                None => {
+                    let summary = tokio::runtime::Handle::try_current().ok().map(|rt| {
+                        let (log, described) = (self.clone(), described.to_owned());
+                        rt.spawn(async move {
+                            tokio::time::sleep(PANIC_SUMMARY_INTERVAL).await;
+                            log.summarise(route, &described);
+                        })
+                    });
+                    // Without a runtime (never on the request path) nothing would end
+                    // the interval: log every panic.
+                    if summary.is_some() {
+                        windows.insert(
+                            route,
+                            Repeats {
+                                count: 0,
+                                last_request: String::new(),
+                                last_message: String::new(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        tracing::error!(
+            server = %self.server,
+            plugin = %self.plugin,
+            generation = self.generation,
+            route = described,
+            request_id,
+            "handler panicked: {message}"
+        );
+    }
+
+    fn summarise(&self, route: u32, described: &str) {
+        let repeats = self
+            .windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&route);
+        let Some(repeats) = repeats.filter(|r| r.count > 0) else {
+            return;
+        };
+        tracing::error!(
+            server = %self.server,
+            plugin = %self.plugin,
+            generation = self.generation,
+            route = described,
+            repeats = repeats.count,
+            last_request_id = %repeats.last_request,
+            "handler panicked {} more time(s) in the last {} s; the last: {}",
+            repeats.count,
+            PANIC_SUMMARY_INTERVAL.as_secs(),
+            repeats.last_message
+        );
     }
 }
 

@@ -10,6 +10,8 @@ pub struct RouteTable {
     router: matchit::Router<usize>,
     paths: Vec<PathRoutes>,
     fallback: Option<u32>,
+    /// Each route as `METHOD /pattern`, by index, for log lines.
+    described: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -46,8 +48,10 @@ impl RouteTable {
         let mut router = matchit::Router::new();
         let mut paths: Vec<PathRoutes> = Vec::new();
         let mut by_pattern: HashMap<&str, usize> = HashMap::new();
+        let mut described = Vec::new();
         for (index, (method, pattern)) in routes.into_iter().enumerate() {
             let index = index as u32;
+            described.push(format!("{method} {pattern}"));
             let slot = match by_pattern.get(pattern) {
                 Some(&slot) => slot,
                 None => {
@@ -93,7 +97,15 @@ impl RouteTable {
             router,
             paths,
             fallback,
+            described,
         })
+    }
+
+    /// A route by index, as `METHOD /pattern` (or `fallback`), for log lines.
+    pub fn describe(&self, route: u32) -> &str {
+        self.described
+            .get(route as usize)
+            .map_or("fallback", String::as_str)
     }
 
     /// Matches a request. `HEAD` falls back to the `GET` route.

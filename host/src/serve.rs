@@ -131,15 +131,15 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(TcpStream, SocketA
 }
 
 /// Serves accepted connections until `stop` completes, then closes the listeners and
-/// lets open connections finish their requests for up to `grace`. Returns true if every
-/// connection finished in time.
+/// lets open connections finish their requests for up to `grace`. Returns when the
+/// grace period ends (or ended): the deadline for requests still running.
 pub async fn serve(
     servers: Arc<Microservers>,
     listeners: Arc<Listeners>,
     mut accepted: Accepted,
     stop: impl std::future::Future<Output = ()>,
     grace: Duration,
-) -> bool {
+) -> std::time::Instant {
     // Announced here, not at bind time: "listening" means ready to serve.
     for addr in listeners.local_addrs() {
         tracing::info!("listening on http://{addr}");
@@ -179,10 +179,15 @@ pub async fn serve(
         "stopped accepting; waiting up to {} ms for open requests",
         grace.as_millis()
     );
+    let grace_ends = std::time::Instant::now() + grace;
     connections.stop();
-    tokio::time::timeout(grace, connections.closed())
+    if tokio::time::timeout(grace, connections.closed())
         .await
-        .is_ok()
+        .is_err()
+    {
+        tracing::warn!("some connections were still open at the shutdown deadline");
+    }
+    grace_ends
 }
 
 /// Open connections, and the signal that asks them to finish their requests and close.

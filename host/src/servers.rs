@@ -95,9 +95,10 @@ struct ServerSpec {
 struct ServerEntry {
     server: Arc<Server>,
     spec: ServerSpec,
-    /// The library and config of the last generation started (or tried), so that a
-    /// failed init is retried only when one of them changes.
-    tried: Option<(Arc<PluginLibrary>, String)>,
+    /// The library, config and `plugin` name of the last generation started (or
+    /// tried, or refused), so that a failed init is retried only when one of them
+    /// changes.
+    tried: Option<(Arc<PluginLibrary>, String, String)>,
 }
 
 /// What the plugin folder holds, as last seen.
@@ -164,24 +165,6 @@ struct Deadlines {
     init: Duration,
 }
 
-/// Runs `f` on a thread of its own and waits for it at most `limit`. A call that overruns
-/// is abandoned: its thread finishes (or not) on its own, and whatever it returns is
-/// dropped there.
-fn with_deadline<T: Send + 'static>(
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name("plugin-call".to_owned())
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .map_err(|e| format!("cannot start a thread: {e}"))?;
-    rx.recv_timeout(limit)
-        .map_err(|_| format!("the call did not finish within {} ms", limit.as_millis()))
-}
-
 /// A long-lived thread for plugin calls that must not block the control loop forever
 /// (init, export_state). One thread, not one per call: glibc gives every new thread a
 /// malloc arena of its own, and what a plugin allocates in init lives as long as its
@@ -195,6 +178,15 @@ struct PluginThread {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Where a plugin call's result goes: to the caller if it is still waiting, else to
+/// the call's `late` handler. Decided under one lock, so a result is never lost between
+/// the two (an init that finishes right at the deadline still gets its shutdown hook).
+enum Handoff<T> {
+    Waiting,
+    Ready(T),
+    Abandoned,
+}
+
 impl PluginThread {
     fn call<T: Send + 'static>(
         &self,
@@ -202,12 +194,21 @@ impl PluginThread {
         f: impl FnOnce() -> T + Send + 'static,
         late: impl FnOnce(T) + Send + 'static,
     ) -> Result<T, String> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let job: Job = Box::new(move || {
-            if let Err(std::sync::mpsc::SendError(value)) = tx.send(f()) {
-                late(value);
-            }
-        });
+        let handoff = Arc::new((Mutex::new(Handoff::Waiting), std::sync::Condvar::new()));
+        let job: Job = {
+            let handoff = handoff.clone();
+            Box::new(move || {
+                let value = f();
+                let mut slot = handoff.0.lock().unwrap_or_else(|p| p.into_inner());
+                if matches!(*slot, Handoff::Abandoned) {
+                    drop(slot);
+                    late(value);
+                } else {
+                    *slot = Handoff::Ready(value);
+                    handoff.1.notify_all();
+                }
+            })
+        };
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let sender = match jobs.as_ref() {
             Some(sender) => sender.clone(),
@@ -228,10 +229,20 @@ impl PluginThread {
         sender
             .send(job)
             .map_err(|_| "the plugin-calls thread is gone".to_owned())?;
-        match rx.recv_timeout(limit) {
-            Ok(value) => Ok(value),
-            Err(_) => {
-                // Leave the stuck thread behind; it ends once its call returns.
+        let (slot, _) = handoff
+            .1
+            .wait_timeout_while(
+                handoff.0.lock().unwrap_or_else(|p| p.into_inner()),
+                limit,
+                |slot| matches!(slot, Handoff::Waiting),
+            )
+            .unwrap_or_else(|p| p.into_inner());
+        let mut slot = slot;
+        match std::mem::replace(&mut *slot, Handoff::Abandoned) {
+            Handoff::Ready(value) => Ok(value),
+            _ => {
+                // Leave the stuck thread behind; it ends once its call returns, and its
+                // result goes to `late`.
                 *jobs = None;
                 Err(format!(
                     "init did not finish within {} ms",
@@ -408,30 +419,68 @@ impl Microservers {
         Some(report)
     }
 
-    /// Calls the shutdown hook of every generation, serving or draining (the host is
-    /// stopping). Waits for a change in progress to finish, and applies none after it.
-    /// Each hook gets `deadline`; one that overruns is left behind.
-    pub fn shutdown_all(&self, deadline: Duration) {
+    /// Stops every server (the host is stopping), in this order: each server's
+    /// domains answer 503 and its generation is retired, so no request enters it any
+    /// more; requests still inside a plugin get until `requests_until`; then every
+    /// shutdown hook that has not run yet is called, all at once, and each gets
+    /// `hook_deadline` (generations replaced earlier whose hook is still running are
+    /// waited for the same way). A hook that misses its deadline is logged by name and
+    /// left running. Waits for a change in progress to finish, and applies none after it.
+    pub fn shutdown_all(&self, requests_until: Instant, hook_deadline: Duration) {
         let mut control = self.control();
         control.stopping = true;
-        let mut generations: Vec<Arc<Generation>> = control
-            .servers
-            .iter()
-            .filter_map(|e| e.server.serving())
-            .collect();
-        generations.extend(std::mem::take(
-            &mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()),
-        ));
-        for generation in generations {
-            let (server, number) = (generation.server.clone(), generation.number);
-            match with_deadline(deadline, move || generation.shutdown()) {
-                Ok(()) => tracing::info!(%server, generation = number, "shut down"),
-                Err(_) => tracing::warn!(
-                    %server,
-                    generation = number,
-                    "shutdown hook did not finish within {} ms; not waiting for it",
-                    deadline.as_millis()
-                ),
+        let mut generations: Vec<Arc<Generation>> = Vec::new();
+        for entry in &control.servers {
+            let stopping = ServerState::Waiting("the host is shutting down".to_owned());
+            if let ServerState::Serving(g) = &*entry.server.state.swap(Arc::new(stopping)) {
+                g.retire();
+                generations.push(g.clone());
+            }
+        }
+        drop(control);
+        // Replaced generations still draining or running their hooks.
+        generations.extend(
+            self.retiring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        while generations.iter().any(|g| g.in_flight() > 0) && Instant::now() < requests_until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for g in generations.iter().filter(|g| g.in_flight() > 0) {
+            tracing::warn!(
+                server = %g.server,
+                generation = g.number,
+                in_flight = g.in_flight(),
+                "requests were still running in this generation at the shutdown deadline; calling its shutdown hook anyway"
+            );
+        }
+        let hooks_until = Instant::now() + hook_deadline;
+        for g in &generations {
+            let g = g.clone();
+            // A thread each, so that one slow hook does not eat the others' time; a
+            // hook that overruns keeps its thread (and its generation) to itself.
+            let spawned = std::thread::Builder::new()
+                .name("plugin-shutdown".to_owned())
+                .spawn(move || g.shutdown());
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a thread for a shutdown hook: {e}");
+            }
+        }
+        for g in &generations {
+            let plugin = &g.plugin().name;
+            if g.wait_for_shutdown(hooks_until) {
+                tracing::info!(server = %g.server, generation = g.number, %plugin, "shut down");
+            } else {
+                tracing::warn!(
+                    server = %g.server,
+                    generation = g.number,
+                    %plugin,
+                    "shutdown hook did not return within {} ms; exiting without waiting for it",
+                    hook_deadline.as_millis()
+                );
             }
         }
     }
@@ -658,14 +707,37 @@ impl Microservers {
             let current = server.serving();
             match Self::resolve(control, &spec.plugin) {
                 Resolution::Library(lib) => {
-                    let attempt = (lib.clone(), spec.plugin_config.clone());
-                    let same_as_tried = tried
-                        .as_ref()
-                        .is_some_and(|(l, c)| Arc::ptr_eq(l, &lib) && *c == spec.plugin_config);
+                    let attempt = (lib.clone(), spec.plugin_config.clone(), spec.plugin.clone());
+                    let same_as_tried = tried.as_ref().is_some_and(|(l, c, p)| {
+                        Arc::ptr_eq(l, &lib) && *c == spec.plugin_config && *p == spec.plugin
+                    });
                     if !same_as_tried {
-                        self.start_generation(
-                            &server, &spec, &lib, current, timing, deadlines, report,
-                        );
+                        // Another plugin's library under this server's file name does not
+                        // replace the server (its state would be lost), unless the config
+                        // names that plugin.
+                        let foreign = current.as_ref().filter(|g| {
+                            !same_name(&g.plugin().name, &lib.name)
+                                && !same_name(&spec.plugin, &lib.name)
+                        });
+                        match foreign {
+                            Some(g) => {
+                                let reason = format!(
+                                    "{} holds plugin {:?}, but this server runs plugin {:?}; generation {} keeps serving (set the server's \"plugin\" to {:?} to switch)",
+                                    lib.file.display(),
+                                    lib.name,
+                                    g.plugin().name,
+                                    g.number,
+                                    lib.name
+                                );
+                                tracing::error!(server = %server.name, "refused a library of another plugin: {reason}");
+                                report
+                                    .problems
+                                    .push(format!("server {:?}: {reason}", &*server.name));
+                            }
+                            None => self.start_generation(
+                                &server, &spec, &lib, current, timing, deadlines, report,
+                            ),
+                        }
                         tried = Some(attempt);
                     }
                 }
@@ -851,19 +923,43 @@ impl Microservers {
             let drained = generation.drain(drain).await;
             let in_flight = generation.in_flight();
             // The shutdown hook (and, usually, the instance's drop) is plugin code that may
-            // block; keep it off the runtime's worker threads. The generation leaves the
+            // block: it runs on a thread of its own, not on the runtime's workers nor its
+            // blocking pool (a runtime waits for its blocking pool when it is dropped, so
+            // a hook stuck there would hold up the host's exit). The generation leaves the
             // retiring list only after its hook ran, so a host stopping meanwhile still
-            // reaches it.
+            // reaches it, and waits for the hook under its own deadline.
             let (server, number) = (generation.server.clone(), generation.number);
-            let _ = tokio::task::spawn_blocking(move || {
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            let hook = move || {
                 generation.shutdown();
                 retiring
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .retain(|g| !Arc::ptr_eq(g, &generation));
                 drop(generation);
-            })
-            .await;
+                let _ = done.send(());
+            };
+            let hook = std::sync::Arc::new(std::sync::Mutex::new(Some(hook)));
+            let run = {
+                let hook = hook.clone();
+                move || {
+                    let taken = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(hook) = taken {
+                        hook();
+                    }
+                }
+            };
+            if let Err(e) = std::thread::Builder::new()
+                .name("plugin-shutdown".to_owned())
+                .spawn(run)
+            {
+                tracing::error!(%server, "cannot start a thread for the shutdown hook ({e}); running it on the blocking pool");
+                let taken = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(hook) = taken {
+                    tokio::task::spawn_blocking(hook);
+                }
+            }
+            let _ = finished.await;
             tracing::info!(
                 %server,
                 generation = number,
@@ -907,5 +1003,74 @@ impl Microservers {
 impl Drop for Microservers {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.copies_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A call's result that counts whether anyone received it: the caller or `late`.
+    struct Token {
+        lost: Arc<AtomicUsize>,
+        received: bool,
+    }
+
+    impl Drop for Token {
+        fn drop(&mut self) {
+            if !self.received {
+                self.lost.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// An init that finishes right at its deadline must reach either the caller or the
+    /// `late` handler (which shuts it down), never neither: every initialised instance
+    /// gets exactly one shutdown call.
+    #[test]
+    fn a_call_that_finishes_at_its_deadline_reaches_the_caller_or_late() {
+        let thread = PluginThread::default();
+        let lost = Arc::new(AtomicUsize::new(0));
+        let late = Arc::new(AtomicUsize::new(0));
+        let mut on_time = 0;
+        let limit = Duration::from_micros(300);
+        for i in 0..2000u64 {
+            let token_lost = lost.clone();
+            let late_count = late.clone();
+            // Finishing times spread around the moment the caller gives up (its deadline
+            // plus the timer's slack), in steps of half a microsecond.
+            let takes = Duration::from_nanos(250_000 + (i * 7919) % 200_000);
+            let outcome = thread.call(
+                limit,
+                move || {
+                    let started = Instant::now();
+                    while started.elapsed() < takes {
+                        std::hint::spin_loop();
+                    }
+                    Token {
+                        lost: token_lost,
+                        received: false,
+                    }
+                },
+                move |mut token| {
+                    token.received = true;
+                    late_count.fetch_add(1, Ordering::SeqCst);
+                },
+            );
+            if let Ok(mut token) = outcome {
+                token.received = true;
+                on_time += 1;
+            }
+        }
+        // Calls that overran finish on their own threads.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while on_time + late.load(Ordering::SeqCst) + lost.load(Ordering::SeqCst) < 2000
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(lost.load(Ordering::SeqCst), 0, "results lost");
+        assert_eq!(on_time + late.load(Ordering::SeqCst), 2000);
     }
 }

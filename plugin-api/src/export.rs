@@ -1,10 +1,13 @@
 //! The glue `export_plugin!` instantiates: C-ABI entry points that drive a `Microserver`.
 //!
 //! Invariant: no panic unwinds out of any function here. Each entry point catches panics
-//! and turns them into an error value (since Rust 1.81 an unwinding `extern "C"` fn
-//! aborts the whole host process).
+//! (through [`catch`], which also drops the panic's payload inside a catch: a payload
+//! whose own drop panics must not unwind either) and turns them into an error value or
+//! a log line (since Rust 1.81 an unwinding `extern "C"` fn aborts the whole host
+//! process).
 #![allow(unsafe_code)]
 
+use std::any::Any;
 use std::ffi::c_void;
 use std::future::Future;
 use std::mem::ManuallyDrop;
@@ -22,6 +25,28 @@ use crate::ffi::{
     PluginModRef,
 };
 use crate::host::{self, panic_message};
+
+/// Runs `f`, catching a panic. A panic's message (with its location, which the panic
+/// hook notes instead of logging it) comes back as the error, and its payload is dropped
+/// safely. Nothing is logged here: the caller reports the message once.
+pub(crate) fn catch<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    let outcome = host::catching(|| catch_unwind(AssertUnwindSafe(f)));
+    outcome.map_err(|payload| {
+        let message = host::take_caught().unwrap_or_else(|| panic_message(&*payload));
+        forget_payload(payload);
+        message
+    })
+}
+
+/// Drops a panic's payload. A payload whose drop panics in turn (a type with a
+/// panicking `Drop` thrown with `panic_any`) is caught, and that second payload is leaked
+/// rather than dropped: dropping it could panic again, and a panic that reaches an
+/// `extern "C"` function aborts the process.
+pub(crate) fn forget_payload(payload: Box<dyn Any + Send>) {
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
+    }
+}
 use crate::{InitContext, IntoResponse, Microserver, Request, Routes};
 
 /// A route's handler with its types erased: starts the handler and polls it once (see
@@ -37,12 +62,12 @@ where
     Fut: Future<Output = R> + Send + 'static,
     R: IntoResponse,
 {
-    Box::new(move |server, request, cx, out| {
-        match catch_unwind(AssertUnwindSafe(|| handler(server, request))) {
+    Box::new(
+        move |server, request, cx, out| match catch(|| handler(server, request)) {
             Ok(fut) => start(fut, cx, out),
-            Err(payload) => answered(out, RErr(panic_message(&*payload).into())),
-        }
-    })
+            Err(message) => answered(out, RErr(message.into())),
+        },
+    )
 }
 
 /// Boxes a handler's future and polls it once: most handlers answer at once, and then
@@ -76,7 +101,7 @@ fn answered(out: *mut FfiHandleResult, outcome: FfiHandleResult) -> FfiCall {
     }
 }
 
-extern "C" fn poll_call<F, R>(
+unsafe extern "C" fn poll_call<F, R>(
     future: *mut c_void,
     cx: &mut FfiContext<'_>,
     out: *mut FfiHandleResult,
@@ -99,13 +124,13 @@ where
     }
 }
 
-extern "C" fn drop_call<F>(future: *mut c_void) {
+unsafe extern "C" fn drop_call<F>(future: *mut c_void) {
     // SAFETY: made by `Box::into_raw` in `start`; the host drops a call once. Dropping
     // a CatchUnwind catches the handler's panics.
     drop(unsafe { Box::from_raw(future.cast::<CatchUnwind<F>>()) });
 }
 
-extern "C" fn poll_nothing(
+unsafe extern "C" fn poll_nothing(
     _: *mut c_void,
     _: &mut FfiContext<'_>,
     _: *mut FfiHandleResult,
@@ -113,7 +138,7 @@ extern "C" fn poll_nothing(
     false
 }
 
-extern "C" fn drop_nothing(_: *mut c_void) {}
+unsafe extern "C" fn drop_nothing(_: *mut c_void) {}
 
 /// Polls the handler's future, turning its response into the FFI shape and a panic into
 /// an error carrying the panic message. Dropping it catches panics too: the host drops a
@@ -125,9 +150,12 @@ impl<F> Drop for CatchUnwind<F> {
     fn drop(&mut self) {
         // SAFETY: the inner future is dropped exactly once, here, in place (it may be
         // pinned, and `drop_in_place` does not move it).
-        let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
-            ManuallyDrop::drop(&mut self.0)
-        }));
+        let dropped = catch(|| unsafe { ManuallyDrop::drop(&mut self.0) });
+        if let Err(message) = dropped {
+            host::log_panic(&format!(
+                "a handler's future panicked while it was dropped: {message}"
+            ));
+        }
     }
 }
 
@@ -141,15 +169,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<FfiHandleResult> {
         // SAFETY: structural pinning; the inner future is never moved out of `self`.
         let inner = unsafe { self.map_unchecked_mut(|s| &mut *s.0) };
-        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+        match catch(|| inner.poll(cx)) {
             Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(r)) => {
-                match catch_unwind(AssertUnwindSafe(|| r.into_response().into_ffi())) {
-                    Ok(response) => Poll::Ready(ROk(response)),
-                    Err(payload) => Poll::Ready(RErr(panic_message(&*payload).into())),
-                }
-            }
-            Err(payload) => Poll::Ready(RErr(panic_message(&*payload).into())),
+            Ok(Poll::Ready(r)) => match catch(|| r.into_response().into_ffi()) {
+                Ok(response) => Poll::Ready(ROk(response)),
+                Err(message) => Poll::Ready(RErr(message.into())),
+            },
+            Err(message) => Poll::Ready(RErr(message.into())),
         }
     }
 }
@@ -159,9 +185,11 @@ struct Instance<S> {
     handlers: Vec<ErasedHandler<S>>,
 }
 
-fn instance<S>(ptr: FfiInstance) -> &'static Instance<S> {
-    // SAFETY: the host only passes pointers that `init::<S>` returned, and stops using
-    // one after passing it to `drop_instance::<S>`; `'static` never escapes the caller.
+/// # Safety
+/// `ptr` was returned by `init::<S>` and not yet passed to `drop_instance::<S>` (the
+/// contract of the root module's `unsafe` functions); `'static` never escapes the caller.
+unsafe fn instance<S>(ptr: FfiInstance) -> &'static Instance<S> {
+    // SAFETY: the caller's promise.
     unsafe { &*(ptr.0.cast::<Instance<S>>()) }
 }
 
@@ -172,7 +200,7 @@ pub fn init<S: Microserver>(
     name: &'static str,
 ) -> RResult<FfiInit, RString> {
     host::connect(args.host, name);
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
+    let outcome = catch(|| {
         let ctx = InitContext {
             server_name: args.server_name.as_str(),
             config_json: args.config_json.as_str(),
@@ -182,11 +210,11 @@ pub fn init<S: Microserver>(
         let mut routes = Routes::new();
         S::routes(&mut routes);
         Ok::<_, String>((server, routes))
-    }));
+    });
     let (server, routes) = match outcome {
         Ok(Ok(built)) => built,
         Ok(Err(message)) => return RErr(message.into()),
-        Err(payload) => return RErr(format!("init panicked: {}", panic_message(&*payload)).into()),
+        Err(message) => return RErr(format!("init panicked: {message}").into()),
     };
     let fallback = routes
         .fallback
@@ -213,13 +241,14 @@ pub fn init<S: Microserver>(
     })
 }
 
-extern "C" fn handle<S: Microserver>(
+unsafe extern "C" fn handle<S: Microserver>(
     ptr: FfiInstance,
     request: FfiRequest,
     cx: &mut FfiContext<'_>,
     out: *mut FfiHandleResult,
 ) -> FfiCall {
-    let instance = instance::<S>(ptr);
+    // SAFETY: the contract of `PluginMod::handle`.
+    let instance = unsafe { instance::<S>(ptr) };
     match instance.handlers.get(request.head().route as usize) {
         // `erase` catches panics in the handler; the waker glue does not panic.
         Some(handler) => cx.with_context(|cx| {
@@ -236,23 +265,34 @@ extern "C" fn handle<S: Microserver>(
     }
 }
 
-extern "C" fn export_state<S: Microserver>(ptr: FfiInstance) -> ROption<RVec<u8>> {
-    let instance = instance::<S>(ptr);
-    match catch_unwind(AssertUnwindSafe(|| instance.server.export_state())) {
-        Ok(state) => state.map(RVec::from).into(),
-        Err(_) => ROption::RNone, // the panic hook has logged it
+unsafe extern "C" fn export_state<S: Microserver>(ptr: FfiInstance) -> ROption<RVec<u8>> {
+    // SAFETY: the contract of `PluginMod::export_state`.
+    let instance = unsafe { instance::<S>(ptr) };
+    match catch(|| instance.server.export_state().map(RVec::from)) {
+        Ok(state) => state.into(),
+        Err(message) => {
+            host::log_panic(&format!(
+                "export_state panicked (no state is handed over): {message}"
+            ));
+            ROption::RNone
+        }
     }
 }
 
-extern "C" fn shutdown<S: Microserver>(ptr: FfiInstance) {
-    let instance = instance::<S>(ptr);
-    let _ = catch_unwind(AssertUnwindSafe(|| instance.server.shutdown()));
+unsafe extern "C" fn shutdown<S: Microserver>(ptr: FfiInstance) {
+    // SAFETY: the contract of `PluginMod::shutdown`.
+    let instance = unsafe { instance::<S>(ptr) };
+    if let Err(message) = catch(|| instance.server.shutdown()) {
+        host::log_panic(&format!("the shutdown hook panicked: {message}"));
+    }
 }
 
-extern "C" fn drop_instance<S: Microserver>(ptr: FfiInstance) {
+unsafe extern "C" fn drop_instance<S: Microserver>(ptr: FfiInstance) {
     // SAFETY: `ptr` came from `Box::into_raw` in `init::<S>`; the host calls this once.
     let boxed = unsafe { Box::from_raw(ptr.0.cast::<Instance<S>>().cast_mut()) };
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+    if let Err(message) = catch(move || drop(boxed)) {
+        host::log_panic(&format!("dropping the instance panicked: {message}"));
+    }
 }
 
 /// Builds the root module for `S`. Called once per library by the exported constructor.

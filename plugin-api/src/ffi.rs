@@ -7,6 +7,74 @@
 //! Ownership rule: a value that owns memory carries the code that frees it (abi_stable's
 //! `RVec`/`RString` vtables, [`FfiBytes::drop`]). That code lives in the library that made
 //! the value, so such a value must be dropped while that library is still mapped.
+//!
+//! Soundness rule: safe code cannot make a value that a safe method here trusts. A
+//! field that points somewhere is private and set only by a constructor that either
+//! takes `'static` data or is an `unsafe fn` with its contract written down, and every
+//! function pointer that takes a raw pointer is an `unsafe extern "C" fn`. Each of these
+//! fails to compile:
+//!
+//! ```compile_fail,E0451
+//! # use plugin_api::ffi::*;
+//! // Only the host makes a request (`FfiRequest::from_raw` is `unsafe`).
+//! fn forge(fns: &'static FfiRequestFns) -> FfiRequest {
+//!     FfiRequest { data: FfiRequestData(std::ptr::null_mut()), fns }
+//! }
+//! ```
+//!
+//! ```compile_fail,E0616
+//! # use plugin_api::ffi::*;
+//! // The parameters `params()` reads cannot be pointed elsewhere.
+//! fn repoint(head: &mut FfiRequestHead) { head.params_len = 1000; }
+//! ```
+//!
+//! ```compile_fail,E0599
+//! # use plugin_api::ffi::*;
+//! // The head of a request cannot be rewritten (only its body taken).
+//! fn rewrite(request: &mut FfiRequest) { let _ = request.head_mut(); }
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use plugin_api::ffi::*;
+//! // A head that views memory is made only with a promise about that memory.
+//! fn dangling(bytes: &[u8]) -> FfiRequestHead {
+//!     let s = FfiStr::new(bytes);
+//!     FfiRequestHead::new(s, s, s, s, s, s, &[], 0, FfiBytes::empty())
+//! }
+//! ```
+//!
+//! ```compile_fail,E0451
+//! # use plugin_api::ffi::*;
+//! // A response's content type is `'static` bytes, through `FfiResponse::new` only.
+//! fn temporary(text: &[u8]) -> FfiResponse {
+//!     FfiResponse { status: 200, content_type: FfiStr::new(text), headers: FfiHeaders::default(), body: FfiBytes::empty() }
+//! }
+//! ```
+//!
+//! ```compile_fail,E0521
+//! # use plugin_api::ffi::*;
+//! fn temporary(text: &[u8]) -> FfiResponse {
+//!     FfiResponse::new(200, text, FfiHeaders::default(), FfiBytes::empty())
+//! }
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use plugin_api::ffi::*;
+//! // The host's request functions and a plugin's instance functions take raw pointers.
+//! fn free_anything(fns: &FfiRequestFns) { (fns.drop)(FfiRequestData(std::ptr::null_mut())); }
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use plugin_api::ffi::*;
+//! fn free_any_instance(module: PluginModRef) {
+//!     (module.drop_instance())(FfiInstance(std::ptr::null()));
+//! }
+//! ```
+//!
+//! ```compile_fail,E0133
+//! # use plugin_api::ffi::*;
+//! fn poll_anything(call: &FfiCall) { (call.drop)(std::ptr::null_mut()); }
+//! ```
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
@@ -138,22 +206,30 @@ unsafe impl Send for FfiRequestData {}
 unsafe impl Sync for FfiRequestData {}
 
 /// The callback [`FfiRequestFns::each_header`] calls with `(context, name, value)`.
+///
+/// `unsafe`: it is called with the `context` pointer its caller passed along, which only
+/// that caller knows how to read.
 #[repr(transparent)]
 #[derive(StableAbi, Clone, Copy)]
-pub struct FfiEachHeader(pub extern "C" fn(*mut c_void, FfiStr, FfiStr));
+pub struct FfiEachHeader(pub unsafe extern "C" fn(*mut c_void, FfiStr, FfiStr));
 
 /// What a plugin can ask of the host about a request. Every function is the host's, so a
 /// request stays valid whatever happens to the library that received it.
+///
+/// Every function is `unsafe`: it must be called with the `data` of a live
+/// [`FfiRequest`] that these functions came with (and `name` must view live bytes).
+/// Plugins call them only through the safe methods of [`FfiRequest`].
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct FfiRequestFns {
     /// The first value of a header (the name compares case-insensitively), if present.
-    pub header: extern "C" fn(FfiRequestData, name: FfiStr) -> ROption<FfiStr>,
+    pub header: unsafe extern "C" fn(FfiRequestData, name: FfiStr) -> ROption<FfiStr>,
     /// Calls `each(context, name, value)` for every header, grouped by name in the order
     /// their names first appeared.
-    pub each_header: extern "C" fn(FfiRequestData, context: *mut c_void, each: FfiEachHeader),
+    pub each_header:
+        unsafe extern "C" fn(FfiRequestData, context: *mut c_void, each: FfiEachHeader),
     /// Frees the request. Called once, by `FfiRequest`'s drop.
-    pub drop: extern "C" fn(FfiRequestData),
+    pub drop: unsafe extern "C" fn(FfiRequestData),
 }
 
 /// An immutable byte buffer owned by either side, freed by the side that made it.
@@ -295,7 +371,9 @@ impl Drop for FfiBytes {
 /// The fields of a request, at the start of the host's request record.
 ///
 /// Nothing is copied to make them: the text fields are views of the host's own parsed
-/// request, in the same record, and hold valid UTF-8.
+/// request, in the same record, and hold valid UTF-8. The fields that point somewhere
+/// are private, so only [`FfiRequestHead::new`] (an `unsafe fn` with a written contract)
+/// can make a head that [`params`](Self::params) trusts.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct FfiRequestHead {
@@ -306,8 +384,8 @@ pub struct FfiRequestHead {
     pub client_addr: FfiStr,
     pub request_id: FfiStr,
     /// `params_len` path parameters, in the order of the pattern.
-    pub params: *const FfiParam,
-    pub params_len: usize,
+    params: *const FfiParam,
+    params_len: usize,
     /// Index into the route table the plugin returned from init.
     pub route: u32,
     /// The body. The plugin may take it (leaving an empty one in its place).
@@ -331,14 +409,46 @@ impl FfiRequestHead {
         }
     }
 
+    /// A head whose text fields and parameters view the caller's memory.
+    ///
+    /// # Safety
+    /// Every `FfiStr` given (the fields and each parameter's name and value) and the
+    /// `params` slice itself must stay valid, unmoved and unchanged for as long as this
+    /// head (and the [`FfiRequest`] it is part of) lives; the text fields must be UTF-8.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        method: FfiStr,
+        path: FfiStr,
+        query: FfiStr,
+        domain: FfiStr,
+        client_addr: FfiStr,
+        request_id: FfiStr,
+        params: &[FfiParam],
+        route: u32,
+        body: FfiBytes,
+    ) -> Self {
+        FfiRequestHead {
+            method,
+            path,
+            query,
+            domain,
+            client_addr,
+            request_id,
+            params: params.as_ptr(),
+            params_len: params.len(),
+            route,
+            body,
+        }
+    }
+
     /// The path parameters.
     #[inline]
     pub fn params(&self) -> &[FfiParam] {
         if self.params_len == 0 {
             return &[];
         }
-        // SAFETY: the host points `params` at `params_len` entries that live as long as
-        // this request.
+        // SAFETY: only `new` sets `params` (the fields are private), and its caller
+        // promised that they live as long as this head.
         unsafe { std::slice::from_raw_parts(self.params, self.params_len) }
     }
 }
@@ -347,13 +457,14 @@ impl FfiRequestHead {
 /// a handler, into the handler's future) moves next to nothing.
 ///
 /// `data` is the host's request record, which begins with an [`FfiRequestHead`]; the
-/// host frees the record when this value is dropped. Headers are looked up through `fns`
-/// when a handler asks.
+/// host frees the record when this value is dropped. Headers are looked up through the
+/// host's functions when a handler asks. The fields are private: only the host makes a
+/// request, through the `unsafe` [`FfiRequest::from_raw`].
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct FfiRequest {
-    pub data: FfiRequestData,
-    pub fns: &'static FfiRequestFns,
+    data: FfiRequestData,
+    fns: &'static FfiRequestFns,
 }
 
 // SAFETY: every pointer in a request points into the host's request record, which is
@@ -363,24 +474,78 @@ unsafe impl Sync for FfiRequest {}
 
 impl Drop for FfiRequest {
     fn drop(&mut self) {
-        (self.fns.drop)(self.data);
+        // SAFETY: `from_raw`'s contract: `drop` frees this record, once (here).
+        unsafe { (self.fns.drop)(self.data) };
     }
 }
 
 impl FfiRequest {
+    /// A request made of the host's record and functions.
+    ///
+    /// # Safety
+    /// `data` must point at a live record that begins with an [`FfiRequestHead`] made
+    /// by [`FfiRequestHead::new`] (whose contract holds for the record's whole life),
+    /// that nothing else reads or writes while this value lives, and that `fns` can
+    /// read (`header`, `each_header`) and free once (`drop`, called when this value is
+    /// dropped).
+    pub unsafe fn from_raw(data: FfiRequestData, fns: &'static FfiRequestFns) -> Self {
+        FfiRequest { data, fns }
+    }
+
     /// The request's fields.
     #[inline]
     pub fn head(&self) -> &FfiRequestHead {
-        // SAFETY: `data` points at the host's live record, which begins with the head;
-        // the host does not touch the head while the plugin holds the request.
+        // SAFETY: `from_raw`'s contract: `data` points at the live record, which begins
+        // with the head.
         unsafe { &*self.data.0.cast::<FfiRequestHead>() }
     }
 
-    /// The request's fields, to take the body.
+    /// Takes the body out of the request, leaving an empty one.
     #[inline]
-    pub fn head_mut(&mut self) -> &mut FfiRequestHead {
-        // SAFETY: as in `head`; `&mut self` is the only handle to the request.
-        unsafe { &mut *self.data.0.cast::<FfiRequestHead>() }
+    pub fn take_body(&mut self) -> FfiBytes {
+        // SAFETY: as in `head`; `&mut self` is the only handle to the record.
+        let head = unsafe { &mut *self.data.0.cast::<FfiRequestHead>() };
+        std::mem::replace(&mut head.body, FfiBytes::empty())
+    }
+
+    /// The first value of a header (names compare case-insensitively), if present. The
+    /// bytes live as long as this request.
+    pub fn header(&self, name: &[u8]) -> Option<&[u8]> {
+        // SAFETY: `from_raw`'s contract; `name` is alive during the call. The value the
+        // host returns views the record, which lives as long as `self`.
+        unsafe {
+            (self.fns.header)(self.data, FfiStr::new(name))
+                .into_option()
+                .map(|v| v.get())
+        }
+    }
+
+    /// Calls `each(name, value)` for every header, names grouped in the order they first
+    /// appeared.
+    pub fn each_header<'a, F: FnMut(&'a [u8], &'a [u8])>(&'a self, mut each: F) {
+        unsafe extern "C" fn call<'a, F: FnMut(&'a [u8], &'a [u8])>(
+            context: *mut c_void,
+            name: FfiStr,
+            value: FfiStr,
+        ) {
+            // SAFETY: `context` is the closure below, borrowed for the duration of the
+            // host's call; the views live as long as the request (`'a`).
+            let each = unsafe { &mut *context.cast::<F>() };
+            // A panic here would unwind into the host's function: catch it, and let the
+            // caller see the headers read so far.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+                each(name.get(), value.get())
+            }))
+            .map_err(crate::export::forget_payload);
+        }
+        // SAFETY: `from_raw`'s contract; `call::<F>` reads `context` as an `F`.
+        unsafe {
+            (self.fns.each_header)(
+                self.data,
+                (&raw mut each).cast::<c_void>(),
+                FfiEachHeader(call::<'a, F>),
+            )
+        }
     }
 }
 
@@ -392,14 +557,17 @@ pub struct FfiCall {
     /// The future; null when the handler answered at once (nothing left to poll or drop).
     pub future: *mut c_void,
     /// Polls the future. On `true` the outcome has been written to the last argument.
-    pub poll: for<'a, 'b> extern "C" fn(
+    ///
+    /// `unsafe`: only with this call's `future`, from one thread at a time, and with
+    /// room for one outcome behind the last argument.
+    pub poll: for<'a, 'b> unsafe extern "C" fn(
         *mut c_void,
         &'a mut FfiContext<'b>,
         *mut FfiHandleResult,
     ) -> bool,
     /// Drops the future (the host drops a call early when it times out or the client
-    /// goes away).
-    pub drop: extern "C" fn(*mut c_void),
+    /// goes away). `unsafe`: once, with this call's `future`.
+    pub drop: unsafe extern "C" fn(*mut c_void),
 }
 
 // SAFETY: the future is a handler's future, which `export_plugin!` requires to be `Send`.
@@ -414,17 +582,34 @@ pub struct FfiResponse {
     /// The `content-type`, when it is known at compile time (set by `Response::text`,
     /// `json` and the like): `'static` bytes of the plugin, or empty for none. Empty
     /// whenever a `content-type` is among `headers` (plugin-api keeps one of the two).
-    pub content_type: FfiStr,
+    /// Private: only [`FfiResponse::new`] sets it, from `'static` bytes.
+    content_type: FfiStr,
     pub headers: FfiHeaders,
     pub body: FfiBytes,
 }
 
 impl FfiResponse {
-    /// The bytes of [`content_type`](Self::content_type) (empty for none).
+    /// A response with a `content-type` known at compile time (empty for none).
+    #[inline]
+    pub fn new(
+        status: u16,
+        content_type: &'static [u8],
+        headers: FfiHeaders,
+        body: FfiBytes,
+    ) -> Self {
+        FfiResponse {
+            status,
+            content_type: FfiStr::new(content_type),
+            headers,
+            body,
+        }
+    }
+
+    /// The bytes of the static `content-type` (empty for none).
     #[inline]
     pub fn content_type(&self) -> &[u8] {
-        // SAFETY: plugin-api sets it only from a `&'static str`, and a plugin library
-        // stays mapped for the life of the process.
+        // SAFETY: only `new` sets it, from `'static` bytes (a plugin library stays mapped
+        // for the life of the process, so its statics are `'static` for the host too).
         unsafe { self.content_type.get() }
     }
 }
@@ -521,7 +706,11 @@ pub struct PluginMod {
     /// Starts a handler and polls it once. If it answers at once, the outcome is written
     /// to the last argument and the returned call has a null future; otherwise the host
     /// polls the call until it answers.
-    pub handle: for<'a, 'b> extern "C" fn(
+    ///
+    /// `unsafe` (like every function here that takes an [`FfiInstance`]): only with an
+    /// instance this module's `init` returned and `drop_instance` has not freed, and with
+    /// room for one outcome behind the last argument.
+    pub handle: for<'a, 'b> unsafe extern "C" fn(
         FfiInstance,
         FfiRequest,
         &'a mut FfiContext<'b>,
@@ -529,10 +718,11 @@ pub struct PluginMod {
     ) -> FfiCall,
     /// Called once when the instance is being replaced: its state to hand to the next
     /// generation's init, if it has any.
-    pub export_state: extern "C" fn(FfiInstance) -> ROption<RVec<u8>>,
-    pub shutdown: extern "C" fn(FfiInstance),
+    pub export_state: unsafe extern "C" fn(FfiInstance) -> ROption<RVec<u8>>,
+    pub shutdown: unsafe extern "C" fn(FfiInstance),
+    /// Frees the instance; it is not used again.
     #[sabi(last_prefix_field)]
-    pub drop_instance: extern "C" fn(FfiInstance),
+    pub drop_instance: unsafe extern "C" fn(FfiInstance),
 }
 
 impl RootModule for PluginModRef {

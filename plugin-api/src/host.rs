@@ -4,10 +4,13 @@
 //! `tokio::time::sleep` or `tokio::spawn` inside a plugin panic ("no reactor running").
 //! The host's functions return futures the host built, which run on the host's runtime.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use abi_stable::std_types::RStr;
@@ -42,15 +45,49 @@ pub(crate) fn connect(fns: HostFnsRef, plugin: &'static str) {
         spans: AtomicU64::new(1),
     }));
     // Panics inside this library are reported through the host's log, with the plugin's
-    // name, instead of this library's own copy of std printing to stderr.
+    // name, instead of this library's own copy of std printing to stderr. A panic that
+    // plugin-api is about to catch (see `catching`) is only noted, with its location:
+    // the catcher reports it once, where it knows what failed (the host logs a handler's
+    // panic with the server, route and request id).
     std::panic::set_hook(Box::new(|info| {
         let message = panic_message(info.payload());
-        let location = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        log(1, "panic", &format!("panicked{location}: {message}"), "");
+        let text = match info.location() {
+            Some(l) => format!("{message} (at {}:{})", l.file(), l.line()),
+            None => message,
+        };
+        let caught = CATCHING.try_with(Cell::get).unwrap_or(0) > 0;
+        if caught && CAUGHT.try_with(|c| c.set(Some(text.clone()))).is_ok() {
+            return;
+        }
+        log_panic(&format!("panicked: {text}"));
     }));
+}
+
+thread_local! {
+    /// How many plugin-api catches this thread is inside.
+    static CATCHING: Cell<u32> = const { Cell::new(0) };
+    /// The message and location of the last panic a plugin-api catch is about to catch.
+    static CAUGHT: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// Runs `f` (which catches panics itself) with the panic hook told not to log: the
+/// caller reports the panic, with [`take_caught`]'s text.
+pub(crate) fn catching<R>(f: impl FnOnce() -> R) -> R {
+    let _ = CATCHING.try_with(|c| c.set(c.get() + 1));
+    let outcome = f();
+    let _ = CATCHING.try_with(|c| c.set(c.get().saturating_sub(1)));
+    outcome
+}
+
+/// The text (message and location) of the panic just caught inside [`catching`].
+pub(crate) fn take_caught() -> Option<String> {
+    CAUGHT.try_with(Cell::take).ok().flatten()
+}
+
+/// Logs a panic that no handler reports (one in a shutdown hook, a drop or a waker)
+/// through the host, with the plugin's name.
+pub(crate) fn log_panic(message: &str) {
+    log(1, "panic", message, "");
 }
 
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -185,5 +222,74 @@ pub fn sleep(duration: Duration) -> impl Future<Output = ()> + Send + 'static {
         .fns
         .sleep();
     let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
-    sleep(nanos)
+    HostFuture {
+        inner: sleep(nanos),
+        waker: None,
+    }
+}
+
+/// A future the host built, polled with a waker of plugin-api's own. The host wakes it
+/// from its own threads; if it called the waker of the plugin's context directly and
+/// that waker panicked (a waker the plugin made itself), the panic would unwind through
+/// async-ffi's `extern "C"` glue and abort the host. [`ContainedWaker`] catches it.
+struct HostFuture<F> {
+    inner: F,
+    waker: Option<(Arc<ContainedWaker>, Waker)>,
+}
+
+impl<F: Future + Unpin> Future for HostFuture<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let (contained, waker) = this.waker.get_or_insert_with(|| {
+            let contained = Arc::new(ContainedWaker(Mutex::new(None)));
+            (contained.clone(), Waker::from(contained))
+        });
+        contained.set(cx.waker());
+        Pin::new(&mut this.inner).poll(&mut Context::from_waker(waker))
+    }
+}
+
+/// Holds the waker of the plugin's context, and wakes it under a catch.
+struct ContainedWaker(Mutex<Option<Waker>>);
+
+impl ContainedWaker {
+    fn set(&self, waker: &Waker) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            // Runs inside the plugin's poll: a panic here is the handler's, and caught
+            // with it.
+            *slot = Some(waker.clone());
+        }
+    }
+}
+
+impl Wake for ContainedWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Cloned out of the lock first: a waker may poll the task on the spot, and that
+        // poll takes the lock.
+        let woken = crate::export::catch(|| {
+            let waker = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        });
+        if let Err(message) = woken {
+            log_panic(&format!("a waker panicked (the task it would wake may hang until its request times out): {message}"));
+        }
+    }
+}
+
+impl Drop for ContainedWaker {
+    fn drop(&mut self) {
+        let waker = self.0.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Err(message) = crate::export::catch(move || drop(waker)) {
+            log_panic(&format!("a waker panicked while it was dropped: {message}"));
+        }
+    }
 }

@@ -53,8 +53,18 @@
 //!   one of the host's worker threads, and the host cannot interrupt code that does not
 //!   yield. The host's request timeout answers the client, but the thread stays busy.
 //!
-//! Panics are fine: a panicking handler answers 500, the host logs the message with the
-//! plugin's name, and every other request carries on.
+//! Panics are fine: a panicking handler answers 500, the host logs the message (with its
+//! location, the route and the request id) once, and every other request carries on.
+//! A panic in `init` leaves the server waiting with the message; one in `export_state`,
+//! `shutdown` or your type's `Drop` is logged. Panics are caught wherever plugin-api runs
+//! your code for the host, even one whose payload panics again when dropped, and one in
+//! a waker you made and passed to a host future such as [`sleep`] (the task it should
+//! have woken may then wait until the request times out).
+//!
+//! What no catch can stop, and so ends the whole host process: `std::process::abort`, a
+//! stack overflow, running out of memory, and a panic that starts while your code is
+//! already unwinding from another panic (for example a `Drop` that panics while a panic
+//! unwinds through it: Rust aborts on a double panic).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -2,12 +2,11 @@
 #![allow(unsafe_code)] // FfiStr views of the host's request record (see ffi.rs)
 
 use std::borrow::Cow;
-use std::ffi::c_void;
 
 use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 
-use crate::ffi::{FfiBytes, FfiEachHeader, FfiRequest, FfiStr};
+use crate::ffi::{FfiRequest, FfiStr};
 use crate::Error;
 
 /// An HTTP request routed to this microserver.
@@ -119,26 +118,17 @@ impl Request {
 
     /// The first value of a header (names compare case-insensitively), if it is text.
     pub fn header(&self, name: &str) -> Option<&str> {
-        let value = (self.raw.fns.header)(self.raw.data, FfiStr::new(name.as_bytes()));
-        std::str::from_utf8(self.bytes(value.into_option()?)).ok()
+        std::str::from_utf8(self.raw.header(name.as_bytes())?).ok()
     }
 
     /// Every header as `(lower-case name, raw value)`: names in the order the client first
     /// sent them, and the values of a repeated name together, in order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        extern "C" fn push(list: *mut c_void, name: FfiStr, value: FfiStr) {
-            // SAFETY: `list` is the vector below, borrowed for the duration of the call.
-            let list = unsafe { &mut *list.cast::<Vec<(FfiStr, FfiStr)>>() };
-            list.push((name, value));
-        }
-        let mut list: Vec<(FfiStr, FfiStr)> = Vec::new();
-        (self.raw.fns.each_header)(
-            self.raw.data,
-            (&raw mut list).cast::<c_void>(),
-            FfiEachHeader(push),
-        );
+        let mut list: Vec<(&str, &[u8])> = Vec::new();
+        self.raw.each_header(|name, value| {
+            list.push((std::str::from_utf8(name).unwrap_or_default(), value));
+        });
         list.into_iter()
-            .map(|(name, value)| (self.text(name), self.bytes(value)))
     }
 
     /// The whole request body.
@@ -157,10 +147,7 @@ impl Request {
     /// }
     /// ```
     pub fn take_body(&mut self) -> crate::Body {
-        crate::Body(std::mem::replace(
-            &mut self.raw.head_mut().body,
-            FfiBytes::empty(),
-        ))
+        crate::Body(self.raw.take_body())
     }
 
     /// The body parsed as JSON. A parse error becomes a 400 response if returned.

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse, FfiStr};
+use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse};
 
 /// An HTTP response.
 ///
@@ -133,12 +133,12 @@ impl Response {
     #[doc(hidden)]
     #[inline]
     pub fn into_ffi(self) -> FfiResponse {
-        FfiResponse {
-            status: self.status,
-            content_type: FfiStr::new(self.content_type.as_bytes()),
-            headers: self.headers,
-            body: self.body,
-        }
+        FfiResponse::new(
+            self.status,
+            self.content_type.as_bytes(),
+            self.headers,
+            self.body,
+        )
     }
 }
 
@@ -174,6 +174,20 @@ impl Body {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Takes any byte container as a body without copying its bytes (the container is
+    /// boxed, and dropped once the host has sent the body). For a `Vec<u8>` or a
+    /// `String`, `Body::from` is cheaper.
+    ///
+    /// ```
+    /// # use plugin_api::{Body, Response};
+    /// let shared: std::sync::Arc<[u8]> = std::sync::Arc::from(&b"cached page"[..]);
+    /// let r = Response::new(200).with_body(Body::from_owner(shared.clone()));
+    /// assert_eq!(r.body(), b"cached page");
+    /// ```
+    pub fn from_owner<T: AsRef<[u8]> + Send + Sync + 'static>(owner: T) -> Self {
+        Body(FfiBytes::from_owner(owner))
     }
 }
 

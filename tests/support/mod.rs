@@ -364,18 +364,39 @@ impl Host {
 
     /// Sends SIGTERM and waits (up to 30 s) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.signal_term();
+        self.wait_exit(Duration::from_secs(30))
+            .expect("host did not exit after SIGTERM")
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
+    }
+
+    /// The exit status, if the host exits within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 // Let the log reader catch up with the last lines.
                 std::thread::sleep(Duration::from_millis(100));
-                return status;
+                return Some(status);
             }
-            assert!(Instant::now() < deadline, "host did not exit after SIGTERM");
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// How many log lines contain every one of `needles`.
+    pub fn count_log_lines(&self, needles: &[&str]) -> usize {
+        self.logs()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
     }
 }
 
