@@ -190,13 +190,28 @@ fn sigterm_waits_for_a_replaced_generations_hook_only_until_the_deadline() {
 fn plugin_made_parts_of_a_response_are_freed_before_the_request_stops_counting() {
     let mut host = start("tattle", &config("", r#"{"label": "1"}"#, ""));
     std::thread::scope(|s| {
-        // A HEAD request: the plugin's body is not sent, and the host frees it.
-        let head = s.spawn(|| host.send("HEAD", "bad.localhost", "/tattle?ms=400", b"", &[]));
+        // Two requests on generation 1. The HEAD request's body is not sent: the host
+        // frees it, which takes the body 300 ms. 50 ms into that, the other request is
+        // let go (from a thread outside the host's workers) and ends, so from then on
+        // only the first request's in-flight count keeps generation 1's shutdown hook
+        // waiting.
+        let other = s.spawn(|| host.get("bad.localhost", "/released"));
+        std::thread::sleep(Duration::from_millis(50));
+        let head = s.spawn(|| {
+            host.send(
+                "HEAD",
+                "bad.localhost",
+                "/tattle?ms=400&release=1",
+                b"",
+                &[],
+            )
+        });
         std::thread::sleep(Duration::from_millis(100));
-        // Generation 1 is replaced while the request runs: it drains, then its hook runs.
+        // Generation 1 is replaced while both run: it drains, then its hook runs.
         host.write_config(&config("", r#"{"label": "2"}"#, ""));
         let r = head.join().unwrap();
         assert_eq!((r.status, r.header("content-length")), (200, Some("6")));
+        assert_eq!(other.join().unwrap().body, "released");
     });
     host.wait_for_log(&["retired", "server=bad", "generation=1"]);
     let freed = host.wait_for_log(&["tattle body freed"]);
