@@ -16,11 +16,11 @@ use std::task::{Context, Poll, Waker};
 use abi_stable::std_types::RResult;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use host::call::{self, ClientAddr, Lending, OutcomeSlot, PendingRequest};
-use host::domain::{normalize_host, DomainPattern, DomainTable};
-use host::loader;
-use host::plugin::Instance;
-use host::routes::{RouteMatch, RouteTable};
+use host::boundary::call::{self, ClientAddr, Lending, OutcomeSlot, PendingRequest};
+use host::boundary::loader;
+use host::boundary::plugin::Instance;
+use host::routing::domain::{normalize_host, DomainPattern, DomainTable};
+use host::routing::routes::{RouteMatch, RouteTable};
 
 fn table(n: usize, wildcards: usize) -> DomainTable<usize> {
     let mut t = DomainTable::default();

@@ -19,11 +19,13 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse};
 
-use crate::call::{self, intern, ClientAddr, Lending, OutcomeSlot, PendingRequest, PluginCall};
-use crate::domain::normalize_host;
-use crate::plugin::{Generation, InFlight};
-use crate::routes::RouteMatch;
-use crate::servers::{Microservers, Routing, Server, ServerState};
+use crate::boundary::call::{
+    self, intern, ClientAddr, Lending, OutcomeSlot, PendingRequest, PluginCall,
+};
+use crate::boundary::plugin::{Generation, InFlight};
+use crate::control::servers::{Microservers, Routing, Server, ServerState};
+use crate::routing::domain::normalize_host;
+use crate::routing::routes::RouteMatch;
 
 pub type Body = Full<Bytes>;
 

@@ -1,17 +1,20 @@
 //! The plugin host: runs many web microservers, each a `cdylib` plugin, in one process,
 //! and routes each request by its domain. `main.rs` is glue; the logic lives here.
 //!
+//! The modules are the layers a request crosses, top to bottom; a layer imports only
+//! from the layers below it:
+//!
+//! - `serve`: the edge (listening sockets, connections, graceful shutdown, signals);
+//! - `http`: the request path (domain, server, generation, route, call, response);
+//! - `routing`: domains and routes;
+//! - `boundary`: the plugin boundary (libraries, generations, calls, host services).
+//!
+//! `control` (config, servers, watching and reloading) sits beside them.
+//!
 //! See ARCHITECTURE.md for the request path and the invariants.
 
-pub mod call;
-pub mod config;
-pub mod domain;
+pub mod boundary;
+pub mod control;
 pub mod http;
-pub mod loader;
-pub mod plugin;
-pub mod reload;
-pub mod routes;
+pub mod routing;
 pub mod serve;
-pub mod servers;
-pub mod services;
-pub mod watch;

@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use host::config::{self, Config};
-use host::reload::ControlLoop;
+use host::control::config::{self, Config};
+use host::control::reload::ControlLoop;
+use host::control::servers::Microservers;
+use host::control::watch;
 use host::serve::Listeners;
-use host::servers::Microservers;
-use host::watch;
 use tracing_subscriber::EnvFilter;
 
 /// Runs many web microservers, each a plugin library, in one process, routed by domain.

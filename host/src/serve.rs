@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use crate::servers::Microservers;
+use crate::control::servers::Microservers;
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -159,7 +159,7 @@ pub async fn serve(
                     .max_headers(servers.routing().limits.max_headers);
                 let servers = servers.clone();
                 // Formatted once per connection, not per request.
-                let client = crate::call::ClientAddr::new(peer);
+                let client = crate::boundary::call::ClientAddr::new(peer);
                 let service =
                     service_fn(move |req| crate::http::handle(servers.clone(), req, client));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::config;
+use crate::control::config;
+use crate::control::servers::Microservers;
+use crate::control::watch::Change;
 use crate::serve::Listeners;
-use crate::servers::Microservers;
-use crate::watch::Change;
 
 /// How often to look again at a library that was incomplete (still being written).
 const RETRY_INCOMPLETE: Duration = Duration::from_millis(200);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::domain::{DomainPattern, InvalidDomain};
+use crate::routing::domain::{DomainPattern, InvalidDomain};
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, Limits};
-use crate::domain::{DomainPattern, DomainTable};
-use crate::loader::{self, LoadError, LoadFailure, PluginLibrary};
-use crate::plugin::{Generation, Instance};
+use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
+use crate::boundary::plugin::{Generation, Instance};
+use crate::control::config::{Config, Limits};
+use crate::routing::domain::{DomainPattern, DomainTable};
 
 /// A server from the config (or a library served without an entry).
 #[derive(Debug)]

@@ -20,9 +20,9 @@ use async_ffi::FfiContext;
 use plugin_api::ffi::{FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest};
 use tokio::sync::Notify;
 
-use crate::loader::PluginLibrary;
-use crate::routes::RouteTable;
-use crate::services::host_fns;
+use crate::boundary::loader::PluginLibrary;
+use crate::boundary::services::host_fns;
+use crate::routing::routes::RouteTable;
 
 /// One live microserver instance inside a plugin library. Dropping it drops the
 /// plugin's object (in the plugin's own code).

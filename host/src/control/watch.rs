@@ -76,7 +76,9 @@ pub fn watch(
                     |t: Option<Instant>| Some(t.map_or(event.time, |t| t.min(event.time)));
                 if path == &file {
                     config = earliest(config);
-                } else if path.parent() == Some(dir.as_path()) && crate::servers::is_library(path) {
+                } else if path.parent() == Some(dir.as_path())
+                    && crate::control::servers::is_library(path)
+                {
                     plugins = earliest(plugins);
                 }
             }

@@ -66,7 +66,9 @@ impl RouteTable {
                         methods: Vec::new(),
                         any: None,
                         allow: HeaderValue::from_static(""),
-                        params: param_names(pattern).map(crate::call::intern).collect(),
+                        params: param_names(pattern)
+                            .map(crate::boundary::call::intern)
+                            .collect(),
                     });
                     paths.len() - 1
                 }

@@ -34,7 +34,7 @@ use plugin_api::ffi::{
 };
 use smallvec::SmallVec;
 
-use crate::plugin::Instance;
+use crate::boundary::plugin::Instance;
 
 /// A client's socket address as text, made once per connection and copied into each
 /// request record (no allocation, no reference count).
@@ -154,7 +154,7 @@ impl PendingRequest {
     /// function is safe however it is called. A view of anything else does not compile:
     ///
     /// ```compile_fail,E0521
-    /// # use host::call::{Lending, PendingRequest};
+    /// # use host::boundary::call::{Lending, PendingRequest};
     /// fn lend_a_temporary(pending: PendingRequest, temporary: &[u8]) {
     ///     let _ = pending.lend(bytes::Bytes::new(), |_, _| {
     ///         let domain = std::borrow::Cow::Borrowed(temporary);
@@ -164,7 +164,7 @@ impl PendingRequest {
     /// ```
     ///
     /// ```compile_fail,E0521
-    /// # use host::call::{Lending, PendingRequest};
+    /// # use host::boundary::call::{Lending, PendingRequest};
     /// fn a_parameter_from_elsewhere(pending: PendingRequest, value: &str) {
     ///     let _ = pending.lend(bytes::Bytes::new(), |_, params| {
     ///         params.push("id", value);

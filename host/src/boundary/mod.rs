@@ -1,0 +1,9 @@
+//! The plugin boundary, the lowest layer: opening and checking plugin libraries
+//! (`loader`), the microserver instances and generations inside them (`plugin`), one
+//! request across the boundary (`call`), and the functions the host lends to plugins
+//! (`services`). It imports nothing from the layers above it.
+
+pub mod call;
+pub mod loader;
+pub mod plugin;
+pub mod services;
