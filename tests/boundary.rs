@@ -41,6 +41,10 @@ fn panics_whose_payload_panics_when_dropped_never_take_the_host_down() {
     }
     host.wait_for_log(&["handler panicked", "route=\"GET /bomb\""]);
     host.wait_for_log(&["handler's future panicked while it was dropped"]);
+    // In the drop of a response body's owner, after the host sent it.
+    let r = host.get("bad.localhost", "/owner-bomb");
+    assert_eq!((r.status, r.body.as_str()), (200, "sent, then dropped"));
+    host.wait_for_log(&["a response body's owner panicked while it was dropped"]);
     // In init: the server waits with the reason.
     let r = host.get("bad-init.localhost", "/ok");
     assert_eq!(r.status, 503);
@@ -108,9 +112,20 @@ fn repeated_panics_of_a_route_log_one_line_then_one_summary() {
         "{}",
         host.logs()
     );
+    // A panic on a thread of the plugin's own is nobody's to report but the plugin's
+    // panic hook: one line, with the plugin's name.
+    let r = host.get("bad.localhost", "/thread-panic");
+    assert_eq!((r.status, r.body.as_str()), (200, "joined: true"));
+    let line = host.wait_for_log(&["panicked: a thread of the plugin's own panicked"]);
+    assert!(line.contains("plugin=\"fixture-misbehave\""), "{line}");
+    assert_eq!(
+        host.count_log_lines(&["a thread of the plugin's own panicked"]),
+        1
+    );
 }
 
-/// Sends a POST whose body is held back, then the body when `send_body` says so.
+/// Sends the head of a POST with a 5-byte body, and holds the body back: the caller
+/// writes it when it wants.
 fn post_with_late_body(host: &Host) -> TcpStream {
     let mut stream = TcpStream::connect(host.addr).unwrap();
     stream

@@ -41,6 +41,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    host::boundary::services::mark_host_thread();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(host::boundary::services::mark_host_thread)
         .build()
     {
         Ok(rt) => rt,

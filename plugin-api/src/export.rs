@@ -30,8 +30,7 @@ use crate::host::{self, panic_message};
 /// hook notes instead of logging it) comes back as the error, and its payload is dropped
 /// safely. Nothing is logged here: the caller reports the message once.
 pub(crate) fn catch<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    let outcome = host::catching(|| catch_unwind(AssertUnwindSafe(f)));
-    outcome.map_err(|payload| {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
         let message = host::take_caught().unwrap_or_else(|| panic_message(&*payload));
         forget_payload(payload);
         message
@@ -127,7 +126,8 @@ where
 unsafe extern "C" fn drop_call<F>(future: *mut c_void) {
     // SAFETY: made by `Box::into_raw` in `start`; the host drops a call once. Dropping
     // a CatchUnwind catches the handler's panics.
-    drop(unsafe { Box::from_raw(future.cast::<CatchUnwind<F>>()) });
+    let future = unsafe { Box::from_raw(future.cast::<CatchUnwind<F>>()) };
+    drop(future);
 }
 
 unsafe extern "C" fn poll_nothing(

@@ -260,10 +260,16 @@ extern "C" fn drop_vec(ptr: *const u8, len: usize, capacity: *mut c_void) {
 }
 
 extern "C" fn drop_boxed<T>(_: *const u8, _: usize, owner: *mut c_void) {
-    // A panic must not unwind out of an `extern "C"` fn; dropping a byte owner does not
-    // panic in practice, and if it did, aborting is the documented outcome.
     // SAFETY: `owner` came from `Box::into_raw(Box<T>)` in `FfiBytes::from_owner::<T>`.
-    drop(unsafe { Box::from_raw(owner.cast::<T>()) });
+    let owner = unsafe { Box::from_raw(owner.cast::<T>()) };
+    // The owner is any type a plugin chose (`Body::from_owner`), and its drop may panic:
+    // that must not unwind out of this `extern "C"` fn.
+    let dropped = crate::export::catch(move || drop(owner));
+    if let Err(message) = dropped {
+        crate::host::log_panic(&format!(
+            "a response body's owner panicked while it was dropped: {message}"
+        ));
+    }
 }
 
 impl FfiBytes {
@@ -687,6 +693,11 @@ pub struct HostFns {
     pub log: for<'a> extern "C" fn(FfiLogRecord<'a>),
     #[sabi(last_prefix_field)]
     pub sleep: extern "C" fn(nanos: u64) -> FfiFuture<()>,
+    /// Whether the calling thread is one of the host's (added in 0.4.0). Plugin code runs
+    /// on a host thread only inside plugin-api's entry points, which catch every panic
+    /// and report it once; the panic hook asks this to log by itself only the panics on
+    /// the plugin's own threads.
+    pub on_host_thread: extern "C" fn() -> bool,
 }
 
 /// The root module every plugin library exports.

@@ -45,41 +45,40 @@ pub(crate) fn connect(fns: HostFnsRef, plugin: &'static str) {
         spans: AtomicU64::new(1),
     }));
     // Panics inside this library are reported through the host's log, with the plugin's
-    // name, instead of this library's own copy of std printing to stderr. A panic that
-    // plugin-api is about to catch (see `catching`) is only noted, with its location:
-    // the catcher reports it once, where it knows what failed (the host logs a handler's
-    // panic with the server, route and request id).
+    // name, instead of this library's own copy of std printing to stderr. On one of the
+    // host's threads, plugin code runs only inside plugin-api's entry points, which catch
+    // every panic and report it once, where they know what failed (the host logs a
+    // handler's panic with the server, route and request id): there the hook only notes
+    // the message and its location for them. (Asked of the host at panic time, so the
+    // request path touches no thread-local: in a `cdylib` each access is a call into the
+    // dynamic loader, and it cost about 3% of a request's CPU.)
     std::panic::set_hook(Box::new(|info| {
         let message = panic_message(info.payload());
         let text = match info.location() {
             Some(l) => format!("{message} (at {}:{})", l.file(), l.line()),
             None => message,
         };
-        let caught = CATCHING.try_with(Cell::get).unwrap_or(0) > 0;
-        if caught && CAUGHT.try_with(|c| c.set(Some(text.clone()))).is_ok() {
+        if on_host_thread() && CAUGHT.try_with(|c| c.set(Some(text.clone()))).is_ok() {
             return;
         }
         log_panic(&format!("panicked: {text}"));
     }));
 }
 
+/// Whether this thread is one of the host's (a host too old to say: no).
+fn on_host_thread() -> bool {
+    HOST.get()
+        .and_then(|host| host.fns.on_host_thread())
+        .is_some_and(|asks| asks())
+}
+
 thread_local! {
-    /// How many plugin-api catches this thread is inside.
-    static CATCHING: Cell<u32> = const { Cell::new(0) };
-    /// The message and location of the last panic a plugin-api catch is about to catch.
+    /// The message and location of the last panic on this (host) thread, for the
+    /// plugin-api catch that is about to report it.
     static CAUGHT: Cell<Option<String>> = const { Cell::new(None) };
 }
 
-/// Runs `f` (which catches panics itself) with the panic hook told not to log: the
-/// caller reports the panic, with [`take_caught`]'s text.
-pub(crate) fn catching<R>(f: impl FnOnce() -> R) -> R {
-    let _ = CATCHING.try_with(|c| c.set(c.get() + 1));
-    let outcome = f();
-    let _ = CATCHING.try_with(|c| c.set(c.get().saturating_sub(1)));
-    outcome
-}
-
-/// The text (message and location) of the panic just caught inside [`catching`].
+/// The text (message and location) of the panic just caught on this thread.
 pub(crate) fn take_caught() -> Option<String> {
     CAUGHT.try_with(Cell::take).ok().flatten()
 }

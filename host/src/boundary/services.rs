@@ -4,6 +4,7 @@
 //! and timers are tokio timers on the host's runtime. None of them may panic, because a
 //! panic cannot unwind through the plugin's frames.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ pub fn host_fns() -> HostFnsRef {
             max_log_level,
             log,
             sleep,
+            on_host_thread,
         }
         .leak_into_prefix()
     })
@@ -59,4 +61,23 @@ extern "C" fn log(record: FfiLogRecord<'_>) {
 extern "C" fn sleep(nanos: u64) -> FfiFuture<()> {
     // The timer is created on first poll, inside the host's runtime.
     FfiFuture::new(async move { tokio::time::sleep(Duration::from_nanos(nanos)).await })
+}
+
+thread_local! {
+    static HOST_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as the host's. Every thread of the host that may run plugin
+/// code calls this when it starts (the runtime's workers and blocking threads, the
+/// plugin-calls thread, the shutdown-hook threads, `main`): a plugin's panic hook asks
+/// [`on_host_thread`] to tell a panic that plugin-api will catch and report (on a host
+/// thread, plugin code runs only inside its entry points) from one on a thread of the
+/// plugin's own, which nobody else reports. A thread that is not marked gets its
+/// plugin panics logged twice, nothing worse.
+pub fn mark_host_thread() {
+    HOST_THREAD.with(|t| t.set(true));
+}
+
+extern "C" fn on_host_thread() -> bool {
+    HOST_THREAD.try_with(Cell::get).unwrap_or(false)
 }

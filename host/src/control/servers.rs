@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 
 use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::boundary::plugin::{Generation, Instance};
+use crate::boundary::services::mark_host_thread;
 use crate::control::config::{Config, Limits};
 use crate::routing::domain::{DomainPattern, DomainTable};
 
@@ -217,6 +218,7 @@ impl PluginThread {
                 std::thread::Builder::new()
                     .name("plugin-calls".to_owned())
                     .spawn(move || {
+                        mark_host_thread();
                         for job in receiver {
                             job();
                         }
@@ -464,7 +466,10 @@ impl Microservers {
             // hook that overruns keeps its thread (and its generation) to itself.
             let spawned = std::thread::Builder::new()
                 .name("plugin-shutdown".to_owned())
-                .spawn(move || g.shutdown());
+                .spawn(move || {
+                    mark_host_thread();
+                    g.shutdown();
+                });
             if let Err(e) = spawned {
                 tracing::error!("cannot start a thread for a shutdown hook: {e}");
             }
@@ -931,6 +936,7 @@ impl Microservers {
             let (server, number) = (generation.server.clone(), generation.number);
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
             let hook = move || {
+                mark_host_thread();
                 generation.shutdown();
                 retiring
                     .lock()
