@@ -468,3 +468,29 @@ fn check_refuses_a_corrupt_plugin_header_with_the_reason_and_exit_code_2() {
         done.stderr
     );
 }
+
+#[test]
+fn a_plugin_whose_route_table_is_invalid_waits_and_its_instance_is_shut_down() {
+    let config = r#"{"servers": [
+        {"name": "routes", "domains": ["routes.localhost"], "plugin": "versioned"},
+        {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let setup = Setup::new("bad-routes", config).plugin("hello", "hello.so");
+    std::fs::copy(
+        crate::support::variant("bad-routes"),
+        setup.dir.join("plugins/versioned.so"),
+    )
+    .unwrap();
+    let host = setup.start();
+    let r = host.get("routes.localhost", "/");
+    assert_eq!(r.status, 503);
+    let error = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains(
+            "failed to initialise: its route table is invalid: route GET /slow is declared twice"
+        ),
+        "{error}"
+    );
+    // Its init ran, so its shutdown hook runs too.
+    host.wait_for_log(&["versioned shutdown", "variant=\"bad-routes\""]);
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+}

@@ -158,7 +158,15 @@ fn request_parts() -> hyper::http::request::Parts {
 fn plugin_call(c: &mut Criterion) {
     let copies = loader::private_copies_dir().unwrap();
     let library = Arc::new(loader::load(&hello_library(), &copies).unwrap());
-    let (instance, routes) = Instance::create(library, "hello", "null", None).unwrap();
+    let (instance, declared) = Instance::create(library, "hello", "null", None).unwrap();
+    let routes = RouteTable::new(
+        declared
+            .routes
+            .iter()
+            .map(|(m, p)| (m.as_str(), p.as_str())),
+        declared.fallback,
+    )
+    .unwrap();
     let client = ClientAddr::new("127.0.0.1:50000".parse().unwrap());
     let RouteMatch::Found { route, .. } = routes.find("GET", "/plain") else {
         panic!("hello has /plain")

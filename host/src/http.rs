@@ -22,10 +22,13 @@ use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse};
 use crate::boundary::call::{
     self, intern, ClientAddr, Lending, OutcomeSlot, PendingRequest, PluginCall,
 };
-use crate::boundary::plugin::{Generation, InFlight};
-use crate::control::servers::{Microservers, Routing, Server, ServerState};
+use crate::boundary::plugin;
+use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
 use crate::routing::domain::normalize_host;
-use crate::routing::routes::RouteMatch;
+use crate::routing::routes::{RouteMatch, RouteTable};
+
+/// The in-flight guard of a request on a serving generation.
+type InFlight = plugin::InFlight<RouteTable>;
 
 pub type Body = Full<Bytes>;
 

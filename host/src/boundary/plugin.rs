@@ -22,7 +22,6 @@ use tokio::sync::Notify;
 
 use crate::boundary::loader::PluginLibrary;
 use crate::boundary::services::host_fns;
-use crate::routing::routes::RouteTable;
 
 /// One live microserver instance inside a plugin library. Dropping it drops the
 /// plugin's object (in the plugin's own code).
@@ -39,14 +38,23 @@ impl std::fmt::Debug for Instance {
     }
 }
 
+/// The routes a plugin declared in its init, copied into host memory: (method, pattern)
+/// in route-index order, and the index of the fallback route, if any. What they match is
+/// routing's business (a layer above this one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeclaredRoutes {
+    pub routes: Vec<(String, String)>,
+    pub fallback: Option<u32>,
+}
+
 impl Instance {
-    /// Calls the plugin's init and builds the route table it declares.
+    /// Calls the plugin's init, and returns the instance and the routes it declares.
     pub fn create(
         library: Arc<PluginLibrary>,
         server_name: &str,
         config_json: &str,
         previous_state: Option<&[u8]>,
-    ) -> Result<(Instance, RouteTable), String> {
+    ) -> Result<(Instance, DeclaredRoutes), String> {
         let args = FfiInitArgs {
             server_name: server_name.into(),
             config_json: config_json.into(),
@@ -61,20 +69,15 @@ impl Instance {
             library,
             ptr: init.instance,
         };
-        let routes = RouteTable::new(
-            init.routes
+        let routes = DeclaredRoutes {
+            routes: init
+                .routes
                 .iter()
-                .map(|r| (r.method.as_str(), r.pattern.as_str())),
-            init.fallback.into_option(),
-        );
-        match routes {
-            Ok(routes) => Ok((instance, routes)),
-            Err(e) => {
-                // It never served, but init may have started things; let it stop them.
-                instance.shutdown();
-                Err(format!("its route table is invalid: {e}"))
-            }
-        }
+                .map(|r| (r.method.to_string(), r.pattern.to_string()))
+                .collect(),
+            fallback: init.fallback.into_option(),
+        };
+        Ok((instance, routes))
     }
 
     pub fn library(&self) -> &Arc<PluginLibrary> {
@@ -119,13 +122,14 @@ impl Drop for Instance {
     }
 }
 
-/// One instance serving one server, numbered per server from 1.
+/// One instance serving one server, numbered per server from 1, with what routes
+/// requests to it (`R`: the layer above builds it from the [`DeclaredRoutes`]).
 #[derive(Debug)]
-pub struct Generation {
+pub struct Generation<R> {
     pub server: Arc<str>,
     pub number: u64,
     pub instance: Instance,
-    pub routes: RouteTable,
+    pub routes: R,
     in_flight: AtomicUsize,
     idle: Notify,
     /// Set when the generation is replaced; no request may enter after that.
@@ -144,8 +148,8 @@ enum Hook {
     Done,
 }
 
-impl Generation {
-    pub fn new(server: Arc<str>, number: u64, instance: Instance, routes: RouteTable) -> Arc<Self> {
+impl<R> Generation<R> {
+    pub fn new(server: Arc<str>, number: u64, instance: Instance, routes: R) -> Arc<Self> {
         let panics = Arc::new(PanicLog {
             server: server.clone(),
             plugin: instance.library().name.clone(),
@@ -177,7 +181,7 @@ impl Generation {
     /// The increment and the `retired` check here, and the `retired` store and the count
     /// check in [`Generation::drain`], are all SeqCst: either this request sees the flag
     /// and backs out, or the drain sees the request and waits for it. Never neither.
-    pub fn enter(self: &Arc<Self>) -> Option<InFlight> {
+    pub fn enter(self: &Arc<Self>) -> Option<InFlight<R>> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let guard = InFlight {
             generation: self.clone(),
@@ -343,17 +347,17 @@ impl PanicLog {
 
 /// Marks a request in flight on a generation, and keeps the generation alive.
 #[derive(Debug)]
-pub struct InFlight {
-    generation: Arc<Generation>,
+pub struct InFlight<R> {
+    generation: Arc<Generation<R>>,
 }
 
-impl InFlight {
-    pub fn generation(&self) -> &Arc<Generation> {
+impl<R> InFlight<R> {
+    pub fn generation(&self) -> &Arc<Generation<R>> {
         &self.generation
     }
 }
 
-impl Drop for InFlight {
+impl<R> Drop for InFlight<R> {
     fn drop(&mut self) {
         // Only a retired generation has anyone waiting (see `enter` for why SeqCst on
         // both sides makes this check race-free).

@@ -19,10 +19,14 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 
 use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
-use crate::boundary::plugin::{Generation, Instance};
+use crate::boundary::plugin::{self, Instance};
 use crate::boundary::services::mark_host_thread;
 use crate::control::config::{Config, Limits};
 use crate::routing::domain::{DomainPattern, DomainTable};
+use crate::routing::routes::RouteTable;
+
+/// A generation as it serves: with its route table.
+pub type Generation = plugin::Generation<RouteTable>;
 
 /// A server from the config (or a library served without an entry).
 #[derive(Debug)]
@@ -823,7 +827,23 @@ impl Microservers {
             deadlines.init,
             move || {
                 let state = handover.and_then(|g| g.instance.export_state());
-                let created = Instance::create(lib, &name, &config, state.as_deref());
+                let created = Instance::create(lib, &name, &config, state.as_deref()).and_then(
+                    |(instance, declared)| {
+                        let routes = declared
+                            .routes
+                            .iter()
+                            .map(|(m, p)| (m.as_str(), p.as_str()));
+                        match RouteTable::new(routes, declared.fallback) {
+                            Ok(routes) => Ok((instance, routes)),
+                            Err(e) => {
+                                // It never served, but init may have started things; let it
+                                // stop them.
+                                instance.shutdown();
+                                Err(format!("its route table is invalid: {e}"))
+                            }
+                        }
+                    },
+                );
                 (created, state.map_or(0, |s| s.len()))
             },
             // An init that finishes after the deadline started things nobody will use.
