@@ -202,6 +202,21 @@ fn sigterm_waits_for_a_replaced_generations_hook_only_until_the_deadline() {
 }
 
 #[test]
+fn sigterm_waits_for_an_instances_slow_drop_only_until_the_deadline() {
+    let global = r#", "shutdown_timeout_ms": 500"#;
+    let mut host = start("slow-drop", &config(global, r#"{"drop_ms": 30000}"#, ""));
+    assert_eq!(host.get("bad.localhost", "/ok").body, "ok");
+    let started = Instant::now();
+    host.signal_term();
+    let status = host.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", host.logs());
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    host.wait_for_log(&["shut down", "server=bad", "generation=1"]);
+    host.wait_for_log(&["dropping the plugins' instances did not finish within 500 ms"]);
+}
+
+#[test]
 fn plugin_made_parts_of_a_response_are_freed_before_the_request_stops_counting() {
     let mut host = start("tattle", &config("", r#"{"label": "1"}"#, ""));
     std::thread::scope(|s| {

@@ -243,7 +243,8 @@ pub struct FfiBytes {
     len: usize,
     /// What `drop` needs besides `ptr` and `len`: null for bytes nothing owns.
     owner: *mut c_void,
-    drop: extern "C" fn(*const u8, usize, *mut c_void),
+    /// `unsafe`: only with this value's own `ptr`, `len` and `owner`, once.
+    drop: unsafe extern "C" fn(*const u8, usize, *mut c_void),
 }
 
 // SAFETY: an `FfiBytes` is only built from owners that are `Send + Sync` (see the
@@ -251,15 +252,15 @@ pub struct FfiBytes {
 unsafe impl Send for FfiBytes {}
 unsafe impl Sync for FfiBytes {}
 
-extern "C" fn drop_nothing(_: *const u8, _: usize, _: *mut c_void) {}
+unsafe extern "C" fn drop_nothing(_: *const u8, _: usize, _: *mut c_void) {}
 
-extern "C" fn drop_vec(ptr: *const u8, len: usize, capacity: *mut c_void) {
+unsafe extern "C" fn drop_vec(ptr: *const u8, len: usize, capacity: *mut c_void) {
     // SAFETY: made by `FfiBytes::from_vec` from a `Vec<u8>` of this pointer, length and
     // capacity, which it forgot.
     drop(unsafe { Vec::from_raw_parts(ptr.cast_mut(), len, capacity as usize) });
 }
 
-extern "C" fn drop_boxed<T>(_: *const u8, _: usize, owner: *mut c_void) {
+unsafe extern "C" fn drop_boxed<T>(_: *const u8, _: usize, owner: *mut c_void) {
     // SAFETY: `owner` came from `Box::into_raw(Box<T>)` in `FfiBytes::from_owner::<T>`.
     let owner = unsafe { Box::from_raw(owner.cast::<T>()) };
     // The owner is any type a plugin chose (`Body::from_owner`), and its drop may panic:
@@ -370,7 +371,9 @@ impl AsRef<[u8]> for FfiBytes {
 
 impl Drop for FfiBytes {
     fn drop(&mut self) {
-        (self.drop)(self.ptr, self.len, self.owner);
+        // SAFETY: the constructors pair `drop` with this `ptr`, `len` and `owner`; the
+        // fields are private, and this runs once.
+        unsafe { (self.drop)(self.ptr, self.len, self.owner) };
     }
 }
 
@@ -528,29 +531,45 @@ impl FfiRequest {
 
     /// Calls `each(name, value)` for every header, names grouped in the order they first
     /// appeared.
-    pub fn each_header<'a, F: FnMut(&'a [u8], &'a [u8])>(&'a self, mut each: F) {
+    pub fn each_header<'a, F: FnMut(&'a [u8], &'a [u8])>(&'a self, each: F) {
+        /// The closure, and the payload of its panic, if it panicked.
+        struct Visit<F> {
+            each: F,
+            panicked: Option<Box<dyn std::any::Any + Send>>,
+        }
         unsafe extern "C" fn call<'a, F: FnMut(&'a [u8], &'a [u8])>(
             context: *mut c_void,
             name: FfiStr,
             value: FfiStr,
         ) {
-            // SAFETY: `context` is the closure below, borrowed for the duration of the
+            // SAFETY: `context` is the `Visit` below, borrowed for the duration of the
             // host's call; the views live as long as the request (`'a`).
-            let each = unsafe { &mut *context.cast::<F>() };
-            // A panic here would unwind into the host's function: catch it, and let the
-            // caller see the headers read so far.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            let visit = unsafe { &mut *context.cast::<Visit<F>>() };
+            if visit.panicked.is_some() {
+                return;
+            }
+            // A panic must not unwind into the host's function: it is caught here and
+            // resumed once the host's function has returned.
+            let each = &mut visit.each;
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
                 each(name.get(), value.get())
-            }))
-            .map_err(crate::export::forget_payload);
+            }));
+            visit.panicked = outcome.err();
         }
-        // SAFETY: `from_raw`'s contract; `call::<F>` reads `context` as an `F`.
+        let mut visit = Visit {
+            each,
+            panicked: None,
+        };
+        // SAFETY: `from_raw`'s contract; `call::<F>` reads `context` as a `Visit<F>`.
         unsafe {
             (self.fns.each_header)(
                 self.data,
-                (&raw mut each).cast::<c_void>(),
+                (&raw mut visit).cast::<c_void>(),
                 FfiEachHeader(call::<'a, F>),
             )
+        }
+        if let Some(payload) = visit.panicked {
+            std::panic::resume_unwind(payload);
         }
     }
 }
@@ -682,9 +701,9 @@ pub struct FfiLogRecord<'a> {
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = HostFnsRef)))]
-// A plugin may be built against a newer plugin-api than the host's (same major, newer
-// minor): functions added later are then missing, and the plugin must see `None`
-// rather than panic.
+// Functions after `last_prefix_field` are read as `Option`s: under the version promise
+// a plugin is never built against a newer plugin-api than its host's, so they are
+// always there, but a missing one must be a `None` rather than a panic.
 #[sabi(missing_field(option))]
 pub struct HostFns {
     /// The most verbose level the host will record (same numbering as `FfiLogRecord`;
@@ -702,8 +721,9 @@ pub struct HostFns {
 
 /// The root module every plugin library exports.
 ///
-/// A prefix type: later interface versions may append fields after the last one here, and
-/// libraries built against this version keep loading.
+/// A prefix type: a later patch release of plugin-api may append fields after the last
+/// one here, and libraries built against this version keep loading in a host built with
+/// it (the version promise in ARCHITECTURE.md).
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]

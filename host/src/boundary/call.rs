@@ -204,23 +204,32 @@ impl PendingRequest {
         let route = lending.route;
         std::mem::forget(self);
         // SAFETY: `ptr` is the live record this value owned; from here on the
-        // `FfiRequest` owns it, and the host changes nothing in it after these writes.
-        let record = unsafe { &mut *ptr };
-        let uri = &record.parts.uri;
+        // `FfiRequest` owns it. The fields the head views are only borrowed shared (a
+        // `&mut` to the whole record would invalidate the views `route` made of
+        // `parts`), and only the head is written, in place.
+        let (parts, client, request_id, params) = unsafe {
+            (
+                &(*ptr).parts,
+                &(*ptr).client,
+                &(*ptr).request_id,
+                &(*ptr).params,
+            )
+        };
+        let uri = &parts.uri;
         // SAFETY (`FfiRequestHead::new`): every view is of the boxed record (`parts`,
         // which `route` could only lend from, `client`, `request_id`, `domain`,
         // `params`) or `'static`, and the record neither moves nor changes until the
         // `FfiRequest` frees it; the text fields are UTF-8 (hyper's method and URI are
         // ASCII; a domain was checked or normalised to text by the router).
-        record.head = unsafe {
+        let head = unsafe {
             FfiRequestHead::new(
-                FfiStr::new(record.parts.method.as_str().as_bytes()),
+                FfiStr::new(parts.method.as_str().as_bytes()),
                 FfiStr::new(uri.path().as_bytes()),
                 FfiStr::new(uri.query().unwrap_or("").as_bytes()),
                 domain,
-                FfiStr::new(record.client.as_bytes()),
-                FfiStr::new(&record.request_id),
-                &record.params,
+                FfiStr::new(client.as_bytes()),
+                FfiStr::new(request_id),
+                params,
                 route,
                 if body.is_empty() {
                     FfiBytes::empty()
@@ -229,6 +238,9 @@ impl PendingRequest {
                 },
             )
         };
+        // SAFETY: the head is the record's own field; the empty head it replaces owns
+        // nothing, and is dropped here.
+        drop(unsafe { std::ptr::replace(&raw mut (*ptr).head, head) });
         // SAFETY (`FfiRequest::from_raw`): the record begins with the head just made,
         // nothing else touches it from now on, and `REQUEST_FNS` read and free exactly
         // this kind of record.

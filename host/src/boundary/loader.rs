@@ -814,7 +814,7 @@ mod tests {
             let far = 0x0000_0100_0000_0005usize;
             let version = good.root_mod_consts.version.ptr;
             let segment_end = segments
-                .0
+                .list()
                 .iter()
                 .find(|s| s.start <= version && version < s.end)
                 .unwrap()
@@ -960,7 +960,7 @@ mod tests {
                 );
             }
             let end = segments
-                .0
+                .list()
                 .iter()
                 .find(|s| s.readable && s.start <= zeros && zeros < s.end)
                 .unwrap()

@@ -275,6 +275,9 @@ pub struct Microservers {
     /// Replaced generations still draining, so that shutdown can reach them too.
     retiring: Arc<Mutex<Vec<Arc<Generation>>>>,
     plugin_thread: PluginThread,
+    /// Set by `shutdown_all` before it waits for the control lock: a change in progress
+    /// starts no further generation.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Microservers {
@@ -366,6 +369,7 @@ impl Microservers {
             copies_dir,
             retiring: Arc::default(),
             plugin_thread: PluginThread::default(),
+            stopping: Default::default(),
         };
         {
             let mut control = this.control();
@@ -433,6 +437,9 @@ impl Microservers {
     /// waited for the same way). A hook that misses its deadline is logged by name and
     /// left running. Waits for a change in progress to finish, and applies none after it.
     pub fn shutdown_all(&self, requests_until: Instant, hook_deadline: Duration) {
+        // Seen by a change in progress before it starts its next generation, so that the
+        // lock below waits for one init at most.
+        self.stopping.store(true, Ordering::SeqCst);
         let mut control = self.control();
         control.stopping = true;
         let mut generations: Vec<Arc<Generation>> = Vec::new();
@@ -491,6 +498,23 @@ impl Microservers {
                     hook_deadline.as_millis()
                 );
             }
+        }
+        // The last references to the instances are usually here, and dropping one runs
+        // the plugin's own drop: under the same deadline, on a thread of its own.
+        let (dropped, done) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("plugin-drop".to_owned())
+            .spawn(move || {
+                mark_host_thread();
+                drop(generations);
+                let _ = dropped.send(());
+            });
+        let left = hooks_until.saturating_duration_since(Instant::now());
+        if spawned.is_ok() && done.recv_timeout(left).is_err() {
+            tracing::warn!(
+                "dropping the plugins' instances did not finish within {} ms; exiting without waiting for it",
+                hook_deadline.as_millis()
+            );
         }
     }
 
@@ -720,7 +744,7 @@ impl Microservers {
                     let same_as_tried = tried.as_ref().is_some_and(|(l, c, p)| {
                         Arc::ptr_eq(l, &lib) && *c == spec.plugin_config && *p == spec.plugin
                     });
-                    if !same_as_tried {
+                    if !same_as_tried && !self.stopping.load(Ordering::SeqCst) {
                         // Another plugin's library under this server's file name does not
                         // replace the server (its state would be lost), unless the config
                         // names that plugin.

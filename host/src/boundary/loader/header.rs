@@ -137,11 +137,18 @@ pub(super) struct Segment {
     pub executable: bool,
 }
 
-/// The loadable segments of one mapped library.
+/// The loadable segments of one mapped library. Only `dl_iterate_phdr` fills one in
+/// (the field is private): the checks below read memory on its word.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Segments(pub Vec<Segment>);
+pub(super) struct Segments(Vec<Segment>);
 
 impl Segments {
+    /// The segments, for tests.
+    #[cfg(test)]
+    pub fn list(&self) -> &[Segment] {
+        &self.0
+    }
+
     /// Whether `[addr, addr + len)` lies inside one readable segment.
     pub fn readable(&self, addr: usize, len: usize) -> bool {
         let Some(end) = addr.checked_add(len) else {
