@@ -112,6 +112,20 @@ fn repeated_panics_of_a_route_log_one_line_then_one_summary() {
         "{}",
         host.logs()
     );
+    // Other panic lines are limited the same way: ten panics in a response body's drop
+    // are one line, then one summary.
+    for _ in 0..10 {
+        assert_eq!(host.get("bad.localhost", "/owner-bomb").status, 200);
+    }
+    host.wait_for_log(&[
+        "a response body's owner panicked while it was dropped: 9 more time(s) in the last 5 s",
+    ]);
+    assert_eq!(
+        host.count_log_lines(&["a response body's owner panicked"]),
+        2,
+        "{}",
+        host.logs()
+    );
     // A panic on a thread of the plugin's own is nobody's to report but the plugin's
     // panic hook: one line, with the plugin's name.
     let r = host.get("bad.localhost", "/thread-panic");

@@ -1,9 +1,11 @@
 //! The plugin boundary, the lowest layer: opening and checking plugin libraries
 //! (`loader`), the microserver instances and generations inside them (`plugin`), one
-//! request across the boundary (`call`), and the functions the host lends to plugins
-//! (`services`). It imports nothing from the layers above it.
+//! request across the boundary (`call`), the functions the host lends to plugins
+//! (`services`), and the limit on how often a plugin's panics are logged (`repeats`).
+//! It imports nothing from the layers above it.
 
 pub mod call;
 pub mod loader;
 pub mod plugin;
+pub mod repeats;
 pub mod services;

@@ -10,7 +10,6 @@
 //! until its drop frees it.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use plugin_api::ffi::{FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiReq
 use tokio::sync::Notify;
 
 use crate::boundary::loader::PluginLibrary;
+use crate::boundary::repeats::{Repeats, INTERVAL};
 use crate::boundary::services::host_fns;
 
 /// One live microserver instance inside a plugin library. Dropping it drops the
@@ -137,7 +137,7 @@ pub struct Generation<R> {
     hook: Mutex<Hook>,
     hook_done: Condvar,
     /// Handler panics, logged one line each with repeats summarised.
-    pub panics: Arc<PanicLog>,
+    pub panics: PanicLog,
 }
 
 /// Where a generation's shutdown hook is.
@@ -150,12 +150,12 @@ enum Hook {
 
 impl<R> Generation<R> {
     pub fn new(server: Arc<str>, number: u64, instance: Instance, routes: R) -> Arc<Self> {
-        let panics = Arc::new(PanicLog {
+        let panics = PanicLog {
             server: server.clone(),
             plugin: instance.library().name.clone(),
             generation: number,
-            windows: Mutex::default(),
-        });
+            repeats: Arc::default(),
+        };
         Arc::new(Generation {
             server,
             number,
@@ -254,94 +254,49 @@ impl<R> Generation<R> {
     }
 }
 
-/// How long repeated panics of one route are counted before a summary line.
-pub const PANIC_SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
-
 /// A generation's handler panics in the log: the first panic of a route is one ERROR
-/// line; further panics of that route within [`PANIC_SUMMARY_INTERVAL`] are counted and
-/// summarised in one line when the interval ends. A panicking route cannot flood the log.
+/// line; further panics of that route within [`INTERVAL`] are counted and summarised in
+/// one line when the interval ends. A panicking route cannot flood the log.
 #[derive(Debug)]
 pub struct PanicLog {
     server: Arc<str>,
     plugin: String,
     generation: u64,
-    /// Routes with a panic logged in the current interval.
-    windows: Mutex<HashMap<u32, Repeats>>,
-}
-
-#[derive(Debug)]
-struct Repeats {
-    count: u64,
-    last_request: String,
-    last_message: String,
+    /// By route index.
+    repeats: Arc<Repeats<u32>>,
 }
 
 impl PanicLog {
     /// Logs (or counts) a panic of `route` (described as `METHOD /pattern`).
-    pub fn report(self: &Arc<Self>, route: u32, described: &str, request_id: &str, message: &str) {
-        {
-            let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-            match windows.get_mut(&route) {
-                Some(repeats) => {
-                    repeats.count += 1;
-                    repeats.last_request = request_id.to_owned();
-                    repeats.last_message = message.to_owned();
-                    return;
-                }
-                None => {
-                    let summary = tokio::runtime::Handle::try_current().ok().map(|rt| {
-                        let (log, described) = (self.clone(), described.to_owned());
-                        rt.spawn(async move {
-                            tokio::time::sleep(PANIC_SUMMARY_INTERVAL).await;
-                            log.summarise(route, &described);
-                        })
-                    });
-                    // Without a runtime (never on the request path) nothing would end
-                    // the interval: log every panic.
-                    if summary.is_some() {
-                        windows.insert(
-                            route,
-                            Repeats {
-                                count: 0,
-                                last_request: String::new(),
-                                last_message: String::new(),
-                            },
-                        );
-                    }
-                }
-            }
+    pub fn report(&self, route: u32, described: &str, request_id: &str, message: &str) {
+        let (server, plugin, generation) =
+            (self.server.clone(), self.plugin.clone(), self.generation);
+        let route_name = described.to_owned();
+        let first = self.repeats.first(
+            route,
+            || format!("{message} (request {request_id})"),
+            move |count, last| {
+                tracing::error!(
+                    %server,
+                    %plugin,
+                    generation,
+                    route = route_name.as_str(),
+                    repeats = count,
+                    "handler panicked {count} more time(s) in the last {} s; the last: {last}",
+                    INTERVAL.as_secs()
+                );
+            },
+        );
+        if first {
+            tracing::error!(
+                server = %self.server,
+                plugin = %self.plugin,
+                generation = self.generation,
+                route = described,
+                request_id,
+                "handler panicked: {message}"
+            );
         }
-        tracing::error!(
-            server = %self.server,
-            plugin = %self.plugin,
-            generation = self.generation,
-            route = described,
-            request_id,
-            "handler panicked: {message}"
-        );
-    }
-
-    fn summarise(&self, route: u32, described: &str) {
-        let repeats = self
-            .windows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&route);
-        let Some(repeats) = repeats.filter(|r| r.count > 0) else {
-            return;
-        };
-        tracing::error!(
-            server = %self.server,
-            plugin = %self.plugin,
-            generation = self.generation,
-            route = described,
-            repeats = repeats.count,
-            last_request_id = %repeats.last_request,
-            "handler panicked {} more time(s) in the last {} s; the last: {}",
-            repeats.count,
-            PANIC_SUMMARY_INTERVAL.as_secs(),
-            repeats.last_message
-        );
     }
 }
 

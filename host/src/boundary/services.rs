@@ -5,13 +5,15 @@
 //! panic cannot unwind through the plugin's frames.
 
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use abi_stable::prefix_type::PrefixTypeTrait;
 use async_ffi::FfiFuture;
 use plugin_api::ffi::{FfiLogRecord, HostFns, HostFnsRef};
 use tracing::level_filters::LevelFilter;
+
+use crate::boundary::repeats::{Repeats, INTERVAL};
 
 /// The table handed to every plugin's init.
 pub fn host_fns() -> HostFnsRef {
@@ -42,6 +44,9 @@ extern "C" fn log(record: FfiLogRecord<'_>) {
     let plugin = record.plugin.as_str();
     let module = record.target.as_str();
     let message = record.message.as_str();
+    if module == "panic" && !first_of_its_kind(plugin, message) {
+        return;
+    }
     let sep = if record.fields.is_empty() { "" } else { " " };
     let fields = record.fields.as_str();
     macro_rules! emit {
@@ -80,4 +85,27 @@ pub fn mark_host_thread() {
 
 extern "C" fn on_host_thread() -> bool {
     HOST_THREAD.try_with(Cell::get).unwrap_or(false)
+}
+
+/// Whether to log a panic line a plugin sent (a panic in a shutdown hook, a drop, a
+/// waker, or on a thread of its own): the first of its kind (plugin, and the message up
+/// to its first `:`) in an interval is, repeats are summed up in one line at its end.
+fn first_of_its_kind(plugin: &str, message: &str) -> bool {
+    static REPEATS: OnceLock<Arc<Repeats<(String, String)>>> = OnceLock::new();
+    let kind = message.split(':').next().unwrap_or(message);
+    let key = (plugin.to_owned(), kind.to_owned());
+    let (plugin, kind) = key.clone();
+    REPEATS.get_or_init(Arc::default).first(
+        key,
+        || message.to_owned(),
+        move |count, last| {
+            tracing::error!(
+                target: "plugin",
+                %plugin,
+                module = "panic",
+                "{kind}: {count} more time(s) in the last {} s; the last: {last}",
+                INTERVAL.as_secs()
+            );
+        },
+    )
 }
