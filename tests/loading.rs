@@ -1,12 +1,8 @@
 //! Loading plugin files: good ones serve, bad ones are refused with a reason, and a
 //! server without a working plugin waits instead of taking others down.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::path::PathBuf;
 use std::time::Duration;
-
-use serde_json::Value;
 
 use crate::support::{library, Setup};
 
@@ -151,49 +147,15 @@ fn host_api_version() -> &'static str {
         .as_str()
 }
 
-/// Builds `fixture-old-api` declaring plugin-api `version` (once per version) and returns
-/// a copy of the library that later builds will not overwrite.
-///
-/// The builds use a target folder of their own: `support::library` hands out the default
-/// build's path in the shared one, which other tests read while these run.
+/// Builds `fixture-old-api` declaring plugin-api `version` (once per version), in a target
+/// folder of its own: `support::library` hands out the default build's path in the shared
+/// one, which other tests read while these run.
 fn old_api(version: &str) -> PathBuf {
-    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
-    // One build at a time: every version is written to the same cargo output path.
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, path)) = built.iter().find(|(v, _)| v == version) {
-        return path.clone();
-    }
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--message-format=json-render-diagnostics",
-            "-p",
-            "fixture-old-api",
-            "--target-dir",
-        ])
-        .arg(tmp.join("old-api-target"))
-        .env("FIXTURE_API_VERSION", version)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run cargo build");
-    assert!(out.status.success(), "building old-api {version} failed");
-    let lib = out
-        .stdout
-        .split(|b| *b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "fixture_old_api")
-        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
-        .filter_map(|f| f.as_str().map(PathBuf::from))
-        .find(|f| f.to_string_lossy().ends_with(std::env::consts::DLL_SUFFIX))
-        .expect("the build names its library");
-    let dir = tmp.join("variants");
-    std::fs::create_dir_all(&dir).unwrap();
-    let copy = dir.join(format!("old-api-{version}{}", std::env::consts::DLL_SUFFIX));
-    std::fs::copy(&lib, &copy).unwrap();
-    built.push((version.to_owned(), copy.clone()));
-    copy
+    crate::support::build_variant(
+        "fixture-old-api",
+        ("FIXTURE_API_VERSION", version),
+        Some("old-api-target"),
+    )
 }
 
 #[test]

@@ -60,44 +60,58 @@ pub fn library(package: &str) -> PathBuf {
 /// Builds `fixture-versioned` with `FIXTURE_VARIANT=variant` (once per variant) and
 /// returns a copy of the library that later builds will not overwrite.
 pub fn variant(variant: &str) -> PathBuf {
+    build_variant("fixture-versioned", ("FIXTURE_VARIANT", variant), None)
+}
+
+/// Builds `package` with the environment variable `env` set (once per package and
+/// value) and returns a copy of its library that later builds will not overwrite.
+/// `target_dir`: a target folder of its own under the tests' temporary folder, for a
+/// package whose default build other tests read while this one runs.
+pub fn build_variant(package: &str, env: (&str, &str), target_dir: Option<&str>) -> PathBuf {
     static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
-    // One build at a time: every variant is written to the same cargo output path.
+    let key = format!("{package} {}={}", env.0, env.1);
+    // One build at a time: every value is written to the same cargo output path.
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, path)) = built.iter().find(|(v, _)| v == variant) {
+    if let Some((_, path)) = built.iter().find(|(k, _)| *k == key) {
         return path.clone();
     }
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--message-format=json-render-diagnostics",
-            "-p",
-            "fixture-versioned",
-        ])
-        .env("FIXTURE_VARIANT", variant)
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--message-format=json-render-diagnostics",
+        "-p",
+        package,
+    ]);
+    if let Some(dir) = target_dir {
+        cmd.arg("--target-dir").arg(tmp.join(dir));
+    }
+    let out = cmd
+        .env(env.0, env.1)
         .current_dir(workspace_root())
         .stderr(Stdio::inherit())
         .output()
         .expect("run cargo build");
-    assert!(out.status.success(), "building variant {variant} failed");
+    assert!(out.status.success(), "building {key} failed");
+    let target_name = package.replace('-', "_");
     let lib = out
         .stdout
         .split(|b| *b == b'\n')
         .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-        .filter(|m| {
-            m["reason"] == "compiler-artifact" && m["target"]["name"] == "fixture_versioned"
-        })
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == *target_name)
         .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .find(|f| f.to_string_lossy().ends_with(std::env::consts::DLL_SUFFIX))
         .expect("the build names its library");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("variants");
+    let dir = tmp.join("variants");
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join(format!(
-        "versioned-{variant}{}",
+        "{package}-{}{}",
+        env.1,
         std::env::consts::DLL_SUFFIX
     ));
     std::fs::copy(&lib, &copy).unwrap();
-    built.push((variant.to_owned(), copy.clone()));
+    built.push((key, copy.clone()));
     copy
 }
 
