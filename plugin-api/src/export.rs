@@ -44,6 +44,9 @@ pub(crate) fn catch<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 pub(crate) fn forget_payload(payload: Box<dyn Any + Send>) {
     if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
         std::mem::forget(again);
+        // The hook noted this second panic; nobody reports it, and a later catch must
+        // not take it for its own.
+        let _ = host::take_caught();
     }
 }
 use crate::{InitContext, IntoResponse, Microserver, Request, Routes};
