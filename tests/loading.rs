@@ -456,3 +456,35 @@ fn a_plugin_whose_route_table_is_invalid_waits_and_its_instance_is_shut_down() {
     host.wait_for_log(&["versioned shutdown", "variant=\"bad-routes\""]);
     assert_eq!(host.get("hello.localhost", "/").status, 200);
 }
+
+#[test]
+fn a_library_that_crashes_whatever_loads_it_is_refused_and_the_host_keeps_serving() {
+    let config = r#"{"servers": [
+        {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"},
+        {"name": "crash", "domains": ["crash.localhost"], "plugin": "crash"}]}"#;
+    let setup = || {
+        Setup::new("crash-on-load", config)
+            .plugin("hello", "hello.so")
+            .plugin("fixture-crash-on-load", "crash.so")
+    };
+    let host = setup().start();
+    let line = host.wait_for_log(&["refused plugin", "crash.so"]);
+    assert!(
+        line.contains("loading it crashed a separate process that checks plugins first (signal 6)"),
+        "{line}"
+    );
+    let r = host.get("crash.localhost", "/");
+    assert_eq!(r.status, 503);
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+    // Installed while the host runs, it is refused the same way.
+    host.install(&library("fixture-crash-on-load"), "crash2.so");
+    host.wait_for_log(&["refused plugin", "crash2.so", "signal 6"]);
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+    // And `--check` says so and exits 2.
+    let checked = setup().run(&["--check"]);
+    assert_eq!(checked.status.code(), Some(2), "{checked:?}");
+    assert!(
+        checked.stderr.contains("crash.so: loading it crashed"),
+        "{checked:?}"
+    );
+}

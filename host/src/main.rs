@@ -38,11 +38,29 @@ struct Args {
     /// Load plugins from this folder instead of global.plugin_dir.
     #[arg(long, value_name = "DIR")]
     plugin_dir: Option<PathBuf>,
+
+    /// Internal: load one plugin library and exit 0 (loaded) or 3 (refused). The host
+    /// runs itself this way before it loads a library, so that a library that crashes
+    /// when loaded crashes only this child.
+    #[arg(long, value_name = "FILE", hide = true)]
+    probe_plugin: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     host::boundary::services::mark_host_thread();
     let args = Args::parse();
+    if let Some(copy) = &args.probe_plugin {
+        return host::boundary::loader::probe_main(copy);
+    }
+    // Every library is loaded in a child process first (this same binary).
+    let exe = if cfg!(target_os = "linux") {
+        Some(PathBuf::from("/proc/self/exe"))
+    } else {
+        std::env::current_exe().ok()
+    };
+    if let Some(exe) = exe {
+        host::boundary::loader::probe_with(exe);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

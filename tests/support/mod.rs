@@ -13,7 +13,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// Every library the tests load, by package name.
-const LIBRARIES: &[&str] = &["hello", "notes", "fixture-misbehave", "fixture-old-api"];
+const LIBRARIES: &[&str] = &[
+    "hello",
+    "notes",
+    "fixture-misbehave",
+    "fixture-old-api",
+    "fixture-crash-on-load",
+];
 
 /// Builds the plugin and fixture libraries (once per test run) and returns the path of
 /// the one built from `package`.

@@ -79,6 +79,8 @@ pub enum LoadFailure {
     /// points outside the library, is too long, is not UTF-8, or is not what a freshly
     /// opened library holds: what is wrong.
     CorruptHeader(String),
+    /// Loading it in a child process crashed or hung that process: how.
+    Crashed(String),
     Layout {
         found: String,
     },
@@ -110,6 +112,10 @@ impl fmt::Display for LoadError {
             LoadFailure::CorruptHeader(what) => write!(
                 f,
                 "its plugin header is corrupt: {what}; rebuild the plugin"
+            ),
+            LoadFailure::Crashed(how) => write!(
+                f,
+                "loading it crashed a separate process that checks plugins first ({how}), so this host does not load it: a crashing initialiser, or a corrupt file; rebuild the plugin"
             ),
             LoadFailure::Layout { found } => write!(
                 f,
@@ -223,7 +229,93 @@ pub fn read(file: &Path, copies_dir: &Path) -> Result<PluginFile, LoadError> {
 pub fn open(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
     let file = plugin.path.as_path();
     let copy = plugin.copy.as_path();
-    let content_hash = plugin.content_hash;
+    if let Some(exe) = PROBE.get() {
+        probe(exe, copy).map_err(|reason| LoadError {
+            file: file.to_owned(),
+            reason,
+        })?;
+    }
+    open_copy(file, copy, plugin.content_hash)
+}
+
+/// Where the host binary is, for [`probe`]: set by `main`, so a library user (a
+/// benchmark) loads in-process only.
+static PROBE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// How long a probe may take to load a library before it counts as hung.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Makes every later [`open`] load the library in a child process first (`exe
+/// --probe-plugin COPY`, which runs [`probe_main`]), and refuse it if that process
+/// crashes or hangs. The checks in this process cover the header; what they cannot
+/// (an initialiser that crashes when `dlopen` runs it, a corrupted type layout that
+/// abi_stable's layout check walks) would otherwise take the host down with it.
+pub fn probe_with(exe: PathBuf) {
+    let _ = PROBE.set(exe);
+}
+
+/// The child's side of [`probe_with`]: loads `copy` as the host would. Exit 0: loaded;
+/// 3: refused (the host's own load then says why); anything else, a crash.
+pub fn probe_main(copy: &Path) -> std::process::ExitCode {
+    match open_copy(copy, copy, 0) {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(_) => std::process::ExitCode::from(3),
+    }
+}
+
+/// Loads `copy` in a child process (see [`probe_with`]). A refusal there is not an
+/// error here: loading it in this process refuses it too, with the reason.
+fn probe(exe: &Path, copy: &Path) -> Result<(), LoadFailure> {
+    let child = std::process::Command::new(exe)
+        .arg("--probe-plugin")
+        .arg(copy)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            // Out of processes or file descriptors: say so, and refuse for now (the file
+            // is looked at again).
+            return Err(LoadFailure::Other(format!(
+                "cannot start a process to check it ({e}); will try again"
+            )));
+        }
+    };
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < PROBE_TIMEOUT => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LoadFailure::Crashed(format!(
+                    "loading it did not finish within {} s",
+                    PROBE_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    };
+    match status.code() {
+        Some(0 | 3) => Ok(()),
+        Some(code) => Err(LoadFailure::Crashed(format!("exit code {code}"))),
+        None => {
+            #[cfg(unix)]
+            let how = std::os::unix::process::ExitStatusExt::signal(&status)
+                .map_or_else(|| "a signal".to_owned(), |s| format!("signal {s}"));
+            #[cfg(not(unix))]
+            let how = "a signal".to_owned();
+            Err(LoadFailure::Crashed(how))
+        }
+    }
+}
+
+/// Opens a checked plugin copy and checks its ABI (`file` is the name it is known by).
+fn open_copy(file: &Path, copy: &Path, content_hash: u64) -> Result<PluginLibrary, LoadError> {
     let fail = |reason| LoadError {
         file: file.to_owned(),
         reason,
