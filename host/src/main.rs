@@ -58,9 +58,9 @@ fn main() -> ExitCode {
     } else {
         std::env::current_exe().ok()
     };
-    if let Some(exe) = exe {
-        host::boundary::loader::probe_with(exe);
-    }
+    let probe = exe
+        .ok_or_else(|| "cannot find this executable".to_owned())
+        .and_then(host::boundary::loader::probe_with);
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -68,6 +68,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Err(why) = probe {
+        tracing::warn!("plugins are loaded in this process only, without a check in a child process first: {why}");
+    }
 
     let config_path = args
         .config

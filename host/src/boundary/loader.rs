@@ -250,13 +250,39 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// crashes or hangs. The checks in this process cover the header; what they cannot
 /// (an initialiser that crashes when `dlopen` runs it, a corrupted type layout that
 /// abi_stable's layout check walks) would otherwise take the host down with it.
-pub fn probe_with(exe: PathBuf) {
+///
+/// `exe` is tried once first (`--probe-plugin -` must answer `ready`); if it cannot
+/// serve as a probe (for example under valgrind, where the executable is the tool's),
+/// libraries are loaded in-process only, and this says why.
+pub fn probe_with(exe: PathBuf) -> Result<(), String> {
+    let out = std::process::Command::new(&exe)
+        .args(["--probe-plugin", "-"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    if !out.status.success() || out.stdout != PROBE_READY {
+        return Err(format!(
+            "{} --probe-plugin - did not answer as the host does ({})",
+            exe.display(),
+            out.status
+        ));
+    }
     let _ = PROBE.set(exe);
+    Ok(())
 }
 
+const PROBE_READY: &[u8] = b"ready\n";
+
 /// The child's side of [`probe_with`]: loads `copy` as the host would. Exit 0: loaded;
-/// 3: refused (the host's own load then says why); anything else, a crash.
+/// 3: refused (the host's own load then says why); anything else, a crash. `-` is the
+/// readiness check: it prints `ready`.
 pub fn probe_main(copy: &Path) -> std::process::ExitCode {
+    if copy == Path::new("-") {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(PROBE_READY);
+        return std::process::ExitCode::SUCCESS;
+    }
     match open_copy(copy, copy, 0) {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(_) => std::process::ExitCode::from(3),
