@@ -251,7 +251,7 @@ impl PluginThread {
                 // result goes to `late`.
                 *jobs = None;
                 Err(format!(
-                    "init did not finish within {} ms",
+                    "init did not finish within {} ms (the time counts the export_state of the generation it replaces, if any)",
                     limit.as_millis()
                 ))
             }
