@@ -120,10 +120,19 @@ fn init_failure_and_init_panic_leave_the_server_waiting_with_the_reason() {
 fn a_library_without_a_config_entry_is_served_at_its_name_dot_localhost() {
     let host = Setup::new("implicit", r#"{"servers": []}"#)
         .plugin("notes", "notes.so")
+        .plugin("hello", "hello.so")
         .start();
     host.wait_for_log(&["serving", "server=notes", "domains=notes.localhost"]);
     let r = host.get("notes.localhost", "/notes");
     assert_eq!((r.status, r.body.as_str()), (200, "[]"));
+    // No config: hello's `#[serde(default)]` config gets its defaults.
+    let r = host.get("hello.localhost", "/");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.starts_with("Hello from hello.localhost!"),
+        "{}",
+        r.body
+    );
 }
 
 #[test]

@@ -101,6 +101,15 @@ fn a_slow_request_finishes_on_the_old_generation_before_its_shutdown_hook() {
     assert!(line.contains("running=0"), "{line}");
     let retired = host.wait_for_log(&["retired", "server=v", "generation=1"]);
     assert!(retired.contains("drained=true"), "{retired}");
+    // The log names each build: two builds of one version differ.
+    let build = |line: String| {
+        let field = line.split("build=").nth(1).unwrap_or_default();
+        field.split(' ').next().unwrap_or_default().to_owned()
+    };
+    let first = build(host.wait_for_log(&["serving", "server=v", "version=0.1.0"]));
+    let second = build(host.wait_for_log(&["reloaded", "server=v", "version=0.1.0"]));
+    assert_eq!((first.len(), second.len()), (16, 16), "{}", host.logs());
+    assert_ne!(first, second);
 }
 
 #[test]

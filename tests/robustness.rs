@@ -60,6 +60,13 @@ fn a_hanging_handler_times_out_with_504_and_the_host_keeps_serving() {
 }
 
 #[test]
+fn a_handler_that_returns_err_with_text_answers_500_with_the_text() {
+    let host = standard_host("err-text");
+    let r = host.get("bad.localhost", "/err-text");
+    assert_eq!((r.status, r.body.as_str()), (500, "the store is down"));
+}
+
+#[test]
 fn invalid_responses_from_a_plugin_become_500() {
     let host = standard_host("bad-response");
     for path in ["/bad-header", "/bad-status", "/switching"] {

@@ -130,8 +130,11 @@ impl<'a> InitContext<'a> {
         self.server_name
     }
 
-    /// The server's `config` object, deserialized. A server with no `config` gets `null`,
-    /// so use `Option` or `#[serde(default)]` for optional settings.
+    /// The server's `config` object, deserialized. A server with no `config` (or
+    /// `"config": null`, or a library served at `<name>.localhost` without an entry) is
+    /// read as `null` if `T` takes it (an `Option`), else as an empty object, so a
+    /// `#[serde(default)]` struct gets its defaults; a struct with required fields gets
+    /// an error that names the missing field and says to add a `config`.
     ///
     /// ```
     /// # fn f(ctx: &plugin_api::InitContext<'_>) -> Result<(), plugin_api::Error> {
@@ -142,8 +145,18 @@ impl<'a> InitContext<'a> {
     /// # Ok(()) }
     /// ```
     pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_str(self.config_json)
-            .map_err(|e| Error::bad_request(format!("invalid config: {e}")))
+        let invalid = |e| Error::bad_request(format!("invalid config: {e}"));
+        if self.config_json.trim() != "null" {
+            return serde_json::from_str(self.config_json).map_err(invalid);
+        }
+        serde_json::from_str("null")
+            .or_else(|_| serde_json::from_str("{}"))
+            .map_err(|e| {
+                Error::bad_request(format!(
+                    "server {:?} has no \"config\" in servers.config.json, and this plugin needs one: {e}",
+                    self.server_name
+                ))
+            })
     }
 
     /// The server's `config` as JSON text.
@@ -280,7 +293,44 @@ pub mod __private {
 
 #[cfg(test)]
 mod tests {
-    use crate::Response;
+    use crate::{InitContext, Response};
+
+    fn no_config() -> InitContext<'static> {
+        InitContext {
+            server_name: "greeter",
+            config_json: "null",
+            previous_state: None,
+        }
+    }
+
+    #[test]
+    fn a_missing_config_is_none_or_the_defaults_or_a_clear_error() {
+        #[derive(serde::Deserialize, Default, Debug, PartialEq)]
+        #[serde(default)]
+        struct Defaults {
+            greeting: String,
+            times: u32,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Required {
+            greeting: String,
+        }
+        let ctx = no_config();
+        assert_eq!(ctx.config::<Option<Defaults>>().unwrap(), None);
+        assert_eq!(ctx.config::<Defaults>().unwrap(), Defaults::default());
+        let error = ctx.config::<Required>().unwrap_err().to_string();
+        assert!(
+            error.contains("server \"greeter\" has no \"config\" in servers.config.json")
+                && error.contains("missing field `greeting`"),
+            "{error}"
+        );
+        let given = InitContext {
+            config_json: r#"{"greeting": "Hi"}"#,
+            ..no_config()
+        };
+        assert_eq!(given.config::<Defaults>().unwrap().greeting, "Hi");
+    }
 
     #[test]
     fn headers_keep_their_order_and_any_length() {

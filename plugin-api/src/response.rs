@@ -255,11 +255,29 @@ impl<R: IntoResponse> IntoResponse for (u16, R) {
     }
 }
 
+/// `Err` is a failure whatever it holds: an error whose own response would be a success
+/// (`Err("text")`, `Err(String)`, a `Json`) answers 500 with that body instead. An error
+/// with a failure status (an [`Error`](crate::Error), `(404, "...")`) keeps its status.
+///
+/// ```
+/// # use plugin_api::IntoResponse;
+/// let failed: Result<String, String> = Err("the store is down".to_owned());
+/// assert_eq!(failed.into_response().status(), 500);
+/// let missing: Result<String, (u16, &str)> = Err((404, "no such note"));
+/// assert_eq!(missing.into_response().status(), 404);
+/// ```
 impl<T: IntoResponse, E: IntoResponse> IntoResponse for Result<T, E> {
     fn into_response(self) -> Response {
         match self {
             Ok(v) => v.into_response(),
-            Err(e) => e.into_response(),
+            Err(e) => {
+                let response = e.into_response();
+                if response.status() < 400 {
+                    response.with_status(500)
+                } else {
+                    response
+                }
+            }
         }
     }
 }

@@ -44,6 +44,14 @@ pub struct PluginLibrary {
     pub(crate) module: PluginModRef,
 }
 
+impl PluginLibrary {
+    /// Which build this is, for log lines: the first 16 hex digits of a hash of the file's
+    /// bytes (two builds of one version differ here).
+    pub fn build(&self) -> String {
+        format!("{:016x}", self.content_hash)
+    }
+}
+
 impl fmt::Debug for PluginLibrary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PluginLibrary")

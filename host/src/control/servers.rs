@@ -572,6 +572,7 @@ impl Microservers {
                 Ok(library) => tracing::info!(
                     plugin = %library.name,
                     version = %library.version,
+                    build = %library.build(),
                     api = %library.api_version,
                     file = %path.display(),
                     "loaded plugin library"
@@ -894,6 +895,7 @@ impl Microservers {
                     generation = number,
                     plugin = %library.name,
                     version = %library.version,
+                    build = %library.build(),
                     file = %library.file.display(),
                     %domains,
                     state_bytes,

@@ -36,7 +36,8 @@ pub struct Hello {
 
 impl Microserver for Hello {
     fn init(ctx: &InitContext<'_>) -> Result<Self, Error> {
-        let config: Config = ctx.config::<Option<Config>>()?.unwrap_or_default();
+        // No `config` in servers.config.json: the defaults.
+        let config: Config = ctx.config()?;
         info!(server = ctx.server_name(), greeting = %config.greeting, "hello is ready");
         Ok(Hello {
             greeting: config.greeting,
