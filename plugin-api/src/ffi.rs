@@ -630,6 +630,12 @@ impl FfiResponse {
         }
     }
 
+    /// The static `content-type`, as the `'static` bytes it is.
+    pub(crate) fn static_content_type(&self) -> &'static [u8] {
+        // SAFETY: as in `content_type`: only `new` sets it, from `'static` bytes.
+        unsafe { self.content_type.get() }
+    }
+
     /// The bytes of the static `content-type` (empty for none).
     #[inline]
     pub fn content_type(&self) -> &[u8] {

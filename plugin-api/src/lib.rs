@@ -75,6 +75,7 @@ pub mod ffi;
 mod host;
 mod request;
 mod response;
+pub mod testing;
 
 pub use error::Error;
 pub use host::sleep;

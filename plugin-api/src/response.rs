@@ -130,6 +130,18 @@ impl Response {
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
+    /// A response a handler made, back from the boundary (see `testing`).
+    pub(crate) fn from_ffi(response: FfiResponse) -> Self {
+        // Set only from a `&'static str` (`into_ffi`), so it is UTF-8.
+        let content_type = std::str::from_utf8(response.static_content_type()).unwrap_or("");
+        Response {
+            status: response.status,
+            content_type,
+            headers: response.headers,
+            body: response.body,
+        }
+    }
+
     #[doc(hidden)]
     #[inline]
     pub fn into_ffi(self) -> FfiResponse {

@@ -134,3 +134,62 @@ impl Hello {
 }
 
 export_plugin!(Hello);
+
+/// Handlers tested without a host (`plugin_api::testing`): `cargo test -p hello`.
+#[cfg(test)]
+mod tests {
+    use plugin_api::testing::{TestRequest, TestServer};
+
+    use super::Hello;
+
+    fn hello() -> TestServer<Hello> {
+        TestServer::start(serde_json::json!({"greeting": "Howdy"})).unwrap()
+    }
+
+    #[test]
+    fn greets_by_path_and_query_parameter() {
+        let server = hello();
+        let r = server.get("/hello/ada%20l?shout=true");
+        assert_eq!((r.status(), r.body()), (200, &b"HOWDY, ADA L!\n"[..]));
+        assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+        let r = server.get("/greet/ada/lovelace");
+        assert_eq!(r.body(), b"Howdy, ada lovelace!\n");
+    }
+
+    #[test]
+    fn echoes_json_and_refuses_bad_json_with_400() {
+        let server = hello();
+        let r = server.call(TestRequest::post("/echo").json(&serde_json::json!({"a": 1})));
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(body["you_sent"], serde_json::json!({"a": 1}));
+        assert_eq!(body["content_type"], "application/json");
+        let r = server.call(TestRequest::post("/echo").body("not json"));
+        assert_eq!(r.status(), 400);
+    }
+
+    #[test]
+    fn waits_on_the_timer_and_refuses_a_bad_number() {
+        let server = hello();
+        let started = std::time::Instant::now();
+        let r = server.get("/slow?ms=50");
+        assert_eq!((r.status(), r.body()), (200, &b"slept 50 ms\n"[..]));
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        assert_eq!(server.get("/slow?ms=soon").status(), 400);
+    }
+
+    #[test]
+    fn counts_its_requests_and_uses_the_defaults_without_a_config() {
+        let server = TestServer::<Hello>::start(serde_json::Value::Null).unwrap();
+        assert_eq!(
+            server.get("/").body(),
+            b"Hello from test.localhost! (request 1 to this instance)\n"
+        );
+        assert_eq!(
+            server.get("/").body(),
+            b"Hello from test.localhost! (request 2 to this instance)\n"
+        );
+        assert_eq!(server.get("/nowhere").status(), 404);
+        assert_eq!(server.call(TestRequest::new("DELETE", "/")).status(), 405);
+    }
+}
