@@ -9,6 +9,7 @@ use serde_json::Value;
 mod bench;
 mod bench_reload;
 mod dev;
+mod new_plugin;
 
 const HELP: &str = "\
 cargo xtask <task>
@@ -16,6 +17,9 @@ cargo xtask <task>
 tasks:
   build-plugins [--release]   build every crate under plugins/ and install each library
                               as plugins/<name>.so (via a temporary name and a rename)
+  new-plugin NAME             a new plugin crate in plugins/NAME (workspace member, a server
+                              at NAME.localhost in servers.config.json, a test) that
+                              builds and serves at once
   dev [-- HOST_ARGS...]       build the plugins, start the host, and rebuild and install a
                               plugin whenever its sources change (the host reloads it)
   bench [--quick] [--rounds N] [--duration S] [--rate R] [--only CASE] [--targets A,B]
@@ -43,6 +47,7 @@ fn main() -> Result<()> {
                 .collect();
             dev::run(&host_args)
         }
+        Some("new-plugin") => new_plugin::run(&args[1..]),
         Some("bench-reload") => bench_reload::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("help") | Some("--help") | None => {
