@@ -30,6 +30,12 @@ static HOST: OnceLock<HostLink> = OnceLock::new();
 /// Records the host's functions the first time any instance of this library is created,
 /// and routes this library's `tracing` events and panic messages to the host.
 pub(crate) fn connect(fns: HostFnsRef, plugin: &'static str) {
+    connect_with(fns, plugin, true);
+}
+
+/// As [`connect`]; without the panic hook when `panic_hook` is false (`testing`: a test
+/// binary keeps its own hook, with its backtraces).
+pub(crate) fn connect_with(fns: HostFnsRef, plugin: &'static str, panic_hook: bool) {
     let mut first = false;
     HOST.get_or_init(|| {
         first = true;
@@ -52,6 +58,9 @@ pub(crate) fn connect(fns: HostFnsRef, plugin: &'static str) {
     // the message and its location for them. (Asked of the host at panic time, so the
     // request path touches no thread-local: in a `cdylib` each access is a call into the
     // dynamic loader, and it cost about 3% of a request's CPU.)
+    if !panic_hook {
+        return;
+    }
     std::panic::set_hook(Box::new(|info| {
         let message = panic_message(info.payload());
         let text = match info.location() {

@@ -267,9 +267,9 @@ impl<R: IntoResponse> IntoResponse for (u16, R) {
     }
 }
 
-/// `Err` is a failure whatever it holds: an error whose own response would be a success
-/// (`Err("text")`, `Err(String)`, a `Json`) answers 500 with that body instead. An error
-/// with a failure status (an [`Error`](crate::Error), `(404, "...")`) keeps its status.
+/// `Err` is never a success: an error whose own response would be a 2xx (`Err("text")`,
+/// `Err(String)`, a `Json`) answers 500 with that body instead. Any other status (an
+/// [`Error`](crate::Error), `(404, "...")`, a redirect returned early with `?`) is kept.
 ///
 /// ```
 /// # use plugin_api::IntoResponse;
@@ -284,7 +284,7 @@ impl<T: IntoResponse, E: IntoResponse> IntoResponse for Result<T, E> {
             Ok(v) => v.into_response(),
             Err(e) => {
                 let response = e.into_response();
-                if response.status() < 400 {
+                if response.status() < 300 {
                     response.with_status(500)
                 } else {
                     response

@@ -1,11 +1,13 @@
 //! Calling a microserver's routes without a host, for fast unit tests in a plugin crate.
 //!
-//! [`TestServer::start`] runs the microserver's `init` with a config, and
-//! [`TestServer::call`] sends it a [`TestRequest`]: the route is matched (404 and 405
-//! as the host answers them, the fallback route if there is one), the handler runs to
-//! its answer on the calling thread, and its [`Response`] comes back. Panics answer 500
-//! with the panic's message as the body. [`sleep`](crate::sleep) works (on a timer
-//! thread), and `tracing` events and panics are printed to stderr.
+//! [`TestServer::start`] runs the microserver's `init` with a config (a route table the
+//! host would refuse fails it the same way), and [`TestServer::call`] sends it a
+//! [`TestRequest`]: the route is matched by the host's router and rules (404, 405 with
+//! `Allow`, `HEAD` served by a `GET` route without a body, the fallback route if there
+//! is one), the handler runs to its answer on the calling thread, and its [`Response`]
+//! comes back. Panics answer 500 with the panic's message as the body.
+//! [`sleep`](crate::sleep) works (on a timer thread), and `tracing` events are printed
+//! to stderr; the test binary's own panic hook is left as it is.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -58,6 +60,74 @@ const HANDLER_DEADLINE: Duration = Duration::from_secs(30);
 pub struct TestServer<S> {
     server: Arc<S>,
     routes: Routes<S>,
+    table: Table,
+}
+
+/// The routes' paths in matchit (the router the host uses), with each path's routes by
+/// method, matched by the host's rules: the path first (static segments before named
+/// ones before catch-alls), then the method (exact, then `GET` for `HEAD`, then `*`).
+struct Table {
+    router: matchit::Router<usize>,
+    paths: Vec<PathRoutes>,
+}
+
+struct PathRoutes {
+    /// (method, index into the routes) in declaration order.
+    methods: Vec<(String, usize)>,
+    any: Option<usize>,
+    allow: String,
+}
+
+impl Table {
+    /// Built as the host builds its route table, with the same refusals.
+    fn new<S>(routes: &Routes<S>) -> Result<Table, String> {
+        let mut router = matchit::Router::new();
+        let mut paths: Vec<PathRoutes> = Vec::new();
+        let mut by_pattern: std::collections::HashMap<&str, usize> = Default::default();
+        for (index, entry) in routes.entries.iter().enumerate() {
+            let (method, pattern) = (entry.method.as_str(), entry.pattern.as_str());
+            let slot = match by_pattern.get(pattern) {
+                Some(&slot) => slot,
+                None => {
+                    if !pattern.starts_with('/') {
+                        return Err(format!("route pattern {pattern:?} must start with `/`"));
+                    }
+                    router
+                        .insert(pattern, paths.len())
+                        .map_err(|e| format!("route pattern {pattern:?}: {e}"))?;
+                    by_pattern.insert(pattern, paths.len());
+                    paths.push(PathRoutes {
+                        methods: Vec::new(),
+                        any: None,
+                        allow: String::new(),
+                    });
+                    paths.len() - 1
+                }
+            };
+            let path = &mut paths[slot];
+            let valid =
+                !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
+            if method == "*" {
+                path.any.get_or_insert(index);
+            } else if !valid {
+                return Err(format!(
+                    "route {method} {pattern}: {method:?} is not an HTTP method"
+                ));
+            } else if path.methods.iter().any(|(m, _)| m == method) {
+                return Err(format!("route {method} {pattern} is declared twice"));
+            } else {
+                path.methods.push((method.to_owned(), index));
+            }
+        }
+        for path in &mut paths {
+            let mut allow: Vec<&str> = path.methods.iter().map(|(m, _)| m.as_str()).collect();
+            if allow.contains(&"GET") && !allow.contains(&"HEAD") {
+                allow.push("HEAD");
+            }
+            path.allow = allow.join(", ");
+        }
+        Ok(Table { router, paths })
+    }
 }
 
 impl<S> std::fmt::Debug for TestServer<S> {
@@ -140,7 +210,7 @@ impl<S: Microserver> TestServer<S> {
         config: serde_json::Value,
         previous_state: Option<&[u8]>,
     ) -> Result<Self, Error> {
-        crate::host::connect(test_host(), "test");
+        crate::host::connect_with(test_host(), "test", false);
         let config_json = config.to_string();
         let ctx = InitContext {
             server_name: "test",
@@ -150,7 +220,13 @@ impl<S: Microserver> TestServer<S> {
         let server = Arc::new(S::init(&ctx)?);
         let mut routes = Routes::new();
         S::routes(&mut routes);
-        Ok(TestServer { server, routes })
+        let table = Table::new(&routes)
+            .map_err(|e| Error::internal(format!("its route table is invalid: {e}")))?;
+        Ok(TestServer {
+            server,
+            routes,
+            table,
+        })
     }
 
     /// The microserver itself, for checks on its state.
@@ -160,86 +236,52 @@ impl<S: Microserver> TestServer<S> {
 
     /// Sends `request` and waits for the answer (at most 30 s, then it panics).
     pub fn call(&self, request: TestRequest) -> Response {
-        let mut found = None;
-        let mut path_exists = false;
-        for entry in &self.routes.entries {
-            let Some(params) = match_pattern(&entry.pattern, &request.path) else {
-                continue;
-            };
-            path_exists = true;
-            let method_fits = entry.method == request.method
-                || entry.method == "*"
-                || (request.method == "HEAD" && entry.method == "GET");
-            let rank = specificity(&entry.pattern);
-            if method_fits && found.as_ref().is_none_or(|(r, _, _)| rank > *r) {
-                found = Some((rank, &entry.handler, params));
+        let head = request.method == "HEAD";
+        let (handler, params) = match self.table.router.at(&request.path) {
+            Ok(found) => {
+                let path = &self.table.paths[*found.value];
+                let by_method = |wanted: &str| {
+                    path.methods
+                        .iter()
+                        .find(|(m, _)| m == wanted)
+                        .map(|&(_, index)| index)
+                };
+                let route = by_method(&request.method)
+                    .or_else(|| if head { by_method("GET") } else { None })
+                    .or(path.any);
+                let Some(route) = route else {
+                    let message = format!("{} is not allowed for {}", request.method, request.path);
+                    return crate::IntoResponse::into_response(Error::new(405, message))
+                        .with_header("allow", &path.allow);
+                };
+                let params = found
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                (&self.routes.entries[route].handler, params)
             }
-        }
-        let (handler, params) = match (found, &self.routes.fallback) {
-            (Some((_, handler, params)), _) => (handler, params),
-            (None, _) if path_exists => {
-                let message = format!("{} is not allowed for {}", request.method, request.path);
-                return Error::new(405, message).into_response_for_test();
-            }
-            (None, Some(fallback)) => (fallback, Vec::new()),
-            (None, None) => {
-                let message = format!("no route for {} {}", request.method, request.path);
-                return Error::not_found(message).into_response_for_test();
-            }
+            Err(_) => match &self.routes.fallback {
+                Some(fallback) => (fallback, Vec::new()),
+                None => {
+                    let message = format!("no route for {} {}", request.method, request.path);
+                    return crate::IntoResponse::into_response(Error::not_found(message));
+                }
+            },
         };
         let request = Record::lend(request, params);
-        run(|cx, out| handler(self.server.clone(), request, cx, out))
+        let response = run(|cx, out| handler(self.server.clone(), request, cx, out));
+        if head {
+            // No body in a HEAD response, as over HTTP.
+            response.with_body(crate::Body::empty())
+        } else {
+            response
+        }
     }
 
     /// `GET target`.
     pub fn get(&self, target: &str) -> Response {
         self.call(TestRequest::get(target))
-    }
-}
-
-impl Error {
-    fn into_response_for_test(self) -> Response {
-        crate::IntoResponse::into_response(self)
-    }
-}
-
-/// How specific a pattern is, as the host's router ranks them: a static segment beats a
-/// named one, which beats a catch-all.
-fn specificity(pattern: &str) -> (usize, usize) {
-    let segments: Vec<&str> = pattern.split('/').collect();
-    let statics = segments.iter().filter(|s| !s.starts_with('{')).count();
-    let named = segments
-        .iter()
-        .filter(|s| s.starts_with('{') && !s.starts_with("{*"))
-        .count();
-    (statics, named)
-}
-
-/// The parameters of `path` if it matches `pattern` (`{name}` is one segment, `{*name}`
-/// the rest of the path).
-fn match_pattern(pattern: &str, path: &str) -> Option<Vec<(String, String)>> {
-    let mut params = Vec::new();
-    let mut wanted = pattern.split('/');
-    let mut given = path.split('/');
-    loop {
-        match (wanted.next(), given.next()) {
-            (None, None) => return Some(params),
-            (Some(w), Some(g)) => {
-                if let Some(name) = w.strip_prefix("{*").and_then(|w| w.strip_suffix('}')) {
-                    let rest: Vec<&str> = std::iter::once(g).chain(given).collect();
-                    params.push((name.to_owned(), rest.join("/")));
-                    return Some(params);
-                } else if let Some(name) = w.strip_prefix('{').and_then(|w| w.strip_suffix('}')) {
-                    if g.is_empty() {
-                        return None;
-                    }
-                    params.push((name.to_owned(), g.to_owned()));
-                } else if w != g {
-                    return None;
-                }
-            }
-            _ => return None,
-        }
     }
 }
 
@@ -347,18 +389,19 @@ static RECORD_FNS: FfiRequestFns = FfiRequestFns {
     drop: drop_record,
 };
 
+/// The request a record holds (and not the head, which the plugin may write to).
+///
 /// # Safety
 /// `data` is a live record made by `Record::lend`.
-unsafe fn record<'a>(data: FfiRequestData) -> &'a Record {
+unsafe fn request<'a>(data: FfiRequestData) -> &'a TestRequest {
     // SAFETY: the caller's promise.
-    unsafe { &*data.0.cast::<Record>() }
+    unsafe { &*std::ptr::addr_of!((*data.0.cast::<Record>()).request) }
 }
 
 unsafe extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiStr> {
     // SAFETY: `FfiRequestFns`' contract: a live record, and a view of the caller's name.
-    let (record, name) = unsafe { (record(data), name.get()) };
-    record
-        .request
+    let (request, name) = unsafe { (request(data), name.get()) };
+    request
         .headers
         .iter()
         .find(|(n, _)| n.as_bytes().eq_ignore_ascii_case(name))
@@ -368,9 +411,16 @@ unsafe extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiSt
 
 unsafe extern "C" fn each_header(data: FfiRequestData, context: *mut c_void, each: FfiEachHeader) {
     // SAFETY: `FfiRequestFns`' contract; `each` is the caller's, with its own context.
-    let record = unsafe { record(data) };
-    for (name, value) in &record.request.headers {
-        unsafe { (each.0)(context, FfiStr::new(name.as_bytes()), FfiStr::new(value)) };
+    let headers = unsafe { &request(data).headers };
+    // As the host lists them: names in the order they first came, the values of a
+    // repeated name together.
+    for (i, (name, _)) in headers.iter().enumerate() {
+        if headers[..i].iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        for (_, value) in headers.iter().filter(|(n, _)| n == name) {
+            unsafe { (each.0)(context, FfiStr::new(name.as_bytes()), FfiStr::new(value)) };
+        }
     }
 }
 
@@ -439,7 +489,9 @@ impl Future for Timer {
             let shared: Arc<Mutex<Option<Waker>>> = Arc::default();
             let wakes = shared.clone();
             std::thread::spawn(move || {
-                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                while Instant::now() < until {
+                    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                }
                 if let Some(waker) = wakes.lock().unwrap_or_else(|p| p.into_inner()).take() {
                     waker.wake();
                 }
@@ -473,48 +525,83 @@ mod tests {
                 .get("/files/{*rest}", |_: Arc<Self>, req: Request| async move {
                     format!("rest={}", req.param("rest").unwrap_or_default())
                 })
+                .get("/files/readme", |_, _| async { "the readme" })
                 .get(
-                    "/files/{name}/meta",
+                    "/docs/{name}/meta",
                     |_: Arc<Self>, req: Request| async move {
                         format!("meta of {}", req.param("name").unwrap_or_default())
                     },
                 )
-                .get("/files/readme", |_, _| async { "the readme" })
                 .post("/upload", |_: Arc<Self>, req: Request| async move {
                     let kind = req.header("X-Kind").unwrap_or("none").to_owned();
-                    format!("{} bytes of {kind}", req.body().len())
+                    let names: Vec<&str> = req.headers().map(|(n, _)| n).collect();
+                    format!("{} bytes of {kind} ({})", req.body().len(), names.join(" "))
                 })
                 .get("/panic", |_, _| async { panic!("on purpose") as Response });
         }
     }
 
+    fn files() -> TestServer<Files> {
+        TestServer::start(serde_json::Value::Null).unwrap()
+    }
+
     #[test]
     fn routes_match_as_the_host_ranks_them() {
-        let server = TestServer::<Files>::start(serde_json::Value::Null).unwrap();
+        let server = files();
         let body = |path: &str| String::from_utf8(server.get(path).body().to_vec()).unwrap();
         assert_eq!(body("/files/readme"), "the readme");
-        assert_eq!(body("/files/a/meta"), "meta of a");
         assert_eq!(body("/files/a/b/c"), "rest=a/b/c");
-        assert_eq!(
-            server
-                .call(TestRequest::new("HEAD", "/files/readme"))
-                .status(),
-            200
-        );
+        assert_eq!(body("/docs/a/meta"), "meta of a");
+        // The path first, then the method: `/files/readme` exists, for GET only.
+        let r = server.call(TestRequest::post("/files/readme"));
+        assert_eq!((r.status(), r.header("allow")), (405, Some("GET, HEAD")));
+        // A catch-all never matches nothing.
+        assert_eq!(server.get("/files/").status(), 404);
+        // HEAD is served by the GET route, without a body.
+        let r = server.call(TestRequest::new("HEAD", "/files/readme"));
+        assert_eq!((r.status(), r.body()), (200, &b""[..]));
     }
 
     #[test]
     fn headers_and_body_arrive_and_a_panic_is_a_500_with_its_message() {
-        let server = TestServer::<Files>::start(serde_json::Value::Null).unwrap();
+        let server = files();
         let r = server.call(
             TestRequest::post("/upload")
                 .header("x-kind", "photo")
+                .header("x-other", "1")
+                .header("X-Kind", "second")
                 .body(vec![0u8; 10]),
         );
-        assert_eq!(r.body(), b"10 bytes of photo");
+        // Repeated names listed together, as the host lists them.
+        assert_eq!(r.body(), b"10 bytes of photo (x-kind x-kind x-other)");
         let r = server.get("/panic");
         assert_eq!(r.status(), 500);
         let text = String::from_utf8(r.body().to_vec()).unwrap();
         assert!(text.contains("handler panicked: on purpose"), "{text}");
+    }
+
+    struct Conflicting;
+
+    impl Microserver for Conflicting {
+        fn init(_: &InitContext<'_>) -> Result<Self, Error> {
+            Ok(Conflicting)
+        }
+
+        fn routes(routes: &mut Routes<Self>) {
+            routes
+                .get("/a", |_, _| async { "one" })
+                .get("/a", |_, _| async { "two" });
+        }
+    }
+
+    #[test]
+    fn a_route_table_the_host_refuses_fails_start() {
+        let error = TestServer::<Conflicting>::start(serde_json::Value::Null).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("its route table is invalid: route GET /a is declared twice"),
+            "{error}"
+        );
     }
 }

@@ -69,9 +69,8 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
-/// Workspace packages whose manifest lives under `dir` and that build a cdylib, as
-/// (name, manifest path).
-fn cdylib_packages(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// Every package of the workspace, as cargo metadata describes it.
+fn workspace_packages() -> Result<Vec<Value>> {
     let out = cargo()
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .current_dir(root())
@@ -84,8 +83,14 @@ fn cdylib_packages(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         );
     }
     let meta: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(meta["packages"].as_array().cloned().unwrap_or_default())
+}
+
+/// Workspace packages whose manifest lives under `dir` and that build a cdylib, as
+/// (name, manifest path).
+fn cdylib_packages(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut names = Vec::new();
-    for package in meta["packages"].as_array().into_iter().flatten() {
+    for package in &workspace_packages()? {
         let manifest = Path::new(package["manifest_path"].as_str().unwrap_or_default());
         let is_cdylib = package["targets"]
             .as_array()

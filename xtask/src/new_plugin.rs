@@ -11,6 +11,14 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("usage: cargo xtask new-plugin NAME (lower-case letters, digits and -)");
     };
     check_name(name)?;
+    let taken = crate::workspace_packages()?.iter().any(|p| {
+        p["name"]
+            .as_str()
+            .is_some_and(|n| n.replace('_', "-") == *name)
+    });
+    if taken {
+        bail!("the workspace already has a package named {name:?}");
+    }
     let root = crate::root();
     let dir = root.join("plugins").join(name);
     if dir.exists() {
@@ -38,8 +46,20 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Rust's keywords, which cannot name a crate.
+const KEYWORDS: &[&str] = &[
+    "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern",
+    "false", "fn", "for", "gen", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut",
+    "pub", "ref", "return", "self", "static", "struct", "super", "trait", "true", "try", "type",
+    "unsafe", "use", "where", "while", "abstract", "become", "box", "do", "final", "macro",
+    "override", "priv", "typeof", "unsized", "virtual", "yield",
+];
+
 /// A plugin name: a crate name that is also a domain label.
 fn check_name(name: &str) -> Result<()> {
+    if KEYWORDS.contains(&name) {
+        bail!("{name:?} is a Rust keyword; it cannot name a crate");
+    }
     let valid = name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && !name.ends_with('-')
@@ -54,21 +74,36 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The workspace manifest with `member` added after the last `plugins/` member.
+/// The workspace manifest with `member` added to `members`, after its last `plugins/`
+/// entry.
 fn add_member(manifest: &str, member: &str) -> Result<String> {
     let entry = format!("\"{member}\"");
-    if manifest.contains(&entry) {
+    let key = manifest
+        .lines()
+        .scan(0, |at, line| {
+            let start = *at;
+            *at += line.len() + 1;
+            Some((start, line))
+        })
+        .find(|(_, line)| line.trim_start().starts_with("members"))
+        .map(|(start, _)| start)
+        .context("no `members` list in the workspace manifest")?;
+    let (open, close) = array_bounds(&manifest[key..], "members")
+        .map(|(o, c)| (key + o, key + c))
+        .context("cannot find the end of the `members` list")?;
+    let members = &manifest[open..close];
+    if members.contains(&entry) {
         bail!("{member} is already a workspace member");
     }
-    let Some(last) = manifest
+    let Some(last) = members
         .lines()
         .rev()
         .find(|l| l.trim_start().starts_with("\"plugins/"))
     else {
-        bail!("no \"plugins/...\" member in the workspace manifest to add it after");
+        bail!("no \"plugins/...\" entry in the workspace members to add it after");
     };
     let indent: String = last.chars().take_while(|c| c.is_whitespace()).collect();
-    let at = manifest.find(last).expect("a line of it") + last.len();
+    let at = open + members.find(last).expect("a line of it") + last.len();
     Ok(format!(
         "{}\n{indent}{entry},{}",
         &manifest[..at],
@@ -93,11 +128,21 @@ fn add_server(config: &str, name: &str) -> Result<String> {
         "{{\n      \"name\": \"{name}\",\n      \"domains\": [\"{name}.localhost\"],\n      \"plugin\": \"{name}\",\n      \"config\": {{ \"greeting\": \"Hello\" }}\n    }}"
     );
     let separator = if inside.trim().is_empty() { "" } else { "," };
-    Ok(format!(
+    let edited = format!(
         "{}{inside}{separator}\n    {entry}\n  {}",
         &config[..open + 1],
         &config[close..]
-    ))
+    );
+    // The edit is checked before anything is written.
+    let check: serde_json::Value =
+        serde_json::from_str(&edited).context("the edited file is not valid JSON")?;
+    let added = check["servers"].as_array().is_some_and(|s| {
+        s.len() == servers.len() + 1 && s.last().is_some_and(|last| last["name"] == name)
+    });
+    if !added {
+        bail!("cannot add the server safely: add it by hand");
+    }
+    Ok(edited)
 }
 
 /// The byte positions of the `[` and its matching `]` of the array that follows `key`.
@@ -161,6 +206,8 @@ workspace = true
 }
 
 fn crate_source(name: &str) -> String {
+    // `Server` at the end: a name like `config` or `result` must not give a type that
+    // clashes with the template's own names or the prelude's.
     let type_name: String = name
         .split('-')
         .map(|part| {
@@ -170,6 +217,7 @@ fn crate_source(name: &str) -> String {
                 .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
                 .unwrap_or_default()
         })
+        .chain(["Server".to_owned()])
         .collect();
     format!(
         r#"//! `{name}`: a microserver. Run it with `cargo xtask build-plugins && cargo run -p host`,
@@ -245,7 +293,16 @@ mod tests {
         for good in ["greeter", "my-api", "v2"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "Greeter", "my_api", "2fast", "trailing-", "a.b", "a b"] {
+        for bad in [
+            "",
+            "Greeter",
+            "my_api",
+            "2fast",
+            "trailing-",
+            "a.b",
+            "a b",
+            "type",
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -259,6 +316,17 @@ mod tests {
             "[workspace]\nmembers = [\n    \"host\",\n    \"plugins/hello\",\n    \"plugins/notes\",\n    \"plugins/greeter\",\n    \"xtask\",\n]\n"
         );
         assert!(add_member(&out, "plugins/greeter").is_err());
+        // Only the `members` list is edited, whatever follows it.
+        let with_exclude = format!("{manifest}exclude = [\n    \"plugins/old\",\n]\n");
+        let out = add_member(&with_exclude, "plugins/greeter").unwrap();
+        assert!(
+            out.contains("    \"plugins/notes\",\n    \"plugins/greeter\",\n    \"xtask\""),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("exclude = [\n    \"plugins/old\",\n]\n"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -274,6 +342,9 @@ mod tests {
         assert_eq!(servers.len(), 2);
         assert_eq!(servers[1]["domains"][0], "greeter.localhost");
         assert!(add_server(&out, "greeter").is_err());
+        // A file the edit would get wrong is refused, not written.
+        let tricky = "{\"global\": {\"default_server\": \"servers\", \"listen\": [\"1.2.3.4:5\"]}, \"servers\": []}";
+        assert!(add_server(tricky, "greeter").is_err());
         let empty = add_server("{\"servers\": []}", "greeter").unwrap();
         let parsed: serde_json::Value = serde_json::from_str(&empty).unwrap();
         assert_eq!(parsed["servers"][0]["name"], "greeter");
@@ -282,7 +353,7 @@ mod tests {
     #[test]
     fn the_generated_source_names_its_type_from_the_crate_name() {
         let source = crate_source("my-api");
-        assert!(source.contains("pub struct MyApi {"));
-        assert!(source.contains("export_plugin!(MyApi);"));
+        assert!(source.contains("pub struct MyApiServer {"));
+        assert!(source.contains("export_plugin!(MyApiServer);"));
     }
 }
