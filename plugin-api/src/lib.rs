@@ -75,6 +75,8 @@ pub mod ffi;
 mod host;
 mod request;
 mod response;
+#[doc(hidden)]
+pub mod route_table;
 pub mod testing;
 
 pub use error::Error;

@@ -60,74 +60,8 @@ const HANDLER_DEADLINE: Duration = Duration::from_secs(30);
 pub struct TestServer<S> {
     server: Arc<S>,
     routes: Routes<S>,
-    table: Table,
-}
-
-/// The routes' paths in matchit (the router the host uses), with each path's routes by
-/// method, matched by the host's rules: the path first (static segments before named
-/// ones before catch-alls), then the method (exact, then `GET` for `HEAD`, then `*`).
-struct Table {
-    router: matchit::Router<usize>,
-    paths: Vec<PathRoutes>,
-}
-
-struct PathRoutes {
-    /// (method, index into the routes) in declaration order.
-    methods: Vec<(String, usize)>,
-    any: Option<usize>,
-    allow: String,
-}
-
-impl Table {
-    /// Built as the host builds its route table, with the same refusals.
-    fn new<S>(routes: &Routes<S>) -> Result<Table, String> {
-        let mut router = matchit::Router::new();
-        let mut paths: Vec<PathRoutes> = Vec::new();
-        let mut by_pattern: std::collections::HashMap<&str, usize> = Default::default();
-        for (index, entry) in routes.entries.iter().enumerate() {
-            let (method, pattern) = (entry.method.as_str(), entry.pattern.as_str());
-            let slot = match by_pattern.get(pattern) {
-                Some(&slot) => slot,
-                None => {
-                    if !pattern.starts_with('/') {
-                        return Err(format!("route pattern {pattern:?} must start with `/`"));
-                    }
-                    router
-                        .insert(pattern, paths.len())
-                        .map_err(|e| format!("route pattern {pattern:?}: {e}"))?;
-                    by_pattern.insert(pattern, paths.len());
-                    paths.push(PathRoutes {
-                        methods: Vec::new(),
-                        any: None,
-                        allow: String::new(),
-                    });
-                    paths.len() - 1
-                }
-            };
-            let path = &mut paths[slot];
-            let valid =
-                !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
-            if method == "*" {
-                path.any.get_or_insert(index);
-            } else if !valid {
-                return Err(format!(
-                    "route {method} {pattern}: {method:?} is not an HTTP method"
-                ));
-            } else if path.methods.iter().any(|(m, _)| m == method) {
-                return Err(format!("route {method} {pattern} is declared twice"));
-            } else {
-                path.methods.push((method.to_owned(), index));
-            }
-        }
-        for path in &mut paths {
-            let mut allow: Vec<&str> = path.methods.iter().map(|(m, _)| m.as_str()).collect();
-            if allow.contains(&"GET") && !allow.contains(&"HEAD") {
-                allow.push("HEAD");
-            }
-            path.allow = allow.join(", ");
-        }
-        Ok(Table { router, paths })
-    }
+    /// The routes' paths, grouped by the host's own rules (`route_table`).
+    table: crate::route_table::Grouped,
 }
 
 impl<S> std::fmt::Debug for TestServer<S> {
@@ -220,7 +154,11 @@ impl<S: Microserver> TestServer<S> {
         let server = Arc::new(S::init(&ctx)?);
         let mut routes = Routes::new();
         S::routes(&mut routes);
-        let table = Table::new(&routes)
+        let declared = routes
+            .entries
+            .iter()
+            .map(|e| (e.method.as_str(), e.pattern.as_str()));
+        let table = crate::route_table::group(declared)
             .map_err(|e| Error::internal(format!("its route table is invalid: {e}")))?;
         Ok(TestServer {
             server,
@@ -240,15 +178,7 @@ impl<S: Microserver> TestServer<S> {
         let (handler, params) = match self.table.router.at(&request.path) {
             Ok(found) => {
                 let path = &self.table.paths[*found.value];
-                let by_method = |wanted: &str| {
-                    path.methods
-                        .iter()
-                        .find(|(m, _)| m == wanted)
-                        .map(|&(_, index)| index)
-                };
-                let route = by_method(&request.method)
-                    .or_else(|| if head { by_method("GET") } else { None })
-                    .or(path.any);
+                let route = path.route_for(&request.method);
                 let Some(route) = route else {
                     let message = format!("{} is not allowed for {}", request.method, request.path);
                     return crate::IntoResponse::into_response(Error::new(405, message))
@@ -259,7 +189,7 @@ impl<S: Microserver> TestServer<S> {
                     .iter()
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect();
-                (&self.routes.entries[route].handler, params)
+                (&self.routes.entries[route as usize].handler, params)
             }
             Err(_) => match &self.routes.fallback {
                 Some(fallback) => (fallback, Vec::new()),

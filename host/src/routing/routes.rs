@@ -1,8 +1,7 @@
 //! A microserver's route table, built once per generation from what its init returned.
 
-use std::collections::HashMap;
-
 use hyper::http::HeaderValue;
+use plugin_api::route_table;
 
 /// Path patterns and the methods each answers, compiled into a radix tree.
 #[derive(Debug)]
@@ -16,9 +15,8 @@ pub struct RouteTable {
 
 #[derive(Debug)]
 struct PathRoutes {
-    /// (method, route index) in declaration order.
-    methods: Vec<(String, u32)>,
-    any: Option<u32>,
+    /// The path's routes by method.
+    routes: route_table::PathRoutes,
     allow: HeaderValue,
     /// The pattern's parameter names in order, `'static` so that a request can carry
     /// them (see `call::intern`).
@@ -40,63 +38,31 @@ pub enum RouteMatch<'t, 'p> {
 }
 
 impl RouteTable {
-    /// Builds the table. `routes` are (method, pattern) in route-index order.
+    /// Builds the table. `routes` are (method, pattern) in route-index order; they are
+    /// grouped and checked by `plugin_api::route_table`, the rules `plugin_api::testing`
+    /// routes by too.
     pub fn new<'a>(
         routes: impl IntoIterator<Item = (&'a str, &'a str)>,
         fallback: Option<u32>,
     ) -> Result<Self, String> {
-        let mut router = matchit::Router::new();
-        let mut paths: Vec<PathRoutes> = Vec::new();
-        let mut by_pattern: HashMap<&str, usize> = HashMap::new();
-        let mut described = Vec::new();
-        for (index, (method, pattern)) in routes.into_iter().enumerate() {
-            let index = index as u32;
-            described.push(format!("{method} {pattern}"));
-            let slot = match by_pattern.get(pattern) {
-                Some(&slot) => slot,
-                None => {
-                    if !pattern.starts_with('/') {
-                        return Err(format!("route pattern {pattern:?} must start with `/`"));
-                    }
-                    router
-                        .insert(pattern, paths.len())
-                        .map_err(|e| format!("route pattern {pattern:?}: {e}"))?;
-                    by_pattern.insert(pattern, paths.len());
-                    paths.push(PathRoutes {
-                        methods: Vec::new(),
-                        any: None,
-                        allow: HeaderValue::from_static(""),
-                        params: param_names(pattern)
-                            .map(crate::boundary::call::intern)
-                            .collect(),
-                    });
-                    paths.len() - 1
-                }
-            };
-            let entry = &mut paths[slot];
-            let valid_method =
-                !method.is_empty() && method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-');
-            if method == "*" {
-                entry.any.get_or_insert(index);
-            } else if !valid_method {
-                return Err(format!(
-                    "route {method} {pattern}: {method:?} is not an HTTP method"
-                ));
-            } else if entry.methods.iter().any(|(m, _)| m == method) {
-                return Err(format!("route {method} {pattern} is declared twice"));
-            } else {
-                entry.methods.push((method.to_owned(), index));
-            }
-        }
-        for entry in &mut paths {
-            let mut allow: Vec<&str> = entry.methods.iter().map(|(m, _)| m.as_str()).collect();
-            if allow.contains(&"GET") && !allow.contains(&"HEAD") {
-                allow.push("HEAD");
-            }
-            entry.allow = HeaderValue::from_str(&allow.join(", ")).map_err(|e| e.to_string())?;
-        }
+        let routes: Vec<(&str, &str)> = routes.into_iter().collect();
+        let described = routes.iter().map(|(m, p)| format!("{m} {p}")).collect();
+        let grouped = route_table::group(routes)?;
+        let paths = grouped
+            .paths
+            .into_iter()
+            .map(|routes| {
+                Ok(PathRoutes {
+                    allow: HeaderValue::from_str(&routes.allow).map_err(|e| e.to_string())?,
+                    params: param_names(&routes.pattern)
+                        .map(crate::boundary::call::intern)
+                        .collect(),
+                    routes,
+                })
+            })
+            .collect::<Result<_, String>>()?;
         Ok(RouteTable {
-            router,
+            router: grouped.router,
             paths,
             fallback,
             described,
@@ -123,22 +89,7 @@ impl RouteTable {
             };
         };
         let entry = &self.paths[*m.value];
-        let by_method = |wanted: &str| {
-            entry
-                .methods
-                .iter()
-                .find(|(m, _)| m == wanted)
-                .map(|&(_, route)| route)
-        };
-        let route = by_method(method)
-            .or_else(|| {
-                if method == "HEAD" {
-                    by_method("GET")
-                } else {
-                    None
-                }
-            })
-            .or(entry.any);
+        let route = entry.routes.route_for(method);
         match route {
             Some(route) => RouteMatch::Found {
                 route,
