@@ -11,3 +11,4 @@ mod loading;
 mod reload;
 mod robustness;
 mod routing;
+mod runtime;

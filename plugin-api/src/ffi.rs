@@ -67,7 +67,7 @@
 //! ```compile_fail,E0133
 //! # use plugin_api::ffi::*;
 //! fn free_any_instance(module: PluginModRef) {
-//!     (module.drop_instance())(FfiInstance(std::ptr::null()));
+//!     (module.drop_instance())(FfiInstance(std::ptr::null()), 0);
 //! }
 //! ```
 //!
@@ -757,9 +757,11 @@ pub struct PluginMod {
     /// generation's init, if it has any.
     pub export_state: unsafe extern "C" fn(FfiInstance) -> ROption<RVec<u8>>,
     pub shutdown: unsafe extern "C" fn(FfiInstance),
-    /// Frees the instance; it is not used again.
+    /// Frees the instance; it is not used again. A plugin with a runtime of its own
+    /// then cancels the runtime's tasks and joins its threads, waiting at most
+    /// `wait_millis` for them.
     #[sabi(last_prefix_field)]
-    pub drop_instance: unsafe extern "C" fn(FfiInstance),
+    pub drop_instance: unsafe extern "C" fn(FfiInstance, wait_millis: u64),
 }
 
 impl RootModule for PluginModRef {

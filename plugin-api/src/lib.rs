@@ -43,12 +43,40 @@
 //! - Async handlers that await [`sleep`] or other futures the host provides.
 //! - Logging with [`tracing`] (re-exported here): events land in the host's log output
 //!   tagged with the plugin's name.
+//! - With `export_plugin!(MyServer, tokio)`, everything tokio: see below.
 //!
-//! # What does not
-//! - `tokio::spawn`, `tokio::time::*` and tokio I/O: the plugin has its own copy of tokio,
-//!   with no runtime, and they panic. Use [`sleep`]; a plugin that needs a tokio-based
-//!   client can start a runtime of its own in [`Microserver::init`] and stop it in
-//!   [`Microserver::shutdown`].
+//! # Tokio inside a plugin
+//! A plugin library has its own copy of tokio, so without a runtime of its own
+//! `tokio::spawn`, `tokio::time` and tokio I/O panic ("there is no reactor running").
+//! Declare the plugin with `export_plugin!(MyServer, tokio)` (plugin-api's `tokio`
+//! feature, on by default, must be on) and add `tokio` to the plugin's dependencies; then
+//! ordinary tokio code and crates built on it (sqlx, hyper's client, reqwest, redis...)
+//! work in [`Microserver::init`], in handlers, in `export_state`, in `shutdown`, and in
+//! the tasks they spawn:
+//!
+//! - Each instance (each generation of each server running the plugin) gets a
+//!   multi-thread tokio runtime with 2 worker threads (`tokio(worker_threads = N)` for
+//!   another number), named `<plugin>-rt`, started before `init`.
+//! - Handlers are still polled on the host's threads, with the plugin's runtime entered
+//!   (no thread hop per request); `tokio::spawn` puts a task on the runtime's workers,
+//!   which also drive its timers and sockets.
+//! - Background tasks (a cache refresher, a queue consumer) spawned in `init` run until
+//!   the generation ends. A panic in a task is logged with the plugin's name; the task
+//!   ends and nothing else does.
+//! - `init`, `export_state` and `shutdown` are not async: use [`block_on`] there to wait
+//!   for a future (opening a pool, flushing a queue). Never block in a handler: await.
+//! - When the generation is replaced (or the host stops), the order is: its last request
+//!   finishes (or the drain deadline passes), `shutdown` runs, the instance is dropped,
+//!   then the runtime's remaining tasks are cancelled (dropped) and its threads joined,
+//!   waiting at most the reload's `drain_timeout_ms` (the shutdown deadline when the
+//!   host stops). So a reload leaves no threads behind.
+//! - `tokio::task::block_in_place` does not work in a handler (the host's thread is not
+//!   one of the runtime's workers): use `spawn_blocking`.
+//!
+//! A plugin declared without `tokio` pays nothing for it: no runtime, no threads, and
+//! no extra work per request.
+//!
+//! # What does not work
 //! - Blocking the thread for long (a busy loop, `std::thread::sleep`): a handler runs on
 //!   one of the host's worker threads, and the host cannot interrupt code that does not
 //!   yield. The host's request timeout answers the client, but the thread stays busy.
@@ -77,12 +105,15 @@ mod request;
 mod response;
 #[doc(hidden)]
 pub mod route_table;
+mod runtime;
 pub mod testing;
 
 pub use error::Error;
 pub use host::sleep;
 pub use request::Request;
 pub use response::{Body, IntoResponse, Json, Response};
+#[cfg(feature = "tokio")]
+pub use runtime::block_on;
 pub use tracing;
 
 /// A microserver: one type per plugin library, one instance per configured server.
@@ -253,9 +284,28 @@ impl<S: Microserver> Routes<S> {
 ///
 /// Use it once, at the root of a `cdylib` crate. The plugin's name and version are the
 /// crate's name and version from its `Cargo.toml`.
+///
+/// - `export_plugin!(MyServer)`: the plugin's code awaits only futures the host makes
+///   ([`sleep`]) and plain Rust; nothing else runs for it.
+/// - `export_plugin!(MyServer, tokio)`: each instance (each generation of each server
+///   running this plugin) gets a tokio runtime of its own, with 2 worker threads, so
+///   `tokio::spawn`, `tokio::time`, `tokio::net`, `spawn_blocking` and crates built on
+///   them (database drivers, HTTP clients) work in `init`, handlers, `export_state`,
+///   `shutdown` and the tasks they spawn. See [the crate docs](crate#tokio-inside-a-plugin).
+/// - `export_plugin!(MyServer, tokio(worker_threads = 4))`: the same, with that many
+///   worker threads.
 #[macro_export]
 macro_rules! export_plugin {
     ($server:ty) => {
+        $crate::export_plugin!(@with $server, $crate::__private::NoRuntime);
+    };
+    ($server:ty, tokio) => {
+        $crate::export_plugin!(@with $server, $crate::__tokio_runtime!(2));
+    };
+    ($server:ty, tokio(worker_threads = $workers:literal)) => {
+        $crate::export_plugin!(@with $server, $crate::__tokio_runtime!($workers));
+    };
+    (@with $server:ty, $runtime:ty) => {
         #[doc(hidden)]
         #[allow(unsafe_code)]
         #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
@@ -263,11 +313,11 @@ macro_rules! export_plugin {
             extern "C" fn __init(
                 args: $crate::ffi::FfiInitArgs<'_>,
             ) -> $crate::__private::RResult<$crate::ffi::FfiInit, $crate::__private::RString> {
-                $crate::__private::init::<$server>(args, env!("CARGO_PKG_NAME"))
+                $crate::__private::init::<$server, $runtime>(args, env!("CARGO_PKG_NAME"))
             }
             extern "C" fn __constructor() -> $crate::__private::RootModuleResult {
                 $crate::__private::__call_root_module_loader(|| {
-                    $crate::__private::root_module::<$server>(
+                    $crate::__private::root_module::<$server, $runtime>(
                         env!("CARGO_PKG_NAME"),
                         env!("CARGO_PKG_VERSION"),
                         __init,
@@ -285,9 +335,31 @@ macro_rules! export_plugin {
     };
 }
 
+/// The runtime type of `export_plugin!(T, tokio)`, or a message saying what is missing.
+#[cfg(feature = "tokio")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tokio_runtime {
+    ($workers:literal) => {
+        $crate::__private::TokioRuntime<$workers>
+    };
+}
+
+#[cfg(not(feature = "tokio"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __tokio_runtime {
+    ($workers:literal) => {
+        ::core::compile_error!("export_plugin!(.., tokio) needs plugin-api's \"tokio\" feature, which is on by default: remove `default-features = false` from the plugin-api dependency, or add `features = [\"tokio\"]`")
+    };
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use crate::export::{init, root_module};
+    pub use crate::runtime::NoRuntime;
+    #[cfg(feature = "tokio")]
+    pub use crate::runtime::TokioRuntime;
     pub use abi_stable::library::{
         __call_root_module_loader, CheckTypeLayout, LibHeader, RootModuleResult,
     };

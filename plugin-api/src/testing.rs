@@ -9,6 +9,11 @@
 //! [`sleep`](crate::sleep) works (on a timer thread), and `tracing` events are printed
 //! to stderr; the test binary's own panic hook is left as it is.
 //!
+//! Each `TestServer` also runs a tokio runtime like the one `export_plugin!(T, tokio)`
+//! gives an instance (with the `tokio` feature, on by default), entered around `init`
+//! and every call: a plugin that uses tokio is tested as it runs in the host, from a
+//! plain `#[test]` (not `#[tokio::test]`, which is not needed).
+//!
 //! ```
 //! use std::sync::Arc;
 //! use plugin_api::testing::{TestRequest, TestServer};
@@ -62,6 +67,10 @@ pub struct TestServer<S> {
     routes: Routes<S>,
     /// The routes' paths, grouped by the host's own rules (`route_table`).
     table: crate::route_table::Grouped,
+    /// A tokio runtime like the one `export_plugin!(T, tokio)` gives each instance,
+    /// entered around `init` and every call (unused by a plugin without tokio).
+    #[cfg(feature = "tokio")]
+    runtime: tokio::runtime::Runtime,
 }
 
 impl<S> std::fmt::Debug for TestServer<S> {
@@ -145,6 +154,14 @@ impl<S: Microserver> TestServer<S> {
         previous_state: Option<&[u8]>,
     ) -> Result<Self, Error> {
         crate::host::connect_with(test_host(), "test", false);
+        #[cfg(feature = "tokio")]
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start a tokio runtime: {e}")))?;
+        #[cfg(feature = "tokio")]
+        let entered = runtime.enter();
         let config_json = config.to_string();
         let ctx = InitContext {
             server_name: "test",
@@ -160,10 +177,14 @@ impl<S: Microserver> TestServer<S> {
             .map(|e| (e.method.as_str(), e.pattern.as_str()));
         let table = crate::route_table::group(declared)
             .map_err(|e| Error::internal(format!("its route table is invalid: {e}")))?;
+        #[cfg(feature = "tokio")]
+        drop(entered);
         Ok(TestServer {
             server,
             routes,
             table,
+            #[cfg(feature = "tokio")]
+            runtime,
         })
     }
 
@@ -200,6 +221,8 @@ impl<S: Microserver> TestServer<S> {
             },
         };
         let request = Record::lend(request, params);
+        #[cfg(feature = "tokio")]
+        let _entered = self.runtime.enter();
         let response = run(|cx, out| handler(self.server.clone(), request, cx, out));
         if head {
             // No body in a HEAD response, as over HTTP.
@@ -533,5 +556,26 @@ mod tests {
                 .contains("its route table is invalid: route GET /a is declared twice"),
             "{error}"
         );
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn tokio_works_in_init_and_handlers() {
+        struct Timed(u64);
+        impl Microserver for Timed {
+            fn init(_: &InitContext<'_>) -> Result<Self, Error> {
+                let n = crate::block_on(async { tokio::spawn(async { 7 }).await.unwrap() });
+                Ok(Timed(n))
+            }
+            fn routes(routes: &mut Routes<Self>) {
+                routes.get("/", |s: Arc<Self>, _| async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    let doubled = tokio::spawn(async move { s.0 * 2 }).await.unwrap();
+                    doubled.to_string()
+                });
+            }
+        }
+        let server = TestServer::<Timed>::start(serde_json::Value::Null).unwrap();
+        assert_eq!(server.get("/").body(), b"14");
     }
 }

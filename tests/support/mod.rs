@@ -19,6 +19,7 @@ const LIBRARIES: &[&str] = &[
     "fixture-misbehave",
     "fixture-old-api",
     "fixture-crash-on-load",
+    "fixture-tasks",
 ];
 
 /// Builds the plugin and fixture libraries (once per test run) and returns the path of

@@ -10,7 +10,7 @@
 //! until its drop frees it.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,14 @@ use crate::boundary::services::host_fns;
 pub struct Instance {
     library: Arc<PluginLibrary>,
     ptr: FfiInstance,
+    /// How long a plugin runtime of the instance gets to stop when it is dropped (see
+    /// [`Instance::stop_within`]).
+    stop_wait_ms: AtomicU64,
 }
+
+/// The time a dropped instance's runtime gets to cancel its tasks and join its threads
+/// unless the host says otherwise.
+const DEFAULT_STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,6 +75,7 @@ impl Instance {
         let instance = Instance {
             library,
             ptr: init.instance,
+            stop_wait_ms: AtomicU64::new(DEFAULT_STOP_WAIT.as_millis() as u64),
         };
         let routes = DeclaredRoutes {
             routes: init
@@ -113,12 +121,20 @@ impl Instance {
         // SAFETY: `ptr` is this library's live instance.
         unsafe { (self.library.module.shutdown())(self.ptr) };
     }
+
+    /// Sets how long the plugin's runtime (if it has one) gets to cancel its tasks and
+    /// join its threads when this instance is dropped.
+    pub fn stop_within(&self, wait: Duration) {
+        let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.stop_wait_ms.store(millis, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        let wait = *self.stop_wait_ms.get_mut();
         // SAFETY: `ptr` is this library's live instance, freed here, once.
-        unsafe { (self.library.module.drop_instance())(self.ptr) };
+        unsafe { (self.library.module.drop_instance())(self.ptr, wait) };
     }
 }
 

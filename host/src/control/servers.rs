@@ -472,6 +472,9 @@ impl Microservers {
         }
         let hooks_until = Instant::now() + hook_deadline;
         for g in &generations {
+            g.instance.stop_within(hook_deadline);
+        }
+        for g in &generations {
             let g = g.clone();
             // A thread each, so that one slow hook does not eat the others' time; a
             // hook that overruns keeps its thread (and its generation) to itself.
@@ -960,6 +963,7 @@ impl Microservers {
     fn retire(&self, generation: Arc<Generation>, drain: Duration) {
         // No request enters it from now on; those inside finish.
         generation.retire();
+        generation.instance.stop_within(drain);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             generation.shutdown();
             return;

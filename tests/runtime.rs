@@ -1,0 +1,136 @@
+//! Plugins with a tokio runtime of their own (`export_plugin!(T, tokio)`): ordinary tokio
+//! code in init, handlers and background tasks, and the runtime's life per generation.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{Host, Setup};
+
+fn tasks_config(n: u64) -> String {
+    format!(
+        r#"{{"global": {{"reload": {{"debounce_ms": 20, "drain_timeout_ms": 2000}}}},
+      "servers": [{{"name": "tasks", "domains": ["tasks.localhost"], "plugin": "tasks",
+                   "config": {{"n": {n}}}}},
+                  {{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}}]}}"#
+    )
+}
+
+fn tasks_host(label: &str) -> Host {
+    Setup::new(label, &tasks_config(1))
+        .plugin("fixture-tasks", "tasks.so")
+        .plugin("hello", "hello.so")
+        .start()
+}
+
+fn body(host: &Host, path: &str) -> String {
+    let reply = host.get("tasks.localhost", path);
+    assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    reply.body
+}
+
+/// The threads of a process, from /proc.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn tokio_works_in_init_handlers_and_background_tasks() {
+    let host = tasks_host("tokio-works");
+    // A background task started in init keeps running between requests.
+    let first: u64 = body(&host, "/ticks").parse().unwrap();
+    host.wait_until("the ticker ticks", || {
+        body(&host, "/ticks").parse::<u64>().unwrap() > first + 3
+    });
+    // Timers, spawned tasks, the blocking pool and sockets, from a handler.
+    let slept: u64 = body(&host, "/sleep?ms=60").parse().unwrap();
+    assert!(slept >= 60, "tokio::time::sleep returned after {slept} ms");
+    assert_eq!(body(&host, "/spawn"), "42");
+    assert!(body(&host, "/blocking").starts_with("fixture-tas-rt"));
+    assert_eq!(body(&host, "/echo?text=round%20trip"), "round trip");
+    // Many at once, interleaved on the host's threads.
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let addr = host.addr;
+            std::thread::spawn(move || {
+                let client = crate::support::Host::at(addr);
+                client
+                    .get("tasks.localhost", &format!("/echo?text=n{i}"))
+                    .body
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), format!("n{i}"));
+    }
+    // A plugin without a runtime is untouched beside it.
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+}
+
+#[test]
+fn a_panic_in_a_spawned_task_is_logged_with_the_plugin_and_nothing_else_happens() {
+    let host = tasks_host("task-panic");
+    assert_eq!(body(&host, "/task-panic"), "spawned");
+    let line = host.wait_for_log(&["task exploded"]);
+    assert!(
+        line.contains("fixture-tasks") && line.contains("ERROR"),
+        "the panic names the plugin: {line}"
+    );
+    assert_eq!(body(&host, "/spawn"), "42");
+    let ticks: u64 = body(&host, "/ticks").parse().unwrap();
+    host.wait_until("the ticker still ticks", || {
+        body(&host, "/ticks").parse::<u64>().unwrap() > ticks
+    });
+}
+
+#[test]
+fn each_generation_has_its_runtime_and_reloads_leave_no_threads_behind() {
+    let host = tasks_host("runtime-threads");
+    assert_eq!(body(&host, "/n"), "1");
+    // One reload first, so that everything the host starts once has started.
+    host.write_config(&tasks_config(2));
+    host.wait_until("generation 2 serves", || body(&host, "/n") == "2");
+    // Generation 1's tasks were cancelled after its shutdown hook.
+    host.wait_for_log(&["tasks shutdown hook ran"]);
+    host.wait_for_log(&["background task dropped", "task=\"ticker\""]);
+    host.wait_for_log(&["background task dropped", "task=\"echo\""]);
+    let pid = host.pid();
+    let settled = |host: &Host| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = threads(pid);
+        // The count is read until it holds still for a moment (a retired generation's
+        // threads end shortly after its hook).
+        let mut still_since = Instant::now();
+        while Instant::now() < deadline && still_since.elapsed() < Duration::from_millis(300) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = threads(pid);
+            if now != last {
+                last = now;
+                still_since = Instant::now();
+            }
+        }
+        let _ = host;
+        last
+    };
+    let after_first = settled(&host);
+    for n in 3..=52 {
+        host.write_config(&tasks_config(n));
+        host.wait_until("the new generation serves", || {
+            body(&host, "/n") == n.to_string()
+        });
+    }
+    assert_eq!(body(&host, "/spawn"), "42");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut now = settled(&host);
+    while now != after_first && Instant::now() < deadline {
+        now = settled(&host);
+    }
+    assert_eq!(
+        now, after_first,
+        "threads after 50 more reloads vs after the first"
+    );
+    assert_eq!(
+        host.count_log_lines(&["background task dropped", "task=\"ticker\""]),
+        51
+    );
+}
