@@ -12,3 +12,4 @@ mod reload;
 mod robustness;
 mod routing;
 mod runtime;
+mod streaming;

@@ -10,17 +10,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use std::time::Instant;
 
-use abi_stable::std_types::RResult;
+use abi_stable::std_types::{ROption, RResult};
+use async_ffi::ContextExt;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse};
+use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse, FfiStream, FfiStreamPoll};
 
 use crate::boundary::call::{
-    self, intern, ClientAddr, Lending, OutcomeSlot, PendingRequest, PluginCall,
+    self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
 };
 use crate::boundary::plugin;
 use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
@@ -30,7 +31,119 @@ use crate::routing::routes::{RouteMatch, RouteTable};
 /// The in-flight guard of a request on a serving generation.
 type InFlight = plugin::InFlight<RouteTable>;
 
-pub type Body = Full<Bytes>;
+/// A response body: bytes (almost every response), or a plugin's stream.
+pub enum Body {
+    Bytes(Full<Bytes>),
+    /// Boxed: rare, and larger.
+    Stream(Box<StreamedBody>),
+}
+
+impl Body {
+    fn bytes(bytes: Bytes) -> Self {
+        Body::Bytes(Full::new(bytes))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = StreamFailed;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
+        match self.get_mut() {
+            Body::Bytes(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Body::Stream(streamed) => streamed.poll_frame(cx),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Bytes(full) => full.is_end_stream(),
+            Body::Stream(streamed) => streamed.stream.is_none(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Bytes(full) => full.size_hint(),
+            Body::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A plugin's response stream, sent as it is produced. It keeps its generation in
+/// flight until it is dropped, so the plugin's stream is dropped on its own generation;
+/// once that generation's drain deadline has passed (`Generation::cut_off`), it ends
+/// cleanly at its next poll.
+pub struct StreamedBody {
+    /// `None` once it has ended. Dropped before the in-flight guard (field order).
+    stream: Option<FfiStream>,
+    cut: Pin<Box<dyn Future<Output = ()> + Send>>,
+    in_flight: InFlight,
+    request_id: RequestId,
+}
+
+/// Why a streamed response was aborted: the plugin's stream failed or panicked.
+#[derive(Debug)]
+pub struct StreamFailed(String);
+
+impl std::fmt::Display for StreamFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the response stream failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for StreamFailed {}
+
+impl StreamedBody {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if self.cut.as_mut().poll(cx).is_ready() {
+            self.stream = None;
+            let g = self.in_flight.generation();
+            tracing::debug!(server = %g.server, generation = g.number, request_id = self.request_id.as_str(), "ended a streamed response at the drain deadline");
+            return Poll::Ready(None);
+        }
+        match cx.with_ffi_context(|cx| stream.poll_next(cx)) {
+            FfiStreamPoll::Pending => Poll::Pending,
+            FfiStreamPoll::Chunk(bytes) => {
+                // A plugin's chunk is freed by the plugin's code, which stays mapped for
+                // the life of the process: it may outlive this body in hyper's buffers.
+                let data = match bytes.as_static() {
+                    Some(bytes) => Bytes::from_static(bytes),
+                    None => Bytes::from_owner(bytes),
+                };
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            FfiStreamPoll::End => {
+                self.stream = None;
+                Poll::Ready(None)
+            }
+            FfiStreamPoll::Failed(message) => {
+                self.stream = None;
+                let g = self.in_flight.generation();
+                tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id = self.request_id.as_str(), "response stream failed: {message}");
+                Poll::Ready(Some(Err(StreamFailed(message.into_string()))))
+            }
+            FfiStreamPoll::TooLarge(_) => {
+                self.stream = None;
+                Poll::Ready(Some(Err(StreamFailed("too large".to_owned()))))
+            }
+        }
+    }
+}
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -140,7 +253,8 @@ fn first_step(
             want_name,
         )));
     }
-    match dispatch(servers, pending, Bytes::new(), id, want_name, cx) {
+    let body = LentBody::Bytes(Bytes::new());
+    match dispatch(servers, pending, body, id, want_name, cx) {
         Step::Done(routed) => Ok(routed),
         Step::Retry(pending, body) => Err(Box::pin(dispatch_later(
             servers.clone(),
@@ -150,6 +264,7 @@ fn first_step(
             want_name,
         ))),
         Step::Running(running, name) => Err(Box::pin(async move { (running.await, name) })),
+        Step::ReadBody(..) => unreachable!("a request without a body was not lent as a stream"),
     }
 }
 
@@ -158,7 +273,10 @@ enum Step {
     Done(Routed),
     /// The generation retired between its load and the entry: try again after a yield
     /// (the next load sees its successor).
-    Retry(PendingRequest, Bytes),
+    Retry(PendingRequest, LentBody),
+    /// The body is still arriving, and the route (of a generation that replaced the one
+    /// that took a stream) wants it whole: read it, then dispatch again.
+    ReadBody(PendingRequest, Box<Incoming>),
     /// The handler did not answer at once.
     Running(
         Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
@@ -251,17 +369,22 @@ async fn with_body(
     id: RequestId,
     want_name: bool,
 ) -> Routed {
-    let (max, timeout) = {
+    let (max, timeout, streamed) = {
         let routing = servers.routing();
         let parts = pending.parts();
         let Resolved { server, name, .. } = match resolve(&routing, parts, want_name) {
             Ok(resolved) => resolved,
             Err(routed) => return *routed,
         };
-        if let ServerState::Waiting(reason) = &**server.state() {
-            return (unavailable(server, reason), name);
-        }
-        let max = routing.limits.max_body_bytes;
+        let stream_limit = match &**server.state() {
+            ServerState::Waiting(reason) => return (unavailable(server, reason), name),
+            ServerState::Serving(g) => match g.routes.find(parts.method.as_str(), parts.uri.path())
+            {
+                RouteMatch::Found { route, .. } => g.routes.stream_body_limit(route),
+                _ => None,
+            },
+        };
+        let max = stream_limit.unwrap_or(routing.limits.max_body_bytes);
         let declared_len = parts
             .headers
             .get(CONTENT_LENGTH)
@@ -270,12 +393,18 @@ async fn with_body(
         if declared_len.is_some_and(|n| n > max) {
             return (too_large(max), name);
         }
-        (max, routing.limits.request_timeout)
+        (max, routing.limits.request_timeout, stream_limit.is_some())
     };
+    if streamed {
+        // The route reads the body itself, as it arrives.
+        let body = LentBody::Stream(Box::new(body));
+        return dispatch_later(servers, pending, body, id, want_name).await;
+    }
     let read = Limited::new(body, max as usize).collect();
     let problem = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(collected)) => {
-            return dispatch_later(servers, pending, collected.to_bytes(), id, want_name).await
+            let body = LentBody::Bytes(collected.to_bytes());
+            return dispatch_later(servers, pending, body, id, want_name).await;
         }
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => too_large(max),
         Ok(Err(e)) => error(
@@ -306,7 +435,7 @@ async fn with_body(
 async fn dispatch_later(
     servers: Arc<Microservers>,
     pending: PendingRequest,
-    body: Bytes,
+    body: LentBody,
     id: RequestId,
     want_name: bool,
 ) -> Routed {
@@ -324,6 +453,11 @@ async fn dispatch_later(
                 tokio::task::yield_now().await;
             }
             Step::Running(running, name) => return (running.await, name),
+            Step::ReadBody(pending, incoming) => {
+                // Boxed: `with_body` comes back here.
+                let read = Box::pin(with_body(servers, pending, *incoming, id, want_name));
+                return read.await;
+            }
         }
     }
 }
@@ -334,6 +468,8 @@ enum Refused {
     Done(Box<Routed>),
     /// The generation retired between its load and the entry.
     Retry,
+    /// The body is still arriving and the route wants it whole.
+    ReadBody,
 }
 
 /// One synchronous step: domain, server, generation, route, and the handler's first
@@ -341,12 +477,13 @@ enum Refused {
 fn dispatch(
     servers: &Microservers,
     pending: PendingRequest,
-    body: Bytes,
+    body: LentBody,
     id: RequestId,
     want_name: bool,
     cx: &mut Context<'_>,
 ) -> Step {
     let routing = servers.routing();
+    let arriving = matches!(body, LentBody::Stream(_));
     // Everything borrowed from the request ends with this closure, before it is lent.
     let lent = pending.lend(body, |parts, params| {
         let Resolved {
@@ -390,13 +527,28 @@ fn dispatch(
             let known = names.get(i).copied().filter(|n| *n == key);
             params.push(known.unwrap_or_else(|| intern(key)), value);
         }
+        let stream_body_limit = g.routes.stream_body_limit(route);
+        if arriving && stream_body_limit.is_none() {
+            return Err(Refused::ReadBody);
+        }
         let head = parts.method == Method::HEAD;
-        Ok((Lending { domain, route }, (generation, route, head, name)))
+        let lending = Lending {
+            domain,
+            route,
+            stream_body_limit,
+        };
+        Ok((lending, (generation, route, head, name)))
     });
     let (request, (generation, route, head, name)) = match lent {
         Ok(lent) => lent,
         Err((pending, body, Refused::Retry)) => return Step::Retry(pending, body),
         Err((_, _, Refused::Done(routed))) => return Step::Done(*routed),
+        Err((pending, LentBody::Stream(incoming), Refused::ReadBody)) => {
+            return Step::ReadBody(pending, incoming)
+        }
+        Err((_, LentBody::Bytes(_), Refused::ReadBody)) => {
+            unreachable!("only a body still arriving is refused for being one")
+        }
     };
     // Most handlers answer on their first poll and need no timer; their response is read
     // from a slot on the stack, where the plugin wrote it.
@@ -485,7 +637,7 @@ fn respond(
     id: &RequestId,
 ) -> (Response<Body>, Option<InFlight>) {
     match outcome {
-        RResult::ROk(response) => match into_http(response, generation, head) {
+        RResult::ROk(response) => match into_http(response, generation, head, id) {
             Ok(answered) => answered,
             Err((generation, problem)) => {
                 let g = generation.generation();
@@ -617,6 +769,7 @@ fn into_http(
     response: &mut FfiResponse,
     in_flight: InFlight,
     head: bool,
+    id: &RequestId,
 ) -> Result<(Response<Body>, Option<InFlight>), (InFlight, String)> {
     let status = match StatusCode::from_u16(response.status) {
         Ok(s) if (200..=599).contains(&s.as_u16()) => s,
@@ -628,7 +781,7 @@ fn into_http(
             return Err((in_flight, message));
         }
     };
-    let mut out = Response::new(Full::new(Bytes::new()));
+    let mut out = Response::new(Body::bytes(Bytes::new()));
     *out.status_mut() = status;
     let headers = out.headers_mut();
     let content_type = response.content_type();
@@ -655,6 +808,21 @@ fn into_http(
         }
         headers.append(name, value);
     }
+    if let ROption::RSome(stream) = std::mem::replace(&mut response.stream, ROption::RNone) {
+        if head {
+            // No body, and no length to tell: the stream is dropped unread.
+            drop(stream);
+            return Ok((out, Some(in_flight)));
+        }
+        let cut = Box::pin(in_flight.generation().cut_signal());
+        *out.body_mut() = Body::Stream(Box::new(StreamedBody {
+            stream: Some(stream),
+            cut,
+            in_flight,
+            request_id: *id,
+        }));
+        return Ok((out, None));
+    }
     if head {
         // No body in a HEAD response (HTTP/2 would send it as DATA frames), but the
         // length the GET would have had.
@@ -673,7 +841,7 @@ fn into_http(
         });
         (body, None)
     };
-    *out.body_mut() = Full::new(body);
+    *out.body_mut() = Body::bytes(body);
     Ok((out, in_flight))
 }
 
@@ -683,7 +851,7 @@ pub fn error(status: StatusCode, message: &str) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Body::bytes(Bytes::from(body)))
         .expect("valid parts")
 }
 
@@ -696,7 +864,7 @@ fn internal_error(request_id: &str) -> Response<Body> {
     Response::builder()
         .status(StatusCode::INTERNAL_SERVER_ERROR)
         .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Body::bytes(Bytes::from(body)))
         .expect("valid parts")
 }
 

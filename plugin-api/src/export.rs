@@ -22,8 +22,8 @@ use abi_stable::std_types::{RErr, ROk, ROption, RResult, RStr, RString, RVec};
 use async_ffi::FfiContext;
 
 use crate::ffi::{
-    FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute, PluginMod,
-    PluginModRef,
+    FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute, FfiStream,
+    FfiStreamPoll, PluginMod, PluginModRef,
 };
 use crate::host::{self, panic_message};
 use crate::runtime::PluginRuntime;
@@ -247,6 +247,7 @@ pub fn init<S: Microserver, Rt: PluginRuntime>(
         table.push(FfiRoute {
             method: entry.method.into(),
             pattern: entry.pattern.into(),
+            stream_body_limit: entry.stream_body_limit.into(),
         });
         handlers.push(entry.handler);
     }
@@ -286,10 +287,65 @@ unsafe extern "C" fn handle<S: Microserver, Rt: PluginRuntime>(
             answered(out, RErr(message.into()))
         }
     };
-    if Rt::ENTERS && !call.future.is_null() {
-        return entered_call::<Rt>(instance.runtime.handle(), call);
+    if Rt::ENTERS {
+        if !call.future.is_null() {
+            return entered_call::<Rt>(instance.runtime.handle(), call);
+        }
+        // SAFETY: a call with a null future wrote the outcome to `out`.
+        unsafe { enter_stream::<Rt>(&instance.runtime.handle(), out) };
     }
     call
+}
+
+/// Makes a streamed response body enter the runtime around its polls and its drop, like
+/// the handler that returned it.
+///
+/// # Safety
+/// `out` holds an outcome.
+unsafe fn enter_stream<Rt: PluginRuntime>(handle: &Rt::Handle, out: *mut FfiHandleResult) {
+    // SAFETY: the caller's promise.
+    if let ROk(response) = unsafe { &mut *out } {
+        if let ROption::RSome(stream) = std::mem::replace(&mut response.stream, ROption::RNone) {
+            response.stream = ROption::RSome(entered_stream::<Rt>(handle.clone(), stream));
+        }
+    }
+}
+
+struct EnteredStream<Rt: PluginRuntime> {
+    handle: Rt::Handle,
+    stream: FfiStream,
+}
+
+fn entered_stream<Rt: PluginRuntime>(handle: Rt::Handle, stream: FfiStream) -> FfiStream {
+    let state = Box::into_raw(Box::new(EnteredStream::<Rt> { handle, stream }));
+    // SAFETY (`FfiStream::from_raw`): the state is boxed and `Send`; `poll_entered_stream`
+    // passes each poll on to the inner stream (which keeps its own contract), and
+    // `drop_entered_stream` frees it once.
+    unsafe {
+        FfiStream::from_raw(
+            state.cast(),
+            poll_entered_stream::<Rt>,
+            drop_entered_stream::<Rt>,
+        )
+    }
+}
+
+unsafe extern "C" fn poll_entered_stream<Rt: PluginRuntime>(
+    state: *mut c_void,
+    cx: &mut FfiContext<'_>,
+) -> FfiStreamPoll {
+    // SAFETY: made by `entered_stream`, polled one call at a time.
+    let entered = unsafe { &mut *state.cast::<EnteredStream<Rt>>() };
+    let _entered = Rt::enter_handle(&entered.handle);
+    entered.stream.poll_next(cx)
+}
+
+unsafe extern "C" fn drop_entered_stream<Rt: PluginRuntime>(state: *mut c_void) {
+    // SAFETY: made by `Box::into_raw` in `entered_stream`; freed once.
+    let entered = unsafe { Box::from_raw(state.cast::<EnteredStream<Rt>>()) };
+    let EnteredStream { handle, stream } = *entered;
+    let _entered = Rt::enter_handle(&handle);
+    drop(stream);
 }
 
 /// A handler's call that enters the plugin's runtime around each poll and the drop.
@@ -315,7 +371,12 @@ unsafe extern "C" fn poll_entered<Rt: PluginRuntime>(
     // contract is passed on as it came.
     let entered = unsafe { &*future.cast::<EnteredCall<Rt>>() };
     let _entered = Rt::enter_handle(&entered.handle);
-    unsafe { (entered.call.poll)(entered.call.future, cx, out) }
+    let ready = unsafe { (entered.call.poll)(entered.call.future, cx, out) };
+    if ready {
+        // SAFETY: `true` means the outcome was written.
+        unsafe { enter_stream::<Rt>(&entered.handle, out) };
+    }
+    ready
 }
 
 unsafe extern "C" fn drop_entered<Rt: PluginRuntime>(future: *mut c_void) {

@@ -34,12 +34,18 @@
 //! fn rewrite(request: &mut FfiRequest) { let _ = request.head_mut(); }
 //! ```
 //!
+//! ```compile_fail,E0616
+//! # use plugin_api::ffi::*;
+//! // A stream's state is set only by the `unsafe` `FfiStream::from_raw`.
+//! fn repoint(stream: &mut FfiStream) { stream.state = std::ptr::null_mut(); }
+//! ```
+//!
 //! ```compile_fail,E0133
 //! # use plugin_api::ffi::*;
 //! // A head that views memory is made only with a promise about that memory.
 //! fn dangling(bytes: &[u8]) -> FfiRequestHead {
 //!     let s = FfiStr::new(bytes);
-//!     FfiRequestHead::new(s, s, s, s, s, s, &[], 0, FfiBytes::empty())
+//!     FfiRequestHead::new(s, s, s, s, s, s, &[], 0, FfiBytes::empty(), None)
 //! }
 //! ```
 //!
@@ -47,14 +53,14 @@
 //! # use plugin_api::ffi::*;
 //! // A response's content type is `'static` bytes, through `FfiResponse::new` only.
 //! fn temporary(text: &[u8]) -> FfiResponse {
-//!     FfiResponse { status: 200, content_type: FfiStr::new(text), headers: FfiHeaders::default(), body: FfiBytes::empty() }
+//!     FfiResponse { status: 200, content_type: FfiStr::new(text), headers: FfiHeaders::default(), body: FfiBytes::empty(), stream: Default::default() }
 //! }
 //! ```
 //!
 //! ```compile_fail,E0521
 //! # use plugin_api::ffi::*;
 //! fn temporary(text: &[u8]) -> FfiResponse {
-//!     FfiResponse::new(200, text, FfiHeaders::default(), FfiBytes::empty())
+//!     FfiResponse::new(200, text, FfiHeaders::default(), FfiBytes::empty(), None)
 //! }
 //! ```
 //!
@@ -377,6 +383,95 @@ impl Drop for FfiBytes {
     }
 }
 
+/// What one poll of an [`FfiStream`] gave.
+#[repr(u8)]
+#[derive(StableAbi)]
+pub enum FfiStreamPoll {
+    /// Nothing yet: the context's waker is called when there is.
+    Pending,
+    /// The next chunk.
+    Chunk(FfiBytes),
+    /// The stream has ended; it is not polled again.
+    End,
+    /// The stream failed (the message says how); it is not polled again.
+    Failed(RString),
+    /// A request body went past its route's limit (the limit, in bytes); it is not
+    /// polled again.
+    TooLarge(u64),
+}
+
+/// A stream of body chunks, polled and dropped through the functions of the side that
+/// made it: a response body a plugin streams, or a request body the host streams to a
+/// route that asked for it.
+///
+/// Its fields are private: a stream is made only by the `unsafe`
+/// [`FfiStream::from_raw`], and used only through [`poll_next`](Self::poll_next) and
+/// its drop.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiStream {
+    state: *mut c_void,
+    poll_next:
+        for<'a, 'b> unsafe extern "C" fn(*mut c_void, &'a mut FfiContext<'b>) -> FfiStreamPoll,
+    drop: unsafe extern "C" fn(*mut c_void),
+}
+
+// SAFETY: `from_raw`'s contract: the state may be polled and dropped from any thread.
+unsafe impl Send for FfiStream {}
+
+impl FfiStream {
+    /// A stream made of a state and the functions that poll and free it.
+    ///
+    /// # Safety
+    /// `poll_next(state, cx)` must be sound to call from any thread, one call at a time,
+    /// until it returns `End`, `Failed` or `TooLarge` (it is not called after that), and
+    /// `drop(state)` once, after which neither is called again; neither may unwind.
+    pub unsafe fn from_raw(
+        state: *mut c_void,
+        poll_next: for<'a, 'b> unsafe extern "C" fn(
+            *mut c_void,
+            &'a mut FfiContext<'b>,
+        ) -> FfiStreamPoll,
+        drop: unsafe extern "C" fn(*mut c_void),
+    ) -> Self {
+        FfiStream {
+            state,
+            poll_next,
+            drop,
+        }
+    }
+
+    /// Polls for the next chunk. Once it has returned `End`, `Failed` or `TooLarge`, it
+    /// keeps returning `End` without calling the stream again.
+    #[inline]
+    pub fn poll_next(&mut self, cx: &mut FfiContext<'_>) -> FfiStreamPoll {
+        if self.state.is_null() {
+            return FfiStreamPoll::End;
+        }
+        // SAFETY: `from_raw`'s contract; `&mut self` makes calls one at a time.
+        let polled = unsafe { (self.poll_next)(self.state, cx) };
+        if !matches!(polled, FfiStreamPoll::Pending | FfiStreamPoll::Chunk(_)) {
+            self.finish();
+        }
+        polled
+    }
+
+    /// Drops the stream's state now (it ended, or nobody wants the rest).
+    fn finish(&mut self) {
+        let state = std::mem::replace(&mut self.state, std::ptr::null_mut());
+        if !state.is_null() {
+            // SAFETY: `from_raw`'s contract: once, and never polled after.
+            unsafe { (self.drop)(state) };
+        }
+    }
+}
+
+impl Drop for FfiStream {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 /// The fields of a request, at the start of the host's request record.
 ///
 /// Nothing is copied to make them: the text fields are views of the host's own parsed
@@ -399,6 +494,9 @@ pub struct FfiRequestHead {
     pub route: u32,
     /// The body. The plugin may take it (leaving an empty one in its place).
     pub body: FfiBytes,
+    /// The body as a stream, for a route that asked for one (`body` is then empty).
+    /// The plugin may take it.
+    pub body_stream: ROption<FfiStream>,
 }
 
 impl FfiRequestHead {
@@ -415,6 +513,7 @@ impl FfiRequestHead {
             params_len: 0,
             route: 0,
             body: FfiBytes::empty(),
+            body_stream: ROption::RNone,
         }
     }
 
@@ -435,6 +534,7 @@ impl FfiRequestHead {
         params: &[FfiParam],
         route: u32,
         body: FfiBytes,
+        body_stream: Option<FfiStream>,
     ) -> Self {
         FfiRequestHead {
             method,
@@ -447,6 +547,7 @@ impl FfiRequestHead {
             params_len: params.len(),
             route,
             body,
+            body_stream: body_stream.into(),
         }
     }
 
@@ -515,6 +616,14 @@ impl FfiRequest {
         // SAFETY: as in `head`; `&mut self` is the only handle to the record.
         let head = unsafe { &mut *self.data.0.cast::<FfiRequestHead>() };
         std::mem::replace(&mut head.body, FfiBytes::empty())
+    }
+
+    /// Takes the body stream out of the request, if it has one.
+    #[inline]
+    pub fn take_body_stream(&mut self) -> Option<FfiStream> {
+        // SAFETY: as in `take_body`.
+        let head = unsafe { &mut *self.data.0.cast::<FfiRequestHead>() };
+        std::mem::replace(&mut head.body_stream, ROption::RNone).into_option()
     }
 
     /// The first value of a header (names compare case-insensitively), if present. The
@@ -611,6 +720,8 @@ pub struct FfiResponse {
     content_type: FfiStr,
     pub headers: FfiHeaders,
     pub body: FfiBytes,
+    /// A body sent as it is produced, instead of `body` (which is then empty).
+    pub stream: ROption<FfiStream>,
 }
 
 impl FfiResponse {
@@ -621,12 +732,14 @@ impl FfiResponse {
         content_type: &'static [u8],
         headers: FfiHeaders,
         body: FfiBytes,
+        stream: Option<FfiStream>,
     ) -> Self {
         FfiResponse {
             status,
             content_type: FfiStr::new(content_type),
             headers,
             body,
+            stream: stream.into(),
         }
     }
 
@@ -653,6 +766,10 @@ pub struct FfiRoute {
     pub method: RString,
     /// A path pattern: `/users/{id}` for a named segment, `/{*rest}` for a catch-all.
     pub pattern: RString,
+    /// `Some(limit)`: the route takes its request body as a stream
+    /// ([`FfiRequestHead::body_stream`]) of at most `limit` bytes, instead of the whole
+    /// body read first under the server's `max_body_bytes`.
+    pub stream_body_limit: ROption<u64>,
 }
 
 /// An opaque pointer to a microserver instance living inside the plugin.

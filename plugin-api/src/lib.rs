@@ -106,6 +106,7 @@ mod response;
 #[doc(hidden)]
 pub mod route_table;
 mod runtime;
+pub mod stream;
 pub mod testing;
 
 pub use error::Error;
@@ -227,6 +228,8 @@ struct RouteEntry<S> {
     method: String,
     pattern: String,
     handler: export::ErasedHandler<S>,
+    /// `Some(limit)` for a route that takes its body as a stream.
+    stream_body_limit: Option<u64>,
 }
 
 macro_rules! method_fns {
@@ -264,7 +267,52 @@ impl<S: Microserver> Routes<S> {
             method: method.to_ascii_uppercase(),
             pattern: pattern.to_owned(),
             handler: export::erase(handler),
+            stream_body_limit: None,
         });
+        self
+    }
+
+    /// Routes `method` requests for `pattern` to `handler`, which takes the request body
+    /// as a stream ([`Request::body_stream`]) instead of a buffer read whole first: for
+    /// uploads, or bodies bigger than the server's `max_body_bytes`. `max_body_bytes`
+    /// here is this route's own limit (a `Content-Length` over it is answered 413 before
+    /// the handler runs; a body that grows past it ends the stream with
+    /// [`BodyError::TooLarge`](stream::BodyError)).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use plugin_api::{Error, Request, Routes, Microserver};
+    /// # struct Files;
+    /// # impl Files {
+    /// async fn upload(self: Arc<Self>, mut req: Request) -> Result<String, Error> {
+    ///     let mut body = req.body_stream().ok_or_else(|| Error::bad_request("no body"))?;
+    ///     let mut total = 0;
+    ///     while let Some(chunk) = body.next().await {
+    ///         total += chunk?.len(); // or write it to a file as it comes
+    ///     }
+    ///     Ok(format!("{total} bytes"))
+    /// }
+    /// # }
+    /// # fn routes(routes: &mut Routes<impl Microserver>) {}
+    /// // In `routes`:
+    /// // routes.streaming("PUT", "/files/{name}", 1 << 30, Self::upload);
+    /// ```
+    pub fn streaming<H, Fut, R>(
+        &mut self,
+        method: &str,
+        pattern: &str,
+        max_body_bytes: u64,
+        handler: H,
+    ) -> &mut Self
+    where
+        H: Fn(Arc<S>, Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: IntoResponse,
+    {
+        self.route(method, pattern, handler);
+        if let Some(entry) = self.entries.last_mut() {
+            entry.stream_body_limit = Some(max_body_bytes);
+        }
         self
     }
 

@@ -150,6 +150,18 @@ impl Request {
         crate::Body(self.raw.take_body())
     }
 
+    /// Takes the body as a stream, chunk by chunk, on a route declared with
+    /// [`Routes::streaming`](crate::Routes::streaming) (`None` on other routes, whose
+    /// body is read whole first: see [`body`](Self::body), and after the first call).
+    /// The host reads from the client only as the handler asks for chunks, and ends the
+    /// stream with [`BodyError::TooLarge`](crate::stream::BodyError) past the route's
+    /// limit.
+    pub fn body_stream(&mut self) -> Option<crate::stream::BodyStream> {
+        self.raw
+            .take_body_stream()
+            .map(crate::stream::BodyStream::new)
+    }
+
     /// The body parsed as JSON. A parse error becomes a 400 response if returned.
     ///
     /// ```

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse};
+use crate::ffi::{FfiBytes, FfiHeaders, FfiResponse, FfiStream};
 
 /// An HTTP response.
 ///
@@ -22,6 +22,8 @@ pub struct Response {
     content_type: &'static str,
     headers: FfiHeaders,
     body: FfiBytes,
+    /// A body sent as it is produced (see [`Response::stream`]), instead of `body`.
+    stream: Option<FfiStream>,
 }
 
 const CONTENT_TYPE: &str = "content-type";
@@ -31,6 +33,7 @@ impl std::fmt::Debug for Response {
         f.debug_struct("Response")
             .field("status", &self.status)
             .field("body_len", &self.body.len())
+            .field("streamed", &self.stream.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -50,6 +53,7 @@ impl Response {
             content_type: "",
             headers: FfiHeaders::default(),
             body: FfiBytes::empty(),
+            stream: None,
         }
     }
 
@@ -108,15 +112,33 @@ impl Response {
     #[inline]
     pub fn with_body(mut self, body: impl Into<Body>) -> Self {
         self.body = body.into().0;
+        self.stream = None;
         self
+    }
+
+    pub(crate) fn set_stream(&mut self, stream: FfiStream) {
+        self.body = FfiBytes::empty();
+        self.stream = Some(stream);
     }
 
     pub fn status(&self) -> u16 {
         self.status
     }
 
+    /// The body (empty for a streamed one: see [`is_streamed`](Self::is_streamed)).
     pub fn body(&self) -> &[u8] {
         self.body.as_slice()
+    }
+
+    /// Whether the body is a stream (made by [`Response::stream`] or [`Response::sse`]).
+    pub fn is_streamed(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Takes the body's stream out (for tests that read it: see
+    /// [`TestServer::read_stream`](crate::testing::TestServer::read_stream)).
+    pub(crate) fn take_stream(&mut self) -> Option<FfiStream> {
+        self.stream.take()
     }
 
     /// The first value of a header, if any (names compare case-insensitively).
@@ -139,6 +161,7 @@ impl Response {
             content_type,
             headers: response.headers,
             body: response.body,
+            stream: response.stream.into_option(),
         }
     }
 
@@ -150,6 +173,7 @@ impl Response {
             self.content_type.as_bytes(),
             self.headers,
             self.body,
+            self.stream,
         )
     }
 }

@@ -54,7 +54,7 @@ use async_ffi::{ContextExt, FfiFuture};
 
 use crate::ffi::{
     FfiBytes, FfiEachHeader, FfiHandleResult, FfiLogRecord, FfiParam, FfiRequest, FfiRequestData,
-    FfiRequestFns, FfiRequestHead, FfiStr, HostFns,
+    FfiRequestFns, FfiRequestHead, FfiStr, FfiStreamPoll, HostFns,
 };
 use crate::{Error, InitContext, Microserver, Request, Response, Routes};
 
@@ -236,6 +236,69 @@ impl<S: Microserver> TestServer<S> {
     pub fn get(&self, target: &str) -> Response {
         self.call(TestRequest::get(target))
     }
+
+    /// Reads a streamed response's body (see [`Response::stream`]) until it ends or at
+    /// least `limit` bytes have come (for a stream that never ends), waiting at most
+    /// 30 s in all. `Err` carries the message of a stream that failed or panicked. An
+    /// ordinary response's body comes back as it is.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use plugin_api::testing::TestServer;
+    /// # use plugin_api::stream::unfold;
+    /// # use plugin_api::{Error, InitContext, Microserver, Response, Routes};
+    /// struct Counter;
+    /// impl Microserver for Counter {
+    ///     fn init(_: &InitContext<'_>) -> Result<Self, Error> { Ok(Counter) }
+    ///     fn routes(routes: &mut Routes<Self>) {
+    ///         routes.get("/", |_: Arc<Self>, _| async {
+    ///             Response::stream(unfold(1, |n| async move { (n <= 3).then(|| (format!("{n} "), n + 1)) }))
+    ///         });
+    ///     }
+    /// }
+    /// let server = TestServer::<Counter>::start(serde_json::Value::Null).unwrap();
+    /// let body = server.read_stream(server.get("/"), usize::MAX).unwrap();
+    /// assert_eq!(body, b"1 2 3 ");
+    /// ```
+    pub fn read_stream(&self, mut response: Response, limit: usize) -> Result<Vec<u8>, String> {
+        let Some(mut stream) = response.take_stream() else {
+            return Ok(response.body().to_vec());
+        };
+        #[cfg(feature = "tokio")]
+        let _entered = self.runtime.enter();
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let deadline = Instant::now() + HANDLER_DEADLINE;
+        let mut body = Vec::new();
+        while body.len() < limit {
+            match cx.with_ffi_context(|fcx| stream.poll_next(fcx)) {
+                FfiStreamPoll::Chunk(bytes) => body.extend_from_slice(bytes.as_slice()),
+                FfiStreamPoll::End => break,
+                FfiStreamPoll::Failed(message) => return Err(message.into_string()),
+                FfiStreamPoll::TooLarge(limit) => return Err(format!("too large: {limit}")),
+                FfiStreamPoll::Pending => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(format!(
+                            "the stream did not end within {} s",
+                            HANDLER_DEADLINE.as_secs()
+                        ));
+                    }
+                    std::thread::park_timeout(left);
+                }
+            }
+        }
+        Ok(body)
+    }
+}
+
+/// Wakes a thread parked waiting for a handler or a stream.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
 }
 
 /// Polls a handler on this thread until it answers, and turns its outcome into a
@@ -243,12 +306,6 @@ impl<S: Microserver> TestServer<S> {
 fn run(
     start: impl FnOnce(&mut Context<'_>, *mut FfiHandleResult) -> crate::ffi::FfiCall,
 ) -> Response {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut out = MaybeUninit::<FfiHandleResult>::uninit();
@@ -326,6 +383,7 @@ impl Record {
                 &record.params,
                 0,
                 FfiBytes::from_vec(body),
+                None,
             )
         };
         record.head = head;

@@ -25,12 +25,13 @@ use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use abi_stable::std_types::ROption;
-use async_ffi::ContextExt;
+use async_ffi::{ContextExt, FfiContext};
 use bytes::Bytes;
+use hyper::body::{Body as _, Incoming};
 use hyper::http::request::Parts;
 use plugin_api::ffi::{
     FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest, FfiRequestData,
-    FfiRequestFns, FfiRequestHead, FfiStr,
+    FfiRequestFns, FfiRequestHead, FfiStr, FfiStream, FfiStreamPoll,
 };
 use smallvec::SmallVec;
 
@@ -114,10 +115,19 @@ impl<'p> ParamSink<'_, 'p> {
 }
 
 /// What a request is lent with: its domain (a view of the request's `Host` or
-/// `:authority`, or a normalised copy) and its route.
+/// `:authority`, or a normalised copy), its route, and whether the route takes its body
+/// as a stream (with its limit).
 pub struct Lending<'p> {
     pub domain: Cow<'p, [u8]>,
     pub route: u32,
+    pub stream_body_limit: Option<u64>,
+}
+
+/// A request's body as it is lent: read whole, or still arriving (for a route that takes
+/// its body as a stream; boxed, as it is the rare case).
+pub enum LentBody {
+    Bytes(Bytes),
+    Stream(Box<Incoming>),
 }
 
 impl PendingRequest {
@@ -154,30 +164,34 @@ impl PendingRequest {
     /// function is safe however it is called. A view of anything else does not compile:
     ///
     /// ```compile_fail,E0521
-    /// # use host::boundary::call::{Lending, PendingRequest};
+    /// # use host::boundary::call::{Lending, LentBody, PendingRequest};
     /// fn lend_a_temporary(pending: PendingRequest, temporary: &[u8]) {
-    ///     let _ = pending.lend(bytes::Bytes::new(), |_, _| {
+    ///     let _ = pending.lend(LentBody::Bytes(bytes::Bytes::new()), |_, _| {
     ///         let domain = std::borrow::Cow::Borrowed(temporary);
-    ///         Ok::<_, ()>((Lending { domain, route: 0 }, ()))
+    ///         Ok::<_, ()>((Lending { domain, route: 0, stream_body_limit: None }, ()))
     ///     });
     /// }
     /// ```
     ///
     /// ```compile_fail,E0521
-    /// # use host::boundary::call::{Lending, PendingRequest};
+    /// # use host::boundary::call::{Lending, LentBody, PendingRequest};
     /// fn a_parameter_from_elsewhere(pending: PendingRequest, value: &str) {
-    ///     let _ = pending.lend(bytes::Bytes::new(), |_, params| {
+    ///     let _ = pending.lend(LentBody::Bytes(bytes::Bytes::new()), |_, params| {
     ///         params.push("id", value);
-    ///         Ok::<_, ()>((Lending { domain: b"x".into(), route: 0 }, ()))
+    ///         Ok::<_, ()>((Lending { domain: b"x".into(), route: 0, stream_body_limit: None }, ()))
     ///     });
     /// }
     /// ```
     #[allow(clippy::type_complexity)]
+    ///
+    /// A body still arriving ([`LentBody::Stream`]) may only be lent to a route that
+    /// takes a stream: `route` refuses the others (so that its caller reads the body
+    /// first); if it does not, the plugin gets the stream anyway and an empty body.
     pub fn lend<T, X>(
         mut self,
-        body: Bytes,
+        body: LentBody,
         route: impl for<'r, 'p> FnOnce(&'p Parts, &mut ParamSink<'r, 'p>) -> Result<(Lending<'p>, T), X>,
-    ) -> Result<(FfiRequest, T), (Self, Bytes, X)> {
+    ) -> Result<(FfiRequest, T), (Self, LentBody, X)> {
         // SAFETY: the record is alive, and `&mut self` is its only handle; the two
         // borrows are of different fields and end before the record is handed over.
         let record = unsafe { self.0.as_mut() };
@@ -202,6 +216,25 @@ impl PendingRequest {
             }
         };
         let route = lending.route;
+        debug_assert!(
+            lending.stream_body_limit.is_some() || matches!(body, LentBody::Bytes(_)),
+            "a body still arriving was lent to a route that reads it whole"
+        );
+        let (body, body_stream) = match (body, lending.stream_body_limit) {
+            (LentBody::Bytes(bytes), None) if bytes.is_empty() => (FfiBytes::empty(), None),
+            (LentBody::Bytes(bytes), None) => (FfiBytes::from_owner(bytes), None),
+            (LentBody::Bytes(bytes), Some(limit)) => (
+                FfiBytes::empty(),
+                Some(body_stream(BodySource::Read(Some(bytes)), limit)),
+            ),
+            (LentBody::Stream(incoming), limit) => (
+                FfiBytes::empty(),
+                Some(body_stream(
+                    BodySource::Arriving(incoming),
+                    limit.unwrap_or(u64::MAX),
+                )),
+            ),
+        };
         std::mem::forget(self);
         // SAFETY: `ptr` is the live record this value owned; from here on the
         // `FfiRequest` owns it. The fields the head views are only borrowed shared (a
@@ -231,11 +264,8 @@ impl PendingRequest {
                 FfiStr::new(request_id),
                 params,
                 route,
-                if body.is_empty() {
-                    FfiBytes::empty()
-                } else {
-                    FfiBytes::from_owner(body)
-                },
+                body,
+                body_stream,
             )
         };
         // SAFETY: the head is the record's own field; the empty head it replaces owns
@@ -247,6 +277,84 @@ impl PendingRequest {
         let request = unsafe { FfiRequest::from_raw(FfiRequestData(ptr.cast()), &REQUEST_FNS) };
         Ok((request, extra))
     }
+}
+
+/// Where a streamed request body comes from.
+enum BodySource {
+    /// Already read whole (the route changed to a streaming one meanwhile): one chunk.
+    Read(Option<Bytes>),
+    /// Still arriving from the client.
+    Arriving(Box<Incoming>),
+}
+
+/// A request body streamed to a plugin: polled through the host's own functions, from
+/// whatever thread the plugin polls it on, and never past `limit` bytes.
+struct HostBodyStream {
+    source: BodySource,
+    limit: u64,
+    seen: u64,
+}
+
+fn body_stream(source: BodySource, limit: u64) -> FfiStream {
+    let state = Box::into_raw(Box::new(HostBodyStream {
+        source,
+        limit,
+        seen: 0,
+    }));
+    // SAFETY (`FfiStream::from_raw`): the state is a boxed `Send` value (hyper's body
+    // is `Send`), polled one call at a time by `poll_body` and freed once by
+    // `drop_body`; neither unwinds.
+    unsafe { FfiStream::from_raw(state.cast(), poll_body, drop_body) }
+}
+
+unsafe extern "C" fn poll_body(state: *mut c_void, cx: &mut FfiContext<'_>) -> FfiStreamPoll {
+    // SAFETY: made by `body_stream`, alive until `drop_body`, polled one call at a time.
+    let stream = unsafe { &mut *state.cast::<HostBodyStream>() };
+    // Nothing here should panic; if hyper did, the panic must not unwind into the
+    // plugin's `extern "C"` caller.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cx.with_context(|cx| stream.poll(cx))
+    }))
+    .unwrap_or_else(|_| FfiStreamPoll::Failed("the host failed to read the body".into()))
+}
+
+impl HostBodyStream {
+    fn poll(&mut self, cx: &mut Context<'_>) -> FfiStreamPoll {
+        let data = match &mut self.source {
+            BodySource::Read(bytes) => match bytes.take() {
+                Some(bytes) => bytes,
+                None => return FfiStreamPoll::End,
+            },
+            BodySource::Arriving(incoming) => loop {
+                match Pin::new(&mut **incoming).poll_frame(cx) {
+                    Poll::Pending => return FfiStreamPoll::Pending,
+                    Poll::Ready(None) => return FfiStreamPoll::End,
+                    Poll::Ready(Some(Err(e))) => {
+                        return FfiStreamPoll::Failed(e.to_string().into())
+                    }
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) if !data.is_empty() => break data,
+                        // Trailers, or an empty chunk: nothing for the plugin.
+                        _ => continue,
+                    },
+                }
+            },
+        };
+        self.seen = self.seen.saturating_add(data.len() as u64);
+        if self.seen > self.limit {
+            return FfiStreamPoll::TooLarge(self.limit);
+        }
+        if data.is_empty() {
+            return FfiStreamPoll::End;
+        }
+        FfiStreamPoll::Chunk(FfiBytes::from_owner(data))
+    }
+}
+
+unsafe extern "C" fn drop_body(state: *mut c_void) {
+    // SAFETY: made by `Box::into_raw` in `body_stream`, freed once. Dropping hyper's
+    // body does not panic.
+    drop(unsafe { Box::from_raw(state.cast::<HostBodyStream>()) });
 }
 
 impl Drop for PendingRequest {

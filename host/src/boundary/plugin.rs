@@ -10,6 +10,7 @@
 //! until its drop frees it.
 #![allow(unsafe_code)]
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +53,8 @@ impl std::fmt::Debug for Instance {
 pub struct DeclaredRoutes {
     pub routes: Vec<(String, String)>,
     pub fallback: Option<u32>,
+    /// By route index: `Some(limit)` for a route that takes its body as a stream.
+    pub stream_body_limits: Vec<Option<u64>>,
 }
 
 impl Instance {
@@ -84,6 +87,11 @@ impl Instance {
                 .map(|r| (r.method.to_string(), r.pattern.to_string()))
                 .collect(),
             fallback: init.fallback.into_option(),
+            stream_body_limits: init
+                .routes
+                .iter()
+                .map(|r| r.stream_body_limit.into_option())
+                .collect(),
         };
         Ok((instance, routes))
     }
@@ -152,6 +160,9 @@ pub struct Generation<R> {
     retired: AtomicBool,
     hook: Mutex<Hook>,
     hook_done: Condvar,
+    /// Set when the drain deadline has passed: streamed responses still running on this
+    /// generation end (see [`Generation::cut_off`]).
+    cut: tokio::sync::watch::Sender<bool>,
     /// Handler panics, logged one line each with repeats summarised.
     pub panics: PanicLog,
 }
@@ -182,6 +193,7 @@ impl<R> Generation<R> {
             retired: AtomicBool::new(false),
             hook: Mutex::new(Hook::NotRun),
             hook_done: Condvar::new(),
+            cut: tokio::sync::watch::Sender::new(false),
             panics,
         })
     }
@@ -233,6 +245,23 @@ impl<R> Generation<R> {
             }
         };
         tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+
+    /// Ends what still runs on this generation after its drain deadline: every streamed
+    /// response ends cleanly at its next poll (the body stops, its stream is dropped).
+    /// Handlers still running are not touched (the request timeout ends them).
+    pub fn cut_off(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Completes once [`cut_off`](Self::cut_off) has been called.
+    pub fn cut_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut cut = self.cut.subscribe();
+        async move {
+            // An error means the generation is gone, which a caller holding it in flight
+            // never sees; either way there is nothing left to wait for.
+            let _ = cut.wait_for(|cut| *cut).await;
+        }
     }
 
     /// Calls the plugin's shutdown hook, once: a second caller returns at once, whether

@@ -25,6 +25,10 @@ use crate::control::config::{Config, Limits};
 use crate::routing::domain::{DomainPattern, DomainTable};
 use crate::routing::routes::RouteTable;
 
+/// How long streamed responses get to end once a generation's drain deadline has
+/// passed, before its shutdown hook runs anyway.
+const CUT_GRACE: Duration = Duration::from_millis(500);
+
 /// A generation as it serves: with its route table.
 pub type Generation = plugin::Generation<RouteTable>;
 
@@ -462,6 +466,16 @@ impl Microservers {
         while generations.iter().any(|g| g.in_flight() > 0) && Instant::now() < requests_until {
             std::thread::sleep(Duration::from_millis(5));
         }
+        if generations.iter().any(|g| g.in_flight() > 0) {
+            // Streamed responses end now, and get a moment to let go.
+            for g in &generations {
+                g.cut_off();
+            }
+            let until = Instant::now() + CUT_GRACE;
+            while generations.iter().any(|g| g.in_flight() > 0) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         for g in generations.iter().filter(|g| g.in_flight() > 0) {
             tracing::warn!(
                 server = %g.server,
@@ -862,7 +876,10 @@ impl Microservers {
                             .iter()
                             .map(|(m, p)| (m.as_str(), p.as_str()));
                         match RouteTable::new(routes, declared.fallback) {
-                            Ok(routes) => Ok((instance, routes)),
+                            Ok(routes) => Ok((
+                                instance,
+                                routes.with_stream_body_limits(declared.stream_body_limits),
+                            )),
                             Err(e) => {
                                 // It never served, but init may have started things; let it
                                 // stop them.
@@ -975,7 +992,13 @@ impl Microservers {
         let retiring = self.retiring.clone();
         runtime.spawn(async move {
             let started = Instant::now();
-            let drained = generation.drain(drain).await;
+            let mut drained = generation.drain(drain).await;
+            if !drained {
+                // Streamed responses end now (cleanly, at their next poll), and get a
+                // moment to let go of the generation before its hook runs.
+                generation.cut_off();
+                drained = generation.drain(CUT_GRACE).await;
+            }
             let in_flight = generation.in_flight();
             // The shutdown hook (and, usually, the instance's drop) is plugin code that may
             // block: it runs on a thread of its own, not on the runtime's workers nor its

@@ -11,6 +11,8 @@ pub struct RouteTable {
     fallback: Option<u32>,
     /// Each route as `METHOD /pattern`, by index, for log lines.
     described: Vec<String>,
+    /// By route index: `Some(limit)` for a route that takes its body as a stream.
+    stream_body_limits: Vec<Option<u64>>,
 }
 
 #[derive(Debug)]
@@ -66,7 +68,23 @@ impl RouteTable {
             paths,
             fallback,
             described,
+            stream_body_limits: Vec::new(),
         })
+    }
+
+    /// Marks routes that take their body as a stream, by index, with their limits.
+    pub fn with_stream_body_limits(mut self, limits: Vec<Option<u64>>) -> Self {
+        self.stream_body_limits = limits;
+        self
+    }
+
+    /// `Some(limit)` if `route` takes its body as a stream of at most `limit` bytes.
+    #[inline]
+    pub fn stream_body_limit(&self, route: u32) -> Option<u64> {
+        self.stream_body_limits
+            .get(route as usize)
+            .copied()
+            .flatten()
     }
 
     /// A route by index, as `METHOD /pattern` (or `fallback`), for log lines.

@@ -3,12 +3,13 @@
 //! `curl http://hello.localhost:7777/hello/world`.
 //!
 //! It shows the whole plugin API in one place: config, path parameters, the query
-//! string, JSON in and out, headers, logging and the host's timer.
+//! string, JSON in and out, headers, logging, the host's timer and server-sent events.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use plugin_api::stream::{unfold, Event};
 use plugin_api::tracing::info;
 use plugin_api::{export_plugin, Error, InitContext, Json, Microserver, Request, Response, Routes};
 use serde::Deserialize;
@@ -54,11 +55,32 @@ impl Microserver for Hello {
             .post("/echo-raw", Self::echo_raw)
             .get("/plain", Self::plain)
             .get("/bytes/{n}", Self::bytes)
-            .get("/slow", Self::slow);
+            .get("/slow", Self::slow)
+            .get("/events", Self::events);
     }
 }
 
 impl Hello {
+    /// `GET /events?every_ms=1000`: server-sent events, a numbered tick every second
+    /// (or every `every_ms`), for as long as the client listens. Try
+    /// `curl -N http://hello.localhost:7777/events`.
+    async fn events(self: Arc<Self>, req: Request) -> Response {
+        let every = req
+            .query_param("every_ms")
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::from_secs(1), Duration::from_millis);
+        let greeting = self.greeting.clone();
+        Response::sse(unfold(1u64, move |n| {
+            let data = format!("{greeting} #{n}");
+            async move {
+                if n > 1 {
+                    plugin_api::sleep(every).await;
+                }
+                Some((Event::data(data).event("tick").id(n.to_string()), n + 1))
+            }
+        }))
+    }
+
     /// `GET /`: the greeting and how many requests this instance has served.
     async fn index(self: Arc<Self>, req: Request) -> Response {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
@@ -166,6 +188,19 @@ mod tests {
         assert_eq!(body["content_type"], "application/json");
         let r = server.call(TestRequest::post("/echo").body("not json"));
         assert_eq!(r.status(), 400);
+    }
+
+    #[test]
+    fn events_tick_as_server_sent_events() {
+        let server = hello();
+        let r = server.get("/events?every_ms=10");
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let body = server.read_stream(r, 60).unwrap();
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.starts_with("event: tick\nid: 1\ndata: Howdy #1\n\nevent: tick\nid: 2\n"),
+            "{text}"
+        );
     }
 
     #[test]
