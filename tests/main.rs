@@ -7,6 +7,7 @@ mod support;
 
 mod boundary;
 mod config;
+mod database;
 mod loading;
 mod reload;
 mod robustness;

@@ -142,7 +142,10 @@ pub fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
-/// A host set-up: a folder with a config file and a plugin folder.
+/// A host set-up: a folder with a config file and a plugin folder. The host runs in
+/// that folder, so files a plugin makes at relative paths (such as `notes`' database)
+/// land there. Clone it to start another host on the same folder.
+#[derive(Clone)]
 pub struct Setup {
     pub dir: PathBuf,
     env: Vec<(String, String)>,
@@ -177,7 +180,8 @@ impl Setup {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_host"));
-        cmd.arg("--config")
+        cmd.current_dir(&self.dir)
+            .arg("--config")
             .arg(self.dir.join("servers.config.json"))
             .args(args)
             .env("RUST_LOG", "info")
@@ -326,6 +330,11 @@ impl Host {
 
     pub fn dir(&self) -> &Path {
         &self._setup.dir
+    }
+
+    /// The set-up this host was started from (clone it to start another on its folder).
+    pub fn setup(&self) -> &Setup {
+        &self._setup
     }
 
     /// Installs a library the way `cargo xtask build-plugins` does: a temporary name in
