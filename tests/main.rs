@@ -8,6 +8,7 @@ mod support;
 mod boundary;
 mod config;
 mod database;
+mod gateway;
 mod loading;
 mod reload;
 mod robustness;

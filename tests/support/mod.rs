@@ -16,6 +16,7 @@ use serde_json::Value;
 const LIBRARIES: &[&str] = &[
     "hello",
     "notes",
+    "gateway",
     "fixture-misbehave",
     "fixture-old-api",
     "fixture-crash-on-load",
