@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 use abi_stable::std_types::RResult;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use host::boundary::call::{self, ClientAddr, Lending, OutcomeSlot, PendingRequest};
+use host::boundary::call::{self, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest};
 use host::boundary::loader;
 use host::boundary::plugin::Instance;
 use host::routing::domain::{normalize_host, DomainPattern, DomainTable};
@@ -179,9 +179,16 @@ fn plugin_call(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let pending = PendingRequest::new(request_parts(), &client, *b"0123456789abcdef");
-                let lent = pending.lend(Bytes::new(), |_, _| {
+                let lent = pending.lend(LentBody::Bytes(Bytes::new()), |_, _| {
                     let domain = Cow::Borrowed(&b"hello.localhost"[..]);
-                    Ok::<_, ()>((Lending { domain, route }, ()))
+                    Ok::<_, ()>((
+                        Lending {
+                            domain,
+                            route,
+                            stream_body_limit: None,
+                        },
+                        (),
+                    ))
                 });
                 let Ok((request, ())) = lent else {
                     unreachable!("always lent")

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use std::time::Instant;
 
-use abi_stable::std_types::{ROption, RResult};
+use abi_stable::std_types::RResult;
 use async_ffi::ContextExt;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -103,6 +103,9 @@ impl std::fmt::Display for StreamFailed {
 impl std::error::Error for StreamFailed {}
 
 impl StreamedBody {
+    // Kept out of the request path's code: few responses are streamed.
+    #[cold]
+    #[inline(never)]
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
@@ -808,7 +811,7 @@ fn into_http(
         }
         headers.append(name, value);
     }
-    if let ROption::RSome(stream) = std::mem::replace(&mut response.stream, ROption::RNone) {
+    if let Some(stream) = response.stream.take() {
         if head {
             // No body, and no length to tell: the stream is dropped unread.
             drop(stream);

@@ -23,7 +23,7 @@ use async_ffi::FfiContext;
 
 use crate::ffi::{
     FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute, FfiStream,
-    FfiStreamPoll, PluginMod, PluginModRef,
+    FfiStreamFns, FfiStreamPoll, PluginMod, PluginModRef,
 };
 use crate::host::{self, panic_message};
 use crate::runtime::PluginRuntime;
@@ -305,8 +305,8 @@ unsafe extern "C" fn handle<S: Microserver, Rt: PluginRuntime>(
 unsafe fn enter_stream<Rt: PluginRuntime>(handle: &Rt::Handle, out: *mut FfiHandleResult) {
     // SAFETY: the caller's promise.
     if let ROk(response) = unsafe { &mut *out } {
-        if let ROption::RSome(stream) = std::mem::replace(&mut response.stream, ROption::RNone) {
-            response.stream = ROption::RSome(entered_stream::<Rt>(handle.clone(), stream));
+        if let Some(stream) = response.stream.take() {
+            response.stream = entered_stream::<Rt>(handle.clone(), stream);
         }
     }
 }
@@ -321,13 +321,14 @@ fn entered_stream<Rt: PluginRuntime>(handle: Rt::Handle, stream: FfiStream) -> F
     // SAFETY (`FfiStream::from_raw`): the state is boxed and `Send`; `poll_entered_stream`
     // passes each poll on to the inner stream (which keeps its own contract), and
     // `drop_entered_stream` frees it once.
-    unsafe {
-        FfiStream::from_raw(
-            state.cast(),
-            poll_entered_stream::<Rt>,
-            drop_entered_stream::<Rt>,
-        )
-    }
+    unsafe { FfiStream::from_raw(state.cast(), &EnteredStream::<Rt>::FNS) }
+}
+
+impl<Rt: PluginRuntime> EnteredStream<Rt> {
+    const FNS: FfiStreamFns = FfiStreamFns {
+        poll_next: poll_entered_stream::<Rt>,
+        drop: drop_entered_stream::<Rt>,
+    };
 }
 
 unsafe extern "C" fn poll_entered_stream<Rt: PluginRuntime>(

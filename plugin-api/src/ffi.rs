@@ -53,14 +53,14 @@
 //! # use plugin_api::ffi::*;
 //! // A response's content type is `'static` bytes, through `FfiResponse::new` only.
 //! fn temporary(text: &[u8]) -> FfiResponse {
-//!     FfiResponse { status: 200, content_type: FfiStr::new(text), headers: FfiHeaders::default(), body: FfiBytes::empty(), stream: Default::default() }
+//!     FfiResponse { status: 200, content_type: FfiStr::new(text), headers: FfiHeaders::default(), body: FfiBytes::empty(), stream: FfiStream::empty() }
 //! }
 //! ```
 //!
 //! ```compile_fail,E0521
 //! # use plugin_api::ffi::*;
 //! fn temporary(text: &[u8]) -> FfiResponse {
-//!     FfiResponse::new(200, text, FfiHeaders::default(), FfiBytes::empty(), None)
+//!     FfiResponse::new(200, text, FfiHeaders::default(), FfiBytes::empty(), FfiStream::empty())
 //! }
 //! ```
 //!
@@ -400,45 +400,82 @@ pub enum FfiStreamPoll {
     TooLarge(u64),
 }
 
+/// The functions of an [`FfiStream`], in a `'static` table of the side that made it.
+///
+/// Both are `unsafe`: only with the state of the stream they came with (see
+/// [`FfiStream::from_raw`]).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiStreamFns {
+    pub poll_next:
+        for<'a, 'b> unsafe extern "C" fn(*mut c_void, &'a mut FfiContext<'b>) -> FfiStreamPoll,
+    pub drop: unsafe extern "C" fn(*mut c_void),
+}
+
 /// A stream of body chunks, polled and dropped through the functions of the side that
 /// made it: a response body a plugin streams, or a request body the host streams to a
-/// route that asked for it.
+/// route that asked for it. Two pointers; an empty one (no stream) has a null state.
 ///
 /// Its fields are private: a stream is made only by the `unsafe`
-/// [`FfiStream::from_raw`], and used only through [`poll_next`](Self::poll_next) and
-/// its drop.
+/// [`FfiStream::from_raw`] (or empty), and used only through
+/// [`poll_next`](Self::poll_next) and its drop.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct FfiStream {
     state: *mut c_void,
-    poll_next:
-        for<'a, 'b> unsafe extern "C" fn(*mut c_void, &'a mut FfiContext<'b>) -> FfiStreamPoll,
-    drop: unsafe extern "C" fn(*mut c_void),
+    fns: &'static FfiStreamFns,
 }
 
 // SAFETY: `from_raw`'s contract: the state may be polled and dropped from any thread.
 unsafe impl Send for FfiStream {}
 
+unsafe extern "C" fn poll_no_stream(_: *mut c_void, _: &mut FfiContext<'_>) -> FfiStreamPoll {
+    FfiStreamPoll::End
+}
+
+unsafe extern "C" fn drop_no_stream(_: *mut c_void) {}
+
+static NO_STREAM: FfiStreamFns = FfiStreamFns {
+    poll_next: poll_no_stream,
+    drop: drop_no_stream,
+};
+
 impl FfiStream {
+    /// No stream.
+    #[inline]
+    pub fn empty() -> Self {
+        FfiStream {
+            state: std::ptr::null_mut(),
+            fns: &NO_STREAM,
+        }
+    }
+
     /// A stream made of a state and the functions that poll and free it.
     ///
     /// # Safety
-    /// `poll_next(state, cx)` must be sound to call from any thread, one call at a time,
-    /// until it returns `End`, `Failed` or `TooLarge` (it is not called after that), and
-    /// `drop(state)` once, after which neither is called again; neither may unwind.
-    pub unsafe fn from_raw(
-        state: *mut c_void,
-        poll_next: for<'a, 'b> unsafe extern "C" fn(
-            *mut c_void,
-            &'a mut FfiContext<'b>,
-        ) -> FfiStreamPoll,
-        drop: unsafe extern "C" fn(*mut c_void),
-    ) -> Self {
-        FfiStream {
-            state,
-            poll_next,
-            drop,
+    /// `state` is not null; `fns.poll_next(state, cx)` must be sound to call from any
+    /// thread, one call at a time, until it returns `End`, `Failed` or `TooLarge` (it
+    /// is not called after that), and `fns.drop(state)` once, after which neither is
+    /// called again; neither may unwind.
+    #[inline]
+    pub unsafe fn from_raw(state: *mut c_void, fns: &'static FfiStreamFns) -> Self {
+        FfiStream { state, fns }
+    }
+
+    /// Whether there is nothing to poll: [`empty`](Self::empty), or ended. (Told by the
+    /// state, not the table: each library has its own copy of the empty one.)
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.state.is_null()
+    }
+
+    /// Takes the stream out, leaving an empty one; `None` if it was empty.
+    #[inline]
+    pub fn take(&mut self) -> Option<FfiStream> {
+        if self.is_empty() {
+            return None;
         }
+        Some(std::mem::replace(self, FfiStream::empty()))
     }
 
     /// Polls for the next chunk. Once it has returned `End`, `Failed` or `TooLarge`, it
@@ -449,7 +486,7 @@ impl FfiStream {
             return FfiStreamPoll::End;
         }
         // SAFETY: `from_raw`'s contract; `&mut self` makes calls one at a time.
-        let polled = unsafe { (self.poll_next)(self.state, cx) };
+        let polled = unsafe { (self.fns.poll_next)(self.state, cx) };
         if !matches!(polled, FfiStreamPoll::Pending | FfiStreamPoll::Chunk(_)) {
             self.finish();
         }
@@ -457,11 +494,12 @@ impl FfiStream {
     }
 
     /// Drops the stream's state now (it ended, or nobody wants the rest).
+    #[inline]
     fn finish(&mut self) {
         let state = std::mem::replace(&mut self.state, std::ptr::null_mut());
         if !state.is_null() {
             // SAFETY: `from_raw`'s contract: once, and never polled after.
-            unsafe { (self.drop)(state) };
+            unsafe { (self.fns.drop)(state) };
         }
     }
 }
@@ -494,9 +532,9 @@ pub struct FfiRequestHead {
     pub route: u32,
     /// The body. The plugin may take it (leaving an empty one in its place).
     pub body: FfiBytes,
-    /// The body as a stream, for a route that asked for one (`body` is then empty).
-    /// The plugin may take it.
-    pub body_stream: ROption<FfiStream>,
+    /// The body as a stream, for a route that asked for one (`body` is then empty),
+    /// else an empty stream. The plugin may take it.
+    pub body_stream: FfiStream,
 }
 
 impl FfiRequestHead {
@@ -513,7 +551,7 @@ impl FfiRequestHead {
             params_len: 0,
             route: 0,
             body: FfiBytes::empty(),
-            body_stream: ROption::RNone,
+            body_stream: FfiStream::empty(),
         }
     }
 
@@ -547,7 +585,7 @@ impl FfiRequestHead {
             params_len: params.len(),
             route,
             body,
-            body_stream: body_stream.into(),
+            body_stream: body_stream.unwrap_or_else(FfiStream::empty),
         }
     }
 
@@ -623,7 +661,7 @@ impl FfiRequest {
     pub fn take_body_stream(&mut self) -> Option<FfiStream> {
         // SAFETY: as in `take_body`.
         let head = unsafe { &mut *self.data.0.cast::<FfiRequestHead>() };
-        std::mem::replace(&mut head.body_stream, ROption::RNone).into_option()
+        head.body_stream.take()
     }
 
     /// The first value of a header (names compare case-insensitively), if present. The
@@ -720,8 +758,9 @@ pub struct FfiResponse {
     content_type: FfiStr,
     pub headers: FfiHeaders,
     pub body: FfiBytes,
-    /// A body sent as it is produced, instead of `body` (which is then empty).
-    pub stream: ROption<FfiStream>,
+    /// A body sent as it is produced, instead of `body` (which is then empty); else an
+    /// empty stream.
+    pub stream: FfiStream,
 }
 
 impl FfiResponse {
@@ -732,14 +771,14 @@ impl FfiResponse {
         content_type: &'static [u8],
         headers: FfiHeaders,
         body: FfiBytes,
-        stream: Option<FfiStream>,
+        stream: FfiStream,
     ) -> Self {
         FfiResponse {
             status,
             content_type: FfiStr::new(content_type),
             headers,
             body,
-            stream: stream.into(),
+            stream,
         }
     }
 

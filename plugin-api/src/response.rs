@@ -23,7 +23,7 @@ pub struct Response {
     headers: FfiHeaders,
     body: FfiBytes,
     /// A body sent as it is produced (see [`Response::stream`]), instead of `body`.
-    stream: Option<FfiStream>,
+    stream: FfiStream,
 }
 
 const CONTENT_TYPE: &str = "content-type";
@@ -33,7 +33,7 @@ impl std::fmt::Debug for Response {
         f.debug_struct("Response")
             .field("status", &self.status)
             .field("body_len", &self.body.len())
-            .field("streamed", &self.stream.is_some())
+            .field("streamed", &!self.stream.is_empty())
             .finish_non_exhaustive()
     }
 }
@@ -53,7 +53,7 @@ impl Response {
             content_type: "",
             headers: FfiHeaders::default(),
             body: FfiBytes::empty(),
-            stream: None,
+            stream: FfiStream::empty(),
         }
     }
 
@@ -112,13 +112,15 @@ impl Response {
     #[inline]
     pub fn with_body(mut self, body: impl Into<Body>) -> Self {
         self.body = body.into().0;
-        self.stream = None;
+        if !self.stream.is_empty() {
+            self.stream = FfiStream::empty();
+        }
         self
     }
 
     pub(crate) fn set_stream(&mut self, stream: FfiStream) {
         self.body = FfiBytes::empty();
-        self.stream = Some(stream);
+        self.stream = stream;
     }
 
     pub fn status(&self) -> u16 {
@@ -132,7 +134,7 @@ impl Response {
 
     /// Whether the body is a stream (made by [`Response::stream`] or [`Response::sse`]).
     pub fn is_streamed(&self) -> bool {
-        self.stream.is_some()
+        !self.stream.is_empty()
     }
 
     /// Takes the body's stream out (for tests that read it: see
@@ -161,7 +163,7 @@ impl Response {
             content_type,
             headers: response.headers,
             body: response.body,
-            stream: response.stream.into_option(),
+            stream: response.stream,
         }
     }
 

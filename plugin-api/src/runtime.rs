@@ -12,7 +12,6 @@
 //!
 //! Without a runtime, none of this code is instantiated: a plugin that does not opt in
 //! pays nothing on its request path.
-#![allow(unsafe_code)]
 
 use std::time::Duration;
 

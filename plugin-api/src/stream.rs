@@ -20,7 +20,7 @@ use async_ffi::{ContextExt, FfiContext};
 pub use futures_core::Stream;
 
 use crate::export::catch;
-use crate::ffi::{FfiStream, FfiStreamPoll};
+use crate::ffi::{FfiStream, FfiStreamFns, FfiStreamPoll};
 use crate::{Body, Error, Response};
 
 /// One chunk of a streamed response: what a [`Response::with_stream`] stream may yield.
@@ -226,7 +226,18 @@ where
     // SAFETY (`FfiStream::from_raw`): the state is a boxed `Send` stream, polled in place
     // (it never moves: boxed) by `poll_stream` and freed once by `drop_stream`; both
     // catch every panic.
-    unsafe { FfiStream::from_raw(state.cast(), poll_stream::<S>, drop_stream::<S>) }
+    unsafe { FfiStream::from_raw(state.cast(), &CatchStream::<S>::FNS) }
+}
+
+impl<S> CatchStream<S>
+where
+    S: Stream,
+    S::Item: IntoChunk,
+{
+    const FNS: FfiStreamFns = FfiStreamFns {
+        poll_next: poll_stream::<S>,
+        drop: drop_stream::<S>,
+    };
 }
 
 struct CatchStream<S>(ManuallyDrop<S>);

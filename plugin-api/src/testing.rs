@@ -10,9 +10,11 @@
 //! to stderr; the test binary's own panic hook is left as it is.
 //!
 //! Each `TestServer` also runs a tokio runtime like the one `export_plugin!(T, tokio)`
-//! gives an instance (with the `tokio` feature, on by default), entered around `init`
-//! and every call: a plugin that uses tokio is tested as it runs in the host, from a
-//! plain `#[test]` (not `#[tokio::test]`, which is not needed).
+//! gives an instance (with the `tokio` feature, on by default: 2 worker threads),
+//! entered around `init`, every call and the drop: a plugin that uses tokio is tested as
+//! it runs in the host, from a plain `#[test]` (not `#[tokio::test]`, which is not
+//! needed). [`TestServer::shutdown`] ends it as the host ends a generation: the shutdown
+//! hook, the drop, then the runtime stopped.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -42,7 +44,7 @@
 
 use std::ffi::c_void;
 use std::future::Future;
-use std::mem::MaybeUninit;
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -63,20 +65,42 @@ const HANDLER_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A microserver instance, started without a host (see the [module docs](self)).
 pub struct TestServer<S> {
-    server: Arc<S>,
-    routes: Routes<S>,
+    /// Dropped by hand, inside the runtime (see `Drop`).
+    server: ManuallyDrop<Arc<S>>,
+    routes: ManuallyDrop<Routes<S>>,
     /// The routes' paths, grouped by the host's own rules (`route_table`).
     table: crate::route_table::Grouped,
     /// A tokio runtime like the one `export_plugin!(T, tokio)` gives each instance,
     /// entered around `init` and every call (unused by a plugin without tokio).
     #[cfg(feature = "tokio")]
-    runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl<S> Drop for TestServer<S> {
+    /// Drops the instance as the host drops a generation's: inside its runtime, which is
+    /// then stopped (its tasks dropped, its threads joined, for at most 5 s).
+    fn drop(&mut self) {
+        #[cfg(feature = "tokio")]
+        let entered = self.runtime.as_ref().map(|r| r.enter());
+        // SAFETY: dropped once, here; the fields are not used after.
+        unsafe {
+            ManuallyDrop::drop(&mut self.routes);
+            ManuallyDrop::drop(&mut self.server);
+        }
+        #[cfg(feature = "tokio")]
+        {
+            drop(entered);
+            if let Some(runtime) = self.runtime.take() {
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 impl<S> std::fmt::Debug for TestServer<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TestServer")
-            .field("routes", &self.routes)
+            .field("routes", &*self.routes)
             .finish_non_exhaustive()
     }
 }
@@ -156,7 +180,7 @@ impl<S: Microserver> TestServer<S> {
         crate::host::connect_with(test_host(), "test", false);
         #[cfg(feature = "tokio")]
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
             .enable_all()
             .build()
             .map_err(|e| Error::internal(format!("cannot start a tokio runtime: {e}")))?;
@@ -180,17 +204,17 @@ impl<S: Microserver> TestServer<S> {
         #[cfg(feature = "tokio")]
         drop(entered);
         Ok(TestServer {
-            server,
-            routes,
+            server: ManuallyDrop::new(server),
+            routes: ManuallyDrop::new(routes),
             table,
             #[cfg(feature = "tokio")]
-            runtime,
+            runtime: Some(runtime),
         })
     }
 
     /// The microserver itself, for checks on its state.
     pub fn server(&self) -> &Arc<S> {
-        &self.server
+        &*self.server
     }
 
     /// Sends `request` and waits for the answer (at most 30 s, then it panics).
@@ -221,9 +245,8 @@ impl<S: Microserver> TestServer<S> {
             },
         };
         let request = Record::lend(request, params);
-        #[cfg(feature = "tokio")]
-        let _entered = self.runtime.enter();
-        let response = run(|cx, out| handler(self.server.clone(), request, cx, out));
+        let _entered = self.enter();
+        let response = run(|cx, out| handler(Arc::clone(&self.server), request, cx, out));
         if head {
             // No body in a HEAD response, as over HTTP.
             response.with_body(crate::Body::empty())
@@ -235,6 +258,26 @@ impl<S: Microserver> TestServer<S> {
     /// `GET target`.
     pub fn get(&self, target: &str) -> Response {
         self.call(TestRequest::get(target))
+    }
+
+    /// Ends the instance as the host ends a generation: calls
+    /// [`Microserver::shutdown`] (inside its runtime, so `plugin_api::block_on` works
+    /// there), then drops it, then stops its runtime. (Dropping a `TestServer` does the
+    /// same without the hook.)
+    pub fn shutdown(self) {
+        {
+            let _entered = self.enter();
+            self.server.shutdown();
+        }
+        drop(self);
+    }
+
+    /// Enters the test runtime (nothing without the `tokio` feature).
+    fn enter(&self) -> impl Sized + '_ {
+        #[cfg(feature = "tokio")]
+        return self.runtime.as_ref().map(|r| r.enter());
+        #[cfg(not(feature = "tokio"))]
+        return ();
     }
 
     /// Reads a streamed response's body (see [`Response::stream`]) until it ends or at
@@ -264,8 +307,7 @@ impl<S: Microserver> TestServer<S> {
         let Some(mut stream) = response.take_stream() else {
             return Ok(response.body().to_vec());
         };
-        #[cfg(feature = "tokio")]
-        let _entered = self.runtime.enter();
+        let _entered = self.enter();
         let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
         let mut cx = Context::from_waker(&waker);
         let deadline = Instant::now() + HANDLER_DEADLINE;
@@ -635,5 +677,35 @@ mod tests {
         }
         let server = TestServer::<Timed>::start(serde_json::Value::Null).unwrap();
         assert_eq!(server.get("/").body(), b"14");
+        server.shutdown();
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn shutdown_runs_the_hook_inside_the_runtime_and_then_drops_the_instance() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static EVENTS: AtomicU32 = AtomicU32::new(0);
+        struct Hooked;
+        impl Microserver for Hooked {
+            fn init(_: &InitContext<'_>) -> Result<Self, Error> {
+                Ok(Hooked)
+            }
+            fn routes(_: &mut Routes<Self>) {}
+            fn shutdown(&self) {
+                crate::block_on(tokio::time::sleep(std::time::Duration::from_millis(1)));
+                EVENTS.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        impl Drop for Hooked {
+            fn drop(&mut self) {
+                // Dropped inside the runtime, after the hook.
+                assert!(tokio::runtime::Handle::try_current().is_ok());
+                assert_eq!(EVENTS.fetch_add(10, Ordering::SeqCst), 1);
+            }
+        }
+        TestServer::<Hooked>::start(serde_json::Value::Null)
+            .unwrap()
+            .shutdown();
+        assert_eq!(EVENTS.load(Ordering::SeqCst), 11);
     }
 }

@@ -31,7 +31,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::http::request::Parts;
 use plugin_api::ffi::{
     FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest, FfiRequestData,
-    FfiRequestFns, FfiRequestHead, FfiStr, FfiStream, FfiStreamPoll,
+    FfiRequestFns, FfiRequestHead, FfiStr, FfiStream, FfiStreamFns, FfiStreamPoll,
 };
 use smallvec::SmallVec;
 
@@ -304,8 +304,13 @@ fn body_stream(source: BodySource, limit: u64) -> FfiStream {
     // SAFETY (`FfiStream::from_raw`): the state is a boxed `Send` value (hyper's body
     // is `Send`), polled one call at a time by `poll_body` and freed once by
     // `drop_body`; neither unwinds.
-    unsafe { FfiStream::from_raw(state.cast(), poll_body, drop_body) }
+    unsafe { FfiStream::from_raw(state.cast(), &BODY_FNS) }
 }
+
+static BODY_FNS: FfiStreamFns = FfiStreamFns {
+    poll_next: poll_body,
+    drop: drop_body,
+};
 
 unsafe extern "C" fn poll_body(state: *mut c_void, cx: &mut FfiContext<'_>) -> FfiStreamPoll {
     // SAFETY: made by `body_stream`, alive until `drop_body`, polled one call at a time.
