@@ -267,7 +267,7 @@ struct Case {
     targets: &'static [&'static str],
 }
 
-fn tool(name: &str) -> Option<PathBuf> {
+pub(crate) fn tool(name: &str) -> Option<PathBuf> {
     let home_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin").join(name));
     std::env::var_os("PATH")
         .into_iter()
@@ -284,7 +284,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// A folder with a config and a plugins/ folder holding `libs` as `<name>.so`.
-fn prepare(dir: &Path, config: &str, libs: &[(PathBuf, &str)]) -> Result<()> {
+pub(crate) fn prepare(dir: &Path, config: &str, libs: &[(PathBuf, &str)]) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir.join("plugins"))?;
     std::fs::write(dir.join("servers.config.json"), config)?;
@@ -332,7 +332,7 @@ fn nginx_config(dir: &Path, port: u16) -> String {
     )
 }
 
-fn host_cmd<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command {
+pub(crate) fn host_cmd<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command {
     cmd.arg("--config")
         .arg(dir.join("servers.config.json"))
         .args(["--listen", "127.0.0.1:0"])
@@ -390,7 +390,7 @@ fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<u16> {
     Ok(out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0))
 }
 
-fn proc_status(pid: u32, field: &str) -> u64 {
+pub(crate) fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -420,7 +420,7 @@ fn user_sys_ms(pid: u32) -> (f64, f64) {
 }
 
 /// CPU time the process has spent, in nanoseconds, summed over its threads.
-fn cpu_ns(pid: u32) -> u64 {
+pub(crate) fn cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
@@ -432,15 +432,19 @@ fn cpu_ns(pid: u32) -> u64 {
 }
 
 /// A server under test. For nginx, the CPU of every process in its group counts.
-struct Target {
+pub(crate) struct Target {
     name: &'static str,
     domain: &'static str,
-    addr: SocketAddr,
-    child: Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) child: Child,
 }
 
 impl Target {
-    fn start(name: &'static str, domain: &'static str, cmd: &mut Command) -> Result<Target> {
+    pub(crate) fn start(
+        name: &'static str,
+        domain: &'static str,
+        cmd: &mut Command,
+    ) -> Result<Target> {
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -502,7 +506,7 @@ impl Target {
     }
 
     /// CPU nanoseconds of the target (nginx: master and workers, found by parent pid).
-    fn cpu_ns(&self) -> u64 {
+    pub(crate) fn cpu_ns(&self) -> u64 {
         self.pids().into_iter().map(cpu_ns).sum()
     }
 
@@ -541,7 +545,7 @@ impl Target {
         pids
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();

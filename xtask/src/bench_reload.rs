@@ -25,6 +25,9 @@ const DEBOUNCE_MS: u64 = 50;
 pub fn run(args: &[String]) -> Result<()> {
     let reloads: usize = flag(args, "--reloads").unwrap_or(50);
     let clients: usize = flag(args, "--clients").unwrap_or(4);
+    // `--tokio`: the plugin runs a tokio runtime of its own (2 worker threads and a
+    // background task per generation).
+    let tokio = args.iter().any(|a| a == "--tokio");
     let root = root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -35,8 +38,8 @@ pub fn run(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .status()?;
     anyhow::ensure!(status.success(), "building the host failed");
-    let a = build_variant("a", &out_dir)?;
-    let b = build_variant("b", &out_dir)?;
+    let a = build_variant("a", tokio, &out_dir)?;
+    let b = build_variant("b", tokio, &out_dir)?;
 
     let run_dir = out_dir.join("reload-run");
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -125,6 +128,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let report = json!({
         "reloads": reloads,
         "clients": clients,
+        "plugin_runtime": if tokio { "tokio" } else { "none" },
         "requests_ok": ok.load(Ordering::Relaxed),
         "requests_failed": failures.len(),
         "failures": failures.iter().take(20).collect::<Vec<_>>(),
@@ -142,7 +146,14 @@ pub fn run(args: &[String]) -> Result<()> {
     )?;
 
     let s = |k: &str, f: &str| report[k][f].as_f64().unwrap_or(f64::NAN);
-    println!("\n## Hot reload under load ({reloads} reloads, {clients} keep-alive clients)\n");
+    let runtime = if tokio {
+        ", the plugin with a tokio runtime of its own"
+    } else {
+        ""
+    };
+    println!(
+        "\n## Hot reload under load ({reloads} reloads, {clients} keep-alive clients{runtime})\n"
+    );
     println!("| measure | value |\n|---|---|");
     println!(
         "| requests served / failed | {} / {} |",
@@ -194,9 +205,13 @@ fn flag(args: &[String], name: &str) -> Option<usize> {
     args.get(i + 1)?.parse().ok()
 }
 
-fn build_variant(variant: &str, out_dir: &Path) -> Result<PathBuf> {
-    let status = cargo()
-        .args(["build", "--release", "-p", "fixture-versioned"])
+fn build_variant(variant: &str, tokio: bool, out_dir: &Path) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "-p", "fixture-versioned"]);
+    if tokio {
+        cmd.args(["--features", "tokio"]);
+    }
+    let status = cmd
         .env("FIXTURE_VARIANT", variant)
         .current_dir(root())
         .status()?;

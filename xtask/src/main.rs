@@ -8,6 +8,7 @@ use serde_json::Value;
 
 mod bench;
 mod bench_reload;
+mod bench_sse;
 mod dev;
 mod new_plugin;
 
@@ -27,9 +28,13 @@ tasks:
                               req/s, latency, server CPU per request, start-up, memory.
                               Needs wrk (apt-get install -y wrk) and oha (cargo install
                               oha --locked); --quick takes about a minute
-  bench-reload [--reloads N] [--clients C]
+  bench-reload [--reloads N] [--clients C] [--tokio]
                               replace a plugin library N times (default 50) under load and
                               report failed requests, reload latency, memory, threads, fds
+                              (--tokio: the plugin runs a tokio runtime of its own)
+  bench-sse [--clients N] [--rate R] [--seconds S]
+                              N clients (default 1000) each on hello's server-sent events at
+                              R events/s (default 10): events delivered, host CPU, memory
   help                        this text
 ";
 
@@ -49,6 +54,7 @@ fn main() -> Result<()> {
         }
         Some("new-plugin") => new_plugin::run(&args[1..]),
         Some("bench-reload") => bench_reload::run(&args[1..]),
+        Some("bench-sse") => bench_sse::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("help") | Some("--help") | None => {
             print!("{HELP}");
