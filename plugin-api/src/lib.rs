@@ -73,6 +73,42 @@
 //! - `tokio::task::block_in_place` does not work in a handler (the host's thread is not
 //!   one of the runtime's workers): use `spawn_blocking`.
 //!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use plugin_api::{export_plugin, Error, InitContext, Microserver, Request, Routes};
+//!
+//! struct Counter {
+//!     ticks: Arc<AtomicU64>,
+//! }
+//!
+//! impl Microserver for Counter {
+//!     fn init(_: &InitContext<'_>) -> Result<Self, Error> {
+//!         let ticks = Arc::new(AtomicU64::new(0));
+//!         let counting = ticks.clone();
+//!         // A background task: it runs until this generation ends.
+//!         tokio::spawn(async move {
+//!             let mut every = tokio::time::interval(Duration::from_secs(1));
+//!             loop {
+//!                 every.tick().await;
+//!                 counting.fetch_add(1, Ordering::Relaxed);
+//!             }
+//!         });
+//!         Ok(Counter { ticks })
+//!     }
+//!
+//!     fn routes(routes: &mut Routes<Self>) {
+//!         routes.get("/ticks", |s: Arc<Self>, _: Request| async move {
+//!             tokio::time::sleep(Duration::from_millis(5)).await; // a tokio timer, in a handler
+//!             s.ticks.load(Ordering::Relaxed).to_string()
+//!         });
+//!     }
+//! }
+//!
+//! export_plugin!(Counter, tokio);
+//! ```
+//!
 //! A plugin declared without `tokio` pays nothing for it: no runtime, no threads, and
 //! no extra work per request.
 //!

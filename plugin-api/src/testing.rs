@@ -214,7 +214,7 @@ impl<S: Microserver> TestServer<S> {
 
     /// The microserver itself, for checks on its state.
     pub fn server(&self) -> &Arc<S> {
-        &*self.server
+        &self.server
     }
 
     /// Sends `request` and waits for the answer (at most 30 s, then it panics).

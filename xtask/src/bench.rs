@@ -55,7 +55,17 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("building host, baseline and the hello plugin (release)...");
     for (what, args) in [
         ("host", vec!["-p", "host"]),
-        ("baseline", vec!["-p", "bench", "--bin", "baseline"]),
+        (
+            "baselines",
+            vec![
+                "-p",
+                "bench",
+                "--bin",
+                "baseline",
+                "--bin",
+                "sqlite-baseline",
+            ],
+        ),
         ("plugins", vec!["-p", "hello", "-p", "notes"]),
     ] {
         let status = cargo()
@@ -88,6 +98,21 @@ pub fn run(args: &[String]) -> Result<()> {
         &config_with_domains(10_000),
         &[(lib("hello"), "hello")],
     )?;
+    // notes on SQLite, and the same query in a bare server, each on a database of its own
+    // holding one note.
+    let notes_dir = out.join("host-notes");
+    let notes_db = notes_dir.join("notes.sqlite3");
+    let notes_config = json!({"global": {"reload": {"watch": false}},
+        "servers": [{"name": "notes", "domains": ["notes.localhost"], "plugin": "notes",
+                     "config": {"database": notes_db}}]});
+    prepare(
+        &notes_dir,
+        &notes_config.to_string(),
+        &[(lib("notes"), "notes")],
+    )?;
+    let sqlite_dir = out.join("sqlite-baseline");
+    let _ = std::fs::remove_dir_all(&sqlite_dir);
+    std::fs::create_dir_all(&sqlite_dir)?;
     let pin = |cmd: &Path, core: u32| -> Command {
         match &taskset {
             Some(t) => {
@@ -115,6 +140,26 @@ pub fn run(args: &[String]) -> Result<()> {
             host_cmd(&mut pin(&release.join("host"), 0), &many),
         )?,
     ];
+    targets.push(Target::start(
+        "sqlite-baseline",
+        "notes.localhost",
+        pin(&release.join("sqlite-baseline"), 0)
+            .args(["--listen", "127.0.0.1:0", "--database"])
+            .arg(sqlite_dir.join("notes.sqlite3")),
+    )?);
+    let notes = Target::start(
+        "host-notes",
+        "notes.localhost",
+        host_cmd(&mut pin(&release.join("host"), 0), &notes_dir),
+    )?;
+    http_post(
+        notes.addr,
+        "notes.localhost",
+        "/notes",
+        br#"{"text": "buy milk"}"#,
+    )
+    .context("adding a note to the notes server")?;
+    targets.push(notes);
     if let Some(nginx) = &nginx {
         let dir = out.join("nginx");
         let port = free_port()?;
@@ -148,24 +193,35 @@ pub fn run(args: &[String]) -> Result<()> {
             path: "/plain",
             post: false,
             targets: &["baseline", "host", "host-10k", "nginx"],
+            baseline: "baseline",
         },
         Case {
             name: "two path parameters",
             path: "/greet/ada/lovelace",
             post: false,
             targets: &["baseline", "host"],
+            baseline: "baseline",
         },
         Case {
             name: "16 KiB response",
             path: "/bytes/16384",
             post: false,
             targets: &["baseline", "host"],
+            baseline: "baseline",
         },
         Case {
             name: "64 KiB POST echoed",
             path: "/echo-raw",
             post: true,
             targets: &["baseline", "host"],
+            baseline: "baseline",
+        },
+        Case {
+            name: "SQLite read by key",
+            path: "/notes/1",
+            post: false,
+            targets: &["sqlite-baseline", "host-notes"],
+            baseline: "sqlite-baseline",
         },
     ];
 
@@ -186,7 +242,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .iter()
         .position(|a| a == "--targets")
         .and_then(|i| args.get(i + 1))
-        .map(|list| list.split(',').chain(["baseline"]).collect());
+        .map(|list| list.split(',').collect());
     let mut results = Vec::new();
     for case in cases
         .iter()
@@ -197,7 +253,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .iter()
             .copied()
             .filter(|n| targets.iter().any(|t| t.name == *n))
-            .filter(|n| wanted.as_ref().is_none_or(|w| w.contains(n)))
+            .filter(|n| *n == case.baseline || wanted.as_ref().is_none_or(|w| w.contains(n)))
             .collect();
         println!(
             "case {:?}: {} rounds of {} ({} s per run)",
@@ -219,8 +275,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 let r = load.oha(target, case, 64, settings.rate, settings.duration)?;
                 runs.push(json!({"target": name, "round": round, "mode": format!("oha {} req/s c=64", settings.rate), "result": r}));
             }
-            let baseline = targets.iter().find(|t| t.name == "baseline");
-            for name in names.iter().filter(|n| **n != "baseline") {
+            let baseline = targets.iter().find(|t| t.name == case.baseline);
+            for name in names.iter().filter(|n| **n != case.baseline) {
                 let (Some(target), Some(baseline)) =
                     (targets.iter().find(|t| t.name == *name), baseline)
                 else {
@@ -235,7 +291,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 }
             }
         }
-        results.push(json!({"case": case.name, "path": case.path, "runs": runs}));
+        results.push(
+            json!({"case": case.name, "path": case.path, "baseline": case.baseline, "runs": runs}),
+        );
     }
     for t in &mut targets {
         t.stop();
@@ -265,6 +323,8 @@ struct Case {
     path: &'static str,
     post: bool,
     targets: &'static [&'static str],
+    /// The target the others are compared with (side by side, and in the ratios).
+    baseline: &'static str,
 }
 
 pub(crate) fn tool(name: &str) -> Option<PathBuf> {
@@ -376,6 +436,25 @@ fn startup(host: &Path, dir: &Path, times: usize) -> Result<(f64, u64)> {
     }
     samples.sort_by(f64::total_cmp);
     Ok((samples[samples.len() / 2], rss))
+}
+
+/// Sends one POST with a JSON body and checks that it succeeded.
+fn http_post(addr: SocketAddr, host: &str, path: &str, body: &[u8]) -> Result<()> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    anyhow::ensure!(
+        reply.starts_with("HTTP/1.1 2"),
+        "POST {path} answered {}",
+        reply.lines().next().unwrap_or("nothing")
+    );
+    Ok(())
 }
 
 fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<u16> {
@@ -856,7 +935,13 @@ fn stats(runs: &[Value], target: &str, mode: &str, field: &str) -> Option<(f64, 
 /// A target's figure over the baseline's in the same round and mode, one ratio per round:
 /// median, min, max. Paired rounds run seconds apart, so slow drifts in the machine's
 /// speed (other tenants, frequency) cancel out of each ratio.
-fn paired(runs: &[Value], target: &str, mode: &str, field: &str) -> Option<(f64, f64, f64)> {
+fn paired(
+    runs: &[Value],
+    target: &str,
+    baseline: &str,
+    mode: &str,
+    field: &str,
+) -> Option<(f64, f64, f64)> {
     let figure = |t: &str, round: &Value| {
         runs.iter()
             .find(|r| r["target"] == t && r["mode"] == mode && r["round"] == *round)
@@ -866,7 +951,7 @@ fn paired(runs: &[Value], target: &str, mode: &str, field: &str) -> Option<(f64,
     let mut v: Vec<f64> = runs
         .iter()
         .filter(|r| r["target"] == target && r["mode"] == mode)
-        .filter_map(|r| Some(figure(target, &r["round"])? / figure("baseline", &r["round"])?))
+        .filter_map(|r| Some(figure(target, &r["round"])? / figure(baseline, &r["round"])?))
         .collect();
     if v.is_empty() {
         return None;
@@ -893,8 +978,9 @@ fn print_report(report: &Value, settings: &Settings) {
     };
     for case in report["cases"].as_array().into_iter().flatten() {
         let runs = case["runs"].as_array().cloned().unwrap_or_default();
+        let baseline = case["baseline"].as_str().unwrap_or("baseline");
         println!(
-            "### {} (`{}`)\n",
+            "### {} (`{}`, against {baseline})\n",
             case["case"].as_str().unwrap_or(""),
             case["path"].as_str().unwrap_or("")
         );
@@ -943,12 +1029,12 @@ fn print_report(report: &Value, settings: &Settings) {
                     ratio(if side_by_side {
                         stats(&runs, t, mode, "cpu_ratio")
                     } else {
-                        paired(&runs, t, mode, "cpu_us_per_request")
+                        paired(&runs, t, baseline, mode, "cpu_us_per_request")
                     }),
                     ratio(if side_by_side {
                         stats(&runs, t, mode, "rps_ratio")
                     } else {
-                        paired(&runs, t, mode, "rps")
+                        paired(&runs, t, baseline, mode, "rps")
                     }),
                 );
             }
