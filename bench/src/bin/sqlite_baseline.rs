@@ -9,21 +9,19 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bench::{request_id, status, X_REQUEST_ID};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
-
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -136,23 +134,4 @@ async fn answer(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(X_REQUEST_ID.clone(), request_id());
     Ok(response)
-}
-
-fn status(code: StatusCode) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = code;
-    response
-}
-
-/// A 16-hex-digit id, as the host sends (see `baseline`).
-fn request_id() -> HeaderValue {
-    static NEXT: AtomicU64 = AtomicU64::new(0x5eed);
-    let n = NEXT
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
 }
