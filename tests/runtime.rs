@@ -134,3 +134,46 @@ fn each_generation_has_its_runtime_and_reloads_leave_no_threads_behind() {
         51
     );
 }
+
+/// The open file descriptors of a process, from /proc.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn new_builds_of_a_tokio_plugin_leave_no_threads_or_descriptors_behind() {
+    let host = tasks_host("runtime-builds");
+    let library = std::fs::read(crate::support::library("fixture-tasks")).unwrap();
+    // Each install is a new build to the host (different bytes), loaded from a copy of
+    // its own, as a developer's rebuild is.
+    let install = |n: usize| {
+        let mut bytes = library.clone();
+        bytes.extend_from_slice(format!("build {n}").as_bytes());
+        host.install_bytes(&bytes, "tasks.so");
+        host.wait_until("the new build serves", || {
+            host.count_log_lines(&["reloaded", "server=tasks"]) >= n
+        });
+    };
+    install(1);
+    let pid = host.pid();
+    let settle = || {
+        std::thread::sleep(Duration::from_millis(500));
+        (threads(pid), descriptors(pid))
+    };
+    let first = settle();
+    for n in 2..=11 {
+        install(n);
+    }
+    assert_eq!(body(&host, "/spawn"), "42");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut now = settle();
+    while now != first && Instant::now() < deadline {
+        now = settle();
+    }
+    assert_eq!(
+        now, first,
+        "(threads, descriptors) after 10 more builds vs after the first"
+    );
+}
