@@ -70,6 +70,8 @@
 //!   then the runtime's remaining tasks are cancelled (dropped) and its threads joined,
 //!   waiting at most the reload's `drain_timeout_ms` (the shutdown deadline when the
 //!   host stops). So a reload leaves no threads behind.
+//! - Leave out tokio's `signal` feature (`full` includes it): the host handles signals,
+//!   and with it each build of the plugin the host loads keeps a pipe open.
 //! - `tokio::task::block_in_place` does not work in a handler (the host's thread is not
 //!   one of the runtime's workers): use `spawn_blocking`.
 //!
