@@ -498,16 +498,40 @@ fn user_sys_ms(pid: u32) -> (f64, f64) {
         .unwrap_or((0.0, 0.0))
 }
 
-/// CPU time the process has spent, in nanoseconds, summed over its threads.
-pub(crate) fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+/// The CPU time each thread of some processes has spent so far (ns, from schedstat).
+/// Compared by thread, so that a thread ending between two readings (an idle pool
+/// thread timing out) takes only its own time out of the sum, not the difference.
+#[derive(Default)]
+pub(crate) struct CpuTimes(std::collections::HashMap<(u32, u32), u64>);
+
+impl CpuTimes {
+    pub(crate) fn read(pids: &[u32]) -> CpuTimes {
+        let mut times = CpuTimes::default();
+        for &pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for task in tasks.filter_map(Result::ok) {
+                let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
+                let ns = std::fs::read_to_string(task.path().join("schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+                if let (Some(tid), Some(ns)) = (tid, ns) {
+                    times.0.insert((pid, tid), ns);
+                }
+            }
+        }
+        times
+    }
+
+    /// The CPU time spent since `before` (ns) by the threads alive now (a thread that
+    /// ended meanwhile is left out: one that ends is one that was idle).
+    pub(crate) fn since(&self, before: &CpuTimes) -> u64 {
+        self.0
+            .iter()
+            .map(|(thread, ns)| ns.saturating_sub(before.0.get(thread).copied().unwrap_or(0)))
+            .sum()
+    }
 }
 
 /// A server under test. For nginx, the CPU of every process in its group counts.
@@ -584,12 +608,13 @@ impl Target {
         })
     }
 
-    /// CPU nanoseconds of the target (nginx: master and workers, found by parent pid).
-    pub(crate) fn cpu_ns(&self) -> u64 {
-        self.pids().into_iter().map(cpu_ns).sum()
+    /// The CPU time of the target's threads (nginx: master and workers, found by parent
+    /// pid).
+    pub(crate) fn cpu_times(&self) -> CpuTimes {
+        CpuTimes::read(&self.pids())
     }
 
-    /// User and kernel CPU milliseconds of the target, as `cpu_ns` counts processes.
+    /// User and kernel CPU milliseconds of the target, as `cpu_times` counts processes.
     fn user_sys_ms(&self) -> (f64, f64) {
         self.pids()
             .into_iter()
@@ -790,15 +815,15 @@ fn pair(
     for cmd in &mut commands {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
-    let before = targets.map(Target::cpu_ns);
+    let before = targets.map(Target::cpu_times);
     let [mut a, mut b] = commands;
     let a = a.spawn().context("running a load generator")?;
     let b = b.spawn().context("running a load generator")?;
     let (a, b) = (a.wait_with_output()?, b.wait_with_output()?);
-    let after = targets.map(Target::cpu_ns);
+    let after = targets.map(Target::cpu_times);
     let (mut a, b) = (parse(&a)?, parse(&b)?);
     let per_request = |i: usize, r: &Value| {
-        (after[i] - before[i]) as f64 / 1000.0 / r["requests"].as_f64().unwrap_or(0.0).max(1.0)
+        after[i].since(&before[i]) as f64 / 1000.0 / r["requests"].as_f64().unwrap_or(0.0).max(1.0)
     };
     let (a_us, b_us) = (per_request(0, &a), per_request(1, &b));
     a["cpu_us_per_request"] = json!(a_us);
@@ -813,6 +838,7 @@ fn pair(
 /// A target's CPU time over a run: total (ns, from schedstat) and user / kernel (ms, from
 /// /proc/<pid>/stat's clock ticks: coarse, but it tells user from kernel).
 struct Usage {
+    cpu: CpuTimes,
     cpu_ns: u64,
     user_ms: f64,
     sys_ms: f64,
@@ -822,7 +848,8 @@ impl Usage {
     fn start(target: &Target) -> Usage {
         let (user_ms, sys_ms) = target.user_sys_ms();
         Usage {
-            cpu_ns: target.cpu_ns(),
+            cpu: target.cpu_times(),
+            cpu_ns: 0,
             user_ms,
             sys_ms,
         }
@@ -831,8 +858,10 @@ impl Usage {
     /// The usage since `start`.
     fn end(self, target: &Target) -> Usage {
         let (user_ms, sys_ms) = target.user_sys_ms();
+        let cpu = target.cpu_times();
         Usage {
-            cpu_ns: target.cpu_ns() - self.cpu_ns,
+            cpu_ns: cpu.since(&self.cpu),
+            cpu,
             user_ms: user_ms - self.user_ms,
             sys_ms: sys_ms - self.sys_ms,
         }

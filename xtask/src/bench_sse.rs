@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use crate::bench::{cpu_ns, host_cmd, prepare, proc_status, tool, Target};
+use crate::bench::{host_cmd, prepare, proc_status, tool, CpuTimes, Target};
 use crate::{cargo, root};
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -77,11 +77,15 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // Warm-up: every stream has started.
     std::thread::sleep(Duration::from_secs(2));
-    let (events_0, cpu_0, started) = (events.load(Ordering::Relaxed), cpu_ns(pid), Instant::now());
+    let (events_0, cpu_0, started) = (
+        events.load(Ordering::Relaxed),
+        CpuTimes::read(&[pid]),
+        Instant::now(),
+    );
     std::thread::sleep(Duration::from_secs(seconds));
     let (events_1, cpu_1, took) = (
         events.load(Ordering::Relaxed),
-        cpu_ns(pid),
+        CpuTimes::read(&[pid]),
         started.elapsed(),
     );
     let rss = proc_status(pid, "VmRSS:");
@@ -94,7 +98,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let delivered = events_1 - events_0;
     let expected = clients as f64 * rate as f64 * took.as_secs_f64();
-    let cpu_s = (cpu_1 - cpu_0) as f64 / 1e9;
+    let cpu_s = cpu_1.since(&cpu_0) as f64 / 1e9;
     let report = json!({
         "clients": clients,
         "events_per_s_each": rate,

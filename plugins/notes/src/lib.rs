@@ -248,7 +248,11 @@ fn is_temporary(e: &sqlx::Error) -> bool {
     }
 }
 
-export_plugin!(Notes, tokio);
+// One worker thread: the handlers are polled on the host's threads and the queries run on
+// sqlx's own threads; the runtime only runs sqlx's small tasks (a connection going back
+// to the pool), and one worker to wake costs less than two (`cargo xtask bench`,
+// "SQLite read by key").
+export_plugin!(Notes, tokio(worker_threads = 1));
 
 #[cfg(test)]
 mod tests {
