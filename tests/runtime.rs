@@ -177,3 +177,62 @@ fn new_builds_of_a_tokio_plugin_leave_no_threads_or_descriptors_behind() {
         "(threads, descriptors) after 10 more builds vs after the first"
     );
 }
+
+#[test]
+fn reloading_a_tokio_plugin_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let host = tasks_host("runtime-load");
+    let library = std::fs::read(crate::support::library("fixture-tasks")).unwrap();
+    let stop = AtomicBool::new(false);
+    let failures = Mutex::new(Vec::<String>::new());
+    let served = Mutex::new(0usize);
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let (stop, failures, served, host) = (&stop, &failures, &served, &host);
+            s.spawn(move || {
+                let mut conn = host.connect();
+                let mut n = 0;
+                // Handlers that await a tokio timer and a spawned task, so that requests are
+                // in flight inside the runtime when its generation is replaced.
+                let path = if i % 2 == 0 { "/sleep?ms=3" } else { "/spawn" };
+                while !stop.load(Ordering::Relaxed) {
+                    match conn.get("tasks.localhost", path) {
+                        Ok(r) if r.status == 200 => n += 1,
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} {}", r.status, r.body)),
+                        Err(e) => {
+                            failures.lock().unwrap().push(e);
+                            conn = host.connect();
+                        }
+                    }
+                }
+                *served.lock().unwrap() += n;
+            });
+        }
+        for n in 1..=10 {
+            let mut bytes = library.clone();
+            bytes.extend_from_slice(format!("load build {n}").as_bytes());
+            host.install_bytes(&bytes, "tasks.so");
+            host.wait_until("the new build serves", || {
+                host.count_log_lines(&["reloaded", "server=tasks"]) >= n
+            });
+        }
+        // The last replaced generation drains too.
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(*served.lock().unwrap() > 100, "the load barely ran");
+    host.wait_until("the ten replaced generations ran their hooks", || {
+        host.count_log_lines(&["tasks shutdown hook ran"]) >= 10
+    });
+    assert_eq!(host.count_log_lines(&["tasks shutdown hook ran"]), 10);
+}
