@@ -342,3 +342,26 @@ fn a_streaming_route_reads_a_50_mib_upload_with_flat_memory_and_its_own_limit() 
     let r = host.send("PUT", "tasks.localhost", "/upload-small", b"", &[]);
     assert_eq!(r.body, "0 bytes in 0 chunks");
 }
+
+#[test]
+fn a_client_that_reads_nothing_cannot_hold_a_replaced_generation() {
+    let host = host("stream-stalled", 500);
+    let mut stalled = Raw::get(&host, "tasks.localhost", "/firehose");
+    stalled.until("HTTP/1.1 200 OK", Duration::from_secs(5));
+    // It reads nothing more: the socket buffers fill and hyper stops polling the body.
+    std::thread::sleep(Duration::from_millis(500));
+    host.write_config(&config(500, 2));
+    host.wait_until("generation 2 serves", || {
+        host.get("tasks.localhost", "/n").body == "2"
+    });
+    // At the drain deadline the host drops the stream itself, and the old generation's
+    // hook runs, though the client is still connected and still reads nothing.
+    host.wait_for_log(&["stream dropped", "stream=\"firehose\""]);
+    host.wait_for_log(&["tasks shutdown hook ran"]);
+    host.wait_for_log(&["retired", "server=tasks", "generation=1"]);
+    let logs = host.logs();
+    let dropped = logs.find("stream=\"firehose\"").unwrap();
+    let hook = logs.find("tasks shutdown hook ran").unwrap();
+    assert!(dropped < hook, "{logs}");
+    drop(stalled);
+}

@@ -65,7 +65,7 @@ impl hyper::body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Bytes(full) => full.is_end_stream(),
-            Body::Stream(streamed) => streamed.stream.is_none(),
+            Body::Stream(streamed) => streamed.ended,
         }
     }
 
@@ -78,16 +78,71 @@ impl hyper::body::Body for Body {
     }
 }
 
-/// A plugin's response stream, sent as it is produced. It keeps its generation in
-/// flight until it is dropped, so the plugin's stream is dropped on its own generation;
-/// once that generation's drain deadline has passed (`Generation::cut_off`), it ends
-/// cleanly at its next poll.
+/// A plugin's response stream, sent as it is produced. Until it ends, it keeps its
+/// generation in flight, so the plugin's stream is dropped on its own generation.
+///
+/// When that generation's drain deadline passes (`Generation::cut_off`), a task
+/// watching for it drops the stream and lets go of the generation at once, whether or
+/// not hyper polls the body again (it does not while the client reads nothing), and
+/// wakes the connection: the response then ends cleanly when hyper next polls it.
 pub struct StreamedBody {
-    /// `None` once it has ended. Dropped before the in-flight guard (field order).
-    stream: Option<FfiStream>,
-    cut: Pin<Box<dyn Future<Output = ()> + Send>>,
-    in_flight: InFlight,
+    shared: Arc<std::sync::Mutex<Streaming>>,
+    /// Dropped with the body: ends the watching task.
+    _done: tokio::sync::oneshot::Sender<()>,
     request_id: RequestId,
+    ended: bool,
+}
+
+/// What the body and its watcher share.
+struct Streaming {
+    /// `None` once the stream has ended, failed or been cut off.
+    live: Option<LiveStream>,
+    /// The connection's waker while the stream is pending, to wake it when cut off.
+    waker: Option<std::task::Waker>,
+}
+
+/// The plugin's stream and the in-flight guard of its generation (dropped in this
+/// order).
+struct LiveStream {
+    stream: FfiStream,
+    in_flight: InFlight,
+}
+
+impl StreamedBody {
+    fn new(stream: FfiStream, in_flight: InFlight, request_id: RequestId) -> Self {
+        let cut = in_flight.generation().cut_signal();
+        let shared = Arc::new(std::sync::Mutex::new(Streaming {
+            live: Some(LiveStream { stream, in_flight }),
+            waker: None,
+        }));
+        let (done, body_dropped) = tokio::sync::oneshot::channel::<()>();
+        let watched = shared.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = cut => {
+                    let (live, waker) = {
+                        let mut shared = watched.lock().unwrap_or_else(|p| p.into_inner());
+                        (shared.live.take(), shared.waker.take())
+                    };
+                    if let Some(live) = &live {
+                        let g = live.in_flight.generation();
+                        tracing::debug!(server = %g.server, generation = g.number, request_id = request_id.as_str(), "ended a streamed response at the drain deadline");
+                    }
+                    drop(live);
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                }
+                _ = body_dropped => {}
+            }
+        });
+        StreamedBody {
+            shared,
+            _done: done,
+            request_id,
+            ended: false,
+        }
+    }
 }
 
 /// Why a streamed response was aborted: the plugin's stream failed or panicked.
@@ -110,17 +165,23 @@ impl StreamedBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
-        let Some(stream) = self.stream.as_mut() else {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(live) = shared.live.as_mut() else {
+            self.ended = true;
             return Poll::Ready(None);
         };
-        if self.cut.as_mut().poll(cx).is_ready() {
-            self.stream = None;
-            let g = self.in_flight.generation();
-            tracing::debug!(server = %g.server, generation = g.number, request_id = self.request_id.as_str(), "ended a streamed response at the drain deadline");
-            return Poll::Ready(None);
-        }
-        match cx.with_ffi_context(|cx| stream.poll_next(cx)) {
-            FfiStreamPoll::Pending => Poll::Pending,
+        let polled = cx.with_ffi_context(|cx| live.stream.poll_next(cx));
+        match polled {
+            FfiStreamPoll::Pending => {
+                if !shared
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    shared.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
             FfiStreamPoll::Chunk(bytes) => {
                 // A plugin's chunk is freed by the plugin's code, which stays mapped for
                 // the life of the process: it may outlive this body in hyper's buffers.
@@ -131,17 +192,28 @@ impl StreamedBody {
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             FfiStreamPoll::End => {
-                self.stream = None;
+                let ended = shared.live.take();
+                drop(shared);
+                drop(ended);
+                self.ended = true;
                 Poll::Ready(None)
             }
             FfiStreamPoll::Failed(message) => {
-                self.stream = None;
-                let g = self.in_flight.generation();
-                tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id = self.request_id.as_str(), "response stream failed: {message}");
+                {
+                    let g = live.in_flight.generation();
+                    tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id = self.request_id.as_str(), "response stream failed: {message}");
+                }
+                let failed = shared.live.take();
+                drop(shared);
+                drop(failed);
+                self.ended = true;
                 Poll::Ready(Some(Err(StreamFailed(message.into_string()))))
             }
             FfiStreamPoll::TooLarge(_) => {
-                self.stream = None;
+                let failed = shared.live.take();
+                drop(shared);
+                drop(failed);
+                self.ended = true;
                 Poll::Ready(Some(Err(StreamFailed("too large".to_owned()))))
             }
         }
@@ -364,13 +436,30 @@ fn unavailable(server: &Server, reason: &str) -> Response<Body> {
 
 /// A request with a body: turned away early if it cannot be served, else its body is
 /// read (before the request counts as in flight on a generation, and under the request
-/// timeout: a client that trickles its body holds up no reload), then dispatched.
+/// timeout: a client that trickles its body holds up no reload), then dispatched. A
+/// route that takes its body as a stream gets it as it arrives instead: such a request
+/// is in flight while the body comes, and its handler (upload included) runs under the
+/// request timeout.
 async fn with_body(
     servers: Arc<Microservers>,
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
     want_name: bool,
+) -> Routed {
+    read_body(servers, pending, body, id, want_name, true).await
+}
+
+/// [`with_body`], where `may_stream` false reads the body whole whatever the route (the
+/// route changed under a reload since a stream was offered: reading it settles the
+/// request, whatever the next reload does).
+async fn read_body(
+    servers: Arc<Microservers>,
+    pending: PendingRequest,
+    body: Incoming,
+    id: RequestId,
+    want_name: bool,
+    may_stream: bool,
 ) -> Routed {
     let (max, timeout, streamed) = {
         let routing = servers.routing();
@@ -381,6 +470,7 @@ async fn with_body(
         };
         let stream_limit = match &**server.state() {
             ServerState::Waiting(reason) => return (unavailable(server, reason), name),
+            ServerState::Serving(_) if !may_stream => None,
             ServerState::Serving(g) => match g.routes.find(parts.method.as_str(), parts.uri.path())
             {
                 RouteMatch::Found { route, .. } => g.routes.stream_body_limit(route),
@@ -457,8 +547,8 @@ async fn dispatch_later(
             }
             Step::Running(running, name) => return (running.await, name),
             Step::ReadBody(pending, incoming) => {
-                // Boxed: `with_body` comes back here.
-                let read = Box::pin(with_body(servers, pending, *incoming, id, want_name));
+                // Boxed: `read_body` comes back here (once: it reads the body whole).
+                let read = Box::pin(read_body(servers, pending, *incoming, id, want_name, false));
                 return read.await;
             }
         }
@@ -817,13 +907,7 @@ fn into_http(
             drop(stream);
             return Ok((out, Some(in_flight)));
         }
-        let cut = Box::pin(in_flight.generation().cut_signal());
-        *out.body_mut() = Body::Stream(Box::new(StreamedBody {
-            stream: Some(stream),
-            cut,
-            in_flight,
-            request_id: *id,
-        }));
+        *out.body_mut() = Body::Stream(Box::new(StreamedBody::new(stream, in_flight, *id)));
         return Ok((out, None));
     }
     if head {

@@ -139,10 +139,39 @@ impl Instance {
 }
 
 impl Drop for Instance {
+    /// Frees the instance in the plugin, which also stops its runtime if it has one
+    /// (joining its threads, for up to the stop wait). That may block: when the last
+    /// reference goes on one of the host's runtime threads (a request or a stream that
+    /// outlived its generation's drain), it is done on a thread of its own instead.
     fn drop(&mut self) {
         let wait = *self.stop_wait_ms.get_mut();
-        // SAFETY: `ptr` is this library's live instance, freed here, once.
-        unsafe { (self.library.module.drop_instance())(self.ptr, wait) };
+        let (library, ptr) = (self.library.clone(), self.ptr);
+        let free = move || {
+            // SAFETY: `ptr` is this library's live instance, freed here, once (the
+            // `Instance` that owned it is being dropped).
+            unsafe { (library.module.drop_instance())(ptr, wait) };
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            free();
+            return;
+        }
+        let free = std::sync::Arc::new(std::sync::Mutex::new(Some(free)));
+        let on_thread = free.clone();
+        let spawned = std::thread::Builder::new()
+            .name("plugin-drop".to_owned())
+            .spawn(move || {
+                crate::boundary::services::mark_host_thread();
+                let taken = on_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(free) = taken {
+                    free();
+                }
+            });
+        if spawned.is_err() {
+            let taken = free.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(free) = taken {
+                free();
+            }
+        }
     }
 }
 
