@@ -1,8 +1,9 @@
 //! What the host lends a plugin: logging into the host's tracing output, and timers.
 //!
 //! A plugin library has its own copy of every static, tokio's and tracing's included, so
-//! `tokio::time::sleep` or `tokio::spawn` inside a plugin panic ("no reactor running").
-//! The host's functions return futures the host built, which run on the host's runtime.
+//! without a runtime of its own (`export_plugin!(T, tokio)`), `tokio::time::sleep` or
+//! `tokio::spawn` inside a plugin panic ("no reactor running"). The host's functions
+//! return futures the host built, which run on the host's runtime.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
@@ -208,8 +209,9 @@ impl Subscriber for Forwarder {
     fn exit(&self, _: &Id) {}
 }
 
-/// Waits for `duration` on the host's timer. Use this instead of `tokio::time::sleep`,
-/// which cannot work inside a plugin.
+/// Waits for `duration` on the host's timer: the timer of a plugin without a runtime of
+/// its own (in one declared with `export_plugin!(T, tokio)`, `tokio::time::sleep` works
+/// too, and so does this, in handlers and in the plugin's own tasks).
 ///
 /// ```no_run
 /// # async fn f() {

@@ -357,9 +357,13 @@ impl HostBodyStream {
 }
 
 unsafe extern "C" fn drop_body(state: *mut c_void) {
-    // SAFETY: made by `Box::into_raw` in `body_stream`, freed once. Dropping hyper's
-    // body does not panic.
-    drop(unsafe { Box::from_raw(state.cast::<HostBodyStream>()) });
+    // SAFETY: made by `Box::into_raw` in `body_stream`, freed once.
+    let stream = unsafe { Box::from_raw(state.cast::<HostBodyStream>()) };
+    // Dropping hyper's body should not panic (h2 does on a poisoned lock); a panic must
+    // not unwind into the plugin's `extern "C"` caller.
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(stream))).is_err() {
+        tracing::error!("dropping a streamed request body panicked");
+    }
 }
 
 impl Drop for PendingRequest {

@@ -63,9 +63,30 @@ extern "C" fn log(record: FfiLogRecord<'_>) {
     }
 }
 
+/// The host's runtime, for host futures a plugin polls on a thread of its own (a task on
+/// its own tokio runtime, or `block_on` in its `init`), where the host's runtime is not
+/// the current one.
+static HOST_RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+
+/// Records the host's runtime (called once, by `main`, when it has started it).
+pub fn set_host_runtime(handle: tokio::runtime::Handle) {
+    let _ = HOST_RUNTIME.set(handle);
+}
+
 extern "C" fn sleep(nanos: u64) -> FfiFuture<()> {
-    // The timer is created on first poll, inside the host's runtime.
-    FfiFuture::new(async move { tokio::time::sleep(Duration::from_nanos(nanos)).await })
+    // The timer is created on first poll, in the host's runtime (the one recorded, or
+    // else the current one: a library user such as the criterion bench records none).
+    FfiFuture::new(async move {
+        let duration = Duration::from_nanos(nanos);
+        let timer = match HOST_RUNTIME.get() {
+            Some(runtime) => {
+                let _entered = runtime.enter();
+                tokio::time::sleep(duration)
+            }
+            None => tokio::time::sleep(duration),
+        };
+        timer.await
+    })
 }
 
 thread_local! {
