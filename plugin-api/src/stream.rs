@@ -68,6 +68,9 @@ impl<T: IntoChunk, E: std::fmt::Display> IntoChunk for Result<T, E> {
 /// let e = Event::data("line one\nline two").event("tick").id("7");
 /// assert_eq!(e.to_string(), "event: tick\nid: 7\ndata: line one\ndata: line two\n\n");
 /// assert_eq!(Event::comment("keep-alive").to_string(), ": keep-alive\n\n");
+/// // A line break of any kind starts a new `data:` line, never a field of its own.
+/// assert_eq!(Event::data("a\rid: 9").to_string(), "data: a\ndata: id: 9\n\n");
+/// assert_eq!(Event::data("").to_string(), "data:\n\n");
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Event {
@@ -127,7 +130,7 @@ impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let one_line = |s: &str| s.replace(['\r', '\n'], " ");
         if let Some(comment) = &self.comment {
-            for line in comment.lines() {
+            for line in lines(comment) {
                 writeln!(f, ": {line}")?;
             }
         }
@@ -141,15 +144,40 @@ impl std::fmt::Display for Event {
             writeln!(f, "retry: {retry}")?;
         }
         if let Some(data) = &self.data {
-            if data.is_empty() {
-                writeln!(f, "data:")?;
-            }
-            for line in data.split('\n') {
-                writeln!(f, "data: {}", line.strip_suffix('\r').unwrap_or(line))?;
+            for line in lines(data) {
+                if line.is_empty() {
+                    writeln!(f, "data:")?;
+                } else {
+                    writeln!(f, "data: {line}")?;
+                }
             }
         }
         writeln!(f)
     }
+}
+
+/// The lines of `text` as the event-stream format reads them: ended by `\r\n`, `\r` or
+/// `\n` (so none of them can start a field of its own). An empty text is one empty line.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.find(['\r', '\n']) {
+            Some(at) => {
+                let after = if current[at..].starts_with("\r\n") {
+                    at + 2
+                } else {
+                    at + 1
+                };
+                rest = Some(&current[after..]);
+                Some(&current[..at])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
 }
 
 impl IntoChunk for Event {
