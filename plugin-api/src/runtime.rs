@@ -133,7 +133,7 @@ mod with_tokio {
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle.block_on(future),
             Err(_) => panic!(
-                "plugin_api::block_on needs the plugin's tokio runtime: declare the plugin with export_plugin!(MyServer, tokio)"
+                "plugin_api::block_on needs the plugin's tokio runtime: declare the plugin with export_plugin!(MyServer, tokio) (in unit tests, start it with TestServer::start_tokio)"
             ),
         }
     }

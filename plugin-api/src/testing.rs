@@ -9,12 +9,14 @@
 //! [`sleep`](crate::sleep) works (on a timer thread), and `tracing` events are printed
 //! to stderr; the test binary's own panic hook is left as it is.
 //!
-//! Each `TestServer` also runs a tokio runtime like the one `export_plugin!(T, tokio)`
-//! gives an instance (with the `tokio` feature, on by default: 2 worker threads),
-//! entered around `init`, every call and the drop: a plugin that uses tokio is tested as
-//! it runs in the host, from a plain `#[test]` (not `#[tokio::test]`, which is not
-//! needed). [`TestServer::shutdown`] ends it as the host ends a generation: the shutdown
-//! hook, the drop, then the runtime stopped.
+//! For a plugin declared with `export_plugin!(T, tokio)`, start it with
+//! [`TestServer::start_tokio`]: it then gets a tokio runtime like the one the host gives
+//! an instance (2 worker threads), entered around `init`, every call, the shutdown hook
+//! and the drop, so it is tested as it runs in the host, from a plain `#[test]` (no
+//! `#[tokio::test]` needed). [`TestServer::start`] gives none, as `export_plugin!(T)`
+//! does. [`TestServer::shutdown`] ends the instance as the host ends a generation: the
+//! shutdown hook, the drop, then the runtime stopped. A route declared with
+//! `Routes::streaming` gets its body as a stream of one chunk (413 past its limit).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -91,7 +93,13 @@ impl<S> Drop for TestServer<S> {
         {
             drop(entered);
             if let Some(runtime) = self.runtime.take() {
-                runtime.shutdown_timeout(Duration::from_secs(5));
+                // Inside a test's own runtime (`#[tokio::test]`) a runtime may not block
+                // to stop: its threads are then left to stop by themselves.
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    runtime.shutdown_background();
+                } else {
+                    runtime.shutdown_timeout(Duration::from_secs(5));
+                }
             }
         }
     }
@@ -166,7 +174,9 @@ impl TestRequest {
 
 impl<S: Microserver> TestServer<S> {
     /// Runs the microserver's `init` with `config` (as the server's `config` in
-    /// `servers.config.json`; `Value::Null` for none) and collects its routes.
+    /// `servers.config.json`; `Value::Null` for none) and collects its routes, as the
+    /// host does for a plugin declared with `export_plugin!(MyServer)`: no runtime (for
+    /// one declared with `tokio`, use [`start_tokio`](Self::start_tokio)).
     pub fn start(config: serde_json::Value) -> Result<Self, Error> {
         Self::start_with_state(config, None)
     }
@@ -177,15 +187,47 @@ impl<S: Microserver> TestServer<S> {
         config: serde_json::Value,
         previous_state: Option<&[u8]>,
     ) -> Result<Self, Error> {
+        Self::start_inner(config, previous_state, false)
+    }
+
+    /// As [`start`](Self::start), for a plugin declared with
+    /// `export_plugin!(MyServer, tokio)`: the instance gets a tokio runtime like the
+    /// host's (2 worker threads), entered around `init`, every call, the shutdown hook
+    /// and the drop, and stopped after the drop.
+    #[cfg(feature = "tokio")]
+    pub fn start_tokio(config: serde_json::Value) -> Result<Self, Error> {
+        Self::start_inner(config, None, true)
+    }
+
+    /// As [`start_tokio`](Self::start_tokio), with state handed over.
+    #[cfg(feature = "tokio")]
+    pub fn start_tokio_with_state(
+        config: serde_json::Value,
+        previous_state: Option<&[u8]>,
+    ) -> Result<Self, Error> {
+        Self::start_inner(config, previous_state, true)
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(unused_variables))]
+    fn start_inner(
+        config: serde_json::Value,
+        previous_state: Option<&[u8]>,
+        tokio: bool,
+    ) -> Result<Self, Error> {
         crate::host::connect_with(test_host(), "test", false);
         #[cfg(feature = "tokio")]
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| Error::internal(format!("cannot start a tokio runtime: {e}")))?;
+        let runtime = if tokio {
+            let built = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| Error::internal(format!("cannot start a tokio runtime: {e}")))?;
+            Some(built)
+        } else {
+            None
+        };
         #[cfg(feature = "tokio")]
-        let entered = runtime.enter();
+        let entered = runtime.as_ref().map(|r| r.enter());
         let config_json = config.to_string();
         let ctx = InitContext {
             server_name: "test",
@@ -208,7 +250,7 @@ impl<S: Microserver> TestServer<S> {
             routes: ManuallyDrop::new(routes),
             table,
             #[cfg(feature = "tokio")]
-            runtime: Some(runtime),
+            runtime,
         })
     }
 
@@ -220,7 +262,7 @@ impl<S: Microserver> TestServer<S> {
     /// Sends `request` and waits for the answer (at most 30 s, then it panics).
     pub fn call(&self, request: TestRequest) -> Response {
         let head = request.method == "HEAD";
-        let (handler, params) = match self.table.router.at(&request.path) {
+        let (handler, params, streamed) = match self.table.router.at(&request.path) {
             Ok(found) => {
                 let path = &self.table.paths[*found.value];
                 let route = path.route_for(&request.method);
@@ -234,18 +276,26 @@ impl<S: Microserver> TestServer<S> {
                     .iter()
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect();
-                (&self.routes.entries[route as usize].handler, params)
+                let entry = &self.routes.entries[route as usize];
+                if let Some(limit) = entry.stream_body_limit {
+                    if request.body.len() as u64 > limit {
+                        let message =
+                            format!("the request body is larger than the limit of {limit} bytes");
+                        return crate::IntoResponse::into_response(Error::new(413, message));
+                    }
+                }
+                (&entry.handler, params, entry.stream_body_limit.is_some())
             }
             Err(_) => match &self.routes.fallback {
-                Some(fallback) => (fallback, Vec::new()),
+                Some(fallback) => (fallback, Vec::new(), false),
                 None => {
                     let message = format!("no route for {} {}", request.method, request.path);
                     return crate::IntoResponse::into_response(Error::not_found(message));
                 }
             },
         };
-        let request = Record::lend(request, params);
         let _entered = self.enter();
+        let request = Record::lend(request, params, streamed);
         let response = run(|cx, out| handler(Arc::clone(&self.server), request, cx, out));
         if head {
             // No body in a HEAD response, as over HTTP.
@@ -304,10 +354,11 @@ impl<S: Microserver> TestServer<S> {
     /// assert_eq!(body, b"1 2 3 ");
     /// ```
     pub fn read_stream(&self, mut response: Response, limit: usize) -> Result<Vec<u8>, String> {
+        // Entered first, so that the stream is dropped inside the runtime.
+        let _entered = self.enter();
         let Some(mut stream) = response.take_stream() else {
             return Ok(response.body().to_vec());
         };
-        let _entered = self.enter();
         let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
         let mut cx = Context::from_waker(&waker);
         let deadline = Instant::now() + HANDLER_DEADLINE;
@@ -393,7 +444,9 @@ struct Record {
 }
 
 impl Record {
-    fn lend(request: TestRequest, param_text: Vec<(String, String)>) -> Request {
+    /// `streamed`: the body goes to the handler as a stream (one chunk), as the host
+    /// lends it to a route declared with `Routes::streaming`.
+    fn lend(request: TestRequest, param_text: Vec<(String, String)>, streamed: bool) -> Request {
         let mut record = Box::new(Record {
             head: FfiRequestHead::empty(),
             request,
@@ -410,6 +463,15 @@ impl Record {
             .collect();
         record.params = params;
         let body = std::mem::take(&mut record.request.body);
+        let (body, body_stream) = if streamed {
+            let chunk = crate::stream::unfold(Some(body), |body| async move {
+                let body = body.filter(|b| !b.is_empty())?;
+                Some((body, None))
+            });
+            (Vec::new(), Some(crate::stream::ffi_stream(chunk)))
+        } else {
+            (body, None)
+        };
         let r = &record.request;
         // SAFETY (`FfiRequestHead::new`): every view is of heap memory the boxed record
         // owns (its strings and the parameters' vector), which neither moves nor changes
@@ -425,7 +487,7 @@ impl Record {
                 &record.params,
                 0,
                 FfiBytes::from_vec(body),
-                None,
+                body_stream,
             )
         };
         record.head = head;
@@ -675,7 +737,7 @@ mod tests {
                 });
             }
         }
-        let server = TestServer::<Timed>::start(serde_json::Value::Null).unwrap();
+        let server = TestServer::<Timed>::start_tokio(serde_json::Value::Null).unwrap();
         assert_eq!(server.get("/").body(), b"14");
         server.shutdown();
     }
@@ -703,9 +765,62 @@ mod tests {
                 assert_eq!(EVENTS.fetch_add(10, Ordering::SeqCst), 1);
             }
         }
-        TestServer::<Hooked>::start(serde_json::Value::Null)
+        TestServer::<Hooked>::start_tokio(serde_json::Value::Null)
             .unwrap()
             .shutdown();
         assert_eq!(EVENTS.load(Ordering::SeqCst), 11);
+    }
+
+    #[test]
+    fn a_streaming_route_gets_its_body_as_a_stream_under_its_limit() {
+        struct Upload;
+        impl Microserver for Upload {
+            fn init(_: &InitContext<'_>) -> Result<Self, Error> {
+                Ok(Upload)
+            }
+            fn routes(routes: &mut Routes<Self>) {
+                routes.streaming(
+                    "PUT",
+                    "/up",
+                    10,
+                    |_: Arc<Self>, mut req: Request| async move {
+                        let mut body = req
+                            .body_stream()
+                            .ok_or_else(|| Error::bad_request("none"))?;
+                        let mut got = Vec::new();
+                        while let Some(chunk) = body.next().await {
+                            got.extend_from_slice(chunk?.as_bytes());
+                        }
+                        Ok::<_, Error>(format!(
+                            "{} bytes: {}",
+                            got.len(),
+                            String::from_utf8_lossy(&got)
+                        ))
+                    },
+                );
+            }
+        }
+        let server = TestServer::<Upload>::start(serde_json::Value::Null).unwrap();
+        let r = server.call(TestRequest::new("PUT", "/up").body("0123456789"));
+        assert_eq!(r.body(), b"10 bytes: 0123456789");
+        assert_eq!(
+            server.call(TestRequest::new("PUT", "/up")).body(),
+            b"0 bytes: "
+        );
+        let r = server.call(TestRequest::new("PUT", "/up").body("0123456789a"));
+        assert_eq!(r.status(), 413);
+    }
+
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn a_tokio_test_server_can_be_dropped_inside_a_test_runtime() {
+        struct Nothing;
+        impl Microserver for Nothing {
+            fn init(_: &InitContext<'_>) -> Result<Self, Error> {
+                Ok(Nothing)
+            }
+            fn routes(_: &mut Routes<Self>) {}
+        }
+        drop(TestServer::<Nothing>::start_tokio(serde_json::Value::Null).unwrap());
     }
 }

@@ -241,7 +241,7 @@ mod tests {
     use super::Gateway;
 
     fn init_error(config: serde_json::Value) -> String {
-        match TestServer::<Gateway>::start(config) {
+        match TestServer::<Gateway>::start_tokio(config) {
             Ok(_) => panic!("init accepted the config"),
             Err(e) => e.to_string(),
         }
@@ -273,7 +273,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let server = TestServer::<Gateway>::start(
+        let server = TestServer::<Gateway>::start_tokio(
             json!({ "upstream": format!("http://127.0.0.1:{port}/") }),
         )
         .unwrap();

@@ -270,7 +270,7 @@ mod tests {
     }
 
     fn start(config: Value) -> TestServer<Notes> {
-        TestServer::<Notes>::start(config).unwrap_or_else(|e| panic!("init failed: {e}"))
+        TestServer::<Notes>::start_tokio(config).unwrap_or_else(|e| panic!("init failed: {e}"))
     }
 
     fn post(server: &TestServer<Notes>, text: &str) -> plugin_api::Response {
@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn a_database_that_cannot_be_opened_fails_init_naming_the_file() {
         let dir = temp_dir("unopenable");
-        let error = TestServer::<Notes>::start(json!({ "database": &dir }))
+        let error = TestServer::<Notes>::start_tokio(json!({ "database": &dir }))
             .map(|_| ())
             .unwrap_err();
         assert_eq!(error.status(), 500);
@@ -404,7 +404,7 @@ mod tests {
             "{message}"
         );
         let missing = dir.join("no/such/folder/n.sqlite3");
-        let error = TestServer::<Notes>::start(json!({ "database": &missing }))
+        let error = TestServer::<Notes>::start_tokio(json!({ "database": &missing }))
             .map(|_| ())
             .unwrap_err();
         assert!(
@@ -417,7 +417,7 @@ mod tests {
             "this is not a database, but it is long enough to look at",
         )
         .unwrap();
-        let error = TestServer::<Notes>::start(json!({ "database": &text }))
+        let error = TestServer::<Notes>::start_tokio(json!({ "database": &text }))
             .map(|_| ())
             .unwrap_err();
         assert!(
