@@ -48,6 +48,7 @@ fn tokio_works_in_init_handlers_and_background_tasks() {
     assert_eq!(body(&host, "/spawn"), "42");
     assert!(body(&host, "/blocking").starts_with("fixture-tas-rt"));
     assert_eq!(body(&host, "/echo?text=round%20trip"), "round trip");
+    assert_eq!(body(&host, "/host-sleep-in-task"), "slept");
     // Many at once, interleaved on the host's threads.
     let handles: Vec<_> = (0..16)
         .map(|i| {
