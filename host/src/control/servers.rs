@@ -324,17 +324,30 @@ pub fn is_library(path: &Path) -> bool {
 /// Library files in `dir`, sorted by name. Hidden files (such as the temporary files
 /// `cargo xtask build-plugins` renames into place) are skipped.
 pub fn scan_plugin_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| is_library(p))
-        .filter(|p| {
-            !p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'))
-        })
-        .filter(|p| p.is_file())
-        .collect();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)?.filter_map(Result::ok) {
+        let p = entry.path();
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden || !is_library(&p) {
+            continue;
+        }
+        // The entry's own type, as listed (a path looked up again could be gone if the
+        // folder was renamed meanwhile); a symlink is followed.
+        let is_file = match entry.file_type() {
+            Ok(t) if t.is_symlink() => p.is_file(),
+            Ok(t) => t.is_file(),
+            Err(_) => false,
+        };
+        if is_file {
+            files.push(p);
+        }
+    }
+    // A folder renamed or removed while it was being listed is not a folder without
+    // libraries: the caller keeps what it has and looks again.
+    std::fs::metadata(dir)?;
     files.sort();
     Ok(files)
 }
