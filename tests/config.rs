@@ -161,3 +161,27 @@ fn a_missing_config_file_is_exit_code_2_naming_it() {
         out.stderr
     );
 }
+
+#[test]
+fn a_host_listening_where_the_command_line_says_sees_no_config_change_until_there_is_one() {
+    let config = r#"{"global": {"listen": ["127.0.0.1:1"], "reload": {"debounce_ms": 20}},
+      "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    // `start` passes `--listen 127.0.0.1:0`, which replaces the file's `global.listen`:
+    // that difference is not a change of config.
+    let host = Setup::new("listen-override", config)
+        .plugin("hello", "hello.so")
+        .start();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(
+        host.count_log_lines(&["applied config change"]),
+        0,
+        "{}",
+        host.logs()
+    );
+    host.write_config(&config.replace(
+        r#""plugin": "hello""#,
+        r#""plugin": "hello", "config": {"greeting": "Hey"}"#,
+    ));
+    host.wait_for_log(&["applied config change"]);
+    assert_eq!(host.get("hello.localhost", "/hello/x").body, "Hey, x!\n");
+}

@@ -95,7 +95,10 @@ impl ControlLoop {
             }
         }
         let servers = self.servers.clone();
-        let applied = tokio::task::spawn_blocking(move || servers.apply_config(new, since)).await;
+        let keep_listen = self.listen_override;
+        let applied =
+            tokio::task::spawn_blocking(move || servers.apply_config(new, since, keep_listen))
+                .await;
         if let Ok(Some(_)) = applied {
             tracing::info!(
                 took_ms = since.elapsed().as_micros() as f64 / 1000.0,

@@ -426,10 +426,21 @@ impl Microservers {
     /// Applies a new, already validated config: servers and domains added, removed or
     /// moved, servers enabled or disabled, changed plugin configs (a new generation),
     /// new limits. Listen addresses are the caller's business.
-    pub fn apply_config(&self, config: Config, since: Instant) -> Option<Report> {
+    ///
+    /// `keep_listen`: the listeners come from the command line (`--listen`), so the
+    /// file's `global.listen` is not part of the running config and is not a change.
+    pub fn apply_config(
+        &self,
+        mut config: Config,
+        since: Instant,
+        keep_listen: bool,
+    ) -> Option<Report> {
         let timing = Timing::new(since);
         let mut report = Report::default();
         let mut control = self.control();
+        if keep_listen {
+            config.global.listen = control.config.global.listen.clone();
+        }
         if control.stopping || control.config == config {
             return None;
         }
