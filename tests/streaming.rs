@@ -186,11 +186,13 @@ fn a_client_that_stops_reading_stops_the_producer_and_one_that_leaves_drops_it()
     let grown = rss_kib(host.pid()).saturating_sub(before);
     assert!(grown < 32 << 10, "the host grew by {grown} KiB");
     // Reading again resumes it.
-    for _ in 0..50 {
-        slow.got.clear();
-        slow.read_some();
-    }
-    host.wait_until("production resumes", || produced(&host) > last);
+    host.wait_until("production resumes", || {
+        for _ in 0..20 {
+            slow.got.clear();
+            slow.read_some();
+        }
+        produced(&host) > last
+    });
     // A client that goes away: the stream is dropped (on its generation).
     drop(slow);
     host.wait_for_log(&["stream dropped", "stream=\"firehose\""]);
@@ -242,24 +244,24 @@ fn a_stream_that_fails_or_panics_aborts_its_response_only() {
 
 #[test]
 fn a_reload_lets_a_stream_finish_or_ends_it_cleanly_at_the_drain_deadline() {
-    let host = host("stream-reload", 600);
+    let host = host("stream-reload", 1500);
     // Endless: ends cleanly (final chunk) at the drain deadline, before the old
     // generation's shutdown hook runs.
     let mut endless = Raw::get(&host, "tasks.localhost", "/sse?ms=20");
     endless.until("data: 2\n", Duration::from_secs(5));
     // Finite, shorter than the deadline: finishes in full on the old generation.
-    let mut finite = Raw::get(&host, "tasks.localhost", "/sse?ms=20&n=15");
+    let mut finite = Raw::get(&host, "tasks.localhost", "/sse?ms=20&n=10");
     finite.until("data: 1\n", Duration::from_secs(5));
     let reloaded_at = Instant::now();
-    host.write_config(&config(600, 2));
+    host.write_config(&config(1500, 2));
     host.wait_until("generation 2 serves", || {
         host.get("tasks.localhost", "/n").body == "2"
     });
     let all = finite.until("0\r\n\r\n", Duration::from_secs(10));
-    assert!(all.contains("data: 15\n"), "{all}");
+    assert!(all.contains("data: 10\n"), "{all}");
     let cut = endless.until("0\r\n\r\n", Duration::from_secs(10));
     assert!(cut.ends_with("\r\n0\r\n\r\n"), "ended cleanly: {cut:?}");
-    assert!(reloaded_at.elapsed() >= Duration::from_millis(500));
+    assert!(reloaded_at.elapsed() >= Duration::from_millis(1400));
     host.wait_for_log(&["tasks shutdown hook ran"]);
     let logs = host.logs();
     let dropped = logs
