@@ -121,14 +121,16 @@ fn each_generation_has_its_runtime_and_reloads_leave_no_threads_behind() {
         });
     }
     assert_eq!(body(&host, "/spawn"), "42");
+    // No more than after the first (fewer is fine: an idle pool thread of the host's
+    // may end meanwhile).
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut now = settled(&host);
-    while now != after_first && Instant::now() < deadline {
+    while now > after_first && Instant::now() < deadline {
         now = settled(&host);
     }
-    assert_eq!(
-        now, after_first,
-        "threads after 50 more reloads vs after the first"
+    assert!(
+        now <= after_first,
+        "threads after 50 more reloads: {now}, after the first: {after_first}"
     );
     assert_eq!(
         host.count_log_lines(&["background task dropped", "task=\"ticker\""]),
@@ -168,14 +170,17 @@ fn new_builds_of_a_tokio_plugin_leave_no_threads_or_descriptors_behind() {
         install(n);
     }
     assert_eq!(body(&host, "/spawn"), "42");
+    // No more than after the first (fewer is fine: an idle pool thread of the host's
+    // may end meanwhile).
+    let grew = |now: (usize, usize)| now.0 > first.0 || now.1 > first.1;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut now = settle();
-    while now != first && Instant::now() < deadline {
+    while grew(now) && Instant::now() < deadline {
         now = settle();
     }
-    assert_eq!(
-        now, first,
-        "(threads, descriptors) after 10 more builds vs after the first"
+    assert!(
+        !grew(now),
+        "(threads, descriptors) after 10 more builds: {now:?}, after the first: {first:?}"
     );
 }
 

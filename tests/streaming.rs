@@ -316,10 +316,11 @@ fn a_streaming_route_reads_a_50_mib_upload_with_flat_memory_and_its_own_limit() 
         &host,
         "PUT /upload-small HTTP/1.1\r\nhost: tasks.localhost\r\ntransfer-encoding: chunked\r\n\r\n",
     );
+    // The host may answer and close before the last chunks are written.
     for _ in 0..4 {
-        chunked.stream.write_all(b"200\r\n").unwrap();
-        chunked.stream.write_all(&[b'y'; 0x200]).unwrap();
-        chunked.stream.write_all(b"\r\n").unwrap();
+        let _ = chunked.stream.write_all(b"200\r\n");
+        let _ = chunked.stream.write_all(&[b'y'; 0x200]);
+        let _ = chunked.stream.write_all(b"\r\n");
     }
     let reply = chunked.until("limit of 1000 bytes", Duration::from_secs(10));
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
