@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::support::{library, variant, Host, Setup};
+use crate::support::{library, variant, Host, Reply, Setup};
 
 const VERSIONED: &str = r#"{
   "global": {"reload": {"debounce_ms": 20, "drain_timeout_ms": 5000, "init_timeout_ms": 1000}},
@@ -34,21 +34,8 @@ fn swapping_a_library_under_load_fails_no_request() {
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| {
-                let mut conn = host.connect();
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    match conn.get("v.localhost", "/") {
-                        Ok(r) if r.status == 200 && (r.body == "a x" || r.body == "b x") => n += 1,
-                        Ok(r) => failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} {}", r.status, r.body)),
-                        Err(e) => {
-                            failures.lock().unwrap().push(e);
-                            conn = host.connect();
-                        }
-                    }
-                }
+                let ok = |r: &Reply| r.status == 200 && (r.body == "a x" || r.body == "b x");
+                let n = host.ask_until("v.localhost", "/", ok, &stop, &failures);
                 *served.lock().unwrap() += n;
             });
         }

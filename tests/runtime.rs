@@ -197,24 +197,11 @@ fn reloading_a_tokio_plugin_under_load_fails_no_request() {
         for i in 0..4 {
             let (stop, failures, served, host) = (&stop, &failures, &served, &host);
             s.spawn(move || {
-                let mut conn = host.connect();
-                let mut n = 0;
                 // Handlers that await a tokio timer and a spawned task, so that requests are
                 // in flight inside the runtime when its generation is replaced.
                 let path = if i % 2 == 0 { "/sleep?ms=3" } else { "/spawn" };
-                while !stop.load(Ordering::Relaxed) {
-                    match conn.get("tasks.localhost", path) {
-                        Ok(r) if r.status == 200 => n += 1,
-                        Ok(r) => failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} {}", r.status, r.body)),
-                        Err(e) => {
-                            failures.lock().unwrap().push(e);
-                            conn = host.connect();
-                        }
-                    }
-                }
+                let ok = |r: &crate::support::Reply| r.status == 200;
+                let n = host.ask_until("tasks.localhost", path, ok, stop, failures);
                 *served.lock().unwrap() += n;
             });
         }

@@ -2,15 +2,56 @@
 //! limit the host is compared with: bare hyper, same versions and runtime settings, no
 //! routing, no plugin) and the criterion benches in `benches/`.
 //!
-//! What the two baseline servers share is here: the request id header and a bare status
-//! response.
+//! What the two baseline servers share is here: their accept loop and connection
+//! settings (the host's), the request id header and a bare status response.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue};
-use hyper::{Response, StatusCode};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+/// Accepts connections on `listen` forever and answers each request with `answer`, with
+/// the host's connection settings (HTTP/1 and HTTP/2, no delay, a 30 s header timeout,
+/// at most 100 headers). Prints `listening on http://ADDR` on stderr once bound.
+pub async fn serve<A, F>(listen: SocketAddr, answer: A)
+where
+    A: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    eprintln!(
+        "listening on http://{}",
+        listener.local_addr().expect("addr")
+    );
+    loop {
+        let Ok((stream, _peer)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_headers(100);
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let conn =
+                builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(answer));
+            let _ = conn.await;
+        });
+    }
+}
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -470,6 +470,35 @@ impl Client {
         Reply::parse(&out)
     }
 
+    /// Sends `GET path` for `domain` on one keep-alive connection until `stop` is set,
+    /// as a load generator does; a reply `ok` refuses and a connection error (after
+    /// which it reconnects) are added to `failures`. Returns how many replies were ok.
+    pub fn ask_until(
+        &self,
+        domain: &str,
+        path: &str,
+        ok: impl Fn(&Reply) -> bool,
+        stop: &std::sync::atomic::AtomicBool,
+        failures: &Mutex<Vec<String>>,
+    ) -> usize {
+        let mut conn = self.connect();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            match conn.get(domain, path) {
+                Ok(r) if ok(&r) => n += 1,
+                Ok(r) => failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {}", r.status, r.body)),
+                Err(e) => {
+                    failures.lock().unwrap().push(e);
+                    conn = self.connect();
+                }
+            }
+        }
+        n
+    }
+
     /// Opens a keep-alive connection.
     pub fn connect(&self) -> Conn {
         let stream = TcpStream::connect(self.addr).expect("connect to host");

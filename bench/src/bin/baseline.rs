@@ -7,17 +7,13 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bench::{request_id, status, X_REQUEST_ID};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const BINARY: &str = "application/octet-stream";
@@ -39,32 +35,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(serve(listen));
-}
-
-async fn serve(listen: SocketAddr) {
-    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
-    eprintln!(
-        "listening on http://{}",
-        listener.local_addr().expect("addr")
-    );
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .max_headers(100);
-        tokio::spawn(async move {
-            let conn =
-                builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(answer));
-            let _ = conn.await;
-        });
-    }
+    runtime.block_on(bench::serve(listen, answer));
 }
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {

@@ -16,10 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
@@ -41,7 +38,7 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async {
         let pool = open(&database).await.expect("open the database");
-        serve(listen, pool).await
+        bench::serve(listen, move |req| answer(pool.clone(), req)).await
     });
 }
 
@@ -73,32 +70,6 @@ async fn open(file: &str) -> Result<SqlitePool, sqlx::Error> {
     .execute(&pool)
     .await?;
     Ok(pool)
-}
-
-async fn serve(listen: SocketAddr, pool: SqlitePool) {
-    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
-    eprintln!(
-        "listening on http://{}",
-        listener.local_addr().expect("addr")
-    );
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .max_headers(100);
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| answer(pool.clone(), req));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let _ = conn.await;
-        });
-    }
 }
 
 #[derive(serde::Serialize)]
