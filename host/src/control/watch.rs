@@ -76,9 +76,13 @@ pub fn watch(
                     |t: Option<Instant>| Some(t.map_or(event.time, |t| t.min(event.time)));
                 if path == &file {
                     config = earliest(config);
-                } else if path.parent() == Some(dir.as_path())
-                    && crate::control::servers::is_library(path)
+                } else if path == &dir
+                    || (path.parent() == Some(dir.as_path())
+                        && crate::control::servers::is_library(path))
                 {
+                    // A library in the folder, or the folder itself (moved away, removed
+                    // or put back: seen by the config folder's watch when it is the
+                    // parent, as the folder's own watch may not report it).
                     plugins = earliest(plugins);
                 }
             }
