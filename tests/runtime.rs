@@ -27,11 +27,16 @@ fn body(host: &Host, path: &str) -> String {
     reply.body
 }
 
-/// The threads of a process, from /proc.
-fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
+/// How many entries `/proc/PID/{what}` has: `task` for threads, `fd` for open file
+/// descriptors.
+fn proc_count(pid: u32, what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/{what}"))
         .unwrap()
         .count()
+}
+
+fn threads(pid: u32) -> usize {
+    proc_count(pid, "task")
 }
 
 #[test]
@@ -138,13 +143,6 @@ fn each_generation_has_its_runtime_and_reloads_leave_no_threads_behind() {
     );
 }
 
-/// The open file descriptors of a process, from /proc.
-fn descriptors(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 #[test]
 fn new_builds_of_a_tokio_plugin_leave_no_threads_or_descriptors_behind() {
     let host = tasks_host("runtime-builds");
@@ -163,7 +161,7 @@ fn new_builds_of_a_tokio_plugin_leave_no_threads_or_descriptors_behind() {
     let pid = host.pid();
     let settle = || {
         std::thread::sleep(Duration::from_millis(500));
-        (threads(pid), descriptors(pid))
+        (threads(pid), proc_count(pid, "fd"))
     };
     let first = settle();
     for n in 2..=11 {

@@ -192,10 +192,8 @@ impl StreamedBody {
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             FfiStreamPoll::End => {
-                let ended = shared.live.take();
                 drop(shared);
-                drop(ended);
-                self.ended = true;
+                self.end();
                 Poll::Ready(None)
             }
             FfiStreamPoll::Failed(message) => {
@@ -203,20 +201,29 @@ impl StreamedBody {
                     let g = live.in_flight.generation();
                     tracing::error!(server = %g.server, plugin = %g.plugin().name, request_id = self.request_id.as_str(), "response stream failed: {message}");
                 }
-                let failed = shared.live.take();
                 drop(shared);
-                drop(failed);
-                self.ended = true;
+                self.end();
                 Poll::Ready(Some(Err(StreamFailed(message.into_string()))))
             }
             FfiStreamPoll::TooLarge(_) => {
-                let failed = shared.live.take();
                 drop(shared);
-                drop(failed);
-                self.ended = true;
+                self.end();
                 Poll::Ready(Some(Err(StreamFailed("too large".to_owned()))))
             }
         }
+    }
+
+    /// The stream is over: it and the in-flight guard are dropped now (outside the lock,
+    /// as dropping the stream runs plugin code).
+    fn end(&mut self) {
+        let live = self
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .take();
+        drop(live);
+        self.ended = true;
     }
 }
 
