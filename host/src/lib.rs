@@ -5,7 +5,7 @@
 //! from the layers below it:
 //!
 //! - `serve`: the edge (listening sockets, connections, graceful shutdown, signals);
-//! - `http`: the request path (domain, server, generation, route, call, response);
+//! - `request`: the request path (domain, server, generation, route, call, response);
 //! - `routing`: domains and routes;
 //! - `boundary`: the plugin boundary (libraries, generations, calls, host services).
 //!
@@ -15,6 +15,6 @@
 
 pub mod boundary;
 pub mod control;
-pub mod http;
+pub mod request;
 pub mod routing;
 pub mod serve;

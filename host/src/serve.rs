@@ -161,7 +161,7 @@ pub async fn serve(
                 // Formatted once per connection, not per request.
                 let client = crate::boundary::call::ClientAddr::new(peer);
                 let service =
-                    service_fn(move |req| crate::http::handle(servers.clone(), req, client));
+                    service_fn(move |req| crate::request::http::handle(servers.clone(), req, client));
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 let conn = connections.watch(conn.into_owned());
                 // Spawned as a task of its own: `Watched` relies on it (see there).
