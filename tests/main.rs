@@ -15,3 +15,4 @@ mod robustness;
 mod routing;
 mod runtime;
 mod streaming;
+mod websocket;

@@ -5,6 +5,7 @@
 //!
 //! `cargo bench -p bench` (builds the release `hello` plugin itself).
 
+use plugin_api::ffi::FfiSockets;
 use std::borrow::Cow;
 use std::future::Future;
 use std::hint::black_box;
@@ -158,7 +159,7 @@ fn request_parts() -> hyper::http::request::Parts {
 fn plugin_call(c: &mut Criterion) {
     let copies = loader::private_copies_dir().unwrap();
     let library = Arc::new(loader::load(&hello_library(), &copies).unwrap());
-    let (instance, declared) = Instance::create(library, "hello", "null", None).unwrap();
+    let (instance, declared) = Instance::create(library, "hello", "null", None, FfiSockets::empty()).unwrap();
     let routes = RouteTable::new(
         declared
             .routes
@@ -186,6 +187,7 @@ fn plugin_call(c: &mut Criterion) {
                             domain,
                             route,
                             stream_body_limit: None,
+                            socket: None,
                         },
                         (),
                     ))

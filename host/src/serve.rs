@@ -157,6 +157,8 @@ pub async fn serve(
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .max_headers(servers.routing().limits.max_headers);
+                // WebSockets over HTTP/2 (RFC 8441: extended CONNECT).
+                builder.http2().enable_connect_protocol();
                 let servers = servers.clone();
                 // Formatted once per connection, not per request.
                 let client = crate::boundary::call::ClientAddr::new(peer);

@@ -22,11 +22,12 @@ use abi_stable::std_types::{RErr, ROk, ROption, RResult, RStr, RString, RVec};
 use async_ffi::FfiContext;
 
 use crate::ffi::{
-    FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute, FfiStream,
-    FfiStreamFns, FfiStreamPoll, PluginMod, PluginModRef,
+    FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute,
+    FfiSocketEvent, FfiStream, FfiStreamFns, FfiStreamPoll, PluginMod, PluginModRef,
 };
 use crate::host::{self, panic_message};
 use crate::runtime::PluginRuntime;
+use crate::socket::{Close, Event, Message, Socket};
 
 /// Runs `f`, catching a panic. A panic's message (with its location, which the panic
 /// hook notes instead of logging it) comes back as the error, and its payload is dropped
@@ -69,6 +70,44 @@ where
     Box::new(
         move |server, request, cx, out| match catch(|| handler(server, request)) {
             Ok(fut) => start(fut, cx, out),
+            Err(message) => answered(out, RErr(message.into())),
+        },
+    )
+}
+
+/// A WebSocket event handler with its types erased (`A`: a [`Message`] or a [`Close`]):
+/// starts the handler and polls it once, like an [`ErasedHandler`].
+pub(crate) type ErasedEvent<S, A> =
+    Box<dyn Fn(Arc<S>, Socket, A, &mut Context<'_>, *mut FfiHandleResult) -> FfiCall + Send + Sync>;
+
+/// What an event handler's call answers: nothing the host reads (an empty 200, which
+/// allocates nothing).
+struct Handled;
+
+impl IntoResponse for Handled {
+    fn into_response(self) -> crate::Response {
+        crate::Response::new(200)
+    }
+}
+
+/// Wraps a WebSocket event handler so that it runs behind the C ABI and never unwinds.
+pub(crate) fn erase_event<S, A, H, Fut>(handler: H) -> ErasedEvent<S, A>
+where
+    S: Microserver,
+    A: 'static,
+    H: Fn(Arc<S>, Socket, A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Box::new(
+        move |server, socket, arg, cx, out| match catch(|| handler(server, socket, arg)) {
+            Ok(fut) => start(
+                async move {
+                    fut.await;
+                    Handled
+                },
+                cx,
+                out,
+            ),
             Err(message) => answered(out, RErr(message.into())),
         },
     )
@@ -188,6 +227,8 @@ where
 struct Instance<S, Rt> {
     server: Arc<S>,
     handlers: Vec<ErasedHandler<S>>,
+    on_message: Option<ErasedEvent<S, Message>>,
+    on_close: Option<ErasedEvent<S, Close>>,
     /// Started before `init`, stopped after everything else of the instance is dropped.
     runtime: Rt,
 }
@@ -219,6 +260,7 @@ pub fn init<S: Microserver, Rt: PluginRuntime>(
             server_name: args.server_name.as_str(),
             config_json: args.config_json.as_str(),
             previous_state: args.previous_state.into_option().map(|s| s.as_slice()),
+            sockets: &args.sockets,
         };
         let server = S::init(&ctx).map_err(|e| e.to_string())?;
         let mut routes = Routes::new();
@@ -248,6 +290,7 @@ pub fn init<S: Microserver, Rt: PluginRuntime>(
             method: entry.method.into(),
             pattern: entry.pattern.into(),
             stream_body_limit: entry.stream_body_limit.into(),
+            websocket: entry.websocket,
         });
         handlers.push(entry.handler);
     }
@@ -255,6 +298,8 @@ pub fn init<S: Microserver, Rt: PluginRuntime>(
     let instance = Box::new(Instance {
         server: Arc::new(server),
         handlers,
+        on_message: routes.on_message,
+        on_close: routes.on_close,
         runtime,
     });
     ROk(FfiInit {
@@ -293,6 +338,34 @@ unsafe extern "C" fn handle<S: Microserver, Rt: PluginRuntime>(
         }
         // SAFETY: a call with a null future wrote the outcome to `out`.
         unsafe { enter_stream::<Rt>(&instance.runtime.handle(), out) };
+    }
+    call
+}
+
+unsafe extern "C" fn socket_event<S: Microserver, Rt: PluginRuntime>(
+    ptr: FfiInstance,
+    event: FfiSocketEvent,
+    cx: &mut FfiContext<'_>,
+    out: *mut FfiHandleResult,
+) -> FfiCall {
+    // SAFETY: the contract of `PluginMod::socket_event`.
+    let instance = unsafe { instance::<S, Rt>(ptr) };
+    let _entered = instance.runtime.enter();
+    let server = instance.server.clone();
+    // `erase_event` catches panics in the handler; the waker glue does not panic.
+    let call = match Event::from_ffi(event) {
+        Some(Event::Message(socket, message)) => match &instance.on_message {
+            Some(handler) => cx.with_context(|cx| handler(server, socket, message, cx, out)),
+            None => answered(out, ROk(Handled.into_response().into_ffi())),
+        },
+        Some(Event::Close(socket, close)) => match &instance.on_close {
+            Some(handler) => cx.with_context(|cx| handler(server, socket, close, cx, out)),
+            None => answered(out, ROk(Handled.into_response().into_ffi())),
+        },
+        None => answered(out, ROk(Handled.into_response().into_ffi())),
+    };
+    if Rt::ENTERS && !call.future.is_null() {
+        return entered_call::<Rt>(instance.runtime.handle(), call);
     }
     call
 }
@@ -424,13 +497,15 @@ unsafe extern "C" fn drop_instance<S: Microserver, Rt: PluginRuntime>(
     let Instance {
         server,
         handlers,
+        on_message,
+        on_close,
         runtime,
     } = *boxed;
     // The instance goes first, inside its runtime (a database pool may close its
     // connections on the runtime as it is dropped); then what is left of the runtime's
     // tasks (a task may hold the last reference to the instance), and its threads.
     let entered = runtime.enter();
-    if let Err(message) = catch(move || drop((handlers, server))) {
+    if let Err(message) = catch(move || drop((handlers, on_message, on_close, server))) {
         host::log_panic(&format!("dropping the instance panicked: {message}"));
     }
     drop(entered);
@@ -461,6 +536,7 @@ pub fn root_module<S: Microserver, Rt: PluginRuntime>(
         handle: handle::<S, Rt>,
         export_state: export_state::<S, Rt>,
         shutdown: shutdown::<S, Rt>,
+        socket_event: socket_event::<S, Rt>,
         drop_instance: drop_instance::<S, Rt>,
     }
     .leak_into_prefix()

@@ -510,6 +510,314 @@ impl Drop for FfiStream {
     }
 }
 
+/// The kind of a WebSocket message.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfiMessageKind {
+    /// UTF-8 text (the host checks that it is).
+    Text,
+    Binary,
+}
+
+/// What became of a message handed to [`FfiSocketFns::send`].
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfiSendOutcome {
+    /// Queued for the client.
+    Queued,
+    /// The connection is closed or closing: the message was dropped.
+    Closed,
+    /// The connection's send queue was full: the message was dropped and the connection
+    /// is being closed (1008).
+    QueueFull,
+    /// A text message that is not UTF-8: dropped.
+    NotText,
+}
+
+/// The host's functions on its WebSocket connections ([`FfiSocket`]) and on a server's
+/// set of them ([`FfiSockets`]), in one `'static` table of the host's.
+///
+/// Every function is `unsafe`: only with a pointer from a live [`FfiSocket`] (the
+/// `socket_*` ones and `id`, `send`, `close`, `join`, `leave`, `attachment`,
+/// `set_attachment`) or [`FfiSockets`] (`sockets_*`, `broadcast`, `socket`, `count`,
+/// `members`), and each `FfiStr` must be valid for the call. None of them blocks.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiSocketFns {
+    /// One more reference to the connection (for a clone of the handle).
+    pub socket_retain: unsafe extern "C" fn(*const c_void),
+    /// One reference fewer.
+    pub socket_release: unsafe extern "C" fn(*const c_void),
+    /// The connection's id, unique among the host's connections for the life of the
+    /// process.
+    pub id: unsafe extern "C" fn(*const c_void) -> u64,
+    /// Queues a message for the client.
+    pub send: unsafe extern "C" fn(*const c_void, FfiMessageKind, FfiBytes) -> FfiSendOutcome,
+    /// Closes the connection with a close code (1000-4999) and a reason (at most 123
+    /// bytes of UTF-8; cut to fit).
+    pub close: unsafe extern "C" fn(*const c_void, u16, FfiStr),
+    /// Puts the connection in a room of its server (created on first use).
+    pub join: unsafe extern "C" fn(*const c_void, FfiStr),
+    /// Takes the connection out of a room (a room with nobody left is gone).
+    pub leave: unsafe extern "C" fn(*const c_void, FfiStr),
+    /// The bytes attached to the connection (empty if none).
+    pub attachment: unsafe extern "C" fn(*const c_void) -> FfiBytes,
+    /// Attaches bytes to the connection, in place of the ones before. `false`: larger
+    /// than the host allows (nothing changed).
+    pub set_attachment: unsafe extern "C" fn(*const c_void, FfiBytes) -> bool,
+    /// One more reference to a server's set of connections.
+    pub sockets_retain: unsafe extern "C" fn(*const c_void),
+    /// One reference fewer.
+    pub sockets_release: unsafe extern "C" fn(*const c_void),
+    /// Sends one message to every connection of a room (`to_all` false) or of the
+    /// server (`to_all` true; `room` is then ignored), except the connection with id
+    /// `except` (0: none). The message is made once for all of them. Returns how many
+    /// connections it was queued for.
+    pub broadcast: unsafe extern "C" fn(
+        *const c_void,
+        room: FfiStr,
+        to_all: bool,
+        FfiMessageKind,
+        FfiBytes,
+        except: u64,
+    ) -> u64,
+    /// The open connection with this id, if it is one of the server's: its pointer,
+    /// holding one reference for the caller (to wrap with [`FfiSocket::from_raw`] and
+    /// this table); else null.
+    pub socket: unsafe extern "C" fn(*const c_void, id: u64) -> *const c_void,
+    /// How many connections a room has (`to_all`: the server).
+    pub count: unsafe extern "C" fn(*const c_void, room: FfiStr, to_all: bool) -> u64,
+    /// The ids of a room's connections (`to_all`: the server's), in no order.
+    pub members: unsafe extern "C" fn(*const c_void, room: FfiStr, to_all: bool) -> RVec<u64>,
+}
+
+/// A handle on one of the host's WebSocket connections: its pointer and the host's
+/// functions. Cloned and dropped through those functions (a reference count), so a
+/// plugin may keep it as long as it likes; once the connection is closed, sending to it
+/// does nothing. An empty one (no connection) has a null pointer.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiSocket {
+    conn: *const c_void,
+    fns: &'static FfiSocketFns,
+}
+
+// SAFETY: `from_raw`'s contract: the host's functions may be called from any thread.
+unsafe impl Send for FfiSocket {}
+unsafe impl Sync for FfiSocket {}
+
+impl FfiSocket {
+    /// No connection.
+    #[inline]
+    pub fn empty() -> Self {
+        FfiSocket {
+            conn: std::ptr::null(),
+            fns: &NO_SOCKETS,
+        }
+    }
+
+    /// A handle on a connection, holding one reference to it.
+    ///
+    /// # Safety
+    /// `conn` is not null and holds a reference the new handle now owns; every function
+    /// of `fns` that takes a connection may be called with `conn` from any thread, at
+    /// any time, until `socket_release` has been called once for each reference (the
+    /// one passed in, and one per `socket_retain`).
+    #[inline]
+    pub unsafe fn from_raw(conn: *const c_void, fns: &'static FfiSocketFns) -> Self {
+        FfiSocket { conn, fns }
+    }
+
+    /// Whether there is no connection.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.conn.is_null()
+    }
+
+    /// Takes the handle out, leaving an empty one; `None` if it was empty.
+    #[inline]
+    pub fn take(&mut self) -> Option<FfiSocket> {
+        if self.is_empty() {
+            return None;
+        }
+        Some(std::mem::replace(self, FfiSocket::empty()))
+    }
+
+    /// The connection's pointer and functions (null for an empty handle). The pointer is
+    /// valid while this handle lives.
+    #[inline]
+    pub fn raw(&self) -> (*const c_void, &'static FfiSocketFns) {
+        (self.conn, self.fns)
+    }
+}
+
+impl Clone for FfiSocket {
+    fn clone(&self) -> Self {
+        if !self.conn.is_null() {
+            // SAFETY: `from_raw`'s contract; this handle holds a reference.
+            unsafe { (self.fns.socket_retain)(self.conn) };
+        }
+        FfiSocket {
+            conn: self.conn,
+            fns: self.fns,
+        }
+    }
+}
+
+impl Drop for FfiSocket {
+    fn drop(&mut self) {
+        if !self.conn.is_null() {
+            // SAFETY: `from_raw`'s contract: the reference this handle holds, once.
+            unsafe { (self.fns.socket_release)(self.conn) };
+        }
+    }
+}
+
+/// A handle on a server's set of WebSocket connections (its rooms, its broadcasts),
+/// given to each instance at init. Reference-counted like [`FfiSocket`].
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiSockets {
+    hub: *const c_void,
+    fns: &'static FfiSocketFns,
+}
+
+impl std::fmt::Debug for FfiSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FfiSockets").finish_non_exhaustive()
+    }
+}
+
+// SAFETY: `from_raw`'s contract: the host's functions may be called from any thread.
+unsafe impl Send for FfiSockets {}
+unsafe impl Sync for FfiSockets {}
+
+impl FfiSockets {
+    /// A set that is always empty (a server run outside the host, in tests).
+    #[inline]
+    pub fn empty() -> Self {
+        FfiSockets {
+            hub: std::ptr::null(),
+            fns: &NO_SOCKETS,
+        }
+    }
+
+    /// A handle on a server's set of connections, holding one reference to it.
+    ///
+    /// # Safety
+    /// As [`FfiSocket::from_raw`], for the functions that take a set.
+    #[inline]
+    pub unsafe fn from_raw(hub: *const c_void, fns: &'static FfiSocketFns) -> Self {
+        FfiSockets { hub, fns }
+    }
+
+    /// The set's pointer and functions (null for an empty one). The pointer is valid
+    /// while this handle lives.
+    #[inline]
+    pub fn raw(&self) -> (*const c_void, &'static FfiSocketFns) {
+        (self.hub, self.fns)
+    }
+}
+
+impl Clone for FfiSockets {
+    fn clone(&self) -> Self {
+        if !self.hub.is_null() {
+            // SAFETY: `from_raw`'s contract; this handle holds a reference.
+            unsafe { (self.fns.sockets_retain)(self.hub) };
+        }
+        FfiSockets {
+            hub: self.hub,
+            fns: self.fns,
+        }
+    }
+}
+
+impl Drop for FfiSockets {
+    fn drop(&mut self) {
+        if !self.hub.is_null() {
+            // SAFETY: `from_raw`'s contract: the reference this handle holds, once.
+            unsafe { (self.fns.sockets_release)(self.hub) };
+        }
+    }
+}
+
+unsafe extern "C" fn no_op(_: *const c_void) {}
+unsafe extern "C" fn no_id(_: *const c_void) -> u64 {
+    0
+}
+unsafe extern "C" fn no_send(_: *const c_void, _: FfiMessageKind, _: FfiBytes) -> FfiSendOutcome {
+    FfiSendOutcome::Closed
+}
+unsafe extern "C" fn no_close(_: *const c_void, _: u16, _: FfiStr) {}
+unsafe extern "C" fn no_room(_: *const c_void, _: FfiStr) {}
+unsafe extern "C" fn no_attachment(_: *const c_void) -> FfiBytes {
+    FfiBytes::empty()
+}
+unsafe extern "C" fn no_set_attachment(_: *const c_void, _: FfiBytes) -> bool {
+    false
+}
+unsafe extern "C" fn no_broadcast(
+    _: *const c_void,
+    _: FfiStr,
+    _: bool,
+    _: FfiMessageKind,
+    _: FfiBytes,
+    _: u64,
+) -> u64 {
+    0
+}
+unsafe extern "C" fn no_socket(_: *const c_void, _: u64) -> *const c_void {
+    std::ptr::null()
+}
+unsafe extern "C" fn no_count(_: *const c_void, _: FfiStr, _: bool) -> u64 {
+    0
+}
+unsafe extern "C" fn no_members(_: *const c_void, _: FfiStr, _: bool) -> RVec<u64> {
+    RVec::new()
+}
+
+/// The table of empty handles: nothing to send to, nobody in any room.
+static NO_SOCKETS: FfiSocketFns = FfiSocketFns {
+    socket_retain: no_op,
+    socket_release: no_op,
+    id: no_id,
+    send: no_send,
+    close: no_close,
+    join: no_room,
+    leave: no_room,
+    attachment: no_attachment,
+    set_attachment: no_set_attachment,
+    sockets_retain: no_op,
+    sockets_release: no_op,
+    broadcast: no_broadcast,
+    socket: no_socket,
+    count: no_count,
+    members: no_members,
+};
+
+/// What happened on a WebSocket connection.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfiSocketEventKind {
+    /// A message: `data` is its payload (UTF-8 for text).
+    Text,
+    Binary,
+    /// The connection closed: `code` and `data` (the reason, UTF-8) are the client's,
+    /// or the host's when it closed the connection (1006: it was cut without a close
+    /// frame). No event follows.
+    Close,
+}
+
+/// One event of a WebSocket connection, handed to the current generation of its server.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiSocketEvent {
+    pub socket: FfiSocket,
+    pub kind: FfiSocketEventKind,
+    pub code: u16,
+    pub data: FfiBytes,
+}
+
 /// The fields of a request, at the start of the host's request record.
 ///
 /// Nothing is copied to make them: the text fields are views of the host's own parsed
@@ -535,6 +843,9 @@ pub struct FfiRequestHead {
     /// The body as a stream, for a route that asked for one (`body` is then empty),
     /// else an empty stream. The plugin may take it.
     pub body_stream: FfiStream,
+    /// For a WebSocket route's upgrade request: the connection the host will open if
+    /// the handler accepts (answers 101), else empty. The plugin may take it.
+    pub socket: FfiSocket,
 }
 
 impl FfiRequestHead {
@@ -552,6 +863,7 @@ impl FfiRequestHead {
             route: 0,
             body: FfiBytes::empty(),
             body_stream: FfiStream::empty(),
+            socket: FfiSocket::empty(),
         }
     }
 
@@ -586,6 +898,7 @@ impl FfiRequestHead {
             route,
             body,
             body_stream: body_stream.unwrap_or_else(FfiStream::empty),
+            socket: FfiSocket::empty(),
         }
     }
 
@@ -662,6 +975,14 @@ impl FfiRequest {
         // SAFETY: as in `take_body`.
         let head = unsafe { &mut *self.data.0.cast::<FfiRequestHead>() };
         head.body_stream.take()
+    }
+
+    /// Takes the WebSocket connection out of the request (empty if it has none).
+    #[inline]
+    pub fn take_socket(&mut self) -> FfiSocket {
+        // SAFETY: as in `take_body`.
+        let head = unsafe { &mut *self.data.0.cast::<FfiRequestHead>() };
+        head.socket.take().unwrap_or_else(FfiSocket::empty)
     }
 
     /// The first value of a header (names compare case-insensitively), if present. The
@@ -809,6 +1130,9 @@ pub struct FfiRoute {
     /// ([`FfiRequestHead::body_stream`]) of at most `limit` bytes, instead of the whole
     /// body read first under the server's `max_body_bytes`.
     pub stream_body_limit: ROption<u64>,
+    /// A WebSocket route: its handler gets upgrade requests with a connection in
+    /// [`FfiRequestHead::socket`], and accepts by answering 101.
+    pub websocket: bool,
 }
 
 /// An opaque pointer to a microserver instance living inside the plugin.
@@ -840,6 +1164,8 @@ pub struct FfiInitArgs<'a> {
     /// State exported by the previous generation of this server, if any.
     pub previous_state: ROption<RSlice<'a, u8>>,
     pub host: HostFnsRef,
+    /// The server's set of WebSocket connections (the same set for every generation).
+    pub sockets: FfiSockets,
 }
 
 /// The outcome of one request: a response, or the message of a panic in the handler.
@@ -913,6 +1239,14 @@ pub struct PluginMod {
     /// generation's init, if it has any.
     pub export_state: unsafe extern "C" fn(FfiInstance) -> ROption<RVec<u8>>,
     pub shutdown: unsafe extern "C" fn(FfiInstance),
+    /// Hands a WebSocket event to the instance, like `handle` (the outcome's response is
+    /// not used; an error is a panic's message).
+    pub socket_event: for<'a, 'b> unsafe extern "C" fn(
+        FfiInstance,
+        FfiSocketEvent,
+        &'a mut FfiContext<'b>,
+        *mut FfiHandleResult,
+    ) -> FfiCall,
     /// Frees the instance; it is not used again. A plugin with a runtime of its own
     /// then cancels the runtime's tasks and joins its threads, waiting at most
     /// `wait_millis` for them.

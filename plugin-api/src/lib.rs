@@ -144,6 +144,7 @@ mod response;
 #[doc(hidden)]
 pub mod route_table;
 mod runtime;
+pub mod socket;
 pub mod stream;
 pub mod testing;
 
@@ -153,6 +154,7 @@ pub use request::Request;
 pub use response::{Body, IntoResponse, Json, Response};
 #[cfg(feature = "tokio")]
 pub use runtime::block_on;
+pub use socket::{Close, Message, Socket, Sockets};
 pub use tracing;
 
 /// A microserver: one type per plugin library, one instance per configured server.
@@ -194,6 +196,7 @@ pub struct InitContext<'a> {
     server_name: &'a str,
     config_json: &'a str,
     previous_state: Option<&'a [u8]>,
+    sockets: &'a ffi::FfiSockets,
 }
 
 impl<'a> InitContext<'a> {
@@ -241,6 +244,14 @@ impl<'a> InitContext<'a> {
     pub fn previous_state(&self) -> Option<&'a [u8]> {
         self.previous_state
     }
+
+    /// The server's WebSocket connections: the same set for every generation, so the
+    /// connections a previous generation accepted are here too. Keep it in the instance
+    /// to broadcast from anywhere (a handler, a background task). Outside the host
+    /// ([`testing::TestServer`]) it is always empty.
+    pub fn sockets(&self) -> Sockets {
+        Sockets::from_ffi(self.sockets.clone())
+    }
 }
 
 /// The route table a microserver declares in [`Microserver::routes`].
@@ -252,6 +263,8 @@ impl<'a> InitContext<'a> {
 pub struct Routes<S> {
     entries: Vec<RouteEntry<S>>,
     fallback: Option<export::ErasedHandler<S>>,
+    on_message: Option<export::ErasedEvent<S, Message>>,
+    on_close: Option<export::ErasedEvent<S, Close>>,
 }
 
 impl<S> std::fmt::Debug for Routes<S> {
@@ -268,6 +281,8 @@ struct RouteEntry<S> {
     handler: export::ErasedHandler<S>,
     /// `Some(limit)` for a route that takes its body as a stream.
     stream_body_limit: Option<u64>,
+    /// A WebSocket route.
+    websocket: bool,
 }
 
 macro_rules! method_fns {
@@ -289,6 +304,8 @@ impl<S: Microserver> Routes<S> {
         Routes {
             entries: Vec::new(),
             fallback: None,
+            on_message: None,
+            on_close: None,
         }
     }
 
@@ -306,6 +323,7 @@ impl<S: Microserver> Routes<S> {
             pattern: pattern.to_owned(),
             handler: export::erase(handler),
             stream_body_limit: None,
+            websocket: false,
         });
         self
     }
@@ -351,6 +369,101 @@ impl<S: Microserver> Routes<S> {
         if let Some(entry) = self.entries.last_mut() {
             entry.stream_body_limit = Some(max_body_bytes);
         }
+        self
+    }
+
+    /// A WebSocket route: `GET` requests for `pattern` that ask to upgrade to a
+    /// WebSocket go to `open`, with the connection the host will open. `open` sees the
+    /// whole request (path parameters, query, headers: to authenticate), may join the
+    /// socket to rooms, attach a value to it and queue messages, and answers `Ok(())` to
+    /// accept (the host then answers 101 and opens the connection) or an error (any
+    /// [`IntoResponse`], such as [`Error`]) to refuse with that response. A request
+    /// that is not an upgrade gets 426.
+    ///
+    /// The connection's messages and its close then go to [`on_message`](Self::on_message)
+    /// and [`on_close`](Self::on_close), on whichever generation of the server is
+    /// current: connections stay open across reloads.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use plugin_api::{Error, InitContext, Microserver, Request, Routes};
+    /// use plugin_api::socket::{Close, Message, Socket};
+    /// struct Echo;
+    /// impl Microserver for Echo {
+    ///     fn init(_: &InitContext<'_>) -> Result<Self, Error> { Ok(Echo) }
+    ///     fn routes(routes: &mut Routes<Self>) {
+    ///         routes
+    ///             .websocket("/echo", Self::open)
+    ///             .on_message(Self::message)
+    ///             .on_close(Self::closed);
+    ///     }
+    /// }
+    /// impl Echo {
+    ///     async fn open(self: Arc<Self>, req: Request, _socket: Socket) -> Result<(), Error> {
+    ///         match req.query_param("token").as_deref() {
+    ///             Some("let-me-in") => Ok(()),
+    ///             _ => Err(Error::new(401, "a token is needed")),
+    ///         }
+    ///     }
+    ///     async fn message(self: Arc<Self>, socket: Socket, message: Message) {
+    ///         let _ = socket.send(message); // the same buffer goes back: no copy
+    ///     }
+    ///     async fn closed(self: Arc<Self>, socket: Socket, close: Close) {
+    ///         plugin_api::tracing::info!(id = socket.id(), code = close.code, "closed");
+    ///     }
+    /// }
+    /// ```
+    pub fn websocket<H, Fut, E>(&mut self, pattern: &str, open: H) -> &mut Self
+    where
+        H: Fn(Arc<S>, Request, Socket) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: IntoResponse,
+    {
+        let handler = move |server: Arc<S>, mut req: Request| {
+            let opened = req.take_socket().map(|socket| open(server, req, socket));
+            async move {
+                match opened {
+                    None => {
+                        Response::text("this route takes WebSocket connections: ask for an upgrade")
+                            .with_status(426)
+                            .with_header("upgrade", "websocket")
+                    }
+                    Some(opened) => match opened.await {
+                        Ok(()) => Response::new(101),
+                        Err(refused) => refused.into_response(),
+                    },
+                }
+            }
+        };
+        self.route("GET", pattern, handler);
+        if let Some(entry) = self.entries.last_mut() {
+            entry.websocket = true;
+        }
+        self
+    }
+
+    /// Handles a message on any of the server's WebSocket connections. A connection's
+    /// messages come one at a time, in order: the next waits until this handler is done
+    /// (so keep it short, or hand long work to a task). A handler that panics, or runs
+    /// past the server's `request_timeout_ms`, has its connection closed (1011).
+    /// Without one, messages are dropped.
+    pub fn on_message<H, Fut>(&mut self, handler: H) -> &mut Self
+    where
+        H: Fn(Arc<S>, Socket, Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.on_message = Some(export::erase_event(handler));
+        self
+    }
+
+    /// Handles the close of a WebSocket connection (by either side, or cut), once per
+    /// connection, after its last message. The connection has already left its rooms.
+    pub fn on_close<H, Fut>(&mut self, handler: H) -> &mut Self
+    where
+        H: Fn(Arc<S>, Socket, Close) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.on_close = Some(export::erase_event(handler));
         self
     }
 
@@ -457,10 +570,13 @@ mod tests {
     use crate::{InitContext, Response};
 
     fn no_config() -> InitContext<'static> {
+        static NO_SOCKETS: std::sync::OnceLock<crate::ffi::FfiSockets> =
+            std::sync::OnceLock::new();
         InitContext {
             server_name: "greeter",
             config_json: "null",
             previous_state: None,
+            sockets: NO_SOCKETS.get_or_init(crate::ffi::FfiSockets::empty),
         }
     }
 

@@ -41,6 +41,11 @@ impl Request {
         Request { raw }
     }
 
+    /// The connection of a WebSocket route's upgrade request (taken once).
+    pub(crate) fn take_socket(&mut self) -> Option<crate::socket::Socket> {
+        crate::socket::Socket::from_ffi(self.raw.take_socket())
+    }
+
     #[inline]
     fn bytes(&self, s: FfiStr) -> &[u8] {
         // SAFETY: every `FfiStr` the host puts in a request (its fields, its parameters,

@@ -229,10 +229,12 @@ impl<S: Microserver> TestServer<S> {
         #[cfg(feature = "tokio")]
         let entered = runtime.as_ref().map(|r| r.enter());
         let config_json = config.to_string();
+        let sockets = crate::ffi::FfiSockets::empty();
         let ctx = InitContext {
             server_name: "test",
             config_json: &config_json,
             previous_state,
+            sockets: &sockets,
         };
         let server = Arc::new(S::init(&ctx)?);
         let mut routes = Routes::new();

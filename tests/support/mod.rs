@@ -21,6 +21,7 @@ const LIBRARIES: &[&str] = &[
     "fixture-old-api",
     "fixture-crash-on-load",
     "fixture-tasks",
+    "fixture-sockets",
 ];
 
 /// Builds the plugin and fixture libraries (once per test run) and returns the path of

@@ -31,7 +31,8 @@ use hyper::body::{Body as _, Incoming};
 use hyper::http::request::Parts;
 use plugin_api::ffi::{
     FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest, FfiRequestData,
-    FfiRequestFns, FfiRequestHead, FfiStr, FfiStream, FfiStreamFns, FfiStreamPoll,
+    FfiRequestFns, FfiRequestHead, FfiSocket, FfiSocketEvent, FfiStr, FfiStream, FfiStreamFns,
+    FfiStreamPoll,
 };
 use smallvec::SmallVec;
 
@@ -121,6 +122,8 @@ pub struct Lending<'p> {
     pub domain: Cow<'p, [u8]>,
     pub route: u32,
     pub stream_body_limit: Option<u64>,
+    /// For a WebSocket route's upgrade request: the connection it would open.
+    pub socket: Option<FfiSocket>,
 }
 
 /// A request's body as it is lent: read whole, or still arriving (for a route that takes
@@ -168,7 +171,7 @@ impl PendingRequest {
     /// fn lend_a_temporary(pending: PendingRequest, temporary: &[u8]) {
     ///     let _ = pending.lend(LentBody::Bytes(bytes::Bytes::new()), |_, _| {
     ///         let domain = std::borrow::Cow::Borrowed(temporary);
-    ///         Ok::<_, ()>((Lending { domain, route: 0, stream_body_limit: None }, ()))
+    ///         Ok::<_, ()>((Lending { domain, route: 0, stream_body_limit: None, socket: None }, ()))
     ///     });
     /// }
     /// ```
@@ -178,7 +181,7 @@ impl PendingRequest {
     /// fn a_parameter_from_elsewhere(pending: PendingRequest, value: &str) {
     ///     let _ = pending.lend(LentBody::Bytes(bytes::Bytes::new()), |_, params| {
     ///         params.push("id", value);
-    ///         Ok::<_, ()>((Lending { domain: b"x".into(), route: 0, stream_body_limit: None }, ()))
+    ///         Ok::<_, ()>((Lending { domain: b"x".into(), route: 0, stream_body_limit: None, socket: None }, ()))
     ///     });
     /// }
     /// ```
@@ -254,7 +257,7 @@ impl PendingRequest {
         // `params`) or `'static`, and the record neither moves nor changes until the
         // `FfiRequest` frees it; the text fields are UTF-8 (hyper's method and URI are
         // ASCII; a domain was checked or normalised to text by the router).
-        let head = unsafe {
+        let mut head = unsafe {
             FfiRequestHead::new(
                 FfiStr::new(parts.method.as_str().as_bytes()),
                 FfiStr::new(uri.path().as_bytes()),
@@ -268,6 +271,9 @@ impl PendingRequest {
                 body_stream,
             )
         };
+        if let Some(socket) = lending.socket {
+            head.socket = socket;
+        }
         // SAFETY: the head is the record's own field; the empty head it replaces owns
         // nothing, and is dropped here.
         drop(unsafe { std::ptr::replace(&raw mut (*ptr).head, head) });
@@ -494,12 +500,34 @@ pub fn start(
     let out = slot.value.as_mut_ptr();
     // SAFETY: `out` is the slot's room for one outcome.
     let call = cx.with_ffi_context(|cx| unsafe { instance.handle(request, cx, out) });
-    if call.future.is_null() {
-        // A call with a null future means the plugin wrote the outcome.
-        slot.full = true;
-        None
-    } else {
-        Some(PluginCall(call))
+    slot.started(call)
+}
+
+/// Hands a WebSocket event to a plugin, like [`start`].
+pub fn start_event(
+    instance: &Instance,
+    event: FfiSocketEvent,
+    cx: &mut Context<'_>,
+    slot: &mut OutcomeSlot,
+) -> Option<PluginCall> {
+    slot.take_out();
+    let out = slot.value.as_mut_ptr();
+    // SAFETY: `out` is the slot's room for one outcome.
+    let call = cx.with_ffi_context(|cx| unsafe { instance.socket_event(event, cx, out) });
+    slot.started(call)
+}
+
+impl OutcomeSlot {
+    /// A call just started with this slot's room: answered into it, or still running.
+    #[inline]
+    fn started(&mut self, call: FfiCall) -> Option<PluginCall> {
+        if call.future.is_null() {
+            // A call with a null future means the plugin wrote the outcome.
+            self.full = true;
+            None
+        } else {
+            Some(PluginCall(call))
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The plugin boundary, the lowest layer: opening and checking plugin libraries
 //! (`loader`), the microserver instances and generations inside them (`plugin`), one
 //! request across the boundary (`call`), the functions the host lends to plugins
-//! (`services`), and the limit on how often a plugin's panics are logged (`repeats`).
+//! (`services`), a server's WebSocket connections as plugins reach them
+//! (`sockets`), and the limit on how often a plugin's panics are logged (`repeats`).
 //! It imports nothing from the layers above it.
 
 pub mod call;
@@ -9,3 +10,4 @@ pub mod loader;
 pub mod plugin;
 pub mod repeats;
 pub mod services;
+pub mod sockets;

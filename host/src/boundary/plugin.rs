@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RResult, RSlice};
 use async_ffi::FfiContext;
-use plugin_api::ffi::{FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest};
+use plugin_api::ffi::{
+    FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest, FfiSocketEvent, FfiSockets,
+};
 use tokio::sync::Notify;
 
 use crate::boundary::loader::PluginLibrary;
@@ -55,6 +57,8 @@ pub struct DeclaredRoutes {
     pub fallback: Option<u32>,
     /// By route index: `Some(limit)` for a route that takes its body as a stream.
     pub stream_body_limits: Vec<Option<u64>>,
+    /// By route index: whether it is a WebSocket route.
+    pub websockets: Vec<bool>,
 }
 
 impl Instance {
@@ -64,12 +68,14 @@ impl Instance {
         server_name: &str,
         config_json: &str,
         previous_state: Option<&[u8]>,
+        sockets: FfiSockets,
     ) -> Result<(Instance, DeclaredRoutes), String> {
         let args = FfiInitArgs {
             server_name: server_name.into(),
             config_json: config_json.into(),
             previous_state: previous_state.map(RSlice::from_slice).into(),
             host: host_fns(),
+            sockets,
         };
         let init = match (library.module.init())(args) {
             RResult::ROk(init) => init,
@@ -92,6 +98,7 @@ impl Instance {
                 .iter()
                 .map(|r| r.stream_body_limit.into_option())
                 .collect(),
+            websockets: init.routes.iter().map(|r| r.websocket).collect(),
         };
         Ok((instance, routes))
     }
@@ -115,6 +122,21 @@ impl Instance {
         // SAFETY: `ptr` is this library's live instance (freed only by our drop); `out`
         // has room for one outcome (`call::start`'s slot).
         unsafe { (self.library.module.handle())(self.ptr, request, cx, out) }
+    }
+
+    /// Hands a WebSocket event to the instance and polls its handler once (like
+    /// `handle`; see `call::start_event`, the only caller).
+    ///
+    /// # Safety
+    /// As `handle`.
+    pub(crate) unsafe fn socket_event(
+        &self,
+        event: FfiSocketEvent,
+        cx: &mut FfiContext<'_>,
+        out: *mut FfiHandleResult,
+    ) -> FfiCall {
+        // SAFETY: as in `handle`.
+        unsafe { (self.library.module.socket_event())(self.ptr, event, cx, out) }
     }
 
     /// The state this instance hands to its successor, copied into host memory.

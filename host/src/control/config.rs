@@ -69,6 +69,7 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Most header fields a request may carry (HTTP/1.1); more gets 431.
     pub max_headers: usize,
+    pub websocket: WebSocketLimits,
 }
 
 impl Default for Limits {
@@ -77,6 +78,35 @@ impl Default for Limits {
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             max_headers: 100,
+            websocket: WebSocketLimits::default(),
+        }
+    }
+}
+
+/// WebSocket connections (`global.websocket`). A change applies to connections opened
+/// after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebSocketLimits {
+    /// How often the host pings a connection; one that has sent nothing (no pong, no
+    /// message) for two intervals is closed.
+    pub ping_interval: Duration,
+    /// Largest message (and frame) a client may send; a larger one closes the connection
+    /// with 1009.
+    pub max_message_bytes: usize,
+    /// Most bytes waiting to be sent to one connection; past it the connection is
+    /// closed with 1008 (a client that reads too slowly).
+    pub send_queue_bytes: usize,
+    /// Most connections open at once per server; more get 503.
+    pub max_connections: usize,
+}
+
+impl Default for WebSocketLimits {
+    fn default() -> Self {
+        WebSocketLimits {
+            ping_interval: Duration::from_secs(30),
+            max_message_bytes: 1024 * 1024,
+            send_queue_bytes: 4 * 1024 * 1024,
+            max_connections: 10_000,
         }
     }
 }
@@ -355,6 +385,7 @@ impl Validator {
             "limits",
             "shutdown_timeout_ms",
             "reload",
+            "websocket",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -413,6 +444,37 @@ impl Validator {
                 if let Some(v) = l.get("max_headers") {
                     if let Some(n) = self.whole_number(v, "global.limits.max_headers", 1) {
                         out.limits.max_headers = n as usize;
+                    }
+                }
+            }
+        }
+        if let Some(ws) = map.get("websocket") {
+            let allowed = [
+                "ping_interval_ms",
+                "max_message_bytes",
+                "send_queue_bytes",
+                "max_connections",
+            ];
+            let out = &mut out.limits.websocket;
+            if let Some(w) = self.object(ws, "global.websocket", &allowed) {
+                if let Some(v) = w.get("ping_interval_ms") {
+                    if let Some(n) = self.whole_number(v, "global.websocket.ping_interval_ms", 1) {
+                        out.ping_interval = Duration::from_millis(n);
+                    }
+                }
+                if let Some(v) = w.get("max_message_bytes") {
+                    if let Some(n) = self.whole_number(v, "global.websocket.max_message_bytes", 1) {
+                        out.max_message_bytes = n.try_into().unwrap_or(usize::MAX);
+                    }
+                }
+                if let Some(v) = w.get("send_queue_bytes") {
+                    if let Some(n) = self.whole_number(v, "global.websocket.send_queue_bytes", 1) {
+                        out.send_queue_bytes = n.try_into().unwrap_or(usize::MAX);
+                    }
+                }
+                if let Some(v) = w.get("max_connections") {
+                    if let Some(n) = self.whole_number(v, "global.websocket.max_connections", 0) {
+                        out.max_connections = n.try_into().unwrap_or(usize::MAX);
                     }
                 }
             }

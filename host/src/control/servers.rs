@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::boundary::plugin::{self, Instance};
 use crate::boundary::services::mark_host_thread;
+use crate::boundary::sockets::Hub;
 use crate::control::config::{Config, Limits};
 use crate::routing::domain::{DomainPattern, DomainTable};
 use crate::routing::routes::RouteTable;
@@ -40,6 +41,8 @@ pub struct Server {
     pub implicit: bool,
     state: ArcSwap<ServerState>,
     generations: AtomicU64,
+    /// Its WebSocket connections: one set for all its generations.
+    pub sockets: Arc<Hub>,
 }
 
 /// What a server is doing right now.
@@ -52,8 +55,10 @@ pub enum ServerState {
 
 impl Server {
     fn new(name: &str, implicit: bool) -> Arc<Self> {
+        let name: Arc<str> = name.into();
         Arc::new(Server {
-            name: name.into(),
+            sockets: Hub::new(name.clone()),
+            name,
             implicit,
             state: ArcSwap::from_pointee(ServerState::Waiting("starting".to_owned())),
             generations: AtomicU64::new(0),
@@ -471,7 +476,13 @@ impl Microservers {
         let mut control = self.control();
         control.stopping = true;
         let mut generations: Vec<Arc<Generation>> = Vec::new();
+        let mut hubs = Vec::new();
         for entry in &control.servers {
+            entry
+                .server
+                .sockets
+                .close_all("the host is shutting down", true);
+            hubs.push(entry.server.sockets.clone());
             let stopping = ServerState::Waiting("the host is shutting down".to_owned());
             if let ServerState::Serving(g) = &*entry.server.state.swap(Arc::new(stopping)) {
                 g.retire();
@@ -487,8 +498,15 @@ impl Microservers {
                 .iter()
                 .cloned(),
         );
-        while generations.iter().any(|g| g.in_flight() > 0) && Instant::now() < requests_until {
+        // WebSocket connections send their close frames and wait for the client's.
+        let busy = |generations: &[Arc<Generation>]| {
+            generations.iter().any(|g| g.in_flight() > 0) || hubs.iter().any(|h| !h.is_empty())
+        };
+        while busy(&generations) && Instant::now() < requests_until {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        for hub in hubs.iter().filter(|h| !h.is_empty()) {
+            tracing::warn!(server = %hub.server, connections = hub.len(), "WebSocket connections were still closing at the shutdown deadline");
         }
         if generations.iter().any(|g| g.in_flight() > 0) {
             // Streamed responses end now, and get a moment to let go.
@@ -849,6 +867,9 @@ impl Microservers {
         }
         for gone in old {
             tracing::info!(server = %gone.server.name, "server removed");
+            gone.server
+                .sockets
+                .close_all("this server was removed", true);
             if let Some(g) = gone.server.serving() {
                 gone.server.state.store(Arc::new(ServerState::Waiting(
                     "this server was removed".to_owned(),
@@ -884,17 +905,18 @@ impl Microservers {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(" ");
-        let (lib, name, config) = (
+        let (lib, name, config, sockets) = (
             library.clone(),
             server.name.to_string(),
             spec.plugin_config.clone(),
+            server.sockets.ffi(),
         );
         let created = self.plugin_thread.call(
             deadlines.init,
             move || {
                 let state = handover.and_then(|g| g.instance.export_state());
-                let created = Instance::create(lib, &name, &config, state.as_deref()).and_then(
-                    |(instance, declared)| {
+                let created = Instance::create(lib, &name, &config, state.as_deref(), sockets)
+                    .and_then(|(instance, declared)| {
                         let routes = declared
                             .routes
                             .iter()
@@ -902,7 +924,9 @@ impl Microservers {
                         match RouteTable::new(routes, declared.fallback) {
                             Ok(routes) => Ok((
                                 instance,
-                                routes.with_stream_body_limits(declared.stream_body_limits),
+                                routes
+                                    .with_stream_body_limits(declared.stream_body_limits)
+                                    .with_websockets(declared.websockets),
                             )),
                             Err(e) => {
                                 // It never served, but init may have started things; let it
@@ -911,8 +935,7 @@ impl Microservers {
                                 Err(format!("its route table is invalid: {e}"))
                             }
                         }
-                    },
-                );
+                    });
                 (created, state.map_or(0, |s| s.len()))
             },
             // An init that finishes after the deadline started things nobody will use.
@@ -929,10 +952,18 @@ impl Microservers {
         };
         match created {
             Ok((instance, routes)) => {
+                let takes_websockets = routes.takes_websockets();
                 let generation = Generation::new(server.name.clone(), number, instance, routes);
                 server
                     .state
                     .store(Arc::new(ServerState::Serving(generation)));
+                if !takes_websockets && !server.sockets.is_empty() {
+                    // Nobody would handle their events.
+                    tracing::warn!(server = %server.name, connections = server.sockets.len(), "closing the server's WebSocket connections: its new generation declares no WebSocket route");
+                    server
+                        .sockets
+                        .close_all("the server no longer takes WebSockets", false);
+                }
                 let ms = |t: Instant| t.elapsed().as_micros() as f64 / 1000.0;
                 tracing::info!(
                     server = %server.name,
@@ -993,6 +1024,9 @@ impl Microservers {
             return;
         }
         tracing::error!(server = %server.name, "not serving: {reason}");
+        server
+            .sockets
+            .close_all("the server is not available", false);
         let previous = server.state.swap(Arc::new(ServerState::Waiting(reason)));
         if let ServerState::Serving(g) = &*previous {
             self.retire(g.clone(), drain);

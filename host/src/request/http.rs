@@ -15,11 +15,13 @@ use async_ffi::ContextExt;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::http::request::Parts;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse, FfiStream, FfiStreamPoll};
 
+use super::websocket;
 use crate::boundary::call::{
     self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
 };
@@ -41,6 +43,10 @@ pub enum Body {
 impl Body {
     fn bytes(bytes: Bytes) -> Self {
         Body::Bytes(Full::new(bytes))
+    }
+
+    pub(super) fn empty() -> Self {
+        Body::bytes(Bytes::new())
     }
 }
 
@@ -246,15 +252,49 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
             req.uri().path().to_owned(),
         ))
     });
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // hyper marks a request that asks to upgrade its connection (a WebSocket): it takes
+    // a path of its own. (Nothing to remove for any other request: a null check.)
+    let upgrade = parts.extensions.remove::<OnUpgrade>();
     // Boxed once, and lent to the plugin as it is: nothing is copied for the boundary.
     let pending = PendingRequest::new(parts, &client, request_id.0);
+    if let Some(upgrade) = upgrade {
+        return upgrading(servers, pending, body, request_id, debug, upgrade);
+    }
     Handle {
         servers,
         start: Some((pending, body)),
         request_id,
         debug,
         rest: None,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn upgrading(
+    servers: Arc<Microservers>,
+    pending: PendingRequest,
+    body: Incoming,
+    request_id: RequestId,
+    debug: Option<Box<(Instant, Method, String)>>,
+    upgrade: OnUpgrade,
+) -> Handle {
+    let want_name = debug.is_some();
+    let rest = websocket::upgrade(
+        servers.clone(),
+        pending,
+        body,
+        request_id,
+        want_name,
+        upgrade,
+    );
+    Handle {
+        servers,
+        start: None,
+        request_id,
+        debug,
+        rest: Some(Box::pin(rest)),
     }
 }
 
@@ -268,7 +308,7 @@ pub struct Handle {
 }
 
 /// A response, and the server's name when the debug line wants it.
-type Routed = (Response<Body>, Option<Arc<str>>);
+pub(super) type Routed = (Response<Body>, Option<Arc<str>>);
 
 impl Future for Handle {
     type Output = Result<Response<Body>, Infallible>;
@@ -367,17 +407,17 @@ enum Step {
 }
 
 /// The server a request is for.
-struct Resolved<'r, 'p> {
-    server: &'r Server,
+pub(super) struct Resolved<'r, 'p> {
+    pub server: &'r Arc<Server>,
     /// A view of the request (`'p`), or normalised.
-    domain: Cow<'p, [u8]>,
+    pub domain: Cow<'p, [u8]>,
     /// The server's name, if the debug line wants it.
-    name: Option<Arc<str>>,
+    pub name: Option<Arc<str>>,
 }
 
 /// The server a request is for; or the response that turns it away (boxed: it is the
 /// rare case).
-fn resolve<'r, 'p>(
+pub(super) fn resolve<'r, 'p>(
     routing: &'r Routing,
     parts: &'p Parts,
     want_name: bool,
@@ -436,7 +476,7 @@ fn resolve<'r, 'p>(
     })
 }
 
-fn unavailable(server: &Server, reason: &str) -> Response<Body> {
+pub(super) fn unavailable(server: &Server, reason: &str) -> Response<Body> {
     let message = format!("microserver {:?} is not available: {reason}", &*server.name);
     error(StatusCode::SERVICE_UNAVAILABLE, &message)
 }
@@ -447,7 +487,7 @@ fn unavailable(server: &Server, reason: &str) -> Response<Body> {
 /// route that takes its body as a stream gets it as it arrives instead: such a request
 /// is in flight while the body comes, and its handler (upload included) runs under the
 /// request timeout.
-async fn with_body(
+pub(super) async fn with_body(
     servers: Arc<Microservers>,
     pending: PendingRequest,
     body: Incoming,
@@ -636,6 +676,7 @@ fn dispatch(
             domain,
             route,
             stream_body_limit,
+            socket: None,
         };
         Ok((lending, (generation, route, head, name)))
     });
@@ -729,7 +770,7 @@ async fn wait_for(
 /// The in-flight guard comes back unless the response body (made by the plugin) keeps
 /// it: the caller drops it after the outcome, so that everything the plugin made is freed
 /// while its generation still counts the request.
-fn respond(
+pub(super) fn respond(
     outcome: &mut FfiHandleResult,
     generation: InFlight,
     route: u32,
@@ -902,7 +943,9 @@ fn into_http(
                 format!("the value of header {name} is not valid"),
             ));
         };
-        if is_framing_header(&name) {
+        // (A 426 names the protocol to upgrade to: RFC 9110, 15.5.22.)
+        if is_framing_header(&name) && !(status == StatusCode::UPGRADE_REQUIRED && name == UPGRADE)
+        {
             tracing::debug!(header = %name, "dropped a framing header set by the plugin");
             continue;
         }
@@ -997,7 +1040,7 @@ impl RequestId {
         RequestId(out)
     }
 
-    fn as_str(&self) -> &str {
+    pub(super) fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }

@@ -14,6 +14,8 @@ pub struct RouteTable {
     /// By route index: `Some(limit)` for a route that takes its body as a stream;
     /// empty when no route does.
     stream_body_limits: Box<[Option<u64>]>,
+    /// By route index: whether it is a WebSocket route; empty when none is.
+    websockets: Box<[bool]>,
 }
 
 #[derive(Debug)]
@@ -70,7 +72,30 @@ impl RouteTable {
             fallback,
             described,
             stream_body_limits: Box::default(),
+            websockets: Box::default(),
         })
+    }
+
+    /// Marks WebSocket routes, by index.
+    pub fn with_websockets(mut self, websockets: Vec<bool>) -> Self {
+        if websockets.iter().any(|w| *w) {
+            self.websockets = websockets.into();
+        }
+        self
+    }
+
+    /// Whether `route` is a WebSocket route.
+    pub fn is_websocket(&self, route: u32) -> bool {
+        self.websockets
+            .get(route as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Whether any route is a WebSocket route (a generation without one cannot take
+    /// over open connections).
+    pub fn takes_websockets(&self) -> bool {
+        !self.websockets.is_empty()
     }
 
     /// Marks routes that take their body as a stream, by index, with their limits.

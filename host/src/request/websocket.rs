@@ -1,0 +1,706 @@
+//! WebSocket connections on the request path: the upgrade (a WebSocket route's handler
+//! accepts or refuses it), then one task per connection that owns the socket (framing,
+//! pings, limits) and hands each event to the server's current generation.
+//!
+//! Invariants:
+//! - A connection belongs to its server, not to a generation: each event (a message,
+//!   the close) enters whichever generation is current when it is handed over, and
+//!   holds it (in flight) until its handler is done. Events of one connection are handed
+//!   over one at a time, in order, so a reload sends each to exactly one generation.
+//! - Nothing of a connection lives in plugin memory: its rooms and attachment are the
+//!   host's (`boundary::sockets`), so they survive the generation that set them.
+//! - Every wait has a bound: a handler's (`request_timeout`), a write's
+//!   (`WRITE_TIMEOUT`), the close handshake's (`CLOSE_WAIT`), a silent client's (two
+//!   ping intervals); a send queue is bounded in bytes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use abi_stable::std_types::RResult;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::http::request::Parts;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Response, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiSocketEvent, FfiSocketEventKind};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed};
+use crate::boundary::call::{
+    self, intern, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
+};
+use crate::boundary::plugin;
+use crate::boundary::sockets::{close_frame, Conn, Outgoing, Refusal};
+use crate::control::config::WebSocketLimits;
+use crate::control::servers::{Microservers, Server, ServerState};
+use crate::routing::routes::{RouteMatch, RouteTable};
+
+type InFlight = plugin::InFlight<RouteTable>;
+
+/// How long a write to a client may take (a client that reads nothing is cut after it).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the closing side waits for the other's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Stands for "a WebSocket event" where a route index is asked for (panic reports).
+const EVENT_ROUTE: u32 = u32::MAX;
+
+/// Whether a request asks for a WebSocket: HTTP/1.1's `Upgrade: websocket` on a `GET`,
+/// or HTTP/2's extended CONNECT with `:protocol websocket` (RFC 8441).
+fn asks_for_websocket(parts: &Parts) -> bool {
+    if parts.version == Version::HTTP_2 {
+        return parts.method == Method::CONNECT
+            && parts
+                .extensions
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    }
+    parts.method == Method::GET
+        && has_token(parts, UPGRADE, "websocket")
+        && has_token(parts, CONNECTION, "upgrade")
+}
+
+fn has_token(parts: &Parts, name: hyper::header::HeaderName, token: &str) -> bool {
+    parts.headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// The handshake's own checks (RFC 6455 4.2.1): version 13, and a key over HTTP/1.1.
+/// Returns the key.
+fn check_handshake(parts: &Parts) -> Result<Option<HeaderValue>, Box<Response<Body>>> {
+    let version = parts.headers.get("sec-websocket-version");
+    if version.map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut refused = error(
+            StatusCode::UPGRADE_REQUIRED,
+            "only WebSocket version 13 is supported (Sec-WebSocket-Version: 13)",
+        );
+        refused
+            .headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("13"));
+        return Err(Box::new(refused));
+    }
+    if parts.version == Version::HTTP_2 {
+        return Ok(None);
+    }
+    match parts.headers.get(SEC_WEBSOCKET_KEY) {
+        Some(key) if !key.is_empty() => Ok(Some(key.clone())),
+        _ => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade needs a Sec-WebSocket-Key header",
+        ))),
+    }
+}
+
+/// Why a request that asked for a WebSocket was not lent to a plugin.
+enum Refused {
+    Done(Box<Routed>),
+    /// The generation retired between its load and the entry: try again.
+    Retry,
+    /// Its route is not a WebSocket route: it is an ordinary request.
+    Ordinary,
+}
+
+/// What the upgrade's handler call needs after the request is lent.
+struct Opened {
+    in_flight: InFlight,
+    route: u32,
+    server: Arc<Server>,
+    conn: Arc<Conn>,
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+    name: Option<Arc<str>>,
+    limits: WebSocketLimits,
+    timeout: Duration,
+}
+
+/// A request that asks to upgrade its connection (rare, so it takes its own path): a
+/// WebSocket for a WebSocket route goes to the route's handler, which accepts or
+/// refuses it; anything else is served as an ordinary request.
+pub(super) async fn upgrade(
+    servers: Arc<Microservers>,
+    pending: PendingRequest,
+    body: Incoming,
+    id: RequestId,
+    want_name: bool,
+    on_upgrade: OnUpgrade,
+) -> Routed {
+    if !asks_for_websocket(pending.parts()) {
+        return http::with_body(servers, pending, body, id, want_name).await;
+    }
+    let key = match check_handshake(pending.parts()) {
+        Ok(key) => key,
+        Err(refused) => return (*refused, None),
+    };
+    let h2 = pending.parts().version == Version::HTTP_2;
+    let mut pending = Some(pending);
+    let mut slot = OutcomeSlot::new();
+    // Lent and started in one synchronous step, like an ordinary request.
+    let (opened, call) = loop {
+        let step = std::future::poll_fn(|cx| {
+            let pending = pending.take().expect("set before each step");
+            Poll::Ready(open(&servers, pending, want_name, &mut slot, cx))
+        })
+        .await;
+        match step {
+            Ok(started) => break started,
+            Err((back, Refused::Retry)) => {
+                pending = Some(back);
+                tokio::task::yield_now().await;
+            }
+            Err((back, Refused::Ordinary)) => {
+                return http::with_body(servers, back, body, id, want_name).await;
+            }
+            Err((_, Refused::Done(routed))) => return *routed,
+        }
+    };
+    let Opened {
+        in_flight,
+        route,
+        server,
+        conn,
+        rx,
+        name,
+        limits,
+        timeout,
+    } = opened;
+    let mut outcome_of_call = None;
+    if let Some(mut call) = call {
+        match tokio::time::timeout(timeout, &mut call).await {
+            Ok(outcome) => outcome_of_call = Some((outcome, call)),
+            Err(_) => {
+                drop(call);
+                server.sockets.remove(&conn);
+                let g = in_flight.generation();
+                tracing::warn!(server = %g.server, plugin = %g.plugin().name, request_id = id.as_str(), timeout_ms = timeout.as_millis() as u64, "WebSocket upgrade handler timed out");
+                let message = format!(
+                    "the microserver did not answer within {} ms",
+                    timeout.as_millis()
+                );
+                return (error(StatusCode::GATEWAY_TIMEOUT, &message), name);
+            }
+        }
+    }
+    let outcome: &mut FfiHandleResult = match &mut outcome_of_call {
+        Some((outcome, _)) => outcome,
+        None => slot.get_mut().expect("the call answered"),
+    };
+    let accepted = matches!(outcome, RResult::ROk(r) if r.status == 101);
+    if !accepted {
+        server.sockets.remove(&conn);
+        let (response, in_flight) = respond(outcome, in_flight, route, false, &id);
+        drop(outcome_of_call);
+        drop(slot);
+        drop(in_flight);
+        return (response, name);
+    }
+    drop(outcome_of_call);
+    drop(slot);
+    drop(in_flight);
+    tracing::debug!(server = %server.name, connection = conn.id(), request_id = id.as_str(), "WebSocket accepted");
+    tokio::spawn(run(server, conn, rx, on_upgrade, limits, timeout));
+    (switching(key, h2), name)
+}
+
+/// One synchronous step of the upgrade: domain, server, generation, route, a new
+/// connection in the server's set, and the route handler's first poll.
+#[allow(clippy::type_complexity)]
+fn open(
+    servers: &Microservers,
+    pending: PendingRequest,
+    want_name: bool,
+    slot: &mut OutcomeSlot,
+    cx: &mut Context<'_>,
+) -> Result<(Opened, Option<PluginCall>), (PendingRequest, Refused)> {
+    let routing = servers.routing();
+    let lent = pending.lend(LentBody::Bytes(Bytes::new()), |parts, params| {
+        let Resolved {
+            server,
+            domain,
+            name,
+        } = http::resolve(&routing, parts, want_name).map_err(Refused::Done)?;
+        let in_flight = match &**server.state() {
+            ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
+            ServerState::Waiting(reason) => {
+                return Err(Refused::Done(Box::new((unavailable(server, reason), name))));
+            }
+        };
+        let g = in_flight.generation();
+        let (route, found, names) = match g.routes.find("GET", parts.uri.path()) {
+            RouteMatch::Found {
+                route,
+                params,
+                names,
+            } if g.routes.is_websocket(route) => (route, params, names),
+            _ => return Err(Refused::Ordinary),
+        };
+        for (i, (key, value)) in found.iter().enumerate() {
+            let known = names.get(i).copied().filter(|n| *n == key);
+            params.push(known.unwrap_or_else(|| intern(key)), value);
+        }
+        let limits = routing.limits.websocket.clone();
+        let (conn, rx) = match server
+            .sockets
+            .admit(limits.max_connections, limits.send_queue_bytes)
+        {
+            Ok(admitted) => admitted,
+            Err(Refusal::Full { max }) => {
+                tracing::warn!(server = %server.name, max_connections = max, "refused a WebSocket connection: the server has as many as it may");
+                let message = format!(
+                    "the microserver has {max} WebSocket connections open, the most it may"
+                );
+                let refused = error(StatusCode::SERVICE_UNAVAILABLE, &message);
+                return Err(Refused::Done(Box::new((refused, name))));
+            }
+            Err(Refusal::Closed) => {
+                let refused = unavailable(server, "it takes no new WebSocket connections");
+                return Err(Refused::Done(Box::new((refused, name))));
+            }
+        };
+        let lending = Lending {
+            domain,
+            route,
+            stream_body_limit: None,
+            socket: Some(conn.ffi()),
+        };
+        let opened = Opened {
+            in_flight,
+            route,
+            server: server.clone(),
+            conn,
+            rx,
+            name,
+            limits,
+            timeout: routing.limits.request_timeout,
+        };
+        Ok((lending, opened))
+    });
+    let (request, opened) = match lent {
+        Ok(lent) => lent,
+        Err((pending, _, refused)) => return Err((pending, refused)),
+    };
+    let call = call::start(&opened.in_flight.generation().instance, request, cx, slot);
+    Ok((opened, call))
+}
+
+/// The answer that accepts a WebSocket: 101 over HTTP/1.1, 200 over HTTP/2.
+fn switching(key: Option<HeaderValue>, h2: bool) -> Response<Body> {
+    let mut response = Response::new(Body::empty());
+    if h2 {
+        return response;
+    }
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    let accept = key.map(|k| derive_accept_key(k.as_bytes()));
+    if let Some(accept) = accept.and_then(|a| HeaderValue::try_from(a).ok()) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// How a connection ended, for the close event.
+struct Closed {
+    code: u16,
+    reason: String,
+}
+
+impl Closed {
+    fn of(frame: &CloseFrame) -> Self {
+        Closed {
+            code: frame.code.into(),
+            reason: frame.reason.to_string(),
+        }
+    }
+
+    fn cut() -> Self {
+        Closed {
+            code: 1006,
+            reason: String::new(),
+        }
+    }
+}
+
+/// A connection's task, from the upgrade to the close event.
+async fn run(
+    server: Arc<Server>,
+    conn: Arc<Conn>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    on_upgrade: OnUpgrade,
+    limits: WebSocketLimits,
+    timeout: Duration,
+) {
+    let closed = match on_upgrade.await {
+        Ok(upgraded) => serve(&server, &conn, &mut rx, upgraded, &limits, timeout).await,
+        Err(e) => {
+            tracing::debug!(server = %server.name, connection = conn.id(), "the WebSocket upgrade failed: {e}");
+            Closed::cut()
+        }
+    };
+    // Out of the server's set and its rooms first: the close handler sees the rest.
+    server.sockets.remove(&conn);
+    tracing::debug!(server = %server.name, connection = conn.id(), code = closed.code, "WebSocket closed");
+    let data = Bytes::from(closed.reason.into_bytes());
+    let event = Event {
+        kind: FfiSocketEventKind::Close,
+        code: closed.code,
+        data,
+    };
+    if let Err(failure) = hand_over(&server, &conn, event, timeout).await {
+        failure.log(&server, &conn, "close");
+    }
+}
+
+/// Serves one open connection until it closes; returns how it closed.
+async fn serve(
+    server: &Server,
+    conn: &Arc<Conn>,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    upgraded: hyper::upgrade::Upgraded,
+    limits: &WebSocketLimits,
+    timeout: Duration,
+) -> Closed {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_message_bytes));
+    let ws =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let (mut sink, mut stream) = ws.split();
+    let interval = limits.ping_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = Instant::now();
+    let mut delivery: Option<Delivery> = None;
+    let close = loop {
+        tokio::select! {
+            biased;
+            () = conn.wake.notified() => {
+                if let Some(frame) = conn.urgent_close() {
+                    break frame;
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Outgoing::Message(message)) => {
+                    match write(&mut sink, conn, rx, message).await {
+                        Ok(None) => {}
+                        Ok(Some(frame)) => break frame,
+                        Err(()) => return Closed::cut(),
+                    }
+                }
+                Some(Outgoing::Close(frame)) => break frame,
+                None => return Closed::cut(),
+            },
+            done = async { delivery.as_mut().expect("polled only when set").await }, if delivery.is_some() => {
+                delivery = None;
+                heard = Instant::now();
+                if let Err(failure) = done {
+                    failure.log(server, conn, "message");
+                    break failure.close_frame();
+                }
+            }
+            frame = stream.next(), if delivery.is_none() => {
+                heard = Instant::now();
+                let (kind, data) = match frame {
+                    Some(Ok(Message::Text(text))) => (FfiSocketEventKind::Text, Bytes::from(text)),
+                    Some(Ok(Message::Binary(bytes))) => (FfiSocketEventKind::Binary, bytes),
+                    // tungstenite answers pings itself; a pong only shows the client is there.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Close(frame))) => {
+                        // tungstenite queued the reply; send it, and let the client close.
+                        let _ = tokio::time::timeout(CLOSE_WAIT, sink.flush()).await;
+                        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                            while let Some(Ok(_)) = stream.next().await {}
+                        })
+                        .await;
+                        return match frame {
+                            Some(frame) => Closed::of(&frame),
+                            None => Closed { code: 1005, reason: String::new() },
+                        };
+                    }
+                    Some(Err(WsError::Capacity(e))) => {
+                        tracing::debug!(server = %server.name, connection = conn.id(), "closing a WebSocket connection: {e}");
+                        break close_frame(CloseCode::Size, "message too big");
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(server = %server.name, connection = conn.id(), "WebSocket connection failed: {e}");
+                        return Closed::cut();
+                    }
+                    None => return Closed::cut(),
+                };
+                let event = Event { kind, code: 0, data };
+                match begin_until_entered(server, conn, event, timeout).await {
+                    Started::Done(Ok(())) => {}
+                    Started::Done(Err(failure)) => {
+                        failure.log(server, conn, "message");
+                        break failure.close_frame();
+                    }
+                    Started::Running(running) => delivery = Some(running),
+                }
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() >= 2 * interval {
+                    tracing::debug!(server = %server.name, connection = conn.id(), "closing a silent WebSocket connection: no pong within two ping intervals");
+                    break close_frame(CloseCode::Away, "no pong");
+                }
+                if sink_send(&mut sink, Message::Ping(Bytes::new())).await.is_err() {
+                    return Closed::cut();
+                }
+            }
+        }
+    };
+    // A handler still running for this connection is dropped: the connection is going.
+    drop(delivery);
+    let closed = Closed::of(&close);
+    if sink_send(&mut sink, Message::Close(Some(close)))
+        .await
+        .is_ok()
+    {
+        // The client's close frame (or the end of the stream), messages in between dropped.
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if message.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    closed
+}
+
+type Sink =
+    futures_util::stream::SplitSink<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, Message>;
+
+/// Sends one message under the write timeout.
+async fn sink_send(sink: &mut Sink, message: Message) -> Result<(), ()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Writes a message and whatever else is queued behind it, then flushes, under the
+/// write timeout. A close found in the queue comes back (to be sent after).
+async fn write(
+    sink: &mut Sink,
+    conn: &Conn,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    first: Message,
+) -> Result<Option<CloseFrame>, ()> {
+    let work = async {
+        let mut next = Some(first);
+        let mut close = None;
+        while let Some(message) = next.take() {
+            let len = message.len();
+            sink.feed(message).await?;
+            conn.sent(len);
+            match rx.try_recv() {
+                Ok(Outgoing::Message(more)) => next = Some(more),
+                Ok(Outgoing::Close(frame)) => close = Some(frame),
+                Err(_) => {}
+            }
+        }
+        sink.flush().await?;
+        Ok::<_, WsError>(close)
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, work).await {
+        Ok(Ok(close)) => Ok(close),
+        _ => Err(()),
+    }
+}
+
+/// One event of a connection, before it is handed over.
+struct Event {
+    kind: FfiSocketEventKind,
+    code: u16,
+    data: Bytes,
+}
+
+/// Why an event's handler failed.
+enum Failure {
+    Panicked,
+    TimedOut(Duration),
+    Unavailable(String),
+}
+
+impl Failure {
+    fn log(&self, server: &Server, conn: &Conn, what: &str) {
+        match self {
+            // Reported (and rate-limited) where the panic was caught.
+            Failure::Panicked => {}
+            Failure::TimedOut(timeout) => tracing::warn!(
+                server = %server.name,
+                connection = conn.id(),
+                timeout_ms = timeout.as_millis() as u64,
+                "a WebSocket {what} handler timed out"
+            ),
+            Failure::Unavailable(reason) => tracing::debug!(
+                server = %server.name,
+                connection = conn.id(),
+                "a WebSocket {what} was not handed over: {reason}"
+            ),
+        }
+    }
+
+    /// The close the connection gets for it.
+    fn close_frame(&self) -> CloseFrame {
+        match self {
+            Failure::Panicked => close_frame(CloseCode::Error, "the microserver failed"),
+            Failure::TimedOut(_) => close_frame(CloseCode::Error, "the microserver timed out"),
+            Failure::Unavailable(_) => {
+                close_frame(CloseCode::Away, "the microserver is not available")
+            }
+        }
+    }
+}
+
+/// An event's handler that did not finish on its first poll, with its generation (in
+/// flight) and its deadline. Fields drop in order: the handler, then the guard.
+struct Delivery {
+    call: PluginCall,
+    in_flight: InFlight,
+    conn_id: u64,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+}
+
+impl Future for Delivery {
+    type Output = Result<(), Failure>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(mut outcome) = Pin::new(&mut this.call).poll(cx) {
+            return Poll::Ready(settle(&mut outcome, &this.in_flight, this.conn_id));
+        }
+        match this.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Failure::TimedOut(this.timeout))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// How a handed-over event started.
+enum Started {
+    Done(Result<(), Failure>),
+    Running(Delivery),
+}
+
+/// What an event handler's outcome means: a panic is reported like a route's.
+fn settle(
+    outcome: &mut FfiHandleResult,
+    in_flight: &InFlight,
+    conn_id: u64,
+) -> Result<(), Failure> {
+    match outcome {
+        RResult::ROk(_) => Ok(()),
+        RResult::RErr(panic) => {
+            let g = in_flight.generation();
+            let id = format!("ws-{conn_id}");
+            g.panics
+                .report(EVENT_ROUTE, "WebSocket event", &id, panic.as_str());
+            Err(Failure::Panicked)
+        }
+    }
+}
+
+/// Hands an event to the server's current generation and polls its handler once,
+/// trying again (after a yield) if that generation retires in between.
+async fn begin_until_entered(
+    server: &Server,
+    conn: &Arc<Conn>,
+    event: Event,
+    timeout: Duration,
+) -> Started {
+    let mut event = Some(event);
+    loop {
+        let step = std::future::poll_fn(|cx| {
+            let event = event.take().expect("set before each step");
+            Poll::Ready(begin(server, conn, event, timeout, cx))
+        })
+        .await;
+        match step {
+            Ok(started) => return started,
+            Err(back) => {
+                event = Some(back);
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// [`begin_until_entered`]'s step; the event comes back if the generation retired.
+fn begin(
+    server: &Server,
+    conn: &Arc<Conn>,
+    event: Event,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Result<Started, Event> {
+    let in_flight = match &**server.state() {
+        ServerState::Serving(g) => match g.enter() {
+            Some(in_flight) => in_flight,
+            None => return Err(event),
+        },
+        ServerState::Waiting(reason) => {
+            return Ok(Started::Done(Err(Failure::Unavailable(reason.clone()))));
+        }
+    };
+    let Event { kind, code, data } = event;
+    let data = if data.is_empty() {
+        FfiBytes::empty()
+    } else {
+        FfiBytes::from_owner(data)
+    };
+    let event = FfiSocketEvent {
+        socket: conn.ffi(),
+        kind,
+        code,
+        data,
+    };
+    let mut slot = OutcomeSlot::new();
+    let instance = &in_flight.generation().instance;
+    match call::start_event(instance, event, cx, &mut slot) {
+        None => {
+            let outcome = slot.get_mut().expect("the call answered");
+            let settled = settle(outcome, &in_flight, conn.id());
+            // What the plugin made is freed while its generation still counts the event.
+            drop(slot);
+            drop(in_flight);
+            Ok(Started::Done(settled))
+        }
+        Some(call) => Ok(Started::Running(Delivery {
+            call,
+            in_flight,
+            conn_id: conn.id(),
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        })),
+    }
+}
+
+/// Hands an event over and waits for its handler.
+async fn hand_over(
+    server: &Server,
+    conn: &Arc<Conn>,
+    event: Event,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    match begin_until_entered(server, conn, event, timeout).await {
+        Started::Done(done) => done,
+        Started::Running(running) => running.await,
+    }
+}

@@ -1,0 +1,410 @@
+//! WebSockets handled by plugins: real clients (tungstenite) against the real host:
+//! echo, refusal, rooms and broadcasts, the plugin closing, panics, heartbeat, limits,
+//! and connections that stay open while their plugin is reloaded.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+use crate::support::{build_variant, Host, Setup};
+
+fn config(websocket: &str) -> String {
+    format!(
+        r#"{{"global": {{"reload": {{"debounce_ms": 20, "drain_timeout_ms": 2000}},
+                   "websocket": {{{websocket}}}}},
+      "servers": [{{"name": "sockets", "domains": ["sockets.localhost"], "plugin": "sockets"}},
+                  {{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}}]}}"#
+    )
+}
+
+fn host_with(label: &str, websocket: &str) -> Host {
+    Setup::new(label, &config(websocket))
+        .plugin("fixture-sockets", "sockets.so")
+        .plugin("hello", "hello.so")
+        .start()
+}
+
+type Ws = WebSocket<TcpStream>;
+
+/// Opens a WebSocket to `path` at `sockets.localhost`.
+fn open(host: &Host, path: &str) -> Result<Ws, tungstenite::Error> {
+    let stream = TcpStream::connect(host.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!("ws://sockets.localhost{path}")
+        .into_client_request()
+        .unwrap();
+    match tungstenite::client(request, stream) {
+        Ok((ws, response)) => {
+            assert_eq!(response.status(), 101);
+            assert!(response.headers().contains_key("x-request-id"));
+            Ok(ws)
+        }
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(e) => panic!("handshake: {e}"),
+    }
+}
+
+/// The next text message (pings and pongs skipped).
+fn text(ws: &mut Ws) -> String {
+    loop {
+        match ws.read().expect("a message") {
+            Message::Text(t) => return t.as_str().to_owned(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+fn say(ws: &mut Ws, s: &str) {
+    ws.send(Message::text(s)).unwrap();
+}
+
+/// Reads until the server's close frame; returns its code and reason.
+fn close_of(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(frame))) => {
+                return (u16::from(frame.code), frame.reason.as_str().to_owned())
+            }
+            Ok(Message::Close(None)) => return (1005, String::new()),
+            Ok(_) => continue,
+            Err(e) => panic!("the connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+#[test]
+fn echo_refusal_and_an_ordinary_get() {
+    let host = host_with("ws-echo", "");
+    let mut ws = open(&host, "/ws").unwrap();
+    say(&mut ws, "hello");
+    assert_eq!(text(&mut ws), "v1:hello");
+    ws.send(Message::binary(vec![0u8, 1, 2, 255])).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
+    // The attachment set at open (from the query) is there for later events.
+    drop(ws);
+    let mut ws = open(&host, "/ws?name=ada").unwrap();
+    say(&mut ws, "name");
+    assert_eq!(text(&mut ws), "ada");
+
+    // The route's handler refuses: its response goes out, and no connection opens.
+    match open(&host, "/ws?refuse") {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                .into_owned();
+            assert!(body.contains("refused by the fixture"), "{body}");
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    // Not an upgrade: 426 from the route; an unknown path: 404 as for any request.
+    let plain = host.get("sockets.localhost", "/ws");
+    assert_eq!(plain.status, 426, "{}", plain.body);
+    assert_eq!(plain.header("upgrade"), Some("websocket"));
+    assert!(matches!(
+        open(&host, "/nowhere"),
+        Err(tungstenite::Error::Http(r)) if r.status() == 404
+    ));
+    // A WebSocket asked of a server without WebSocket routes is an ordinary request.
+    let mut raw = TcpStream::connect(host.addr).unwrap();
+    raw.write_all(b"GET /hello/ws HTTP/1.1\r\nhost: hello.localhost\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = raw.read(&mut got).unwrap();
+    let got = String::from_utf8_lossy(&got[..n]);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    // The wrong version: 426 naming the one supported.
+    let mut raw = TcpStream::connect(host.addr).unwrap();
+    raw.write_all(b"GET /ws HTTP/1.1\r\nhost: sockets.localhost\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 8\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = raw.read(&mut got).unwrap();
+    let got = String::from_utf8_lossy(&got[..n]).to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 426"), "{got}");
+    assert!(got.contains("sec-websocket-version: 13"), "{got}");
+}
+
+#[test]
+fn rooms_broadcasts_and_close_events() {
+    let host = host_with("ws-rooms", "");
+    let mut a = open(&host, "/ws?room=r").unwrap();
+    let mut b = open(&host, "/ws?room=r").unwrap();
+    let mut c = open(&host, "/ws").unwrap();
+    say(&mut a, "id");
+    let a_id: u64 = text(&mut a).parse().unwrap();
+    say(&mut b, "id");
+    let b_id: u64 = text(&mut b).parse().unwrap();
+    say(&mut c, "members:r");
+    let mut expected = [a_id, b_id];
+    expected.sort_unstable();
+    assert_eq!(text(&mut c), format!("{},{}", expected[0], expected[1]));
+
+    say(&mut a, "room:r:to the room");
+    assert_eq!(text(&mut a), "to the room");
+    assert_eq!(text(&mut b), "to the room");
+    say(&mut a, "others:r:not to me");
+    assert_eq!(text(&mut b), "not to me");
+    say(&mut c, "all:to everyone");
+    for ws in [&mut a, &mut b, &mut c] {
+        assert_eq!(text(ws), "to everyone", "c got no room message in between");
+    }
+    say(&mut c, "join:r");
+    assert_eq!(text(&mut c), "joined:r");
+    say(&mut b, "leave:r");
+    assert_eq!(text(&mut b), "left:r");
+    say(&mut a, "room:r:after the change");
+    assert_eq!(text(&mut a), "after the change");
+    assert_eq!(text(&mut c), "after the change");
+
+    // A client's close reaches the plugin once, after the connection left its rooms.
+    b.close(None).unwrap();
+    let announced = format!("closed:{b_id}:1005:");
+    assert_eq!(text(&mut a), announced);
+    assert_eq!(text(&mut c), announced);
+    let count = host.get("sockets.localhost", "/count");
+    assert_eq!(count.body, "2");
+    // A connection cut without a close frame: 1006.
+    drop(c);
+    let next = text(&mut a);
+    assert!(
+        next.starts_with("closed:") && next.contains(":1006:"),
+        "{next}"
+    );
+}
+
+#[test]
+fn the_plugin_closes_a_connection_and_a_panic_closes_only_its_own() {
+    let host = host_with("ws-close", "");
+    let mut ws = open(&host, "/ws").unwrap();
+    say(&mut ws, "close");
+    assert_eq!(close_of(&mut ws), (4000, "asked".to_owned()));
+
+    let mut bystander = open(&host, "/ws").unwrap();
+    let mut ws = open(&host, "/ws").unwrap();
+    say(&mut ws, "panic");
+    let (code, reason) = close_of(&mut ws);
+    assert_eq!(code, 1011, "{reason}");
+    host.wait_for_log(&["server=sockets", "the fixture panics on request"]);
+    say(&mut bystander, "still here");
+    // (The bystander first hears of the two closes.)
+    loop {
+        let got = text(&mut bystander);
+        if !got.starts_with("closed:") {
+            assert_eq!(got, "v1:still here");
+            break;
+        }
+    }
+    // A slow handler: the connection's next message waits for it, in order.
+    say(&mut bystander, "sleep:200");
+    say(&mut bystander, "after");
+    assert_eq!(text(&mut bystander), "slept");
+    assert_eq!(text(&mut bystander), "v1:after");
+}
+
+/// Reads raw bytes until the peer closes or `limit` passes.
+fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(got),
+        }
+    }
+    None
+}
+
+#[test]
+fn heartbeat_closes_a_silent_client_and_keeps_a_live_one() {
+    let host = host_with("ws-ping", r#""ping_interval_ms": 200"#);
+    // A client that completes the handshake and then never reads, so never answers a
+    // ping.
+    let mut silent = TcpStream::connect(host.addr).unwrap();
+    silent.write_all(b"GET /ws HTTP/1.1\r\nhost: sockets.localhost\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    // A client that reads all along (tungstenite answers pings as it reads).
+    let mut live = open(&host, "/ws").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let reader = std::thread::spawn(move || {
+        live.get_mut()
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut pings = 0;
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            match live.read() {
+                Ok(Message::Ping(_)) => pings += 1,
+                // The silent client's close, announced by the plugin.
+                Ok(Message::Text(t)) => assert!(
+                    t.starts_with("closed:") && t.ends_with(":1001:no pong"),
+                    "{t}"
+                ),
+                Err(tungstenite::Error::Io(_)) => {}
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) => panic!("the live client was closed: {e}"),
+            }
+            let _ = live.flush();
+        }
+        assert!(pings >= 3, "{pings} pings");
+        live.get_mut()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        live
+    });
+    let started = Instant::now();
+    let got = read_until_closed(&mut silent, Duration::from_secs(8))
+        .expect("the host closes a client that answers no ping");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350),
+        "closed after {waited:?}"
+    );
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let (head, frames) = got.split_at(head_end);
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{got:?}");
+    // Pings (an empty 0x89 frame) came first, then a close frame (0x88) with 1001
+    // (0x03e9) and "no pong".
+    assert!(frames.starts_with(&[0x89, 0x00]), "{frames:?}");
+    let close = [&[0x88, 9, 0x03, 0xe9][..], b"no pong"].concat();
+    assert!(frames.ends_with(&close), "{frames:?}");
+    // The host waited for the silent client's close frame (2 s) before it let go.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut live = reader.join().unwrap();
+    say(&mut live, "alive");
+    assert_eq!(text(&mut live), "v1:alive");
+}
+
+#[test]
+fn a_slow_reader_and_a_large_message_are_closed_and_the_limit_of_connections_holds() {
+    let host = host_with(
+        "ws-limits",
+        r#""send_queue_bytes": 65536, "max_message_bytes": 1024, "max_connections": 3"#,
+    );
+    let mut slow = open(&host, "/ws").unwrap();
+    // 1,000 messages of 1 KiB at once: far past the 64 KiB queue.
+    say(&mut slow, "flood:1000:1024");
+    let mut received = 0;
+    let (code, reason) = loop {
+        match slow.read().expect("the close frame") {
+            Message::Binary(_) => received += 1,
+            Message::Close(Some(frame)) => {
+                break (u16::from(frame.code), frame.reason.as_str().to_owned())
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (1008, "send queue full"));
+    assert!(
+        received < 64,
+        "{received} messages were queued past the budget"
+    );
+    host.wait_for_log(&["server=sockets", "its send queue is full"]);
+
+    let mut big = open(&host, "/ws").unwrap();
+    big.send(Message::text("x".repeat(2000))).unwrap();
+    assert_eq!(close_of(&mut big).0, u16::from(CloseCode::Size));
+
+    // Three at once, no more: the fourth gets 503. (The two closed above are gone once
+    // their clients leave.)
+    drop((slow, big));
+    host.wait_until("the closed connections are gone", || {
+        host.get("sockets.localhost", "/count").body == "0"
+    });
+    let _kept: Vec<Ws> = (0..3).map(|_| open(&host, "/ws").unwrap()).collect();
+    match open(&host, "/ws") {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected a 503, got {:?}", other.map(|_| "a connection")),
+    }
+    host.wait_for_log(&["refused a WebSocket connection", "max_connections=3"]);
+}
+
+#[test]
+fn connections_stay_open_across_reloads_with_their_attachments_and_order() {
+    let v2 = build_variant(
+        "fixture-sockets",
+        ("FIXTURE_VARIANT", "v2"),
+        Some("sockets-v2"),
+    );
+    let v1 = build_variant(
+        "fixture-sockets",
+        ("FIXTURE_VARIANT", "v1"),
+        Some("sockets-v1"),
+    );
+    let host = host_with("ws-reload", "");
+    let mut clients: Vec<Ws> = (0..20).map(|_| open(&host, "/ws").unwrap()).collect();
+    let mut next = vec![1u64; clients.len()];
+    let mut variants_seen = std::collections::BTreeSet::new();
+    for round in 0..6 {
+        let lib = if round % 2 == 0 { &v2 } else { &v1 };
+        host.install(lib, "sockets.so");
+        // Messages keep flowing while the swap happens.
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            for (i, ws) in clients.iter_mut().enumerate() {
+                say(ws, &format!("seq:{}", next[i]));
+                let reply = text(ws);
+                let parts: Vec<&str> = reply.split(':').collect();
+                assert_eq!(parts.len(), 3, "{reply}");
+                assert_eq!(parts[1], next[i].to_string(), "lost or reordered: {reply}");
+                // The count lives in the connection's attachment: it carries across
+                // generations, once per message.
+                assert_eq!(parts[2], next[i].to_string(), "attachment: {reply}");
+                variants_seen.insert(parts[0].to_owned());
+                next[i] += 1;
+            }
+        }
+        host.wait_for_log(&[&format!("generation={}", round + 2), "reloaded"]);
+    }
+    assert!(variants_seen.contains("v1") && variants_seen.contains("v2"));
+    // Every connection is still open and answers the last build.
+    for ws in &mut clients {
+        say(ws, "which");
+        assert_eq!(text(ws), "v1:which");
+    }
+    assert_eq!(host.get("sockets.localhost", "/count").body, "20");
+}
+
+#[test]
+fn removing_the_server_and_stopping_the_host_close_connections_with_1001() {
+    let setup = Setup::new("ws-remove", &config(""))
+        .plugin("fixture-sockets", "sockets.so")
+        .plugin("hello", "hello.so");
+    let mut host = setup.clone().start();
+    let mut ws = open(&host, "/ws").unwrap();
+    say(&mut ws, "x");
+    assert_eq!(text(&mut ws), "v1:x");
+    host.write_config(
+        r#"{"global": {"reload": {"debounce_ms": 20}},
+            "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#,
+    );
+    assert_eq!(close_of(&mut ws).0, 1001);
+
+    host.write_config(&config(""));
+    host.wait_until("the server is back", || {
+        host.get("sockets.localhost", "/count").status == 200
+    });
+    let mut ws = open(&host, "/ws").unwrap();
+    say(&mut ws, "y");
+    assert_eq!(text(&mut ws), "v1:y");
+    host.signal_term();
+    assert_eq!(
+        close_of(&mut ws),
+        (1001, "the host is shutting down".to_owned())
+    );
+    let status = host
+        .wait_exit(Duration::from_secs(10))
+        .expect("the host exits");
+    assert!(status.success(), "{status:?}");
+}
