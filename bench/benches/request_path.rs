@@ -159,7 +159,8 @@ fn request_parts() -> hyper::http::request::Parts {
 fn plugin_call(c: &mut Criterion) {
     let copies = loader::private_copies_dir().unwrap();
     let library = Arc::new(loader::load(&hello_library(), &copies).unwrap());
-    let (instance, declared) = Instance::create(library, "hello", "null", None, FfiSockets::empty()).unwrap();
+    let (instance, declared) =
+        Instance::create(library, "hello", "null", None, FfiSockets::empty()).unwrap();
     let routes = RouteTable::new(
         declared
             .routes

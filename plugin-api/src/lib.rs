@@ -570,8 +570,7 @@ mod tests {
     use crate::{InitContext, Response};
 
     fn no_config() -> InitContext<'static> {
-        static NO_SOCKETS: std::sync::OnceLock<crate::ffi::FfiSockets> =
-            std::sync::OnceLock::new();
+        static NO_SOCKETS: std::sync::OnceLock<crate::ffi::FfiSockets> = std::sync::OnceLock::new();
         InitContext {
             server_name: "greeter",
             config_json: "null",

@@ -17,6 +17,7 @@ const LIBRARIES: &[&str] = &[
     "hello",
     "notes",
     "gateway",
+    "chat",
     "fixture-misbehave",
     "fixture-old-api",
     "fixture-crash-on-load",
