@@ -6,6 +6,7 @@
 mod support;
 
 mod boundary;
+mod bus;
 mod chat;
 mod config;
 mod database;

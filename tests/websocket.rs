@@ -87,8 +87,12 @@ fn echo_refusal_and_an_ordinary_get() {
     assert_eq!(text(&mut ws), "v1:hello");
     ws.send(Message::binary(vec![0u8, 1, 2, 255])).unwrap();
     assert_eq!(ws.read().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
-    // The attachment set at open (from the query) is there for later events.
+    // The attachment set at open (from the query) is there for later events. (The
+    // first connection goes first, so that its close is announced to nobody.)
     drop(ws);
+    host.wait_until("the first connection is gone", || {
+        host.get("sockets.localhost", "/count").body == "0"
+    });
     let mut ws = open(&host, "/ws?name=ada").unwrap();
     say(&mut ws, "name");
     assert_eq!(text(&mut ws), "ada");
@@ -407,4 +411,146 @@ fn removing_the_server_and_stopping_the_host_close_connections_with_1001() {
         .wait_exit(Duration::from_secs(10))
         .expect("the host exits");
     assert!(status.success(), "{status:?}");
+}
+
+/// Raises this process's limit of open files to its hard limit (the host started from
+/// it inherits it): a thousand connections need two thousand descriptors.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[test]
+fn a_thousand_connections_stay_open_across_twenty_reloads_in_order_with_nothing_lost() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::Message as AsyncMessage;
+
+    raise_fd_limit();
+    let v2 = build_variant(
+        "fixture-sockets",
+        ("FIXTURE_VARIANT", "v2"),
+        Some("sockets-v2"),
+    );
+    let v1 = build_variant(
+        "fixture-sockets",
+        ("FIXTURE_VARIANT", "v1"),
+        Some("sockets-v1"),
+    );
+    let host = Setup::new("ws-thousand", &config(""))
+        .plugin("fixture-sockets", "sockets.so")
+        .plugin("hello", "hello.so")
+        .start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = host.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 1,000 connections, each sending `seq:N` every 200 ms and checking every answer.
+    let clients: Vec<_> = runtime.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..1000 {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = "ws://sockets.localhost/ws".into_client_request().unwrap();
+            let (ws, _) = tokio_tungstenite::client_async(request, stream)
+                .await
+                .expect("a connection");
+            clients.push(ws);
+        }
+        clients
+    });
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            let stop = stop.clone();
+            runtime.spawn(async move {
+                let mut next = 1u64;
+                let mut variants = std::collections::BTreeSet::new();
+                while !stop.load(Ordering::Relaxed) {
+                    ws.send(AsyncMessage::text(format!("seq:{next}"))).await?;
+                    let reply = loop {
+                        match ws.next().await {
+                            // Others' closes, once the test stops them all.
+                            Some(Ok(AsyncMessage::Text(t))) if t.starts_with("closed:") => continue,
+                            Some(Ok(AsyncMessage::Text(t))) => break t.as_str().to_owned(),
+                            Some(Ok(AsyncMessage::Ping(_) | AsyncMessage::Pong(_))) => continue,
+                            other => return Err(format!("after {next}: {other:?}").into()),
+                        }
+                    };
+                    let parts: Vec<&str> = reply.split(':').collect();
+                    if parts.len() != 3
+                        || parts[1] != next.to_string()
+                        || parts[2] != next.to_string()
+                    {
+                        return Err(format!("sent seq:{next}, got {reply}").into());
+                    }
+                    variants.insert(parts[0].to_owned());
+                    next += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((next - 1, variants))
+            })
+        })
+        .collect();
+    for round in 0..20 {
+        let lib = if round % 2 == 0 { &v2 } else { &v1 };
+        host.install(lib, "sockets.so");
+        host.wait_for_log(&[
+            "server=sockets",
+            &format!("generation={}", round + 2),
+            "reloaded",
+        ]);
+    }
+    // A moment for every connection to speak to the last build; all still open.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(host.get("sockets.localhost", "/count").body, "1000");
+    stop.store(true, Ordering::Relaxed);
+    let mut messages = 0;
+    let mut saw_both = 0;
+    let mut failures = Vec::new();
+    for task in tasks {
+        match runtime.block_on(task).unwrap() {
+            Ok((sent, variants)) => {
+                messages += sent;
+                if variants.len() == 2 {
+                    saw_both += 1;
+                }
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} connections failed, for example: {:?}\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .filter(|f| !f.contains("closed:"))
+            .take(5)
+            .collect::<Vec<_>>(),
+        host.logs()
+            .lines()
+            .filter(|l| l.contains("failed") || l.contains("ERROR") || l.contains("WARN"))
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        saw_both > 900,
+        "only {saw_both} connections spoke to both builds"
+    );
+    assert!(messages > 20_000, "{messages} messages");
 }

@@ -146,6 +146,20 @@ async fn run(
             }
         }
     };
+    // Service calls between servers go through the request path (held weakly: the
+    // servers end with `run`).
+    let weak = Arc::downgrade(&servers);
+    host::boundary::services::set_service_caller(Arc::new(move |name, request, timeout| {
+        let servers = weak.upgrade();
+        Box::pin(async move {
+            match servers {
+                Some(servers) => {
+                    host::request::http::call_server(servers, name, request, timeout).await
+                }
+                None => host::request::http::call_refused("the host is shutting down"),
+            }
+        })
+    }));
     let reload = &config.global.reload;
     let _watch = if reload.watch {
         match watch::watch(&plugin_dir, &config_file, reload.debounce) {

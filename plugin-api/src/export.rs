@@ -22,7 +22,7 @@ use abi_stable::std_types::{RErr, ROk, ROption, RResult, RStr, RString, RVec};
 use async_ffi::FfiContext;
 
 use crate::ffi::{
-    FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute,
+    FfiBusEvent, FfiCall, FfiHandleResult, FfiInit, FfiInitArgs, FfiInstance, FfiRequest, FfiRoute,
     FfiSocketEvent, FfiStream, FfiStreamFns, FfiStreamPoll, PluginMod, PluginModRef,
 };
 use crate::host::{self, panic_message};
@@ -100,6 +100,35 @@ where
 {
     Box::new(
         move |server, socket, arg, cx, out| match catch(|| handler(server, socket, arg)) {
+            Ok(fut) => start(
+                async move {
+                    fut.await;
+                    Handled
+                },
+                cx,
+                out,
+            ),
+            Err(message) => answered(out, RErr(message.into())),
+        },
+    )
+}
+
+/// A bus subscription's handler with its types erased.
+pub(crate) type ErasedBusHandler<S> = Box<
+    dyn Fn(Arc<S>, crate::bus::Event, &mut Context<'_>, *mut FfiHandleResult) -> FfiCall
+        + Send
+        + Sync,
+>;
+
+/// Wraps a bus event handler so that it runs behind the C ABI and never unwinds.
+pub(crate) fn erase_bus<S, H, Fut>(handler: H) -> ErasedBusHandler<S>
+where
+    S: Microserver,
+    H: Fn(Arc<S>, crate::bus::Event) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Box::new(
+        move |server, event, cx, out| match catch(|| handler(server, event)) {
             Ok(fut) => start(
                 async move {
                     fut.await;
@@ -229,6 +258,8 @@ struct Instance<S, Rt> {
     handlers: Vec<ErasedHandler<S>>,
     on_message: Option<ErasedEvent<S, Message>>,
     on_close: Option<ErasedEvent<S, Close>>,
+    /// By subscription index.
+    on_events: Vec<ErasedBusHandler<S>>,
     /// Started before `init`, stopped after everything else of the instance is dropped.
     runtime: Rt,
 }
@@ -295,17 +326,24 @@ pub fn init<S: Microserver, Rt: PluginRuntime>(
         handlers.push(entry.handler);
     }
     handlers.extend(routes.fallback);
+    let (topics, on_events): (RVec<RString>, Vec<_>) = routes
+        .topics
+        .into_iter()
+        .map(|(topic, handler)| (RString::from(topic), handler))
+        .unzip();
     let instance = Box::new(Instance {
         server: Arc::new(server),
         handlers,
         on_message: routes.on_message,
         on_close: routes.on_close,
+        on_events,
         runtime,
     });
     ROk(FfiInit {
         instance: FfiInstance(Box::into_raw(instance).cast()),
         routes: table,
         fallback: fallback.into(),
+        topics,
     })
 }
 
@@ -362,6 +400,30 @@ unsafe extern "C" fn socket_event<S: Microserver, Rt: PluginRuntime>(
             Some(handler) => cx.with_context(|cx| handler(server, socket, close, cx, out)),
             None => answered(out, ROk(Handled.into_response().into_ffi())),
         },
+        None => answered(out, ROk(Handled.into_response().into_ffi())),
+    };
+    if Rt::ENTERS && !call.future.is_null() {
+        return entered_call::<Rt>(instance.runtime.handle(), call);
+    }
+    call
+}
+
+unsafe extern "C" fn bus_event<S: Microserver, Rt: PluginRuntime>(
+    ptr: FfiInstance,
+    event: FfiBusEvent,
+    cx: &mut FfiContext<'_>,
+    out: *mut FfiHandleResult,
+) -> FfiCall {
+    // SAFETY: the contract of `PluginMod::bus_event`.
+    let instance = unsafe { instance::<S, Rt>(ptr) };
+    let _entered = instance.runtime.enter();
+    let server = instance.server.clone();
+    let call = match instance.on_events.get(event.subscription as usize) {
+        // `erase_bus` catches panics in the handler; the waker glue does not panic.
+        Some(handler) => {
+            let event = crate::bus::Event::from_ffi(event);
+            cx.with_context(|cx| handler(server, event, cx, out))
+        }
         None => answered(out, ROk(Handled.into_response().into_ffi())),
     };
     if Rt::ENTERS && !call.future.is_null() {
@@ -499,13 +561,15 @@ unsafe extern "C" fn drop_instance<S: Microserver, Rt: PluginRuntime>(
         handlers,
         on_message,
         on_close,
+        on_events,
         runtime,
     } = *boxed;
     // The instance goes first, inside its runtime (a database pool may close its
     // connections on the runtime as it is dropped); then what is left of the runtime's
     // tasks (a task may hold the last reference to the instance), and its threads.
     let entered = runtime.enter();
-    if let Err(message) = catch(move || drop((handlers, on_message, on_close, server))) {
+    let handlers = (handlers, on_message, on_close, on_events);
+    if let Err(message) = catch(move || drop((handlers, server))) {
         host::log_panic(&format!("dropping the instance panicked: {message}"));
     }
     drop(entered);
@@ -537,6 +601,7 @@ pub fn root_module<S: Microserver, Rt: PluginRuntime>(
         export_state: export_state::<S, Rt>,
         shutdown: shutdown::<S, Rt>,
         socket_event: socket_event::<S, Rt>,
+        bus_event: bus_event::<S, Rt>,
         drop_instance: drop_instance::<S, Rt>,
     }
     .leak_into_prefix()

@@ -818,6 +818,33 @@ pub struct FfiSocketEvent {
     pub data: FfiBytes,
 }
 
+/// One event of the bus, handed to the current generation of a server that subscribed
+/// to its topic.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiBusEvent {
+    /// The index of the subscription (in [`FfiInit::topics`]) it matched.
+    pub subscription: u32,
+    /// The topic (UTF-8).
+    pub topic: FfiBytes,
+    pub payload: FfiBytes,
+}
+
+/// A request a plugin sends to another server of the host ([`HostFns::call`]).
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiServiceRequest {
+    /// An HTTP method, such as `GET`.
+    pub method: RString,
+    /// The path, with its query if any (`/users/1?full=true`).
+    pub path: RString,
+    pub headers: FfiHeaders,
+    pub body: FfiBytes,
+    /// How long the caller waits for the answer, in milliseconds (0: the host's request
+    /// timeout, which also bounds any other value).
+    pub timeout_ms: u64,
+}
+
 /// The fields of a request, at the start of the host's request record.
 ///
 /// Nothing is copied to make them: the text fields are views of the host's own parsed
@@ -1152,6 +1179,9 @@ pub struct FfiInit {
     pub routes: RVec<FfiRoute>,
     /// Route index that answers any path no route matched, if the plugin set one.
     pub fallback: ROption<u32>,
+    /// The bus topics the instance subscribes to (events come to `bus_event` with their
+    /// index here).
+    pub topics: RVec<RString>,
 }
 
 /// What the host passes to init.
@@ -1205,6 +1235,15 @@ pub struct HostFns {
     /// and report it once; the panic hook asks this to log by itself only the panics on
     /// the plugin's own threads.
     pub on_host_thread: extern "C" fn() -> bool,
+    /// Publishes `payload` on the bus under `topic`: queued for every server that
+    /// subscribes to it (and other hosts, with a shared backend). Never blocks. Returns
+    /// how many servers of this host it was queued for.
+    pub publish: for<'a> extern "C" fn(topic: RStr<'a>, payload: FfiBytes) -> u64,
+    /// Sends a request to a server of this host by name, with no socket, to whatever
+    /// generation is current. The response is the host's (its body read whole): a
+    /// missing or waiting server answers 503, a panic 500, a slow one 504, as for any
+    /// client.
+    pub call: for<'a> extern "C" fn(server: RStr<'a>, FfiServiceRequest) -> FfiFuture<FfiResponse>,
 }
 
 /// The root module every plugin library exports.
@@ -1244,6 +1283,13 @@ pub struct PluginMod {
     pub socket_event: for<'a, 'b> unsafe extern "C" fn(
         FfiInstance,
         FfiSocketEvent,
+        &'a mut FfiContext<'b>,
+        *mut FfiHandleResult,
+    ) -> FfiCall,
+    /// Hands a bus event to the instance, like `handle`.
+    pub bus_event: for<'a, 'b> unsafe extern "C" fn(
+        FfiInstance,
+        FfiBusEvent,
         &'a mut FfiContext<'b>,
         *mut FfiHandleResult,
     ) -> FfiCall,

@@ -75,6 +75,11 @@ pub(crate) fn connect_with(fns: HostFnsRef, plugin: &'static str, panic_hook: bo
     }));
 }
 
+/// The host's functions, once an instance of this library was created by a host.
+pub(crate) fn fns() -> Option<HostFnsRef> {
+    HOST.get().map(|host| host.fns)
+}
+
 /// Whether this thread is one of the host's (a host too old to say: no).
 fn on_host_thread() -> bool {
     HOST.get()
@@ -242,9 +247,15 @@ pub fn sleep(duration: Duration) -> impl Future<Output = ()> + Send + 'static {
 /// from its own threads; if it called the waker of the plugin's context directly and
 /// that waker panicked (a waker the plugin made itself), the panic would unwind through
 /// async-ffi's `extern "C"` glue and abort the host. [`ContainedWaker`] catches it.
-struct HostFuture<F> {
+pub(crate) struct HostFuture<F> {
     inner: F,
     waker: Option<(Arc<ContainedWaker>, Waker)>,
+}
+
+impl<F> HostFuture<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        HostFuture { inner, waker: None }
+    }
 }
 
 impl<F: Future + Unpin> Future for HostFuture<F> {

@@ -135,15 +135,17 @@
 use std::future::Future;
 use std::sync::Arc;
 
+#[doc(hidden)]
+pub mod bus;
 mod error;
 mod export;
 pub mod ffi;
 mod host;
 mod request;
 mod response;
-#[doc(hidden)]
 pub mod route_table;
 mod runtime;
+pub mod service;
 pub mod socket;
 pub mod stream;
 pub mod testing;
@@ -265,6 +267,8 @@ pub struct Routes<S> {
     fallback: Option<export::ErasedHandler<S>>,
     on_message: Option<export::ErasedEvent<S, Message>>,
     on_close: Option<export::ErasedEvent<S, Close>>,
+    /// Bus subscriptions: topic and handler, by subscription index.
+    topics: Vec<(String, export::ErasedBusHandler<S>)>,
 }
 
 impl<S> std::fmt::Debug for Routes<S> {
@@ -306,6 +310,7 @@ impl<S: Microserver> Routes<S> {
             fallback: None,
             on_message: None,
             on_close: None,
+            topics: Vec::new(),
         }
     }
 
@@ -464,6 +469,24 @@ impl<S: Microserver> Routes<S> {
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.on_close = Some(export::erase_event(handler));
+        self
+    }
+
+    /// Subscribes to a bus topic (exact: `orders.created`): every event published under
+    /// it, by any server of the host, comes to `handler`, on whichever generation is
+    /// current. A server's events come one at a time, in the order they were
+    /// published. Subscribing twice to one topic keeps the last handler. See
+    /// [`bus`].
+    pub fn on_event<H, Fut>(&mut self, topic: &str, handler: H) -> &mut Self
+    where
+        H: Fn(Arc<S>, bus::Event) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handler = export::erase_bus(handler);
+        match self.topics.iter_mut().find(|(t, _)| t == topic) {
+            Some(entry) => entry.1 = handler,
+            None => self.topics.push((topic.to_owned(), handler)),
+        }
         self
     }
 

@@ -555,6 +555,8 @@ fn test_host() -> crate::ffi::HostFnsRef {
             log,
             sleep,
             on_host_thread,
+            publish,
+            call,
         }
         .leak_into_prefix()
     })
@@ -579,6 +581,23 @@ extern "C" fn log(record: FfiLogRecord<'_>) {
 
 extern "C" fn on_host_thread() -> bool {
     false
+}
+
+/// No bus in tests: nobody receives what is published.
+extern "C" fn publish(_: abi_stable::std_types::RStr<'_>, _: crate::ffi::FfiBytes) -> u64 {
+    0
+}
+
+/// No other servers in tests: every service call answers 503.
+extern "C" fn call(
+    server: abi_stable::std_types::RStr<'_>,
+    _: crate::ffi::FfiServiceRequest,
+) -> FfiFuture<crate::ffi::FfiResponse> {
+    let body = serde_json::json!({
+        "error": format!("no server {:?}: service calls need the host (TestServer has none)", server.as_str())
+    });
+    let response = crate::Response::json(&body).with_status(503).into_ffi();
+    FfiFuture::new(async move { response })
 }
 
 extern "C" fn sleep(nanos: u64) -> FfiFuture<()> {

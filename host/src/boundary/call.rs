@@ -30,9 +30,9 @@ use bytes::Bytes;
 use hyper::body::{Body as _, Incoming};
 use hyper::http::request::Parts;
 use plugin_api::ffi::{
-    FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest, FfiRequestData,
-    FfiRequestFns, FfiRequestHead, FfiSocket, FfiSocketEvent, FfiStr, FfiStream, FfiStreamFns,
-    FfiStreamPoll,
+    FfiBusEvent, FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest,
+    FfiRequestData, FfiRequestFns, FfiRequestHead, FfiSocket, FfiSocketEvent, FfiStr, FfiStream,
+    FfiStreamFns, FfiStreamPoll,
 };
 use smallvec::SmallVec;
 
@@ -57,7 +57,17 @@ impl ClientAddr {
         out
     }
 
-    /// The text's bytes (ASCII: an address and a port).
+    /// The address of a service call's request, which comes from no socket.
+    pub fn internal() -> Self {
+        let mut out = ClientAddr {
+            len: 0,
+            buf: [0; 64],
+        };
+        let _ = out.write_str("internal");
+        out
+    }
+
+    /// The text's bytes (ASCII: an address and a port, or `internal`).
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len as usize]
     }
@@ -514,6 +524,20 @@ pub fn start_event(
     let out = slot.value.as_mut_ptr();
     // SAFETY: `out` is the slot's room for one outcome.
     let call = cx.with_ffi_context(|cx| unsafe { instance.socket_event(event, cx, out) });
+    slot.started(call)
+}
+
+/// Hands a bus event to a plugin, like [`start`].
+pub fn start_bus_event(
+    instance: &Instance,
+    event: FfiBusEvent,
+    cx: &mut Context<'_>,
+    slot: &mut OutcomeSlot,
+) -> Option<PluginCall> {
+    slot.take_out();
+    let out = slot.value.as_mut_ptr();
+    // SAFETY: `out` is the slot's room for one outcome.
+    let call = cx.with_ffi_context(|cx| unsafe { instance.bus_event(event, cx, out) });
     slot.started(call)
 }
 

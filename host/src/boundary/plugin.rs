@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use abi_stable::std_types::{RResult, RSlice};
 use async_ffi::FfiContext;
 use plugin_api::ffi::{
-    FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest, FfiSocketEvent, FfiSockets,
+    FfiBusEvent, FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest, FfiSocketEvent,
+    FfiSockets,
 };
 use tokio::sync::Notify;
 
@@ -59,6 +60,8 @@ pub struct DeclaredRoutes {
     pub stream_body_limits: Vec<Option<u64>>,
     /// By route index: whether it is a WebSocket route.
     pub websockets: Vec<bool>,
+    /// The bus topics it subscribes to, by subscription index.
+    pub topics: Vec<Box<str>>,
 }
 
 impl Instance {
@@ -99,6 +102,7 @@ impl Instance {
                 .map(|r| r.stream_body_limit.into_option())
                 .collect(),
             websockets: init.routes.iter().map(|r| r.websocket).collect(),
+            topics: init.topics.iter().map(|t| t.as_str().into()).collect(),
         };
         Ok((instance, routes))
     }
@@ -137,6 +141,20 @@ impl Instance {
     ) -> FfiCall {
         // SAFETY: as in `handle`.
         unsafe { (self.library.module.socket_event())(self.ptr, event, cx, out) }
+    }
+
+    /// Hands a bus event to the instance (see `call::start_bus_event`, the only caller).
+    ///
+    /// # Safety
+    /// As `handle`.
+    pub(crate) unsafe fn bus_event(
+        &self,
+        event: FfiBusEvent,
+        cx: &mut FfiContext<'_>,
+        out: *mut FfiHandleResult,
+    ) -> FfiCall {
+        // SAFETY: as in `handle`.
+        unsafe { (self.library.module.bus_event())(self.ptr, event, cx, out) }
     }
 
     /// The state this instance hands to its successor, copied into host memory.

@@ -8,10 +8,20 @@ use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use abi_stable::prefix_type::PrefixTypeTrait;
+use abi_stable::std_types::RStr;
 use async_ffi::FfiFuture;
-use plugin_api::ffi::{FfiLogRecord, HostFns, HostFnsRef};
+use bytes::Bytes;
+use plugin_api::ffi::{
+    FfiBytes, FfiHeaders, FfiLogRecord, FfiResponse, FfiServiceRequest, FfiStream, HostFns,
+    HostFnsRef,
+};
 use tracing::level_filters::LevelFilter;
+
+use crate::boundary::bus::{Bus, BusEvent};
 
 use crate::boundary::repeats::{Repeats, INTERVAL};
 
@@ -24,6 +34,8 @@ pub fn host_fns() -> HostFnsRef {
             log,
             sleep,
             on_host_thread,
+            publish,
+            call,
         }
         .leak_into_prefix()
     })
@@ -129,4 +141,119 @@ fn first_of_its_kind(plugin: &str, message: &str) -> bool {
             );
         },
     )
+}
+
+extern "C" fn publish(topic: RStr<'_>, payload: FfiBytes) -> u64 {
+    let topic = Bytes::copy_from_slice(topic.as_str().as_bytes());
+    // The plugin's buffer, not copied (freed by its code, which stays mapped).
+    let payload = match payload.as_static() {
+        Some(bytes) => Bytes::from_static(bytes),
+        None => Bytes::from_owner(payload),
+    };
+    Bus::get().publish(BusEvent { topic, payload })
+}
+
+/// A response to a service call, as the request path made it (its body read whole).
+#[derive(Debug)]
+pub struct ServiceResponse {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+/// What answers service calls: the request path, which registers itself at start-up
+/// (this layer cannot reach it).
+pub type ServiceCaller = Arc<
+    dyn Fn(
+            String,
+            hyper::Request<Bytes>,
+            Option<Duration>,
+        ) -> Pin<Box<dyn Future<Output = ServiceResponse> + Send>>
+        + Send
+        + Sync,
+>;
+
+static CALLER: OnceLock<ServiceCaller> = OnceLock::new();
+
+/// Registers what answers service calls (once, at start-up).
+pub fn set_service_caller(caller: ServiceCaller) {
+    let _ = CALLER.set(caller);
+}
+
+/// A JSON error answer to a service call that never reached a server.
+fn refused(status: u16, message: &str) -> ServiceResponse {
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    ServiceResponse {
+        status,
+        headers,
+        body: Bytes::from(serde_json::json!({ "error": message }).to_string()),
+    }
+}
+
+/// The plugin's request as an HTTP request, or why it is not one.
+fn service_request(request: FfiServiceRequest) -> Result<hyper::Request<Bytes>, String> {
+    let FfiServiceRequest {
+        method,
+        path,
+        headers,
+        body,
+        timeout_ms: _,
+    } = request;
+    let mut builder = hyper::Request::builder()
+        .method(method.as_str())
+        .uri(path.as_str());
+    for (name, value) in headers.iter() {
+        builder = builder.header(name, value);
+    }
+    let body = match body.as_static() {
+        Some(bytes) => Bytes::from_static(bytes),
+        None if body.is_empty() => Bytes::new(),
+        None => Bytes::from_owner(body),
+    };
+    builder
+        .body(body)
+        .map_err(|e| format!("invalid service request ({} {}): {e}", method, path))
+}
+
+fn into_ffi(response: ServiceResponse) -> FfiResponse {
+    let mut headers = FfiHeaders::default();
+    for (name, value) in &response.headers {
+        headers.push(name.as_str().as_bytes(), value.as_bytes());
+    }
+    let body = if response.body.is_empty() {
+        FfiBytes::empty()
+    } else {
+        FfiBytes::from_owner(response.body)
+    };
+    FfiResponse::new(response.status, b"", headers, body, FfiStream::empty())
+}
+
+extern "C" fn call(server: RStr<'_>, request: FfiServiceRequest) -> FfiFuture<FfiResponse> {
+    let server = server.as_str().to_owned();
+    let timeout = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
+    let request = service_request(request);
+    let caller = CALLER.get().cloned();
+    FfiFuture::new(async move {
+        let request = match request {
+            Ok(request) => request,
+            Err(message) => return into_ffi(refused(400, &message)),
+        };
+        let Some(caller) = caller else {
+            return into_ffi(refused(503, "this host does not take service calls"));
+        };
+        // On the host's runtime: the caller may poll this from a thread of its own.
+        let answer = caller(server, request, timeout);
+        let joined = match HOST_RUNTIME.get() {
+            Some(runtime) => runtime.spawn(answer).await,
+            None => tokio::spawn(answer).await,
+        };
+        match joined {
+            Ok(response) => into_ffi(response),
+            Err(e) => into_ffi(refused(500, &format!("the service call failed: {e}"))),
+        }
+    })
 }

@@ -291,6 +291,11 @@ impl Conn {
         &self.hub
     }
 
+    /// How the connection is named where a request id would be (panic reports).
+    pub fn label(&self) -> Arc<str> {
+        format!("ws-{}", self.id).into()
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, ConnState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -33,6 +33,20 @@ pub struct Global {
     /// How long SIGTERM/SIGINT waits for in-flight requests before exiting anyway.
     pub shutdown_timeout: Duration,
     pub reload: Reload,
+    pub bus: BusConfig,
+}
+
+/// The event bus (`global.bus`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusConfig {
+    /// Most events waiting for one server; more are dropped (counted and logged).
+    pub queue: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig { queue: 1024 }
+    }
 }
 
 /// Hot reload settings.
@@ -349,6 +363,7 @@ impl Validator {
                 limits: Limits::default(),
                 shutdown_timeout: Duration::from_secs(10),
                 reload: Reload::default(),
+                bus: BusConfig::default(),
             },
             servers: Vec::new(),
         };
@@ -386,6 +401,7 @@ impl Validator {
             "shutdown_timeout_ms",
             "reload",
             "websocket",
+            "bus",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -475,6 +491,15 @@ impl Validator {
                 if let Some(v) = w.get("max_connections") {
                     if let Some(n) = self.whole_number(v, "global.websocket.max_connections", 0) {
                         out.max_connections = n.try_into().unwrap_or(usize::MAX);
+                    }
+                }
+            }
+        }
+        if let Some(bus) = map.get("bus") {
+            if let Some(b) = self.object(bus, "global.bus", &["queue"]) {
+                if let Some(v) = b.get("queue") {
+                    if let Some(n) = self.whole_number(v, "global.bus.queue", 1) {
+                        out.bus.queue = n.try_into().unwrap_or(usize::MAX);
                     }
                 }
             }

@@ -1,8 +1,10 @@
 //! Control, beside the request path: the config file (`config`), the set of servers and
-//! the generations they run (`servers`), the file watcher (`watch`) and the loop that
+//! the generations they run (`servers`), events handed to a server's current generation
+//! (`deliver`), the file watcher (`watch`) and the loop that
 //! applies changes one at a time (`reload`).
 
 pub mod config;
+pub mod deliver;
 pub mod reload;
 pub mod servers;
 pub mod watch;

@@ -18,11 +18,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
+use crate::boundary::bus::{Bus, BusEvent, Inbox};
 use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::boundary::plugin::{self, Instance};
 use crate::boundary::services::mark_host_thread;
 use crate::boundary::sockets::Hub;
 use crate::control::config::{Config, Limits};
+use crate::control::deliver;
 use crate::routing::domain::{DomainPattern, DomainTable};
 use crate::routing::routes::RouteTable;
 
@@ -43,6 +45,11 @@ pub struct Server {
     generations: AtomicU64,
     /// Its WebSocket connections: one set for all its generations.
     pub sockets: Arc<Hub>,
+    /// Its bus events: one queue for all its generations.
+    pub inbox: Arc<Inbox>,
+    /// The receiving end of `inbox`, until the task that delivers its events starts
+    /// (when a generation first subscribes to a topic).
+    inbox_rx: Mutex<Option<tokio::sync::mpsc::Receiver<BusEvent>>>,
 }
 
 /// What a server is doing right now.
@@ -54,10 +61,13 @@ pub enum ServerState {
 }
 
 impl Server {
-    fn new(name: &str, implicit: bool) -> Arc<Self> {
+    fn new(name: &str, implicit: bool, inbox_capacity: usize) -> Arc<Self> {
         let name: Arc<str> = name.into();
+        let (inbox, inbox_rx) = Inbox::new(name.clone(), inbox_capacity);
         Arc::new(Server {
             sockets: Hub::new(name.clone()),
+            inbox,
+            inbox_rx: Mutex::new(Some(inbox_rx)),
             name,
             implicit,
             state: ArcSwap::from_pointee(ServerState::Waiting("starting".to_owned())),
@@ -85,6 +95,30 @@ impl Server {
 
     fn next_generation(&self) -> u64 {
         self.generations.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Subscribes the server to the topics its new generation declared; the first time
+    /// there are any, starts the task that delivers its events.
+    fn subscribe(self: &Arc<Self>, topics: &[Box<str>], timeout: Duration) {
+        Bus::get().subscribe(&self.inbox, topics);
+        if topics.is_empty() {
+            return;
+        }
+        let rx = self
+            .inbox_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(deliver::bus_events(Arc::downgrade(self), rx, timeout));
+                }
+                Err(_) => {
+                    tracing::error!(server = %self.name, "cannot deliver bus events: no runtime")
+                }
+            }
+        }
     }
 }
 
@@ -177,6 +211,8 @@ impl Timing {
 struct Deadlines {
     drain: Duration,
     init: Duration,
+    /// How long an event's handler may take (the request timeout).
+    event: Duration,
 }
 
 /// A long-lived thread for plugin calls that must not block the control loop forever
@@ -783,6 +819,7 @@ impl Microservers {
         let deadlines = Deadlines {
             drain: reload.drain_timeout,
             init: reload.init_timeout,
+            event: control.config.global.limits.request_timeout,
         };
         let drain = deadlines.drain;
         let desired = Self::desired_servers(control);
@@ -795,7 +832,10 @@ impl Microservers {
                 .map(|i| old.swap_remove(i));
             let (server, mut tried) = match existing {
                 Some(e) => (e.server, e.tried),
-                None => (Server::new(&spec.name, spec.implicit), None),
+                None => (
+                    Server::new(&spec.name, spec.implicit, control.config.global.bus.queue),
+                    None,
+                ),
             };
             let current = server.serving();
             match Self::resolve(control, &spec.plugin) {
@@ -870,6 +910,7 @@ impl Microservers {
             gone.server
                 .sockets
                 .close_all("this server was removed", true);
+            Bus::get().subscribe(&gone.server.inbox, &[]);
             if let Some(g) = gone.server.serving() {
                 gone.server.state.store(Arc::new(ServerState::Waiting(
                     "this server was removed".to_owned(),
@@ -926,7 +967,8 @@ impl Microservers {
                                 instance,
                                 routes
                                     .with_stream_body_limits(declared.stream_body_limits)
-                                    .with_websockets(declared.websockets),
+                                    .with_websockets(declared.websockets)
+                                    .with_topics(declared.topics),
                             )),
                             Err(e) => {
                                 // It never served, but init may have started things; let it
@@ -953,10 +995,12 @@ impl Microservers {
         match created {
             Ok((instance, routes)) => {
                 let takes_websockets = routes.takes_websockets();
+                let topics = routes.topics().to_vec();
                 let generation = Generation::new(server.name.clone(), number, instance, routes);
                 server
                     .state
                     .store(Arc::new(ServerState::Serving(generation)));
+                server.subscribe(&topics, deadlines.event);
                 if !takes_websockets && !server.sockets.is_empty() {
                     // Nobody would handle their events.
                     tracing::warn!(server = %server.name, connections = server.sockets.len(), "closing the server's WebSocket connections: its new generation declares no WebSocket route");

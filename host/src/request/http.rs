@@ -26,6 +26,7 @@ use crate::boundary::call::{
     self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
 };
 use crate::boundary::plugin;
+use crate::boundary::services::ServiceResponse;
 use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
 use crate::routing::domain::normalize_host;
 use crate::routing::routes::{RouteMatch, RouteTable};
@@ -376,7 +377,7 @@ fn first_step(
         )));
     }
     let body = LentBody::Bytes(Bytes::new());
-    match dispatch(servers, pending, body, id, want_name, cx) {
+    match dispatch(servers, pending, body, id, want_name, None, cx) {
         Step::Done(routed) => Ok(routed),
         Step::Retry(pending, body) => Err(Box::pin(dispatch_later(
             servers.clone(),
@@ -579,11 +580,32 @@ async fn dispatch_later(
     id: RequestId,
     want_name: bool,
 ) -> Routed {
+    dispatch_later_to(servers, pending, body, id, want_name, None).await
+}
+
+/// [`dispatch_later`], to `target` rather than the server the request's domain names
+/// when it is given (a service call).
+async fn dispatch_later_to(
+    servers: Arc<Microservers>,
+    pending: PendingRequest,
+    body: LentBody,
+    id: RequestId,
+    want_name: bool,
+    target: Option<Arc<Server>>,
+) -> Routed {
     let mut next = Some((pending, body));
     loop {
         let step = std::future::poll_fn(|cx| {
             let (pending, body) = next.take().expect("set before each poll");
-            Poll::Ready(dispatch(&servers, pending, body, id, want_name, cx))
+            Poll::Ready(dispatch(
+                &servers,
+                pending,
+                body,
+                id,
+                want_name,
+                target.as_ref(),
+                cx,
+            ))
         })
         .await;
         match step {
@@ -614,12 +636,14 @@ enum Refused {
 
 /// One synchronous step: domain, server, generation, route, and the handler's first
 /// poll (with this task's context).
+#[inline]
 fn dispatch(
     servers: &Microservers,
     pending: PendingRequest,
     body: LentBody,
     id: RequestId,
     want_name: bool,
+    target: Option<&Arc<Server>>,
     cx: &mut Context<'_>,
 ) -> Step {
     let routing = servers.routing();
@@ -630,7 +654,14 @@ fn dispatch(
             server,
             domain,
             name,
-        } = resolve(&routing, parts, want_name).map_err(Refused::Done)?;
+        } = match target {
+            None => resolve(&routing, parts, want_name).map_err(Refused::Done)?,
+            Some(server) => Resolved {
+                server,
+                domain: Cow::Owned(server.name.as_bytes().to_vec()),
+                name: want_name.then(|| server.name.clone()),
+            },
+        };
         // Enter the server's current generation. A generation retired between the load
         // and the entry turns the request away; the caller tries again.
         let generation = match &**server.state() {
@@ -980,6 +1011,94 @@ fn into_http(
     };
     *out.body_mut() = Body::bytes(body);
     Ok((out, in_flight))
+}
+
+/// Answers a service call: `request` goes to the server named `name`, as a request
+/// from a client would (its current generation, its routes, the host's limits), and the
+/// response comes back with its body read whole (up to `max_body_bytes`, within the
+/// request timeout). The target sees the server's name as the domain and `internal` as
+/// the client address. `timeout`: the caller's own, shorter than the request timeout
+/// (504 past it).
+pub async fn call_server(
+    servers: Arc<Microservers>,
+    name: String,
+    request: Request<Bytes>,
+    timeout: Option<Duration>,
+) -> ServiceResponse {
+    let id = RequestId::next();
+    let (server, limits) = {
+        let routing = servers.routing();
+        let server = routing.servers.iter().find(|s| *s.name == *name).cloned();
+        (server, routing.limits.clone())
+    };
+    let response = match server {
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no microserver is named {name:?}"),
+        ),
+        Some(_) if request.body().len() as u64 > limits.max_body_bytes => {
+            too_large(limits.max_body_bytes)
+        }
+        Some(server) => {
+            let (parts, body) = request.into_parts();
+            let pending = PendingRequest::new(parts, &ClientAddr::internal(), id.0);
+            let body = LentBody::Bytes(body);
+            let call = dispatch_later_to(servers, pending, body, id, false, Some(server));
+            match timeout.filter(|t| *t < limits.request_timeout) {
+                None => call.await.0,
+                Some(t) => match tokio::time::timeout(t, call).await {
+                    Ok((response, _)) => response,
+                    Err(_) => {
+                        let message = format!(
+                            "microserver {name:?} did not answer within {} ms",
+                            t.as_millis()
+                        );
+                        return service_error(StatusCode::GATEWAY_TIMEOUT, &message, id);
+                    }
+                },
+            }
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    let read = Limited::new(body, limits.max_body_bytes as usize).collect();
+    let body = match tokio::time::timeout(limits.request_timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            let message = format!("the response could not be read whole: {e}");
+            return service_error(StatusCode::BAD_GATEWAY, &message, id);
+        }
+        Err(_) => {
+            let message = "the response did not end within the request timeout";
+            return service_error(StatusCode::GATEWAY_TIMEOUT, message, id);
+        }
+    };
+    if let Ok(value) = HeaderValue::from_bytes(&id.0) {
+        parts.headers.insert(X_REQUEST_ID.clone(), value);
+    }
+    ServiceResponse {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// The answer to a service call that cannot be made at all.
+pub fn call_refused(message: &str) -> ServiceResponse {
+    service_error(StatusCode::SERVICE_UNAVAILABLE, message, RequestId::next())
+}
+
+fn service_error(status: StatusCode, message: &str, id: RequestId) -> ServiceResponse {
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(value) = HeaderValue::from_bytes(&id.0) {
+        headers.insert(X_REQUEST_ID.clone(), value);
+    }
+    let body = serde_json::json!({ "error": message, "request_id": id.as_str() });
+    ServiceResponse {
+        status: status.as_u16(),
+        headers,
+        body: Bytes::from(body.to_string()),
+    }
 }
 
 /// A JSON error response: `{"error": "..."}`.

@@ -13,8 +13,6 @@
 //!   (`WRITE_TIMEOUT`), the close handshake's (`CLOSE_WAIT`), a silent client's (two
 //!   ping intervals); a send queue is bounded in bytes.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,9 +26,9 @@ use hyper::http::request::Parts;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiSocketEvent, FfiSocketEventKind};
+use plugin_api::ffi::{FfiHandleResult, FfiSocketEvent, FfiSocketEventKind};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -44,7 +42,8 @@ use crate::boundary::call::{
 use crate::boundary::plugin;
 use crate::boundary::sockets::{close_frame, Conn, Outgoing, Refusal};
 use crate::control::config::WebSocketLimits;
-use crate::control::servers::{Microservers, Server, ServerState};
+use crate::control::deliver::{self, lend, Delivery, Failure, PluginEvent, Started};
+use crate::control::servers::{Generation, Microservers, Server, ServerState};
 use crate::routing::routes::{RouteMatch, RouteTable};
 
 type InFlight = plugin::InFlight<RouteTable>;
@@ -54,9 +53,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the closing side waits for the other's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-
-/// Stands for "a WebSocket event" where a route index is asked for (panic reports).
-const EVENT_ROUTE: u32 = u32::MAX;
 
 /// Whether a request asks for a WebSocket: HTTP/1.1's `Upgrade: websocket` on a `GET`,
 /// or HTTP/2's extended CONNECT with `:protocol websocket` (RFC 8441).
@@ -361,7 +357,7 @@ async fn run(
         data,
     };
     if let Err(failure) = hand_over(&server, &conn, event, timeout).await {
-        failure.log(&server, &conn, "close");
+        log_failure(&failure, &server, &conn, "close");
     }
 }
 
@@ -408,8 +404,8 @@ async fn serve(
                 delivery = None;
                 heard = Instant::now();
                 if let Err(failure) = done {
-                    failure.log(server, conn, "message");
-                    break failure.close_frame();
+                    log_failure(&failure, server, conn, "message");
+                    break failure_close(&failure);
                 }
             }
             frame = stream.next(), if delivery.is_none() => {
@@ -442,11 +438,11 @@ async fn serve(
                     None => return Closed::cut(),
                 };
                 let event = Event { kind, code: 0, data };
-                match begin_until_entered(server, conn, event, timeout).await {
+                match begin_event(server, conn, event, timeout).await {
                     Started::Done(Ok(())) => {}
                     Started::Done(Err(failure)) => {
-                        failure.log(server, conn, "message");
-                        break failure.close_frame();
+                        log_failure(&failure, server, conn, "message");
+                        break failure_close(&failure);
                     }
                     Started::Running(running) => delivery = Some(running),
                 }
@@ -530,177 +526,62 @@ struct Event {
     data: Bytes,
 }
 
-/// Why an event's handler failed.
-enum Failure {
-    Panicked,
-    TimedOut(Duration),
-    Unavailable(String),
-}
-
-impl Failure {
-    fn log(&self, server: &Server, conn: &Conn, what: &str) {
-        match self {
-            // Reported (and rate-limited) where the panic was caught.
-            Failure::Panicked => {}
-            Failure::TimedOut(timeout) => tracing::warn!(
-                server = %server.name,
-                connection = conn.id(),
-                timeout_ms = timeout.as_millis() as u64,
-                "a WebSocket {what} handler timed out"
-            ),
-            Failure::Unavailable(reason) => tracing::debug!(
-                server = %server.name,
-                connection = conn.id(),
-                "a WebSocket {what} was not handed over: {reason}"
-            ),
-        }
-    }
-
-    /// The close the connection gets for it.
-    fn close_frame(&self) -> CloseFrame {
-        match self {
-            Failure::Panicked => close_frame(CloseCode::Error, "the microserver failed"),
-            Failure::TimedOut(_) => close_frame(CloseCode::Error, "the microserver timed out"),
-            Failure::Unavailable(_) => {
-                close_frame(CloseCode::Away, "the microserver is not available")
-            }
-        }
-    }
-}
-
-/// An event's handler that did not finish on its first poll, with its generation (in
-/// flight) and its deadline. Fields drop in order: the handler, then the guard.
-struct Delivery {
-    call: PluginCall,
-    in_flight: InFlight,
-    conn_id: u64,
-    deadline: Pin<Box<Sleep>>,
-    timeout: Duration,
-}
-
-impl Future for Delivery {
-    type Output = Result<(), Failure>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        if let Poll::Ready(mut outcome) = Pin::new(&mut this.call).poll(cx) {
-            return Poll::Ready(settle(&mut outcome, &this.in_flight, this.conn_id));
-        }
-        match this.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Failure::TimedOut(this.timeout))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// How a handed-over event started.
-enum Started {
-    Done(Result<(), Failure>),
-    Running(Delivery),
-}
-
-/// What an event handler's outcome means: a panic is reported like a route's.
-fn settle(
-    outcome: &mut FfiHandleResult,
-    in_flight: &InFlight,
-    conn_id: u64,
-) -> Result<(), Failure> {
-    match outcome {
-        RResult::ROk(_) => Ok(()),
-        RResult::RErr(panic) => {
-            let g = in_flight.generation();
-            let id = format!("ws-{conn_id}");
-            g.panics
-                .report(EVENT_ROUTE, "WebSocket event", &id, panic.as_str());
-            Err(Failure::Panicked)
-        }
-    }
-}
-
-/// Hands an event to the server's current generation and polls its handler once,
-/// trying again (after a yield) if that generation retires in between.
-async fn begin_until_entered(
+/// Hands a connection's event to the server's current generation and polls its handler
+/// once.
+async fn begin_event(
     server: &Server,
     conn: &Arc<Conn>,
     event: Event,
     timeout: Duration,
 ) -> Started {
-    let mut event = Some(event);
-    loop {
-        let step = std::future::poll_fn(|cx| {
-            let event = event.take().expect("set before each step");
-            Poll::Ready(begin(server, conn, event, timeout, cx))
-        })
-        .await;
-        match step {
-            Ok(started) => return started,
-            Err(back) => {
-                event = Some(back);
-                tokio::task::yield_now().await;
-            }
-        }
-    }
+    let label = conn.label();
+    let mut make = |_: &Generation| {
+        Some(PluginEvent::Socket(FfiSocketEvent {
+            socket: conn.ffi(),
+            kind: event.kind,
+            code: event.code,
+            data: lend(&event.data),
+        }))
+    };
+    deliver::begin(server, &mut make, &label, timeout).await
 }
 
-/// [`begin_until_entered`]'s step; the event comes back if the generation retired.
-fn begin(
-    server: &Server,
-    conn: &Arc<Conn>,
-    event: Event,
-    timeout: Duration,
-    cx: &mut Context<'_>,
-) -> Result<Started, Event> {
-    let in_flight = match &**server.state() {
-        ServerState::Serving(g) => match g.enter() {
-            Some(in_flight) => in_flight,
-            None => return Err(event),
-        },
-        ServerState::Waiting(reason) => {
-            return Ok(Started::Done(Err(Failure::Unavailable(reason.clone()))));
-        }
-    };
-    let Event { kind, code, data } = event;
-    let data = if data.is_empty() {
-        FfiBytes::empty()
-    } else {
-        FfiBytes::from_owner(data)
-    };
-    let event = FfiSocketEvent {
-        socket: conn.ffi(),
-        kind,
-        code,
-        data,
-    };
-    let mut slot = OutcomeSlot::new();
-    let instance = &in_flight.generation().instance;
-    match call::start_event(instance, event, cx, &mut slot) {
-        None => {
-            let outcome = slot.get_mut().expect("the call answered");
-            let settled = settle(outcome, &in_flight, conn.id());
-            // What the plugin made is freed while its generation still counts the event.
-            drop(slot);
-            drop(in_flight);
-            Ok(Started::Done(settled))
-        }
-        Some(call) => Ok(Started::Running(Delivery {
-            call,
-            in_flight,
-            conn_id: conn.id(),
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-            timeout,
-        })),
-    }
-}
-
-/// Hands an event over and waits for its handler.
+/// Hands a connection's event over and waits for its handler.
 async fn hand_over(
     server: &Server,
     conn: &Arc<Conn>,
     event: Event,
     timeout: Duration,
 ) -> Result<(), Failure> {
-    match begin_until_entered(server, conn, event, timeout).await {
+    match begin_event(server, conn, event, timeout).await {
         Started::Done(done) => done,
         Started::Running(running) => running.await,
+    }
+}
+
+fn log_failure(failure: &Failure, server: &Server, conn: &Conn, what: &str) {
+    match failure {
+        // Reported (and rate-limited) where the panic was caught.
+        Failure::Panicked => {}
+        Failure::TimedOut(timeout) => tracing::warn!(
+            server = %server.name,
+            connection = conn.id(),
+            timeout_ms = timeout.as_millis() as u64,
+            "a WebSocket {what} handler timed out"
+        ),
+        Failure::Unavailable(reason) => tracing::debug!(
+            server = %server.name,
+            connection = conn.id(),
+            "a WebSocket {what} was not handed over: {reason}"
+        ),
+    }
+}
+
+/// The close a connection gets when its handler failed.
+fn failure_close(failure: &Failure) -> CloseFrame {
+    match failure {
+        Failure::Panicked => close_frame(CloseCode::Error, "the microserver failed"),
+        Failure::TimedOut(_) => close_frame(CloseCode::Error, "the microserver timed out"),
+        Failure::Unavailable(_) => close_frame(CloseCode::Away, "the microserver is not available"),
     }
 }

@@ -16,6 +16,9 @@ pub struct RouteTable {
     stream_body_limits: Box<[Option<u64>]>,
     /// By route index: whether it is a WebSocket route; empty when none is.
     websockets: Box<[bool]>,
+    /// The bus topics the generation subscribes to, by subscription index (declared
+    /// with the routes).
+    topics: Box<[Box<str>]>,
 }
 
 #[derive(Debug)]
@@ -73,7 +76,27 @@ impl RouteTable {
             described,
             stream_body_limits: Box::default(),
             websockets: Box::default(),
+            topics: Box::default(),
         })
+    }
+
+    /// The bus topics the generation subscribes to.
+    pub fn with_topics(mut self, topics: Vec<Box<str>>) -> Self {
+        self.topics = topics.into();
+        self
+    }
+
+    /// The bus topics, by subscription index.
+    pub fn topics(&self) -> &[Box<str>] {
+        &self.topics
+    }
+
+    /// The subscription index of `topic`, if the generation subscribes to it.
+    pub fn topic_index(&self, topic: &[u8]) -> Option<u32> {
+        self.topics
+            .iter()
+            .position(|t| t.as_bytes() == topic)
+            .map(|i| i as u32)
     }
 
     /// Marks WebSocket routes, by index.
