@@ -1,7 +1,8 @@
 //! `sqlite-baseline`: the `notes` plugin's `GET /notes/{id}` as a bare server: hyper with
-//! the host's connection settings and runtime, sqlx with the plugin's pool settings
-//! (SQLite in WAL mode, 4 connections), the same query and the same JSON, and nothing
-//! else. `cargo xtask bench` compares the host running `notes` with it.
+//! the host's connection settings and runtime, the plugin's own database code
+//! (`plugins/notes/src/db.rs`, compiled in here: sqlx, SQLite in WAL mode, the same
+//! connections kept the same way, the same query), the same JSON, and nothing else.
+//! `cargo xtask bench` compares the host running `notes` with it.
 //!
 //! Usage: `sqlite-baseline --database FILE [--listen ADDR]`. It creates the table if
 //! needed, adds one note if there is none, and prints `listening on http://ADDR` on
@@ -9,7 +10,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
 
 use bench::{request_id, status, X_REQUEST_ID};
 use bytes::Bytes;
@@ -17,8 +19,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+
+use db::Database;
+
+// The plugin's other queries are not served here.
+#[allow(dead_code)]
+#[path = "../../../plugins/notes/src/db.rs"]
+mod db;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -37,8 +44,8 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let pool = open(&database).await.expect("open the database");
-        bench::serve(listen, move |req| answer(pool.clone(), req)).await
+        let db = Arc::new(open(Path::new(&database)).await.expect("open the database"));
+        bench::serve(listen, move |req| answer(db.clone(), req)).await
     });
 }
 
@@ -47,29 +54,11 @@ fn usage() -> ! {
     std::process::exit(2);
 }
 
-async fn open(file: &str) -> Result<SqlitePool, sqlx::Error> {
-    let options = SqliteConnectOptions::new()
-        .filename(file)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(5));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL)",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::query(
-        "INSERT INTO notes (text) SELECT 'buy milk' WHERE NOT EXISTS (SELECT 1 FROM notes)",
-    )
-    .execute(&pool)
-    .await?;
-    Ok(pool)
+async fn open(file: &Path) -> Result<Database, sqlx::Error> {
+    let db = Database::open(file).await?;
+    // One note if there is none.
+    db.add("buy milk", 1).await?;
+    Ok(db)
 }
 
 #[derive(serde::Serialize)]
@@ -79,7 +68,7 @@ struct Note {
 }
 
 async fn answer(
-    pool: SqlitePool,
+    db: Arc<Database>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
@@ -90,11 +79,7 @@ async fn answer(
         },
         _ => return Ok(status(StatusCode::NOT_FOUND)),
     };
-    let row = sqlx::query_as::<_, (i64, String)>("SELECT id, text FROM notes WHERE id = ?1")
-        .bind(id)
-        .fetch_optional(&pool)
-        .await;
-    let (id, text) = match row {
+    let (id, text) = match db.note(id).await {
         Ok(Some(row)) => row,
         Ok(None) => return Ok(status(StatusCode::NOT_FOUND)),
         Err(_) => return Ok(status(StatusCode::INTERNAL_SERVER_ERROR)),

@@ -15,21 +15,23 @@
 //!
 //! The notes live in the file, so they survive a reload and a restart of the host. The
 //! plugin runs on a tokio runtime of its own (`export_plugin!(Notes, tokio)`), which
-//! sqlx needs: init opens a small pool (WAL mode), handlers await their queries, and
-//! the shutdown hook closes the pool. A database that cannot be opened fails init
-//! with a message naming the file (the host answers 503 with it); a database error in
-//! a handler answers 500 (503 while the database is locked or the pool is exhausted)
-//! with the request id, and the details go to the host's log under that id.
+//! sqlx needs: init opens the database (WAL mode; `db.rs` keeps up to 4 connections),
+//! handlers await their queries, and the shutdown hook closes the connections. A
+//! database that cannot be opened fails init with a message naming the file (the host
+//! answers 503 with it); a database error in a handler answers 500 (503 while the
+//! database is locked or no connection is free) with the request id, and the details
+//! go to the host's log under that id.
+
+mod db;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use plugin_api::tracing::error;
 use plugin_api::{export_plugin, Error, InitContext, Microserver, Request, Response, Routes};
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+
+use crate::db::Database;
 
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -48,20 +50,6 @@ impl Default for Config {
         }
     }
 }
-
-/// `AUTOINCREMENT`: an id is never given out twice, even after its note was deleted.
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS notes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    text TEXT NOT NULL
-)";
-
-/// Handlers are short, and SQLite has one writer at a time: a few connections are
-/// enough for concurrent readers.
-const MAX_CONNECTIONS: u32 = 4;
-
-/// How long a query waits for a lock another connection (or process) holds, and a
-/// handler for a free connection, before it answers 503.
-const WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Serialize)]
 struct Note {
@@ -83,7 +71,7 @@ struct NewNote {
 
 pub struct Notes {
     max_notes: u32,
-    pool: SqlitePool,
+    db: Database,
 }
 
 impl Microserver for Notes {
@@ -92,27 +80,7 @@ impl Microserver for Notes {
         let file = config
             .database
             .unwrap_or_else(|| format!("{}.sqlite3", ctx.server_name()).into());
-        let options = SqliteConnectOptions::new()
-            .filename(&file)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // In WAL mode this loses nothing when the process stops, only (possibly)
-            // the last commits when the machine does.
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(WAIT);
-        let pool = plugin_api::block_on(async {
-            let pool = SqlitePoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
-                .acquire_timeout(WAIT)
-                .connect_with(options)
-                .await?;
-            if let Err(e) = sqlx::query(SCHEMA).execute(&pool).await {
-                pool.close().await;
-                return Err(e);
-            }
-            Ok(pool)
-        })
-        .map_err(|e: sqlx::Error| {
+        let db = plugin_api::block_on(Database::open(&file)).map_err(|e| {
             // Name the file as the host's working directory makes it.
             let shown = std::path::absolute(&file).unwrap_or(file);
             Error::internal(format!(
@@ -122,7 +90,7 @@ impl Microserver for Notes {
         })?;
         Ok(Notes {
             max_notes: config.max_notes,
-            pool,
+            db,
         })
     }
 
@@ -135,18 +103,15 @@ impl Microserver for Notes {
     }
 
     fn shutdown(&self) {
-        // Waits for the connections to close, which also checkpoints the WAL into the
-        // database file.
-        plugin_api::block_on(self.pool.close());
+        // Waits for the free connections to close, which also checkpoints the WAL into
+        // the database file.
+        plugin_api::block_on(self.db.close());
     }
 }
 
 impl Notes {
     async fn list(self: Arc<Self>, req: Request) -> Response {
-        let rows = sqlx::query_as::<_, (i64, String)>("SELECT id, text FROM notes ORDER BY id")
-            .fetch_all(&self.pool)
-            .await;
-        match rows {
+        match self.db.notes().await {
             Ok(rows) => Response::json(&rows.into_iter().map(Note::from).collect::<Vec<_>>()),
             Err(e) => database_failed(&req, e),
         }
@@ -157,18 +122,8 @@ impl Notes {
         if new.text.trim().is_empty() {
             return Err(Error::bad_request("text must not be empty"));
         }
-        // One statement, so the count and the insert are one write transaction: two
-        // requests at once cannot both take the last place.
-        let inserted = sqlx::query_as::<_, (i64,)>(
-            "INSERT INTO notes (text) SELECT ?1 WHERE (SELECT count(*) FROM notes) < ?2
-             RETURNING id",
-        )
-        .bind(&new.text)
-        .bind(self.max_notes)
-        .fetch_optional(&self.pool)
-        .await;
-        let id = match inserted {
-            Ok(Some((id,))) => id,
+        let id = match self.db.add(&new.text, self.max_notes).await {
+            Ok(Some(id)) => id,
             Ok(None) => {
                 return Err(Error::new(
                     409,
@@ -185,11 +140,7 @@ impl Notes {
 
     async fn get(self: Arc<Self>, req: Request) -> Result<Response, Error> {
         let id = note_id(&req)?;
-        let row = sqlx::query_as::<_, (i64, String)>("SELECT id, text FROM notes WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await;
-        match row {
+        match self.db.note(id).await {
             Ok(Some(row)) => Ok(Response::json(&Note::from(row))),
             Ok(None) => Err(missing(id)),
             Err(e) => Ok(database_failed(&req, e)),
@@ -198,13 +149,9 @@ impl Notes {
 
     async fn delete(self: Arc<Self>, req: Request) -> Result<Response, Error> {
         let id = note_id(&req)?;
-        let deleted = sqlx::query("DELETE FROM notes WHERE id = ?1")
-            .bind(id)
-            .execute(&self.pool)
-            .await;
-        match deleted {
-            Ok(done) if done.rows_affected() == 0 => Err(missing(id)),
-            Ok(_) => Ok(Response::new(204)),
+        match self.db.delete(id).await {
+            Ok(false) => Err(missing(id)),
+            Ok(true) => Ok(Response::new(204)),
             Err(e) => Ok(database_failed(&req, e)),
         }
     }
@@ -249,9 +196,8 @@ fn is_temporary(e: &sqlx::Error) -> bool {
 }
 
 // One worker thread: the handlers are polled on the host's threads and the queries run on
-// sqlx's own threads; the runtime only runs sqlx's small tasks (a connection going back
-// to the pool), and one worker to wake costs less than two (`cargo xtask bench`,
-// "SQLite read by key").
+// sqlx's own threads (one per connection); the runtime only drives the timers of a
+// request that waits for a connection, and a thread that is never woken costs nothing.
 export_plugin!(Notes, tokio(worker_threads = 1));
 
 #[cfg(test)]
@@ -362,7 +308,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let options = super::SqliteConnectOptions::new().filename(&file);
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&file);
         let mut other = runtime
             .block_on(sqlx::SqliteConnection::connect_with(&options))
             .unwrap();
@@ -372,7 +318,11 @@ mod tests {
 
         let started = std::time::Instant::now();
         let r = post(&server, "waits for the lock");
-        assert!(started.elapsed() >= super::WAIT, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= super::db::WAIT,
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(r.status(), 503);
         assert_eq!(
             json_of(&r)["request_id"],
