@@ -9,6 +9,7 @@ use serde_json::Value;
 mod bench;
 mod bench_reload;
 mod bench_sse;
+mod bench_ws;
 mod dev;
 mod new_plugin;
 
@@ -35,6 +36,11 @@ tasks:
   bench-sse [--clients N] [--rate R] [--seconds S]
                               N clients (default 1000) each on hello's server-sent events at
                               R events/s (default 10): events delivered, host CPU, memory
+  bench-ws [--rounds N] [--duration S] [--connections C] [--reloads R]
+                              WebSockets: echo CPU per message side by side with a bare
+                              tokio-tungstenite server, memory per idle connection, one
+                              broadcast to C connections (default 10000), and C connections
+                              held across R reloads (default 20)
   help                        this text
 ";
 
@@ -55,6 +61,7 @@ fn main() -> Result<()> {
         Some("new-plugin") => new_plugin::run(&args[1..]),
         Some("bench-reload") => bench_reload::run(&args[1..]),
         Some("bench-sse") => bench_sse::run(&args[1..]),
+        Some("bench-ws") => bench_ws::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("help") | Some("--help") | None => {
             print!("{HELP}");
