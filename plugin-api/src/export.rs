@@ -380,6 +380,20 @@ unsafe extern "C" fn handle<S: Microserver, Rt: PluginRuntime>(
     call
 }
 
+/// An event nobody handles: answered at once.
+fn handled(out: *mut FfiHandleResult) -> FfiCall {
+    answered(out, ROk(Handled.into_response().into_ffi()))
+}
+
+/// An event handler's call, made to enter the plugin's runtime around its later polls
+/// and its drop (as a route handler's is) when it did not finish at once.
+fn in_runtime<Rt: PluginRuntime>(runtime: &Rt, call: FfiCall) -> FfiCall {
+    if Rt::ENTERS && !call.future.is_null() {
+        return entered_call::<Rt>(runtime.handle(), call);
+    }
+    call
+}
+
 unsafe extern "C" fn socket_event<S: Microserver, Rt: PluginRuntime>(
     ptr: FfiInstance,
     event: FfiSocketEvent,
@@ -394,18 +408,15 @@ unsafe extern "C" fn socket_event<S: Microserver, Rt: PluginRuntime>(
     let call = match Event::from_ffi(event) {
         Some(Event::Message(socket, message)) => match &instance.on_message {
             Some(handler) => cx.with_context(|cx| handler(server, socket, message, cx, out)),
-            None => answered(out, ROk(Handled.into_response().into_ffi())),
+            None => handled(out),
         },
         Some(Event::Close(socket, close)) => match &instance.on_close {
             Some(handler) => cx.with_context(|cx| handler(server, socket, close, cx, out)),
-            None => answered(out, ROk(Handled.into_response().into_ffi())),
+            None => handled(out),
         },
-        None => answered(out, ROk(Handled.into_response().into_ffi())),
+        None => handled(out),
     };
-    if Rt::ENTERS && !call.future.is_null() {
-        return entered_call::<Rt>(instance.runtime.handle(), call);
-    }
-    call
+    in_runtime(&instance.runtime, call)
 }
 
 unsafe extern "C" fn bus_event<S: Microserver, Rt: PluginRuntime>(
@@ -424,12 +435,9 @@ unsafe extern "C" fn bus_event<S: Microserver, Rt: PluginRuntime>(
             let event = crate::bus::Event::from_ffi(event);
             cx.with_context(|cx| handler(server, event, cx, out))
         }
-        None => answered(out, ROk(Handled.into_response().into_ffi())),
+        None => handled(out),
     };
-    if Rt::ENTERS && !call.future.is_null() {
-        return entered_call::<Rt>(instance.runtime.handle(), call);
-    }
-    call
+    in_runtime(&instance.runtime, call)
 }
 
 /// Makes a streamed response body enter the runtime around its polls and its drop, like
