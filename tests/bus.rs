@@ -3,13 +3,9 @@
 //! own so each reloads alone); each announces the bus events it gets to its WebSocket
 //! clients, which is how the tests see them.
 
-use std::net::TcpStream;
-use std::time::Duration;
+use tungstenite::Message;
 
-use tungstenite::client::IntoClientRequest;
-use tungstenite::{Message, WebSocket};
-
-use crate::support::{build_variant, Host, Setup};
+use crate::support::{build_variant, Host, Setup, Ws};
 
 fn config(extra_global: &str) -> String {
     format!(
@@ -31,15 +27,8 @@ fn host(label: &str, extra_global: &str) -> Host {
         .start()
 }
 
-type Ws = WebSocket<TcpStream>;
-
 fn listen(host: &Host, server: &str) -> Ws {
-    let stream = TcpStream::connect(host.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    let url = format!("ws://{server}.localhost/ws");
-    tungstenite::client(url.into_client_request().unwrap(), stream)
+    host.websocket(&format!("ws://{server}.localhost/ws"))
         .unwrap()
         .0
 }
@@ -60,7 +49,8 @@ fn next_event(ws: &mut Ws) -> (String, String) {
     }
 }
 
-fn publish(host: &Host, from: &str, payload: &str) -> String {
+/// Publishes `payload` to `fixture.events` from server `from`; how many servers took it.
+pub(crate) fn publish(host: &Host, from: &str, payload: &str) -> String {
     let reply = host.send(
         "POST",
         &format!("{from}.localhost"),

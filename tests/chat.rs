@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tungstenite::client::IntoClientRequest;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
-use crate::support::{temp_dir, Host, Setup};
+use crate::support::{temp_dir, Host, Setup, Ws};
 
 fn config(history: u64) -> String {
     format!(
@@ -21,15 +21,10 @@ fn config(history: u64) -> String {
     )
 }
 
-type Ws = WebSocket<TcpStream>;
-
 fn join(host: &Host, room: &str, nick: &str) -> Ws {
-    let stream = TcpStream::connect(host.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
     let url = format!("ws://chat.localhost/ws?room={room}&nick={nick}");
-    let (ws, _) = tungstenite::client(url.into_client_request().unwrap(), stream)
+    let (ws, _) = host
+        .websocket(&url)
         .unwrap_or_else(|e| panic!("joining {room} as {nick}: {e}"));
     ws
 }

@@ -12,6 +12,7 @@ mod config;
 mod database;
 mod gateway;
 mod loading;
+mod redis;
 mod reload;
 mod robustness;
 mod routing;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 
-use crate::support::{build_variant, Host, Setup};
+use crate::support::{build_variant, Host, Setup, Ws};
 
 fn config(websocket: &str) -> String {
     format!(
@@ -28,26 +28,12 @@ fn host_with(label: &str, websocket: &str) -> Host {
         .start()
 }
 
-type Ws = WebSocket<TcpStream>;
-
 /// Opens a WebSocket to `path` at `sockets.localhost`.
 fn open(host: &Host, path: &str) -> Result<Ws, tungstenite::Error> {
-    let stream = TcpStream::connect(host.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let request = format!("ws://sockets.localhost{path}")
-        .into_client_request()
-        .unwrap();
-    match tungstenite::client(request, stream) {
-        Ok((ws, response)) => {
-            assert_eq!(response.status(), 101);
-            assert!(response.headers().contains_key("x-request-id"));
-            Ok(ws)
-        }
-        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
-        Err(e) => panic!("handshake: {e}"),
-    }
+    let (ws, response) = host.websocket(&format!("ws://sockets.localhost{path}"))?;
+    assert_eq!(response.status(), 101);
+    assert!(response.headers().contains_key("x-request-id"));
+    Ok(ws)
 }
 
 /// The next text message (pings and pongs skipped).

@@ -135,6 +135,18 @@ async fn run(
             return ExitCode::FAILURE;
         }
     };
+    // Before the servers start, so that what their `init` publishes reaches other hosts
+    // once connected.
+    if let config::BusBackend::Redis {
+        url,
+        channel_prefix,
+    } = &config.global.bus.backend
+    {
+        if let Err(e) = host::boundary::relay::start(url, channel_prefix, config.global.bus.queue) {
+            eprintln!("error: global.bus.url: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let servers = {
         let config = config.clone();
         let dir = plugin_dir.clone();

@@ -318,6 +318,9 @@ pub struct Client {
     pub addr: SocketAddr,
 }
 
+/// A WebSocket client connection (reads time out after 15 s).
+pub type Ws = tungstenite::WebSocket<std::net::TcpStream>;
+
 impl Drop for Host {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -502,6 +505,24 @@ impl Client {
     }
 
     /// Opens a keep-alive connection.
+    /// Opens a WebSocket to `url` (`ws://<domain><path>`) at this address: the
+    /// connection and the server's 101 response, or the response that refused it.
+    pub fn websocket(
+        &self,
+        url: &str,
+    ) -> Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
+        let stream = std::net::TcpStream::connect(self.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        match tungstenite::client(url.into_client_request().unwrap(), stream) {
+            Ok(done) => Ok(done),
+            Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+            Err(e) => panic!("WebSocket handshake with {url}: {e}"),
+        }
+    }
+
     pub fn connect(&self) -> Conn {
         let stream = TcpStream::connect(self.addr).expect("connect to host");
         stream

@@ -2,13 +2,14 @@
 //! (`loader`), the microserver instances and generations inside them (`plugin`), one
 //! request across the boundary (`call`), the functions the host lends to plugins
 //! (`services`), a server's WebSocket connections as plugins reach them
-//! (`sockets`), the event bus (`bus`), and the limit on how often a plugin's panics are logged (`repeats`).
+//! (`sockets`), the event bus (`bus`) and its link to other hosts over Redis (`relay`), and the limit on how often a plugin's panics are logged (`repeats`).
 //! It imports nothing from the layers above it.
 
 pub mod bus;
 pub mod call;
 pub mod loader;
 pub mod plugin;
+pub mod relay;
 pub mod repeats;
 pub mod services;
 pub mod sockets;

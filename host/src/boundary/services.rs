@@ -150,6 +150,8 @@ extern "C" fn publish(topic: RStr<'_>, payload: FfiBytes) -> u64 {
         Some(bytes) => Bytes::from_static(bytes),
         None => Bytes::from_owner(payload),
     };
+    // The other hosts' subscribers, when the bus runs over Redis.
+    crate::boundary::relay::forward_event(&topic, &payload);
     Bus::get().publish(BusEvent { topic, payload })
 }
 

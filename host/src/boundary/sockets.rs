@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use abi_stable::std_types::RVec;
 use bytes::Bytes;
@@ -107,14 +107,30 @@ pub enum Refusal {
     Closed,
 }
 
+/// Every server's hub, by the server's name (the newest, if a name was used twice).
+fn hubs() -> &'static Mutex<HashMap<Arc<str>, Weak<Hub>>> {
+    static HUBS: OnceLock<Mutex<HashMap<Arc<str>, Weak<Hub>>>> = OnceLock::new();
+    HUBS.get_or_init(Mutex::default)
+}
+
+/// The hub of the server named `server`, if it exists.
+pub fn hub_named(server: &str) -> Option<Arc<Hub>> {
+    let hubs = hubs().lock().unwrap_or_else(|p| p.into_inner());
+    hubs.get(server).and_then(Weak::upgrade)
+}
+
 impl Hub {
     pub fn new(server: Arc<str>) -> Arc<Self> {
-        Arc::new(Hub {
-            server,
+        let hub = Arc::new(Hub {
+            server: server.clone(),
             inner: RwLock::default(),
             closed: AtomicBool::new(false),
             emptied: Notify::new(),
-        })
+        });
+        let mut hubs = hubs().lock().unwrap_or_else(|p| p.into_inner());
+        hubs.retain(|_, hub| hub.strong_count() > 0);
+        hubs.insert(server, Arc::downgrade(&hub));
+        hub
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HubInner> {
@@ -543,7 +559,11 @@ unsafe extern "C" fn sockets_broadcast(
         }
     };
     match message(kind, data) {
-        Some(message) => hub.broadcast(room, message, except),
+        Some(message) => {
+            // The other hosts' connections, when the bus runs over Redis.
+            crate::boundary::relay::forward_broadcast(&hub.server, room, &message);
+            hub.broadcast(room, message, except)
+        }
         None => 0,
     }
 }

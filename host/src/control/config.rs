@@ -39,13 +39,35 @@ pub struct Global {
 /// The event bus (`global.bus`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BusConfig {
-    /// Most events waiting for one server; more are dropped (counted and logged).
+    /// Most events waiting for one server; more are dropped (counted and logged). With
+    /// Redis, also the most messages waiting to be published to it.
     pub queue: usize,
+    pub backend: BusBackend,
 }
+
+/// Where bus events and WebSocket broadcasts travel (`global.bus.backend`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BusBackend {
+    /// In this process only (`"in-process"`, the default).
+    InProcess,
+    /// Also to every other host on the same Redis (`"redis"`), over pub/sub.
+    Redis {
+        url: String,
+        /// Starts every channel's name (`"channel_prefix"`, default `microservers:`), so
+        /// that separate groups of hosts can share one Redis.
+        channel_prefix: String,
+    },
+}
+
+/// The default `global.bus.channel_prefix`.
+pub const DEFAULT_CHANNEL_PREFIX: &str = "microservers:";
 
 impl Default for BusConfig {
     fn default() -> Self {
-        BusConfig { queue: 1024 }
+        BusConfig {
+            queue: 1024,
+            backend: BusBackend::InProcess,
+        }
     }
 }
 
@@ -354,6 +376,79 @@ impl Validator {
         }
     }
 
+    fn bus_backend(&mut self, b: &Map<String, Value>, out: &mut BusConfig) {
+        let backend = match b.get("backend") {
+            None => "in-process".to_owned(),
+            Some(v) => match self.string(v, "global.bus.backend") {
+                Some(name) => name,
+                None => return,
+            },
+        };
+        match backend.as_str() {
+            "in-process" => {
+                for key in ["url", "channel_prefix"] {
+                    if b.contains_key(key) {
+                        self.problem(
+                            &format!("global.bus.{key}"),
+                            "only used with \"backend\": \"redis\"",
+                        );
+                    }
+                }
+            }
+            "redis" => {
+                let url = match b.get("url") {
+                    Some(v) => self.string(v, "global.bus.url"),
+                    None => {
+                        self.problem(
+                            "global.bus.url",
+                            "required with \"backend\": \"redis\" (for example \"${REDIS_URL}\" or \"redis://127.0.0.1:6379\")",
+                        );
+                        None
+                    }
+                };
+                let channel_prefix = match b.get("channel_prefix") {
+                    None => Some(DEFAULT_CHANNEL_PREFIX.to_owned()),
+                    Some(Value::String(p)) if !p.contains(['*', '?', '[', ']', '\\']) => {
+                        Some(p.clone())
+                    }
+                    Some(Value::String(_)) => {
+                        self.problem(
+                            "global.bus.channel_prefix",
+                            "must not contain a pattern character (* ? [ ] \\)",
+                        );
+                        None
+                    }
+                    Some(other) => {
+                        self.problem(
+                            "global.bus.channel_prefix",
+                            format!("expected a string, found {}", kind(other)),
+                        );
+                        None
+                    }
+                };
+                let Some(url) = url else { return };
+                // The URL itself is not repeated: it may hold a password.
+                if let Err(e) = redis::Client::open(url.as_str()) {
+                    self.problem(
+                        "global.bus.url",
+                        format!("not a Redis URL ({e}); expected redis://[user:password@]host[:port][/db] or unix:///path/to/socket"),
+                    );
+                    return;
+                }
+                if let Some(channel_prefix) = channel_prefix {
+                    out.backend = BusBackend::Redis {
+                        url,
+                        channel_prefix,
+                    };
+                }
+            }
+            other => self.problem(
+                "global.bus.backend",
+                format!("unknown backend {other:?}; expected \"in-process\" or \"redis\""),
+            ),
+        }
+    }
+
     fn config(&mut self, root: &Value) -> Config {
         let mut config = Config {
             global: Global {
@@ -496,12 +591,14 @@ impl Validator {
             }
         }
         if let Some(bus) = map.get("bus") {
-            if let Some(b) = self.object(bus, "global.bus", &["queue"]) {
+            let allowed = ["queue", "backend", "url", "channel_prefix"];
+            if let Some(b) = self.object(bus, "global.bus", &allowed) {
                 if let Some(v) = b.get("queue") {
                     if let Some(n) = self.whole_number(v, "global.bus.queue", 1) {
                         out.bus.queue = n.try_into().unwrap_or(usize::MAX);
                     }
                 }
+                self.bus_backend(b, &mut out.bus);
             }
         }
         if let Some(v) = map.get("shutdown_timeout_ms") {
@@ -762,6 +859,54 @@ mod tests {
             );
         }
         assert_eq!(got.len(), expected.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn the_bus_runs_in_process_unless_redis_is_named() {
+        let c = parse(r#"{"servers": []}"#, &env).unwrap();
+        assert_eq!(c.global.bus.backend, BusBackend::InProcess);
+        let redis =
+            |name: &str| (name == "REDIS_URL").then(|| "redis://:pw@127.0.0.1:6380/1".to_owned());
+        let c = parse(
+            r#"{"global": {"bus": {"backend": "redis", "url": "${REDIS_URL}"}}, "servers": []}"#,
+            &redis,
+        )
+        .unwrap();
+        assert_eq!(
+            c.global.bus.backend,
+            BusBackend::Redis {
+                url: "redis://:pw@127.0.0.1:6380/1".to_owned(),
+                channel_prefix: DEFAULT_CHANNEL_PREFIX.to_owned(),
+            }
+        );
+        let got = problems(r#"{"global": {"bus": {"backend": "redis"}}, "servers": []}"#);
+        assert!(got[0].starts_with("global.bus.url: required"), "{got:?}");
+        let got = problems(
+            r#"{"global": {"bus": {"backend": "redis", "url": "http://pw@cache", "channel_prefix": "a*"}}, "servers": []}"#,
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got.iter()
+                .any(|g| g.starts_with("global.bus.url: not a Redis URL")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().all(|g| !g.contains("pw@")),
+            "the URL is not repeated: {got:?}"
+        );
+        assert!(got
+            .iter()
+            .any(|g| g.starts_with("global.bus.channel_prefix: must not")));
+        let got = problems(r#"{"global": {"bus": {"backend": "kafka"}}, "servers": []}"#);
+        assert!(
+            got[0].starts_with("global.bus.backend: unknown backend \"kafka\""),
+            "{got:?}"
+        );
+        let got = problems(r#"{"global": {"bus": {"url": "redis://x"}}, "servers": []}"#);
+        assert!(
+            got[0].starts_with("global.bus.url: only used with"),
+            "{got:?}"
+        );
     }
 
     #[test]

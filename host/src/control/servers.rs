@@ -490,6 +490,11 @@ impl Microservers {
                 "global.plugin_dir changed; restart the host to load plugins from the new folder"
             );
         }
+        if config.global.bus.backend != control.config.global.bus.backend {
+            tracing::warn!(
+                "global.bus.backend, url or channel_prefix changed; restart the host to use the new bus backend"
+            );
+        }
         control.config = config;
         // A config may name a library that just arrived: look at the folder first.
         self.sync_files(&mut control, &mut report);
