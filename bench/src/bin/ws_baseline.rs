@@ -37,7 +37,13 @@ fn main() {
             };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                // The host's read buffer (tungstenite's default of 128 KiB is zeroed
+                // at every read, which would flatter the host).
+                let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                    .read_buffer_size(4 * 1024);
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+                else {
                     return;
                 };
                 while let Some(Ok(message)) = ws.next().await {

@@ -20,18 +20,20 @@
 //!   messages; once it has ended (`Hub::remove`) it is in no room.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::task::Poll;
 
 use abi_stable::std_types::RVec;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use plugin_api::ffi::{
     FfiBytes, FfiMessageKind, FfiSendOutcome, FfiSocket, FfiSocketFns, FfiSockets, FfiStr,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -52,6 +54,99 @@ pub enum Outgoing {
     Message(Message),
     /// Close after what was queued before.
     Close(CloseFrame),
+    /// Look at the urgent close (`Conn::close_now`), ahead of anything still queued.
+    Wake,
+}
+
+/// A connection's send queue: plugins and broadcasts push, its socket task takes.
+///
+/// Not a tokio channel, for one reason: a push wakes the socket task unless the task is
+/// handing an event over at that moment (`quiet`), because it looks at the queue right
+/// after (a plugin's answer to a message, sent from inside the hand-over, would
+/// otherwise wake the very task that is running it, for one more poll).
+#[derive(Debug, Default)]
+struct Outbox {
+    items: Mutex<VecDeque<Outgoing>>,
+    /// How many items there are (read without the lock: an empty queue, the common
+    /// case when the socket task looks, costs no lock).
+    len: AtomicUsize,
+    waker: AtomicWaker,
+    quiet: AtomicBool,
+    /// The socket task is gone: pushes fail.
+    ended: AtomicBool,
+}
+
+impl Outbox {
+    fn push(&self, item: Outgoing) -> bool {
+        if self.ended.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        items.push_back(item);
+        self.len.store(items.len(), Ordering::SeqCst);
+        drop(items);
+        if !self.quiet.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
+        true
+    }
+
+    fn pop(&self) -> Option<Outgoing> {
+        if self.len.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        let item = items.pop_front();
+        self.len.store(items.len(), Ordering::SeqCst);
+        item
+    }
+}
+
+/// The socket task's end of a connection's queue.
+#[derive(Debug)]
+pub struct Outgoings {
+    outbox: Arc<Outbox>,
+}
+
+impl Outgoings {
+    /// The next item, without waiting.
+    pub fn try_recv(&self) -> Option<Outgoing> {
+        self.outbox.pop()
+    }
+
+    /// The next item.
+    pub async fn recv(&self) -> Outgoing {
+        std::future::poll_fn(|cx| {
+            if let Some(item) = self.outbox.pop() {
+                return Poll::Ready(item);
+            }
+            self.outbox.waker.register(cx.waker());
+            match self.outbox.pop() {
+                Some(item) => Poll::Ready(item),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Runs `f` (which must not wait for the queue) with pushes not waking this task:
+    /// the caller takes from the queue right after.
+    pub async fn quietly<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.outbox.quiet.store(true, Ordering::SeqCst);
+        let out = f.await;
+        self.outbox.quiet.store(false, Ordering::SeqCst);
+        out
+    }
+}
+
+impl Drop for Outgoings {
+    fn drop(&mut self) {
+        self.outbox.ended.store(true, Ordering::SeqCst);
+        // What was never sent goes now, not when the last handle to the connection does.
+        let mut items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
+        items.clear();
+        self.outbox.len.store(0, Ordering::SeqCst);
+    }
 }
 
 /// The half of a connection that plugins and broadcasts reach; the socket task holds
@@ -60,16 +155,18 @@ pub enum Outgoing {
 pub struct Conn {
     id: u64,
     hub: Arc<Hub>,
-    queue: mpsc::UnboundedSender<Outgoing>,
+    queue: Arc<Outbox>,
     /// Bytes queued and not yet written (payloads plus `MESSAGE_OVERHEAD` each).
     queued: AtomicUsize,
     max_queued: usize,
     /// Set once a close was asked for (queued or urgent): no more messages are taken.
     closing: AtomicBool,
-    /// A close that skips the queue (overflow, server removed, host stopping).
+    /// A close that skips the queue (overflow, server removed, host stopping), and
+    /// whether there is one (read for every message the socket task takes).
     urgent: Mutex<Option<CloseFrame>>,
-    /// Wakes the socket task for an urgent close.
-    pub wake: Notify,
+    has_urgent: AtomicBool,
+    /// `ws-<id>`: how the connection is named where a request id would be.
+    label: Arc<str>,
     state: Mutex<ConnState>,
 }
 
@@ -147,17 +244,22 @@ impl Hub {
         self: &Arc<Self>,
         max: usize,
         send_queue_bytes: usize,
-    ) -> Result<(Arc<Conn>, mpsc::UnboundedReceiver<Outgoing>), Refusal> {
-        let (queue, rx) = mpsc::unbounded_channel();
+    ) -> Result<(Arc<Conn>, Outgoings), Refusal> {
+        let queue = Arc::new(Outbox::default());
+        let rx = Outgoings {
+            outbox: queue.clone(),
+        };
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             hub: self.clone(),
             queue,
             queued: AtomicUsize::new(0),
             max_queued: send_queue_bytes,
             closing: AtomicBool::new(false),
             urgent: Mutex::new(None),
-            wake: Notify::new(),
+            has_urgent: AtomicBool::new(false),
+            label: format!("ws-{id}").into(),
             state: Mutex::default(),
         });
         let mut inner = self.write();
@@ -308,8 +410,8 @@ impl Conn {
     }
 
     /// How the connection is named where a request id would be (panic reports).
-    pub fn label(&self) -> Arc<str> {
-        format!("ws-{}", self.id).into()
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ConnState> {
@@ -334,7 +436,7 @@ impl Conn {
             self.close_now(CloseCode::Policy, "send queue full");
             return FfiSendOutcome::QueueFull;
         }
-        if self.queue.send(Outgoing::Message(message)).is_err() {
+        if !self.queue.push(Outgoing::Message(message)) {
             return FfiSendOutcome::Closed;
         }
         FfiSendOutcome::Queued
@@ -351,9 +453,8 @@ impl Conn {
         if self.closing.swap(true, Ordering::SeqCst) {
             return;
         }
-        let _ = self
-            .queue
-            .send(Outgoing::Close(close_frame(sendable(code), reason)));
+        self.queue
+            .push(Outgoing::Close(close_frame(sendable(code), reason)));
     }
 
     /// Closes at once, dropping what is queued.
@@ -364,11 +465,17 @@ impl Conn {
             *urgent = Some(close_frame(code, reason));
         }
         drop(urgent);
-        self.wake.notify_one();
+        self.has_urgent.store(true, Ordering::SeqCst);
+        // Wakes the socket task, which looks at the urgent close before it writes
+        // anything else it takes from the queue.
+        self.queue.push(Outgoing::Wake);
     }
 
     /// An urgent close, if one was asked for.
     pub fn urgent_close(&self) -> Option<CloseFrame> {
+        if !self.has_urgent.load(Ordering::SeqCst) {
+            return None;
+        }
         self.urgent
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -27,7 +27,6 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use plugin_api::ffi::{FfiHandleResult, FfiSocketEvent, FfiSocketEventKind};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -40,7 +39,7 @@ use crate::boundary::call::{
     self, intern, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
 };
 use crate::boundary::plugin;
-use crate::boundary::sockets::{close_frame, Conn, Outgoing, Refusal};
+use crate::boundary::sockets::{close_frame, Conn, Outgoing, Outgoings, Refusal};
 use crate::control::config::WebSocketLimits;
 use crate::control::deliver::{self, lend, Delivery, Failure, PluginEvent, Started};
 use crate::control::servers::{Generation, Microservers, Server, ServerState};
@@ -53,6 +52,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the closing side waits for the other's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The read buffer each connection reserves (see `serve`).
+const READ_BUFFER: usize = 4 * 1024;
 
 /// Whether a request asks for a WebSocket: HTTP/1.1's `Upgrade: websocket` on a `GET`,
 /// or HTTP/2's extended CONNECT with `:protocol websocket` (RFC 8441).
@@ -117,7 +119,7 @@ struct Opened {
     route: u32,
     server: Arc<Server>,
     conn: Arc<Conn>,
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    rx: Outgoings,
     name: Option<Arc<str>>,
     limits: WebSocketLimits,
     timeout: Duration,
@@ -335,7 +337,7 @@ impl Closed {
 async fn run(
     server: Arc<Server>,
     conn: Arc<Conn>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: Outgoings,
     on_upgrade: OnUpgrade,
     limits: WebSocketLimits,
     timeout: Duration,
@@ -365,17 +367,22 @@ async fn run(
 async fn serve(
     server: &Server,
     conn: &Arc<Conn>,
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    rx: &mut Outgoings,
     upgraded: hyper::upgrade::Upgraded,
     limits: &WebSocketLimits,
     timeout: Duration,
 ) -> Closed {
+    // A small read buffer (tungstenite's default is 128 KiB, reserved per connection):
+    // it grows for a larger message and keeps idle connections cheap.
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes));
     let ws =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-    let (mut sink, mut stream) = ws.split();
+    // One stream for both directions (not split: writes happen between polls of the
+    // read side, never during one, so no lock is needed).
+    let mut ws = ws;
     let interval = limits.ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -384,21 +391,20 @@ async fn serve(
     let close = loop {
         tokio::select! {
             biased;
-            () = conn.wake.notified() => {
-                if let Some(frame) = conn.urgent_close() {
-                    break frame;
-                }
-            }
             out = rx.recv() => match out {
-                Some(Outgoing::Message(message)) => {
-                    match write(&mut sink, conn, rx, message).await {
+                // An urgent close goes before whatever is still queued.
+                _ if conn.urgent_close().is_some() => {
+                    break conn.urgent_close().expect("just seen");
+                }
+                Outgoing::Wake => {}
+                Outgoing::Message(message) => {
+                    match write(&mut ws, conn, rx, message).await {
                         Ok(None) => {}
                         Ok(Some(frame)) => break frame,
                         Err(()) => return Closed::cut(),
                     }
                 }
-                Some(Outgoing::Close(frame)) => break frame,
-                None => return Closed::cut(),
+                Outgoing::Close(frame) => break frame,
             },
             done = async { delivery.as_mut().expect("polled only when set").await }, if delivery.is_some() => {
                 delivery = None;
@@ -408,7 +414,7 @@ async fn serve(
                     break failure_close(&failure);
                 }
             }
-            frame = stream.next(), if delivery.is_none() => {
+            frame = ws.next(), if delivery.is_none() => {
                 heard = Instant::now();
                 let (kind, data) = match frame {
                     Some(Ok(Message::Text(text))) => (FfiSocketEventKind::Text, Bytes::from(text)),
@@ -417,9 +423,9 @@ async fn serve(
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                     Some(Ok(Message::Close(frame))) => {
                         // tungstenite queued the reply; send it, and let the client close.
-                        let _ = tokio::time::timeout(CLOSE_WAIT, sink.flush()).await;
+                        let _ = tokio::time::timeout(CLOSE_WAIT, ws.flush()).await;
                         let _ = tokio::time::timeout(CLOSE_WAIT, async {
-                            while let Some(Ok(_)) = stream.next().await {}
+                            while let Some(Ok(_)) = ws.next().await {}
                         })
                         .await;
                         return match frame {
@@ -438,7 +444,8 @@ async fn serve(
                     None => return Closed::cut(),
                 };
                 let event = Event { kind, code: 0, data };
-                match begin_event(server, conn, event, timeout).await {
+                // Whatever the handler sends is taken from the queue right after.
+                match rx.quietly(begin_event(server, conn, event, timeout)).await {
                     Started::Done(Ok(())) => {}
                     Started::Done(Err(failure)) => {
                         log_failure(&failure, server, conn, "message");
@@ -452,7 +459,7 @@ async fn serve(
                     tracing::debug!(server = %server.name, connection = conn.id(), "closing a silent WebSocket connection: no pong within two ping intervals");
                     break close_frame(CloseCode::Away, "no pong");
                 }
-                if sink_send(&mut sink, Message::Ping(Bytes::new())).await.is_err() {
+                if sink_send(&mut ws, Message::Ping(Bytes::new())).await.is_err() {
                     return Closed::cut();
                 }
             }
@@ -461,13 +468,13 @@ async fn serve(
     // A handler still running for this connection is dropped: the connection is going.
     drop(delivery);
     let closed = Closed::of(&close);
-    if sink_send(&mut sink, Message::Close(Some(close)))
+    if sink_send(&mut ws, Message::Close(Some(close)))
         .await
         .is_ok()
     {
         // The client's close frame (or the end of the stream), messages in between dropped.
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            while let Some(Ok(message)) = stream.next().await {
+            while let Some(Ok(message)) = ws.next().await {
                 if message.is_close() {
                     break;
                 }
@@ -478,8 +485,7 @@ async fn serve(
     closed
 }
 
-type Sink =
-    futures_util::stream::SplitSink<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, Message>;
+type Sink = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Sends one message under the write timeout.
 async fn sink_send(sink: &mut Sink, message: Message) -> Result<(), ()> {
@@ -494,7 +500,7 @@ async fn sink_send(sink: &mut Sink, message: Message) -> Result<(), ()> {
 async fn write(
     sink: &mut Sink,
     conn: &Conn,
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    rx: &mut Outgoings,
     first: Message,
 ) -> Result<Option<CloseFrame>, ()> {
     let work = async {
@@ -504,10 +510,15 @@ async fn write(
             let len = message.len();
             sink.feed(message).await?;
             conn.sent(len);
+            if let Some(urgent) = conn.urgent_close() {
+                close = Some(urgent);
+                break;
+            }
             match rx.try_recv() {
-                Ok(Outgoing::Message(more)) => next = Some(more),
-                Ok(Outgoing::Close(frame)) => close = Some(frame),
-                Err(_) => {}
+                Some(Outgoing::Message(more)) => next = Some(more),
+                Some(Outgoing::Close(frame)) => close = Some(frame),
+                Some(Outgoing::Wake) => close = conn.urgent_close(),
+                None => {}
             }
         }
         sink.flush().await?;
@@ -543,7 +554,7 @@ async fn begin_event(
             data: lend(&event.data),
         }))
     };
-    deliver::begin(server, &mut make, &label, timeout).await
+    deliver::begin(server, &mut make, label, timeout).await
 }
 
 /// Hands a connection's event over and waits for its handler.
