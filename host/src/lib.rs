@@ -4,7 +4,7 @@
 //! The modules are the layers a request crosses, top to bottom; a layer imports only
 //! from the layers below it:
 //!
-//! - `serve`: the edge (listening sockets, connections, graceful shutdown, signals);
+//! - `edge`: listening sockets, connections, graceful shutdown, signals;
 //! - `request`: the request path (domain, server, generation, route, call, response);
 //! - `routing`: domains and routes;
 //! - `boundary`: the plugin boundary (libraries, generations, calls, host services).
@@ -15,6 +15,6 @@
 
 pub mod boundary;
 pub mod control;
+pub mod edge;
 pub mod request;
 pub mod routing;
-pub mod serve;

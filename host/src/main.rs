@@ -11,7 +11,7 @@ use host::control::config::{self, Config};
 use host::control::reload::ControlLoop;
 use host::control::servers::Microservers;
 use host::control::watch;
-use host::serve::Listeners;
+use host::edge::serve::Listeners;
 use tracing_subscriber::EnvFilter;
 
 /// Runs many web microservers, each a plugin library, in one process, routed by domain.
@@ -127,7 +127,7 @@ async fn run(
     plugin_dir: PathBuf,
     listen_override: bool,
 ) -> ExitCode {
-    let stop = host::serve::shutdown_signal();
+    let stop = host::edge::serve::shutdown_signal();
     let (listeners, accepted) = match Listeners::bind(&config.global.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -200,7 +200,7 @@ async fn run(
     };
     let grace = config.global.shutdown_timeout;
     let requests_until =
-        host::serve::serve(servers.clone(), listeners, accepted, stop, grace).await;
+        host::edge::serve::serve(servers.clone(), listeners, accepted, stop, grace).await;
     // No more file events; then every server stops: requests still inside a plugin get
     // what is left of the grace period, then every shutdown hook runs, with a deadline.
     drop(_watch);

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use crate::control::config;
 use crate::control::servers::Microservers;
 use crate::control::watch::Change;
-use crate::serve::Listeners;
+use crate::edge::serve::Listeners;
 
 /// How often to look again at a library that was incomplete (still being written).
 const RETRY_INCOMPLETE: Duration = Duration::from_millis(200);

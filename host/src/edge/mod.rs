@@ -1,0 +1,4 @@
+//! The edge, the top layer: listening sockets, connections and graceful shutdown
+//! (`serve`).
+
+pub mod serve;
