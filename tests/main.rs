@@ -10,6 +10,7 @@ mod bus;
 mod chat;
 mod config;
 mod database;
+mod edge;
 mod gateway;
 mod loading;
 mod redis;

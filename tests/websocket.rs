@@ -15,6 +15,7 @@ use crate::support::{build_variant, Host, Setup, Ws};
 fn config(websocket: &str) -> String {
     format!(
         r#"{{"global": {{"reload": {{"debounce_ms": 20, "drain_timeout_ms": 2000}},
+                   "connections": {{"max_per_ip": 0}},
                    "websocket": {{{websocket}}}}},
       "servers": [{{"name": "sockets", "domains": ["sockets.localhost"], "plugin": "sockets"}},
                   {{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}}]}}"#

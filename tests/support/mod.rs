@@ -504,7 +504,6 @@ impl Client {
         n
     }
 
-    /// Opens a keep-alive connection.
     /// Opens a WebSocket to `url` (`ws://<domain><path>`) at this address: the
     /// connection and the server's 101 response, or the response that refused it.
     pub fn websocket(
@@ -523,6 +522,7 @@ impl Client {
         }
     }
 
+    /// Opens a keep-alive connection.
     pub fn connect(&self) -> Conn {
         let stream = TcpStream::connect(self.addr).expect("connect to host");
         stream

@@ -39,7 +39,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let release = root.join("target/release");
     let dir = out.join("sse");
     let hello = release.join(format!("libhello{}", std::env::consts::DLL_SUFFIX));
-    let config = json!({"global": {"reload": {"watch": false}},
+    let config = json!({"global": {"reload": {"watch": false}, "connections": {"max": 1_000_000, "max_per_ip": 0}},
         "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]});
     prepare(&dir, &config.to_string(), &[(hello, "hello")])?;
     // The host on core 0, the clients (this process) elsewhere, as in `cargo xtask bench`.

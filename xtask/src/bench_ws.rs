@@ -88,7 +88,7 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     };
     let dir = out.join("ws");
-    let config = json!({"global": {"reload": {"debounce_ms": 20, "drain_timeout_ms": 2000},
+    let config = json!({"global": {"reload": {"debounce_ms": 20, "drain_timeout_ms": 2000}, "connections": {"max": 1_000_000, "max_per_ip": 0},
                                    "websocket": {"max_connections": held + 100}},
         "servers": [{"name": "sockets", "domains": ["sockets.localhost"], "plugin": "sockets"}]});
     prepare(&dir, &config.to_string(), &[(v1.clone(), "sockets")])?;

@@ -106,6 +106,7 @@ pub struct Limits {
     /// Most header fields a request may carry (HTTP/1.1); more gets 431.
     pub max_headers: usize,
     pub websocket: WebSocketLimits,
+    pub connections: ConnectionLimits,
 }
 
 impl Default for Limits {
@@ -115,6 +116,51 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             max_headers: 100,
             websocket: WebSocketLimits::default(),
+            connections: ConnectionLimits::default(),
+        }
+    }
+}
+
+/// Client connections (`global.connections`). A change applies to connections accepted
+/// after it; the deadlines apply to open ones too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionLimits {
+    /// Most connections open at once (WebSockets included); more are closed as soon as
+    /// they are accepted. Kept below the descriptor limit.
+    pub max: usize,
+    /// Most connections open at once from one client IP address (0: no limit).
+    pub max_per_ip: usize,
+    /// How long a new connection may take to start its first request (protocol
+    /// detection and the HTTP/2 preface included).
+    pub first_request_timeout: Duration,
+    /// How long a client may take to send a request's headers (HTTP/1; also how long an
+    /// idle HTTP/1 keep-alive connection stays open).
+    pub header_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is asked to close
+    /// (HTTP/2: GOAWAY), and closed if it is still quiet after as long again.
+    pub idle_timeout: Duration,
+    /// A write to a client that makes no progress for this long closes the connection.
+    pub write_timeout: Duration,
+    /// Largest request head: HTTP/1's request line and headers, HTTP/2's header list.
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query); a longer one gets 414.
+    pub max_uri_bytes: usize,
+    /// Most streams (requests) at once on one HTTP/2 connection.
+    pub http2_max_streams: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max: 10_000,
+            max_per_ip: 512,
+            first_request_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8 * 1024,
+            http2_max_streams: 100,
         }
     }
 }
@@ -376,6 +422,57 @@ impl Validator {
         }
     }
 
+    fn connection_limits(&mut self, value: &Value, out: &mut ConnectionLimits) {
+        let allowed = [
+            "max",
+            "max_per_ip",
+            "first_request_timeout_ms",
+            "header_timeout_ms",
+            "idle_timeout_ms",
+            "write_timeout_ms",
+            "max_header_bytes",
+            "max_uri_bytes",
+            "http2_max_streams",
+        ];
+        let Some(c) = self.object(value, "global.connections", &allowed) else {
+            return;
+        };
+        let mut number = |key: &str, min: u64| -> Option<u64> {
+            let v = c.get(key)?;
+            self.whole_number(v, &format!("global.connections.{key}"), min)
+        };
+        let ms = Duration::from_millis;
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        if let Some(n) = number("max", 1) {
+            out.max = size(n);
+        }
+        if let Some(n) = number("max_per_ip", 0) {
+            out.max_per_ip = size(n);
+        }
+        if let Some(n) = number("first_request_timeout_ms", 1) {
+            out.first_request_timeout = ms(n);
+        }
+        if let Some(n) = number("header_timeout_ms", 1) {
+            out.header_timeout = ms(n);
+        }
+        if let Some(n) = number("idle_timeout_ms", 1) {
+            out.idle_timeout = ms(n);
+        }
+        if let Some(n) = number("write_timeout_ms", 1) {
+            out.write_timeout = ms(n);
+        }
+        // hyper reads a request head into one buffer of at least 8 KiB.
+        if let Some(n) = number("max_header_bytes", 8192) {
+            out.max_header_bytes = size(n);
+        }
+        if let Some(n) = number("max_uri_bytes", 16) {
+            out.max_uri_bytes = size(n);
+        }
+        if let Some(n) = number("http2_max_streams", 1) {
+            out.http2_max_streams = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+    }
+
     fn bus_backend(&mut self, b: &Map<String, Value>, out: &mut BusConfig) {
         let backend = match b.get("backend") {
             None => "in-process".to_owned(),
@@ -497,6 +594,7 @@ impl Validator {
             "reload",
             "websocket",
             "bus",
+            "connections",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -558,6 +656,9 @@ impl Validator {
                     }
                 }
             }
+        }
+        if let Some(c) = map.get("connections") {
+            self.connection_limits(c, &mut out.limits.connections);
         }
         if let Some(ws) = map.get("websocket") {
             let allowed = [

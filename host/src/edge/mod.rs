@@ -1,4 +1,5 @@
 //! The edge, the top layer: listening sockets, connections and graceful shutdown
-//! (`serve`).
+//! (`serve`), and the limits every connection is held to (`limits`).
 
+pub mod limits;
 pub mod serve;

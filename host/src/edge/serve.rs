@@ -18,9 +18,16 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::control::servers::Microservers;
+use crate::edge::limits::{self, Activity, Gate, Reason, Refused, Tracked, Verdict};
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often open connections are checked against their deadlines.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// How often connections closed or refused by a limit are logged, at most.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+/// HTTP/2 keep-alive: a ping after this much silence, and the connection is closed if
+/// the answer takes longer than `H2_PING_TIMEOUT`.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Accepted connections, from every listener.
 pub type Accepted = mpsc::Receiver<(TcpStream, SocketAddr)>;
@@ -145,30 +152,77 @@ pub async fn serve(
         tracing::info!("listening on http://{addr}");
     }
     let connections = Arc::new(Connections::default());
+    let gate = Arc::new(Gate::default());
+    let fds = limits::raise_fd_limit();
+    let sweeper = tokio::spawn(sweep(servers.clone(), connections.clone()));
+    let mut refusals = Refusals::default();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             conn = accepted.recv() => {
                 let Some((stream, peer)) = conn else { break };
+                let routing = servers.routing();
+                let limits = &routing.limits.connections;
+                let max = limits::effective_max(limits.max, fds);
+                let ticket = match gate.admit(peer.ip(), max, limits.max_per_ip) {
+                    Ok(ticket) => ticket,
+                    Err(why) => {
+                        // Closed at once: the client sees the connection end.
+                        drop(stream);
+                        refusals.count(why, peer, max, limits.max_per_ip);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
+                let activity = Activity::new();
+                let io = Tracked::new(stream, activity.clone(), ticket);
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_headers(servers.routing().limits.max_headers);
-                // WebSockets over HTTP/2 (RFC 8441: extended CONNECT).
-                builder.http2().enable_connect_protocol();
+                    .header_read_timeout(limits.header_timeout)
+                    .max_buf_size(limits.max_header_bytes)
+                    .max_headers(routing.limits.max_headers);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(limits.http2_max_streams)
+                    .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                    .keep_alive_interval(H2_PING_INTERVAL)
+                    .keep_alive_timeout(H2_PING_TIMEOUT)
+                    // WebSockets over HTTP/2 (RFC 8441: extended CONNECT).
+                    .enable_connect_protocol();
                 let servers = servers.clone();
                 // Formatted once per connection, not per request.
                 let client = crate::boundary::call::ClientAddr::new(peer);
-                let service =
-                    service_fn(move |req| crate::request::http::handle(servers.clone(), req, client));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = connections.watch(conn.into_owned());
+                let (max_headers, max_uri) = (routing.limits.max_headers, limits.max_uri_bytes);
+                drop(routing);
+                let noted = activity.clone();
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    noted.requested();
+                    // HTTP/1's header count is hyper's (max_headers); HTTP/2's and the
+                    // target's length are checked here.
+                    if req.version() == hyper::Version::HTTP_2 && req.headers().len() > max_headers {
+                        return crate::request::http::refuse(
+                            &servers,
+                            hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "too many header fields",
+                        );
+                    }
+                    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > max_uri {
+                        return crate::request::http::refuse(
+                            &servers,
+                            hyper::StatusCode::URI_TOO_LONG,
+                            "the request target is too long",
+                        );
+                    }
+                    crate::request::http::handle(servers.clone(), req, client)
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                let conn = connections.watch(conn.into_owned(), activity);
                 // Spawned as a task of its own: `Watched` relies on it (see there).
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Some(Err(e)) = conn.await {
                         tracing::debug!(%peer, "connection ended with an error: {e}");
                     }
                 });
@@ -176,6 +230,7 @@ pub async fn serve(
             () = &mut stop => break,
         }
     }
+    sweeper.abort();
     listeners.stop();
     tracing::info!(
         "stopped accepting; waiting up to {} ms for open requests",
@@ -202,25 +257,42 @@ pub async fn serve(
 struct Connections {
     stopping: AtomicBool,
     next_id: AtomicU64,
-    /// Each open connection by id, with its task's waker once it has been polled.
-    open: Mutex<HashMap<u64, Option<Waker>>>,
+    /// Each open connection by id: what moved on it, and its task's waker once it has
+    /// been polled.
+    open: Mutex<HashMap<u64, Open>>,
     all_closed: Notify,
 }
 
+struct Open {
+    activity: Arc<Activity>,
+    waker: Option<Waker>,
+}
+
 impl Connections {
-    fn watch<C: GracefulConnection>(self: &Arc<Self>, conn: C) -> Watched<C> {
+    fn watch<C: GracefulConnection>(
+        self: &Arc<Self>,
+        conn: C,
+        activity: Arc<Activity>,
+    ) -> Watched<C> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, None);
+        self.lock().insert(
+            id,
+            Open {
+                activity: activity.clone(),
+                waker: None,
+            },
+        );
         Watched {
             conn: Box::pin(conn),
             id,
             registered: false,
             shutting_down: false,
+            activity,
             connections: self.clone(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<Waker>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Open>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -229,8 +301,10 @@ impl Connections {
         // Set before taking the lock: a connection that registers after this wakes
         // reads `stopping` after the lock, so it sees it.
         self.stopping.store(true, Ordering::SeqCst);
-        for waker in self.lock().values().flatten() {
-            waker.wake_by_ref();
+        for open in self.lock().values() {
+            if let Some(waker) = &open.waker {
+                waker.wake_by_ref();
+            }
         }
     }
 
@@ -250,30 +324,40 @@ impl Connections {
 ///
 /// It registers its task's waker on its first poll and keeps it: it must be the whole of
 /// a spawned task (a task's waker stays valid for the task's life).
+///
+/// It also obeys the sweeper's order (`Activity::order`): finish (as at shutdown), or
+/// close now (the connection is dropped; its output is `None`).
 struct Watched<C> {
     conn: Pin<Box<C>>,
     id: u64,
     registered: bool,
     shutting_down: bool,
+    activity: Arc<Activity>,
     connections: Arc<Connections>,
 }
 
 impl<C: GracefulConnection> Future for Watched<C> {
-    type Output = C::Output;
+    type Output = Option<C::Output>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<C::Output>> {
         let this = &mut *self;
         if !this.registered {
-            this.connections
-                .lock()
-                .insert(this.id, Some(cx.waker().clone()));
+            if let Some(open) = this.connections.lock().get_mut(&this.id) {
+                open.waker = Some(cx.waker().clone());
+            }
             this.registered = true;
         }
-        if !this.shutting_down && this.connections.stopping.load(Ordering::SeqCst) {
+        let order = this.activity.order.load(Ordering::Relaxed);
+        if order == limits::ORDER_CLOSE {
+            return Poll::Ready(None);
+        }
+        if !this.shutting_down
+            && (order == limits::ORDER_FINISH || this.connections.stopping.load(Ordering::SeqCst))
+        {
             this.conn.as_mut().graceful_shutdown();
             this.shutting_down = true;
         }
-        this.conn.as_mut().poll(cx)
+        this.conn.as_mut().poll(cx).map(Some)
     }
 }
 
@@ -284,6 +368,78 @@ impl<C> Drop for Watched<C> {
         if open.is_empty() {
             self.connections.all_closed.notify_waiters();
         }
+    }
+}
+
+/// Checks every open HTTP connection against its deadlines, a few times a second, and
+/// logs what it closed (at most once per `LIMIT_LOG_EVERY`, with counts).
+async fn sweep(servers: Arc<Microservers>, connections: Arc<Connections>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closed: HashMap<Reason, u64> = HashMap::new();
+    let mut logged: Option<std::time::Instant> = None;
+    loop {
+        every.tick().await;
+        let now = limits::tick();
+        let limits = servers.routing().limits.connections.clone();
+        for open in connections.lock().values() {
+            let order = match limits::judge(&open.activity, now, &limits) {
+                Verdict::Keep => continue,
+                Verdict::Finish => limits::ORDER_FINISH,
+                Verdict::Close(reason) => {
+                    *closed.entry(reason).or_default() += 1;
+                    limits::ORDER_CLOSE
+                }
+            };
+            open.activity.order.store(order, Ordering::Relaxed);
+            if let Some(waker) = &open.waker {
+                waker.wake_by_ref();
+            }
+        }
+        if !closed.is_empty() && logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
+            for (reason, n) in closed.drain() {
+                let level_warn = reason != Reason::Idle;
+                if level_warn {
+                    tracing::warn!(closed = n, "closed connections: {}", reason.describe());
+                } else {
+                    tracing::debug!(closed = n, "closed connections: {}", reason.describe());
+                }
+            }
+            logged = Some(std::time::Instant::now());
+        }
+    }
+}
+
+/// Connections refused at the gate, logged at most once per `LIMIT_LOG_EVERY`.
+#[derive(Default)]
+struct Refusals {
+    full: u64,
+    per_ip: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn count(&mut self, why: Refused, peer: SocketAddr, max: usize, max_per_ip: usize) {
+        match why {
+            Refused::Full => self.full += 1,
+            Refused::PerIp => self.per_ip += 1,
+        }
+        if self.logged.is_some_and(|at| at.elapsed() < LIMIT_LOG_EVERY) {
+            return;
+        }
+        self.logged = Some(std::time::Instant::now());
+        if self.full > 0 {
+            tracing::warn!(
+                refused = self.full,
+                max,
+                "connections refused: global.connections.max are open"
+            );
+        }
+        if self.per_ip > 0 {
+            tracing::warn!(refused = self.per_ip, max_per_ip, last = %peer.ip(), "connections refused: global.connections.max_per_ip are open from one address");
+        }
+        self.full = 0;
+        self.per_ip = 0;
     }
 }
 

@@ -271,6 +271,20 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
     }
 }
 
+/// Answers a request refused before it is routed (a limit of its connection), with a
+/// JSON error and a request id.
+#[cold]
+#[inline(never)]
+pub fn refuse(servers: &Arc<Microservers>, status: StatusCode, message: &'static str) -> Handle {
+    Handle {
+        servers: servers.clone(),
+        start: None,
+        request_id: RequestId::next(),
+        debug: None,
+        rest: Some(Box::pin(async move { (error(status, message), None) })),
+    }
+}
+
 #[cold]
 #[inline(never)]
 fn upgrading(

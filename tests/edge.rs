@@ -1,0 +1,268 @@
+//! Connection limits at the edge (`global.connections`): deadlines for the first
+//! request, the headers, idle and stuck connections; connections in all and per client
+//! address; the request head's size on HTTP/1 and HTTP/2.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::support::{Host, Setup};
+
+fn host(label: &str, connections: &str) -> Host {
+    let config = format!(
+        r#"{{"global": {{"connections": {connections}}},
+          "servers": [{{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}}]}}"#
+    );
+    Setup::new(label, &config)
+        .plugin("hello", "hello.so")
+        .start()
+}
+
+/// Waits (up to `limit`) until the host closes `stream`; how long that took.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame.
+const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+#[test]
+fn silent_half_open_and_slow_connections_are_closed_at_their_deadlines() {
+    let host = host(
+        "edge-deadlines",
+        r#"{"first_request_timeout_ms": 1000, "header_timeout_ms": 1000}"#,
+    );
+    let openers: [(&str, &[u8]); 4] = [
+        ("nothing", b""),
+        ("half an HTTP/2 preface", &H2_PREFACE[..10]),
+        (
+            "an HTTP/2 preface and SETTINGS, then silence",
+            &[H2_PREFACE, H2_SETTINGS].concat(),
+        ),
+        (
+            "half a request head",
+            b"GET / HTTP/1.1\r\nhost: hello.localhost\r\n",
+        ),
+    ];
+    let opened = Instant::now();
+    let mut streams: Vec<(&str, TcpStream)> = openers
+        .iter()
+        .map(|(what, bytes)| {
+            let mut s = TcpStream::connect(host.addr).unwrap();
+            s.write_all(bytes).unwrap();
+            (*what, s)
+        })
+        .collect();
+    // A client that does send requests is served meanwhile.
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+    for (what, stream) in &mut streams {
+        closed_within(stream, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("a connection that sent {what} was not closed in 5 s"));
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_millis(700),
+            "{what}: closed after {took:?}"
+        );
+    }
+    host.wait_for_log(&["closed connections: no request within first_request_timeout_ms"]);
+    // A connection that is being used is not.
+    let mut conn = host.connect();
+    for _ in 0..3 {
+        assert_eq!(conn.get("hello.localhost", "/").unwrap().status, 200);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn idle_and_stuck_connections_are_closed() {
+    let host = host(
+        "edge-idle",
+        r#"{"idle_timeout_ms": 1000, "write_timeout_ms": 1000, "header_timeout_ms": 30000}"#,
+    );
+    // Idle after a request (HTTP/1: asked to finish, which closes it at once).
+    let mut idle = TcpStream::connect(host.addr).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: hello.localhost\r\n\r\n")
+        .unwrap();
+    let took =
+        closed_within(&mut idle, Duration::from_secs(5)).expect("an idle connection is closed");
+    assert!(took >= Duration::from_millis(700), "closed after {took:?}");
+
+    // A client that asks for a megabyte again and again and never reads: the host's
+    // writes stop making progress, and the connection is closed.
+    let mut stuck = TcpStream::connect(host.addr).unwrap();
+    let ask = b"GET /bytes/1048576 HTTP/1.1\r\nhost: hello.localhost\r\n\r\n".repeat(16);
+    stuck.write_all(&ask).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    host.wait_for_log(&["closed connections: the client read nothing for write_timeout_ms"]);
+    // Reading now finds the end after what the host had sent.
+    stuck
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match stuck.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got < 16 << 20,
+        "the host sent all {got} bytes: it was not stuck"
+    );
+}
+
+#[test]
+fn connections_per_address_and_in_all_are_limited() {
+    let host = host("edge-per-ip", r#"{"max_per_ip": 3}"#);
+    let mut held: Vec<_> = (0..3).map(|_| host.connect()).collect();
+    for conn in &mut held {
+        assert_eq!(conn.get("hello.localhost", "/").unwrap().status, 200);
+    }
+    let mut fourth = TcpStream::connect(host.addr).unwrap();
+    let _ = fourth.write_all(b"GET / HTTP/1.1\r\nhost: hello.localhost\r\n\r\n");
+    closed_within(&mut fourth, Duration::from_secs(5)).expect("the fourth is closed");
+    host.wait_for_log(&["connections refused", "max_per_ip", "refused=1"]);
+    // One goes; another may come.
+    held.pop();
+    host.wait_until("a place is free", || {
+        host.connect().get("hello.localhost", "/").is_ok()
+    });
+
+    drop(held);
+    drop(host);
+    let host = self::host("edge-max", r#"{"max": 2, "max_per_ip": 0}"#);
+    let mut a = host.connect();
+    let mut b = host.connect();
+    assert_eq!(a.get("hello.localhost", "/").unwrap().status, 200);
+    assert_eq!(b.get("hello.localhost", "/").unwrap().status, 200);
+    let mut third = TcpStream::connect(host.addr).unwrap();
+    closed_within(&mut third, Duration::from_secs(5)).expect("the third is closed");
+    host.wait_for_log(&["connections refused: global.connections.max are open"]);
+}
+
+#[test]
+fn slow_header_connections_do_not_starve_other_clients() {
+    let host = host(
+        "edge-slowloris",
+        r#"{"header_timeout_ms": 2000, "max_per_ip": 0}"#,
+    );
+    // 2,000 connections, each sending a request head one byte at a time.
+    let mut slow: Vec<TcpStream> = (0..2000)
+        .map(|_| {
+            let s = TcpStream::connect(host.addr).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let head = b"GET / HTTP/1.1\r\nhost: hello.localhost\r\nx-slow: ";
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let latencies = std::thread::scope(|scope| {
+        let dripper = scope.spawn(|| {
+            let mut sent = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let byte = [head.get(sent).copied().unwrap_or(b'x')];
+                for s in &mut slow {
+                    let _ = s.write(&byte);
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let mut latencies = Vec::new();
+        let mut conn = host.connect();
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            let start = Instant::now();
+            let reply = conn
+                .get("hello.localhost", "/")
+                .expect("a normal client is served");
+            assert_eq!(reply.status, 200);
+            latencies.push(start.elapsed());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        dripper.join().unwrap();
+        latencies
+    });
+    let mut sorted = latencies;
+    sorted.sort();
+    let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
+    println!(
+        "a normal client beside 2,000 slow-header connections: {} requests, p50 {:?}, p99 {:?}",
+        sorted.len(),
+        sorted[sorted.len() / 2],
+        p99
+    );
+    // By now (over 4 s) the header deadline has closed the slow ones.
+    let mut open = 0;
+    for s in &mut slow {
+        s.set_nonblocking(false).unwrap();
+        if closed_within(s, Duration::from_millis(1)).is_none() {
+            open += 1;
+        }
+    }
+    assert_eq!(
+        open, 0,
+        "slow-header connections still open after the deadline"
+    );
+}
+
+#[test]
+fn request_heads_are_limited_on_http1_and_http2() {
+    let host = host(
+        "edge-heads",
+        r#"{"max_uri_bytes": 100, "max_header_bytes": 8192}"#,
+    );
+    let long = format!("/hello/{}", "a".repeat(200));
+    assert_eq!(host.get("hello.localhost", &long).status, 414);
+    let big = "v".repeat(10_000);
+    let reply = host.send("GET", "hello.localhost", "/", b"", &[("x-big", &big)]);
+    assert_eq!(reply.status, 431);
+
+    // HTTP/2 (h2c, prior knowledge): max_headers (100 by default) holds there too.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = host.addr;
+    let statuses = runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut statuses = Vec::new();
+        for n in [10, 150] {
+            let mut client = client.clone().ready().await.unwrap();
+            let mut request = hyper::Request::get("http://hello.localhost/")
+                .body(())
+                .unwrap();
+            for i in 0..n {
+                request.headers_mut().insert(
+                    format!("x-h{i}")
+                        .parse::<hyper::header::HeaderName>()
+                        .unwrap(),
+                    "v".parse().unwrap(),
+                );
+            }
+            let (response, _) = client.send_request(request, true).unwrap();
+            statuses.push(response.await.unwrap().status().as_u16());
+        }
+        statuses
+    });
+    assert_eq!(statuses, [200, 431]);
+}
