@@ -92,6 +92,8 @@ pub enum LoadFailure {
     Layout {
         found: String,
     },
+    /// The file or its folder can be written by another user (what and why).
+    Unprotected(String),
     Other(String),
 }
 
@@ -101,6 +103,10 @@ impl fmt::Display for LoadError {
         write!(f, "{}: ", self.file.display())?;
         match &self.reason {
             LoadFailure::Unreadable(e) => write!(f, "cannot read the file: {e}"),
+            LoadFailure::Unprotected(what) => write!(
+                f,
+                "not loaded: {what}, so another user could make this host run their code"
+            ),
             LoadFailure::NotALibrary(e) | LoadFailure::Incomplete(e) => {
                 write!(f, "not a loadable shared library: {e}")
             }
@@ -165,6 +171,33 @@ pub fn load(file: &Path, copies_dir: &Path) -> Result<PluginLibrary, LoadError> 
 /// The bytes are streamed in 256 KiB chunks: reading whole multi-MiB libraries into
 /// memory on every reload fragmented glibc's heap and cost about 600 KiB of resident
 /// memory per reload.
+/// Why a file or folder with this metadata could be changed by another user: writable
+/// by anyone, or owned by someone who is neither this user nor root. (Group-writable is
+/// allowed: with user private groups, the usual umask makes every file so.)
+fn unprotected(what: &str, meta: &std::fs::Metadata) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if meta.mode() & 0o002 != 0 {
+            return Some(format!(
+                "{what} is writable by every user (mode {:o}; chmod o-w)",
+                meta.mode() & 0o7777
+            ));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me && meta.uid() != 0 {
+            return Some(format!(
+                "{what} belongs to another user (uid {}; this host runs as uid {me})",
+                meta.uid()
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (what, meta);
+    None
+}
+
 pub fn read(file: &Path, copies_dir: &Path) -> Result<PluginFile, LoadError> {
     use std::io::{Read, Write};
     let fail = |reason| LoadError {
@@ -173,6 +206,20 @@ pub fn read(file: &Path, copies_dir: &Path) -> Result<PluginFile, LoadError> {
     };
     let unreadable = |e: std::io::Error| fail(LoadFailure::Unreadable(e.to_string()));
     let mut source = std::fs::File::open(file).map_err(unreadable)?;
+    let folder = file.parent().unwrap_or(Path::new("."));
+    let folder = if folder.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        folder
+    };
+    for (what, meta) in [
+        ("the library", source.metadata()),
+        ("its folder", std::fs::metadata(folder)),
+    ] {
+        if let Some(why) = unprotected(what, &meta.map_err(unreadable)?) {
+            return Err(fail(LoadFailure::Unprotected(why)));
+        }
+    }
     let stem = file
         .file_stem()
         .and_then(|s| s.to_str())

@@ -29,11 +29,33 @@ pub struct Global {
     /// Absolute, or relative to the directory that holds the config file.
     pub plugin_dir: PathBuf,
     pub default_server: Option<String>,
+    /// Serve libraries no server names at `<plugin-name>.localhost`.
+    pub drop_in_plugins: DropIn,
     pub limits: Limits,
     /// How long SIGTERM/SIGINT waits for in-flight requests before exiting anyway.
     pub shutdown_timeout: Duration,
     pub reload: Reload,
     pub bus: BusConfig,
+}
+
+/// When libraries that no server names are served (`global.drop_in_plugins`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropIn {
+    /// Only while every listener is on a loopback address (development): the default.
+    Loopback,
+    Always,
+    Never,
+}
+
+impl Global {
+    /// Whether libraries no server names are served, with these listeners.
+    pub fn serves_drop_ins(&self) -> bool {
+        match self.drop_in_plugins {
+            DropIn::Always => true,
+            DropIn::Never => false,
+            DropIn::Loopback => self.listen.iter().all(|a| a.ip().is_loopback()),
+        }
+    }
 }
 
 /// The event bus (`global.bus`).
@@ -552,6 +574,7 @@ impl Validator {
                 listen: vec![DEFAULT_LISTEN.parse().expect("valid default")],
                 plugin_dir: PathBuf::from("plugins"),
                 default_server: None,
+                drop_in_plugins: DropIn::Loopback,
                 limits: Limits::default(),
                 shutdown_timeout: Duration::from_secs(10),
                 reload: Reload::default(),
@@ -595,6 +618,7 @@ impl Validator {
             "websocket",
             "bus",
             "connections",
+            "drop_in_plugins",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -656,6 +680,16 @@ impl Validator {
                     }
                 }
             }
+        }
+        match map.get("drop_in_plugins") {
+            None => {}
+            Some(Value::Bool(true)) => out.drop_in_plugins = DropIn::Always,
+            Some(Value::Bool(false)) => out.drop_in_plugins = DropIn::Never,
+            Some(Value::String(s)) if s == "loopback" => out.drop_in_plugins = DropIn::Loopback,
+            Some(other) => self.problem(
+                "global.drop_in_plugins",
+                format!("expected true, false or \"loopback\", found {other}"),
+            ),
         }
         if let Some(c) = map.get("connections") {
             self.connection_limits(c, &mut out.limits.connections);

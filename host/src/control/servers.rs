@@ -776,6 +776,9 @@ impl Microservers {
         };
         // Drop-in libraries, plus drop-in servers that already exist (a removed library's
         // server stays, waiting, so its domain answers 503 rather than 404).
+        if !control.config.global.serves_drop_ins() {
+            return specs;
+        }
         let mut implicit: Vec<(String, String)> = control
             .servers
             .iter()
