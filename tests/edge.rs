@@ -329,3 +329,41 @@ fn a_library_or_folder_that_other_users_can_write_is_not_loaded() {
     host2.wait_for_log(&["its folder is writable by every user"]);
     std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+#[test]
+fn request_targets_and_hosts_follow_one_rule() {
+    let host = host("edge-targets", "{}");
+    let ask = |head: &str| host.raw(format!("{head}\r\nconnection: close\r\n\r\n").as_bytes());
+    // Absolute form: the target's authority routes it, and a valid Host is still needed.
+    let routed = ask("GET http://hello.localhost/ HTTP/1.1\r\nhost: elsewhere.example");
+    assert_eq!(routed.status, 200, "{}", routed.body);
+    for (head, why) in [
+        (
+            "GET http://hello.localhost/ HTTP/1.1",
+            "missing Host header",
+        ),
+        (
+            "GET http://hello.localhost/ HTTP/1.1\r\nhost: not a host",
+            "invalid Host header",
+        ),
+        (
+            "GET ftp://hello.localhost/ HTTP/1.1\r\nhost: hello.localhost",
+            "unsupported scheme",
+        ),
+        (
+            "GET hello.localhost:80 HTTP/1.1\r\nhost: hello.localhost",
+            "only for CONNECT",
+        ),
+        (
+            "GET / HTTP/1.1\r\nhost: hello.localhost:99999",
+            "invalid Host",
+        ),
+        ("GET / HTTP/1.1\r\nhost: a..hello.localhost", "invalid Host"),
+    ] {
+        let reply = ask(head);
+        assert_eq!(reply.status, 400, "{head:?}: {}", reply.body);
+        assert!(reply.body.contains(why), "{head:?}: {}", reply.body);
+    }
+    let long = format!("GET / HTTP/1.1\r\nhost: {}.hello.localhost", "a".repeat(64));
+    assert_eq!(ask(&long).status, 400);
+}

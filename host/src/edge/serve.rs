@@ -216,6 +216,16 @@ pub async fn serve(
                             "the request target is too long",
                         );
                     }
+                    // An HTTP/1 target that names its authority (RFC 9112, 3.2).
+                    if req.uri().authority().is_some() && req.version() != hyper::Version::HTTP_2 {
+                        if let Err(why) = crate::request::http::target_form(&req) {
+                            return crate::request::http::refuse(
+                                &servers,
+                                hyper::StatusCode::BAD_REQUEST,
+                                why,
+                            );
+                        }
+                    }
                     crate::request::http::handle(servers.clone(), req, client)
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

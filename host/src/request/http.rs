@@ -275,13 +275,18 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
 /// JSON error and a request id.
 #[cold]
 #[inline(never)]
-pub fn refuse(servers: &Arc<Microservers>, status: StatusCode, message: &'static str) -> Handle {
+pub fn refuse(
+    servers: &Arc<Microservers>,
+    status: StatusCode,
+    message: impl Into<String>,
+) -> Handle {
+    let message = message.into();
     Handle {
         servers: servers.clone(),
         start: None,
         request_id: RequestId::next(),
         debug: None,
-        rest: Some(Box::pin(async move { (error(status, message), None) })),
+        rest: Some(Box::pin(async move { (error(status, &message), None) })),
     }
 }
 
@@ -892,6 +897,55 @@ fn request_domain(parts: &hyper::http::request::Parts) -> Result<&[u8], String> 
         // HTTP/1.0 may omit Host: it goes to the default server, if any.
         None if parts.version <= Version::HTTP_10 => Ok(b""),
         None => Err("missing Host header".to_owned()),
+    }
+}
+
+/// Checks an HTTP/1 request whose target names an authority (RFC 9112, 3.2): an
+/// absolute-form target (`GET http://name/path`) must be `http` or `https` and still
+/// comes with one valid `Host` header (HTTP/1.1), though the target's authority routes
+/// it; the authority form (`name:port`) is only for CONNECT.
+#[cold]
+#[inline(never)]
+pub fn target_form(parts: &Request<Incoming>) -> Result<(), String> {
+    let host = parts.headers().get(HOST);
+    let Some(scheme) = parts.uri().scheme_str() else {
+        if parts.method() == Method::CONNECT {
+            return Ok(());
+        }
+        return Err(format!(
+            "a target of the authority form ({}) is only for CONNECT",
+            parts.uri()
+        ));
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(format!(
+            "unsupported scheme {scheme:?} in the request target"
+        ));
+    }
+    if parts
+        .uri()
+        .authority()
+        .is_some_and(|a| normalize_host(a.as_str()).is_none())
+    {
+        return Err(format!(
+            "invalid host in the request target {}",
+            parts.uri()
+        ));
+    }
+    match host {
+        None if parts.version() >= Version::HTTP_11 => Err("missing Host header".to_owned()),
+        Some(h)
+            if std::str::from_utf8(h.as_bytes())
+                .ok()
+                .and_then(normalize_host)
+                .is_none() =>
+        {
+            Err(format!(
+                "invalid Host header {:?}",
+                String::from_utf8_lossy(h.as_bytes())
+            ))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -109,10 +109,19 @@ pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
     // One pass over the bytes: find the port separator, check every byte, note upper
     // case. A table lookup per byte rather than a chain of range tests: this runs on
     // every request.
+    // Labels are checked as the config's are: none empty, none over 63 bytes.
     let bytes = host.as_bytes();
     let mut end = bytes.len();
     let mut upper = false;
+    let mut label = 0usize;
     for (i, &b) in bytes.iter().enumerate() {
+        if b == b'.' {
+            if label == 0 {
+                return None;
+            }
+            label = 0;
+            continue;
+        }
         match HOST_BYTE[b as usize] {
             LOWER => {}
             UPPER => upper = true,
@@ -125,10 +134,14 @@ pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
             }
             _ => return None,
         }
+        label += 1;
+        if label > MAX_LABEL {
+            return None;
+        }
     }
     let host = &host[..end];
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() {
+    if host.is_empty() || host.len() > MAX_NAME || host.ends_with('.') {
         return None;
     }
     if upper {
@@ -162,8 +175,15 @@ static HOST_BYTE: [u8; 256] = {
 };
 
 fn is_port(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit())
+    !s.is_empty()
+        && s.len() <= 5
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && s.parse::<u16>().is_ok_and(|p| p != 0)
 }
+
+/// Longest label, and longest name, of a domain (RFC 1035).
+const MAX_LABEL: usize = 63;
+const MAX_NAME: usize = 253;
 
 /// Maps domains to values (servers). Built once per configuration and then only read.
 #[derive(Debug)]
@@ -258,7 +278,21 @@ mod tests {
             ("a b", None),
             ("host:port", None),
             ("[::1", None),
+            // Names the config would refuse are refused here too.
+            ("..hello.localhost", None),
+            (".hello.localhost", None),
+            ("a..b", None),
+            ("hello.localhost..", None),
+            ("hello.localhost:99999", None),
+            ("hello.localhost:0", None),
+            ("hello.localhost:65535", Some("hello.localhost")),
         ];
+        let long_label = format!("{}.hello.localhost", "a".repeat(64));
+        assert_eq!(normalize_host(&long_label), None);
+        let ok_label = format!("{}.hello.localhost", "a".repeat(63));
+        assert!(normalize_host(&ok_label).is_some());
+        let long_name = format!("{}hello.localhost", "abcdefghi.".repeat(25));
+        assert_eq!(normalize_host(&long_name), None);
         for (raw, want) in cases {
             assert_eq!(normalize_host(raw).as_deref(), want, "{raw:?}");
         }
