@@ -12,6 +12,8 @@
 //!   write stuck for `write_timeout`: closed; nothing moving either way for
 //!   `idle_timeout`: asked to finish (HTTP/2: GOAWAY), then closed if still quiet after
 //!   as long again. (HTTP/1's header deadline is hyper's `header_read_timeout`.)
+//! - `Trim` says when a storm of connections is over, so that `trim_memory` gives what
+//!   it freed back to the system.
 //! - `raise_fd_limit` lifts the descriptor limit to its hard maximum at start, and
 //!   `effective_max` keeps `max` below it, so that accepting never fails for lack of
 //!   descriptors while files, plugins and other sockets still need some.
@@ -342,6 +344,39 @@ pub fn raise_fd_limit() -> Option<u64> {
     }
 }
 
+/// Gives the allocator's free memory back to the system (glibc keeps what a storm of
+/// connections freed in its arenas otherwise). Elsewhere, nothing.
+pub fn trim_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas; any padding is valid.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// When to give memory back: after the open connections fell to a quarter of a peak of
+/// at least `TRIM_PEAK`.
+#[derive(Debug, Default)]
+pub struct Trim {
+    peak: usize,
+}
+
+/// The smallest peak worth trimming after.
+const TRIM_PEAK: usize = 1000;
+
+impl Trim {
+    /// Notes how many connections are open; true when it is time to trim.
+    pub fn after(&mut self, open: usize) -> bool {
+        self.peak = self.peak.max(open);
+        if self.peak >= TRIM_PEAK && open <= self.peak / 4 {
+            // The next storm must reach TRIM_PEAK again.
+            self.peak = 0;
+            return true;
+        }
+        false
+    }
+}
+
 /// `max` connections, lowered to fit the descriptor limit `fds` (with some reserved).
 pub fn effective_max(max: usize, fds: Option<u64>) -> usize {
     match fds {
@@ -392,6 +427,19 @@ mod tests {
         b.write_stuck.store(200, Ordering::Relaxed);
         assert_eq!(judge(&b, 3199, &l), Verdict::Keep);
         assert_eq!(judge(&b, 3200, &l), Verdict::Close(Reason::WriteStuck));
+    }
+
+    #[test]
+    fn memory_is_given_back_once_after_each_storm() {
+        let mut trim = Trim::default();
+        assert!(!trim.after(500));
+        assert!(!trim.after(0), "a peak of 500 is no storm");
+        assert!(!trim.after(10_000));
+        assert!(!trim.after(2_600));
+        assert!(trim.after(2_500));
+        assert!(!trim.after(100), "once per storm");
+        assert!(!trim.after(4_000));
+        assert!(trim.after(900));
     }
 
     #[test]

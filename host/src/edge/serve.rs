@@ -154,7 +154,7 @@ pub async fn serve(
     let connections = Arc::new(Connections::default());
     let gate = Arc::new(Gate::default());
     let fds = limits::raise_fd_limit();
-    let sweeper = tokio::spawn(sweep(servers.clone(), connections.clone()));
+    let sweeper = tokio::spawn(sweep(servers.clone(), connections.clone(), gate.clone()));
     let mut refusals = Refusals::default();
     tokio::pin!(stop);
     loop {
@@ -382,14 +382,20 @@ impl<C> Drop for Watched<C> {
 }
 
 /// Checks every open HTTP connection against its deadlines, a few times a second, and
-/// logs what it closed (at most once per `LIMIT_LOG_EVERY`, with counts).
-async fn sweep(servers: Arc<Microservers>, connections: Arc<Connections>) {
+/// logs what it closed (at most once per `LIMIT_LOG_EVERY`, with counts). Gives memory
+/// back to the system after a storm of connections.
+async fn sweep(servers: Arc<Microservers>, connections: Arc<Connections>, gate: Arc<Gate>) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closed: HashMap<Reason, u64> = HashMap::new();
     let mut logged: Option<std::time::Instant> = None;
+    let mut trim = limits::Trim::default();
     loop {
         every.tick().await;
+        if trim.after(gate.open()) {
+            // Off the runtime's threads: it can take a few milliseconds.
+            let _ = tokio::task::spawn_blocking(limits::trim_memory).await;
+        }
         let now = limits::tick();
         let limits = servers.routing().limits.connections.clone();
         for open in connections.lock().values() {
