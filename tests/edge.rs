@@ -367,3 +367,35 @@ fn request_targets_and_hosts_follow_one_rule() {
     let long = format!("GET / HTTP/1.1\r\nhost: {}.hello.localhost", "a".repeat(64));
     assert_eq!(ask(&long).status, 400);
 }
+
+#[test]
+fn past_max_in_flight_a_server_sheds_requests_with_503() {
+    let config = r#"{"global": {"limits": {"max_in_flight": 3}},
+      "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("edge-shed", config)
+        .plugin("hello", "hello.so")
+        .start();
+    std::thread::scope(|scope| {
+        let slow: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| host.get("hello.localhost", "/slow?ms=2000").status))
+            .collect();
+        host.wait_until("three requests are in flight", || {
+            let reply = host.get("hello.localhost", "/");
+            reply.status == 503
+        });
+        let reply = host.get("hello.localhost", "/");
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.header("retry-after"), Some("1"));
+        assert!(reply.body.contains("max_in_flight"), "{}", reply.body);
+        assert!(reply.header("x-request-id").is_some());
+        for s in slow {
+            assert_eq!(s.join().unwrap(), 200);
+        }
+    });
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+    host.wait_for_log(&[
+        "requests refused with 503",
+        "server=hello",
+        "max_in_flight=3",
+    ]);
+}

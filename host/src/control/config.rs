@@ -127,6 +127,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Most header fields a request may carry (HTTP/1.1); more gets 431.
     pub max_headers: usize,
+    /// Most requests one server handles at once (its streamed responses included);
+    /// more get 503 with `Retry-After`.
+    pub max_in_flight: usize,
     pub websocket: WebSocketLimits,
     pub connections: ConnectionLimits,
 }
@@ -137,6 +140,7 @@ impl Default for Limits {
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             max_headers: 100,
+            max_in_flight: 2048,
             websocket: WebSocketLimits::default(),
             connections: ConnectionLimits::default(),
         }
@@ -662,7 +666,12 @@ impl Validator {
             Some(v) => out.default_server = self.string(v, "global.default_server"),
         }
         if let Some(limits) = map.get("limits") {
-            let allowed = ["max_body_bytes", "request_timeout_ms", "max_headers"];
+            let allowed = [
+                "max_body_bytes",
+                "request_timeout_ms",
+                "max_headers",
+                "max_in_flight",
+            ];
             if let Some(l) = self.object(limits, "global.limits", &allowed) {
                 if let Some(v) = l.get("max_body_bytes") {
                     if let Some(n) = self.whole_number(v, "global.limits.max_body_bytes", 0) {
@@ -677,6 +686,11 @@ impl Validator {
                 if let Some(v) = l.get("max_headers") {
                     if let Some(n) = self.whole_number(v, "global.limits.max_headers", 1) {
                         out.limits.max_headers = n as usize;
+                    }
+                }
+                if let Some(v) = l.get("max_in_flight") {
+                    if let Some(n) = self.whole_number(v, "global.limits.max_in_flight", 1) {
+                        out.limits.max_in_flight = usize::try_from(n).unwrap_or(usize::MAX);
                     }
                 }
             }

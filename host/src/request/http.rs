@@ -496,6 +496,35 @@ pub(super) fn resolve<'r, 'p>(
     })
 }
 
+/// 503 for a server that has `max` requests in flight already (logged at most once per
+/// 10 s in all).
+#[cold]
+#[inline(never)]
+fn busy(server: &Server, max: usize, name: Option<Arc<str>>) -> Refused {
+    static LOGGED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    static SHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let shed = SHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+        *logged = Some(Instant::now());
+        tracing::warn!(
+            server = %server.name,
+            max_in_flight = max,
+            shed_total = shed,
+            "requests refused with 503: the server has global.limits.max_in_flight requests in flight"
+        );
+    }
+    let message = format!(
+        "{} has {max} requests in flight, its most (global.limits.max_in_flight); try again shortly",
+        server.name
+    );
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &message);
+    response
+        .headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    Refused::Done(Box::new((response, name)))
+}
+
 pub(super) fn unavailable(server: &Server, reason: &str) -> Response<Body> {
     let message = format!("microserver {:?} is not available: {reason}", &*server.name);
     error(StatusCode::SERVICE_UNAVAILABLE, &message)
@@ -690,6 +719,10 @@ fn dispatch(
             }
         };
         let g: &Generation = generation.generation();
+        // Load shedding: the count includes this request.
+        if g.in_flight() > routing.limits.max_in_flight {
+            return Err(busy(server, routing.limits.max_in_flight, name));
+        }
         let (route, found_params, names) =
             match g.routes.find(parts.method.as_str(), parts.uri.path()) {
                 RouteMatch::Found {
