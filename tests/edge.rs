@@ -293,7 +293,10 @@ fn drop_in_plugins_are_served_only_on_loopback_unless_asked() {
             .start_with_config_listen()
     };
     let host = public("edge-dropin-public", "");
-    host.wait_for_log(&["loaded plugin library", "plugin=hello"]);
+    host.wait_for_log(&[
+        "plugin=hello",
+        "drop-in plugins are served only on loopback",
+    ]);
     assert_eq!(host.get("hello.localhost", "/").status, 404);
     let host = public("edge-dropin-asked", r#", "drop_in_plugins": true"#);
     host.wait_until("the drop-in is served", || {

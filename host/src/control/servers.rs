@@ -669,14 +669,28 @@ impl Microservers {
                 Err(e) => Err(e),
             };
             match &outcome {
-                Ok(library) => tracing::info!(
-                    plugin = %library.name,
-                    version = %library.version,
-                    build = %library.build(),
-                    api = %library.api_version,
-                    file = %path.display(),
-                    "loaded plugin library"
-                ),
+                Ok(library) => {
+                    tracing::info!(
+                        plugin = %library.name,
+                        version = %library.version,
+                        build = %library.build(),
+                        api = %library.api_version,
+                        file = %path.display(),
+                        "loaded plugin library"
+                    );
+                    let stem = file_stem(&path);
+                    let named = control
+                        .config
+                        .servers
+                        .iter()
+                        .any(|s| s.plugin == library.name || Some(&s.plugin) == stem.as_ref());
+                    if !named && !control.config.global.serves_drop_ins() {
+                        tracing::info!(
+                            plugin = %library.name,
+                            "no server names this plugin, and drop-in plugins are served only on loopback listeners (global.drop_in_plugins): it is not served"
+                        );
+                    }
+                }
                 Err(e) if matches!(e.reason, LoadFailure::Incomplete(_)) => {
                     tracing::warn!("refused plugin {e} (looking again while it changes)");
                     report.retry = true;
