@@ -402,3 +402,29 @@ fn past_max_in_flight_a_server_sheds_requests_with_503() {
         "max_in_flight=3",
     ]);
 }
+
+#[test]
+fn an_idle_http2_connection_is_closed() {
+    let host = host("edge-h2-idle", r#"{"idle_timeout_ms": 1000}"#);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = host.addr;
+    let ended = runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let request = hyper::Request::get("http://hello.localhost/")
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        assert_eq!(response.await.unwrap().status(), 200);
+        // Quiet from here: the host asks it to finish (GOAWAY) and it ends.
+        tokio::time::timeout(Duration::from_secs(8), conn)
+            .await
+            .is_ok()
+    });
+    assert!(ended, "an idle HTTP/2 connection was still open after 8 s");
+}

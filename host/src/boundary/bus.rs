@@ -45,7 +45,8 @@ impl Inbox {
     /// An inbox holding at most `capacity` events, and the receiving end for whoever
     /// delivers them.
     pub fn new(server: Arc<str>, capacity: usize) -> (Arc<Inbox>, mpsc::Receiver<BusEvent>) {
-        let (queue, rx) = mpsc::channel(capacity.max(1));
+        // Bounded above too: tokio refuses a channel of more than usize::MAX >> 3.
+        let (queue, rx) = mpsc::channel(capacity.clamp(1, 1 << 24));
         let inbox = Inbox {
             server,
             queue,

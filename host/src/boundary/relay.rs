@@ -25,7 +25,9 @@
 //! - A message from another host is delivered locally only, never forwarded again.
 //! - The log says what happened once per change of state (connected, lost, back, with
 //!   the count of messages lost meanwhile), never once per message or per retry.
-//! - Reconnecting waits 1 s after a loss, doubling to 30 s while Redis stays away.
+//! - Reconnecting waits 1 s after a loss, doubling to 30 s while Redis stays away; a
+//!   link that fails within 30 s of connecting does not start again from 1 s, so a
+//!   flapping link is tried (and logged) at most every 30 s.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +52,11 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// Most messages published in one round trip.
 const BATCH: usize = 256;
+/// A link must hold this long for the next loss to be retried after `FIRST_RETRY`
+/// again (a link that fails at once keeps backing off).
+const STEADY: Duration = Duration::from_secs(30);
+/// The most messages the queue to Redis holds, whatever the config asks.
+const MAX_QUEUE: usize = 1 << 20;
 /// How often a full queue is logged, at most.
 const FULL_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -76,7 +83,7 @@ pub struct Relay {
 /// the log says when it succeeds or fails.
 pub fn start(url: &str, prefix: &str, queue: usize) -> Result<(), String> {
     let client = redis::Client::open(url).map_err(|e| format!("not a Redis URL: {e}"))?;
-    let (tx, rx) = mpsc::channel(queue.max(1));
+    let (tx, rx) = mpsc::channel(queue.clamp(1, MAX_QUEUE));
     let relay = Arc::new(Relay {
         origin: host_id(),
         prefix: prefix.to_owned(),
@@ -198,8 +205,11 @@ impl Relay {
                             "bus over Redis: connected again; messages for other hosts published while it was away were lost"
                         ),
                     }
-                    retry = FIRST_RETRY;
+                    let up_since = Instant::now();
                     let why = self.relay(conn, sink, stream, &mut rx).await;
+                    if up_since.elapsed() >= STEADY {
+                        retry = FIRST_RETRY;
+                    }
                     away = Some((Instant::now(), self.go_down(&mut rx)));
                     tracing::warn!(
                         redis = %self.shown_url,
@@ -221,9 +231,7 @@ impl Relay {
                 }
             }
             tokio::time::sleep(retry).await;
-            if away.is_some() {
-                retry = (retry * 2).min(LAST_RETRY);
-            }
+            retry = (retry * 2).min(LAST_RETRY);
         }
     }
 

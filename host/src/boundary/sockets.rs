@@ -78,10 +78,11 @@ struct Outbox {
 
 impl Outbox {
     fn push(&self, item: Outgoing) -> bool {
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the lock: the socket task's end sets it and empties the queue under it.
         if self.ended.load(Ordering::SeqCst) {
             return false;
         }
-        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
         items.push_back(item);
         self.len.store(items.len(), Ordering::SeqCst);
         drop(items);
@@ -141,9 +142,9 @@ impl Outgoings {
 
 impl Drop for Outgoings {
     fn drop(&mut self) {
-        self.outbox.ended.store(true, Ordering::SeqCst);
         // What was never sent goes now, not when the last handle to the connection does.
         let mut items = self.outbox.items.lock().unwrap_or_else(|p| p.into_inner());
+        self.outbox.ended.store(true, Ordering::SeqCst);
         items.clear();
         self.outbox.len.store(0, Ordering::SeqCst);
     }

@@ -138,6 +138,11 @@ pub fn judge(a: &Activity, now: u64, limits: &ConnectionLimits) -> Verdict {
     }
     let idle = ms(limits.idle_timeout);
     if since(a.last_io.load(Ordering::Relaxed)) < idle {
+        // Bytes moved again since it was asked to finish (an HTTP/2 connection whose
+        // streams go on after GOAWAY): quiet counts from scratch.
+        if a.finish_asked.load(Ordering::Relaxed) != 0 {
+            a.finish_asked.store(0, Ordering::Relaxed);
+        }
         return Verdict::Keep;
     }
     match a.finish_asked.load(Ordering::Relaxed) {
@@ -421,6 +426,14 @@ mod tests {
         assert_eq!(judge(&a, 5100, &l), Verdict::Finish);
         assert_eq!(judge(&a, 6000, &l), Verdict::Keep);
         assert_eq!(judge(&a, 10_100, &l), Verdict::Close(Reason::Idle));
+        // Traffic after the request to finish starts the count again.
+        let c = activity(100);
+        c.requested();
+        assert_eq!(judge(&c, 5100, &l), Verdict::Finish);
+        c.last_io.store(6000, Ordering::Relaxed);
+        assert_eq!(judge(&c, 6000, &l), Verdict::Keep);
+        assert_eq!(judge(&c, 10_999, &l), Verdict::Keep);
+        assert_eq!(judge(&c, 11_000, &l), Verdict::Finish);
         // A stuck write closes, whatever else.
         let b = activity(100);
         b.requested();

@@ -24,10 +24,6 @@ use crate::edge::limits::{self, Activity, Gate, Reason, Refused, Tracked, Verdic
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// How often connections closed or refused by a limit are logged, at most.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
-/// HTTP/2 keep-alive: a ping after this much silence, and the connection is closed if
-/// the answer takes longer than `H2_PING_TIMEOUT`.
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Accepted connections, from every listener.
 pub type Accepted = mpsc::Receiver<(TcpStream, SocketAddr)>;
@@ -188,8 +184,6 @@ pub async fn serve(
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(limits.http2_max_streams)
                     .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                    .keep_alive_interval(H2_PING_INTERVAL)
-                    .keep_alive_timeout(H2_PING_TIMEOUT)
                     // WebSockets over HTTP/2 (RFC 8441: extended CONNECT).
                     .enable_connect_protocol();
                 let servers = servers.clone();
