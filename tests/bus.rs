@@ -122,27 +122,29 @@ fn a_full_queue_drops_events_counts_and_logs_them_and_never_holds_up_the_publish
     let mut at_b = listen(&host, "b");
     // `b` (and `a`) spend 3 s on the first event; meanwhile 12 more are published.
     assert_eq!(publish(&host, "a", "slow:3000"), "2");
-    let mut accepted = Vec::new();
+    // Each server's queue takes what fits: 2, 1 (one server's task took the slow
+    // event out of its queue a little later than the other's) or 0 servers.
+    let started = std::time::Instant::now();
     for n in 1..=12 {
         let took = publish(&host, "a", &n.to_string());
-        assert!(took == "2" || took == "0", "{took}");
-        if took == "2" {
-            accepted.push(n.to_string());
-        }
+        assert!(["0", "1", "2"].contains(&took.as_str()), "{took}");
     }
     // All 12 were answered before the slow handler finished: the publisher never waits.
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500));
     assert_eq!(next_event(&mut at_b).1, "slow:3000");
-    assert!(
-        (3..=4).contains(&accepted.len()),
-        "a queue of 4 took {accepted:?}"
-    );
-    for expected in &accepted {
-        assert_eq!(&next_event(&mut at_b).1, expected);
-    }
-    host.wait_for_log(&["server=b", "bus events dropped", "capacity=4"]);
-    // Later events are delivered again.
+    // `b` then gets what its queue of 4 held, in order, and nothing else.
     publish(&host, "a", "later");
-    assert_eq!(next_event(&mut at_b).1, "later");
+    let mut got = Vec::new();
+    loop {
+        let (_, payload) = next_event(&mut at_b);
+        if payload == "later" {
+            break;
+        }
+        got.push(payload.parse::<u32>().expect("a number"));
+    }
+    assert!((3..=4).contains(&got.len()), "a queue of 4 took {got:?}");
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "reordered: {got:?}");
+    host.wait_for_log(&["server=b", "bus events dropped", "capacity=4"]);
 
     // A handler that panics is logged; the next event is handled.
     publish(&host, "a", "panic");
