@@ -132,9 +132,13 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-/// A fresh folder for one test.
+/// A fresh folder for one test. The folders of earlier test runs (named after a process
+/// that no longer runs) are removed the first time: each holds copies of plugin
+/// libraries, tens of MB a test. The last run's folders stay for a look after a failure.
 pub fn temp_dir(label: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(remove_stale_dirs);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "{label}-{}-{}",
         std::process::id(),
@@ -143,6 +147,32 @@ pub fn temp_dir(label: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("plugins")).unwrap();
     dir
+}
+
+/// Removes the folders `temp_dir` made in runs whose process has ended.
+fn remove_stale_dirs() {
+    if !cfg!(target_os = "linux") {
+        return; // no /proc to ask whether a process runs
+    }
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // `<label>-<pid>-<n>`
+        let mut parts = name.rsplitn(3, '-');
+        let (Some(n), Some(pid), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(_), Ok(pid)) = (n.parse::<u64>(), pid.parse::<u32>()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A host set-up: a folder with a config file and a plugin folder. The host runs in
