@@ -19,4 +19,5 @@ mod robustness;
 mod routing;
 mod runtime;
 mod streaming;
+mod tls;
 mod websocket;

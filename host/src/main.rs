@@ -12,6 +12,7 @@ use host::control::reload::ControlLoop;
 use host::control::servers::Microservers;
 use host::control::watch;
 use host::edge::serve::Listeners;
+use host::edge::tls::Tls;
 use tracing_subscriber::EnvFilter;
 
 /// Runs many web microservers, each a plugin library, in one process, routed by domain.
@@ -31,7 +32,8 @@ struct Args {
     #[arg(long)]
     check: bool,
 
-    /// Listen on this address instead of global.listen (repeatable), e.g. 127.0.0.1:8080.
+    /// Listen on this address instead of global.listen (repeatable), e.g. 127.0.0.1:8080:
+    /// plain HTTP/1.1 and HTTP/2.
     #[arg(long, value_name = "ADDR")]
     listen: Vec<SocketAddr>,
 
@@ -85,7 +87,11 @@ fn main() -> ExitCode {
         }
     };
     if !args.listen.is_empty() {
-        config.global.listen = args.listen.clone();
+        config.global.listen = args
+            .listen
+            .iter()
+            .map(|a| config::Listen::plain(*a))
+            .collect();
     }
     let plugin_dir = match &args.plugin_dir {
         Some(dir) => dir.clone(),
@@ -135,6 +141,19 @@ async fn run(
             return ExitCode::FAILURE;
         }
     };
+    // Listed certificates are loaded even with no TLS listener yet (a config change may
+    // add one); the development one is made when a listener needs it.
+    let tls = {
+        let (settings, domains) = (config.global.tls.clone(), config.domains());
+        let in_use = config.global.has_tls();
+        match tokio::task::spawn_blocking(move || Tls::new(&settings, &domains, in_use)).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                eprintln!("error: loading the TLS certificates failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     // Before the servers start, so that what their `init` publishes reaches other hosts
     // once connected.
     if let config::BusBackend::Redis {
@@ -174,11 +193,15 @@ async fn run(
     }));
     let reload = &config.global.reload;
     let _watch = if reload.watch {
-        match watch::watch(&plugin_dir, &config_file, reload.debounce) {
+        let certificates = Tls::files(&config.global.tls);
+        match watch::watch(&plugin_dir, &config_file, &certificates, reload.debounce) {
             Ok((watch, changes)) => {
+                let watch = Arc::new(watch);
                 let control = ControlLoop {
                     servers: servers.clone(),
                     listeners: listeners.clone(),
+                    tls: tls.clone(),
+                    watch: Arc::downgrade(&watch),
                     config_file,
                     listen_override,
                 };
@@ -200,7 +223,7 @@ async fn run(
     };
     let grace = config.global.shutdown_timeout;
     let requests_until =
-        host::edge::serve::serve(servers.clone(), listeners, accepted, stop, grace).await;
+        host::edge::serve::serve(servers.clone(), listeners, tls, accepted, stop, grace).await;
     // No more file events; then every server stops: requests still inside a plugin get
     // what is left of the grace period, then every shutdown hook runs, with a deadline.
     drop(_watch);
@@ -212,8 +235,11 @@ async fn run(
 }
 
 fn check(config: &Config, config_path: &std::path::Path, plugin_dir: PathBuf) -> ExitCode {
-    let (servers, report) = Microservers::start(config, plugin_dir);
+    let (servers, mut report) = Microservers::start(config, plugin_dir);
     servers.shutdown_all(std::time::Instant::now(), config.global.shutdown_timeout);
+    report
+        .problems
+        .extend(host::edge::tls::check(&config.global.tls));
     if report.problems.is_empty() {
         let n = servers.routing().servers.len();
         println!(

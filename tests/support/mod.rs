@@ -292,7 +292,12 @@ impl Setup {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(addr) = line.split("listening on http://").nth(1) {
+                // The first listener, plain or TLS.
+                let addr = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .or_else(|| line.split("listening on https://").nth(1));
+                if let Some(addr) = addr {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
                     }
@@ -457,6 +462,13 @@ impl Host {
         }
     }
 
+    /// The address of the first listener that speaks TLS (from its log line).
+    pub fn https_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log(&["listening on https://"]);
+        let addr = line.split("listening on https://").nth(1).unwrap();
+        addr.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     /// How many log lines contain every one of `needles`.
     pub fn count_log_lines(&self, needles: &[&str]) -> usize {
         self.logs()
@@ -618,7 +630,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn parse(raw: &[u8]) -> Reply {
+    pub fn parse(raw: &[u8]) -> Reply {
         let text = String::from_utf8_lossy(raw);
         let (head, body) = text
             .split_once("\r\n\r\n")

@@ -396,7 +396,7 @@ pub(crate) fn host_cmd<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command 
     cmd.arg("--config")
         .arg(dir.join("servers.config.json"))
         .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn,host::serve=info")
+        .env("RUST_LOG", "warn,host::edge::serve=info")
 }
 
 /// Median time from spawning the host to its first served request, and its resident

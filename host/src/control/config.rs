@@ -25,7 +25,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Global {
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<Listen>,
     /// Absolute, or relative to the directory that holds the config file.
     pub plugin_dir: PathBuf,
     pub default_server: Option<String>,
@@ -36,6 +36,98 @@ pub struct Global {
     pub shutdown_timeout: Duration,
     pub reload: Reload,
     pub bus: BusConfig,
+    pub tls: TlsConfig,
+}
+
+/// One listening socket (`global.listen[i]`): a string (plain HTTP, both protocols) or
+/// `{"address", "tls", "protocols"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub address: SocketAddr,
+    /// TLS on this socket, with the certificates of `global.tls`.
+    pub tls: bool,
+    /// HTTP/1.1 spoken (`"http/1.1"` in `protocols`).
+    pub http1: bool,
+    /// HTTP/2 spoken (`"h2"` in `protocols`): chosen by ALPN over TLS, by its preface
+    /// (prior knowledge) on plain sockets.
+    pub http2: bool,
+}
+
+impl Listen {
+    /// Plain HTTP/1.1 and HTTP/2 on `address`.
+    pub fn plain(address: SocketAddr) -> Self {
+        Listen {
+            address,
+            tls: false,
+            http1: true,
+            http2: true,
+        }
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// TLS certificates (`global.tls`), for every listener with `"tls": true`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TlsConfig {
+    pub certificates: Vec<CertificateFiles>,
+    /// Make a certificate at start for every configured domain, signed by a local
+    /// development CA kept in `self_signed_dir` (made on first use).
+    pub self_signed: bool,
+    /// Where the development CA lives: `.dev-tls` beside the config file.
+    pub self_signed_dir: PathBuf,
+    /// What a client gets when it names no domain any certificate is for.
+    pub unknown_name: UnknownName,
+}
+
+/// A certificate chain and its key, in PEM files (`global.tls.certificates[i]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    /// The chain, leaf first. Relative paths are relative to the config file's folder.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The domains it is chosen for (exact, or `*.` wildcards). Empty: the names the
+    /// certificate itself lists.
+    pub domains: Vec<String>,
+}
+
+/// `global.tls.unknown_name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownName {
+    /// The first certificate listed (or the self-signed one): the client decides.
+    #[default]
+    Default,
+    /// End the handshake with an alert.
+    Reject,
+}
+
+/// The folder, beside the config file, that holds the development CA.
+pub const SELF_SIGNED_DIR: &str = ".dev-tls";
+
+impl Config {
+    /// Every domain an enabled server answers for (what the development certificate
+    /// covers).
+    pub fn domains(&self) -> Vec<DomainPattern> {
+        self.servers
+            .iter()
+            .filter(|s| s.enabled)
+            .flat_map(|s| s.domains.iter().cloned())
+            .collect()
+    }
+}
+
+impl Global {
+    /// Whether any listener speaks TLS.
+    pub fn has_tls(&self) -> bool {
+        self.listen.iter().any(|l| l.tls)
+    }
 }
 
 /// When libraries that no server names are served (`global.drop_in_plugins`).
@@ -53,7 +145,7 @@ impl Global {
         match self.drop_in_plugins {
             DropIn::Always => true,
             DropIn::Never => false,
-            DropIn::Loopback => self.listen.iter().all(|a| a.ip().is_loopback()),
+            DropIn::Loopback => self.listen.iter().all(|l| l.address.ip().is_loopback()),
         }
     }
 }
@@ -228,6 +320,8 @@ pub struct ServerConfig {
     pub enabled: bool,
     /// The opaque `config` object handed to the plugin's init, as JSON text.
     pub plugin_config: String,
+    /// Requests on plain listeners are sent to `https://` with 308.
+    pub redirect_https: bool,
 }
 
 /// One thing wrong with a config file, at a JSON path such as `servers[2].domains[0]`.
@@ -290,10 +384,20 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
         }],
     };
     let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read: {e}")))?;
-    parse(&text, &|name| std::env::var(name).ok()).map_err(|problems| ConfigError {
-        file: file.to_owned(),
-        problems,
-    })
+    let mut config =
+        parse(&text, &|name| std::env::var(name).ok()).map_err(|problems| ConfigError {
+            file: file.to_owned(),
+            problems,
+        })?;
+    // Files the config names are relative to its folder.
+    let folder = file.parent().unwrap_or(Path::new(""));
+    let tls = &mut config.global.tls;
+    tls.self_signed_dir = folder.join(&tls.self_signed_dir);
+    for c in &mut tls.certificates {
+        c.cert = folder.join(&c.cert);
+        c.key = folder.join(&c.key);
+    }
+    Ok(config)
 }
 
 /// Parses and validates config text, looking `${VAR}` up with `env`.
@@ -572,10 +676,143 @@ impl Validator {
         }
     }
 
+    /// `"127.0.0.1:7777"`, or `{"address": ..., "tls": ..., "protocols": [...]}`.
+    fn listener(&mut self, item: &Value, path: &str) -> Option<Listen> {
+        let address = |this: &mut Self, value: &Value, path: &str| {
+            let s = this.string(value, path)?;
+            match s.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    this.problem(
+                        path,
+                        format!("{s:?} is not an IP address with a port, such as \"127.0.0.1:7777\" or \"[::1]:7777\""),
+                    );
+                    None
+                }
+            }
+        };
+        if !item.is_object() {
+            return address(self, item, path).map(Listen::plain);
+        }
+        let map = self.object(item, path, &["address", "tls", "protocols"])?;
+        let Some(addr) = map.get("address") else {
+            self.problem(path, "missing key `address`");
+            return None;
+        };
+        let mut out = Listen::plain(address(self, addr, &join(path, "address"))?);
+        match map.get("tls") {
+            None => {}
+            Some(Value::Bool(b)) => out.tls = *b,
+            Some(other) => self.problem(
+                &join(path, "tls"),
+                format!("expected true or false, found {}", kind(other)),
+            ),
+        }
+        if let Some(protocols) = map.get("protocols") {
+            let p = join(path, "protocols");
+            let names: Vec<&Value> = match protocols {
+                Value::Array(a) if !a.is_empty() => a.iter().collect(),
+                _ => {
+                    self.problem(
+                        &p,
+                        "expected a list of protocols: \"http/1.1\", \"h2\" or both",
+                    );
+                    return None;
+                }
+            };
+            out.http1 = false;
+            out.http2 = false;
+            for (i, name) in names.into_iter().enumerate() {
+                match name.as_str() {
+                    Some("http/1.1") => out.http1 = true,
+                    Some("h2") => out.http2 = true,
+                    _ => self.problem(
+                        &format!("{p}[{i}]"),
+                        format!("{name} is not a protocol: \"http/1.1\" or \"h2\""),
+                    ),
+                }
+            }
+        }
+        (out.http1 || out.http2).then_some(out)
+    }
+
+    fn tls(&mut self, value: &Value, out: &mut TlsConfig) {
+        let allowed = ["certificates", "self_signed", "unknown_name"];
+        let Some(map) = self.object(value, "global.tls", &allowed) else {
+            return;
+        };
+        match map.get("self_signed") {
+            None => {}
+            Some(Value::Bool(b)) => out.self_signed = *b,
+            Some(other) => self.problem(
+                "global.tls.self_signed",
+                format!("expected true or false, found {}", kind(other)),
+            ),
+        }
+        match map.get("unknown_name").map(|v| (v, v.as_str())) {
+            None => {}
+            Some((_, Some("default"))) => out.unknown_name = UnknownName::Default,
+            Some((_, Some("reject"))) => out.unknown_name = UnknownName::Reject,
+            Some((v, _)) => self.problem(
+                "global.tls.unknown_name",
+                format!("expected \"default\" or \"reject\", found {v}"),
+            ),
+        }
+        let Some(certs) = map.get("certificates") else {
+            return;
+        };
+        let Some(items) = certs.as_array() else {
+            self.problem(
+                "global.tls.certificates",
+                format!("expected an array, found {}", kind(certs)),
+            );
+            return;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("global.tls.certificates[{i}]");
+            let Some(c) = self.object(item, &path, &["cert", "key", "domains"]) else {
+                continue;
+            };
+            let file = |this: &mut Self, key: &str| match c.get(key) {
+                Some(v) => this.string(v, &join(&path, key)).map(PathBuf::from),
+                None => {
+                    this.problem(&path, format!("missing key `{key}`"));
+                    None
+                }
+            };
+            let (cert, key) = (file(self, "cert"), file(self, "key"));
+            let mut domains = Vec::new();
+            if let Some(d) = c.get("domains") {
+                let p = join(&path, "domains");
+                match d.as_array() {
+                    Some(list) if !list.is_empty() => {
+                        for (j, item) in list.iter().enumerate() {
+                            let p = format!("{p}[{j}]");
+                            if let Some(s) = self.string(item, &p) {
+                                match DomainPattern::parse(&s) {
+                                    Ok(d) => domains.push(d.to_string()),
+                                    Err(InvalidDomain(why)) => self
+                                        .problem(&p, format!("{s:?} is not a valid domain: {why}")),
+                                }
+                            }
+                        }
+                    }
+                    _ => self.problem(&p, "expected a non-empty array of domains"),
+                }
+            }
+            if let (Some(cert), Some(key)) = (cert, key) {
+                out.certificates
+                    .push(CertificateFiles { cert, key, domains });
+            }
+        }
+    }
+
     fn config(&mut self, root: &Value) -> Config {
         let mut config = Config {
             global: Global {
-                listen: vec![DEFAULT_LISTEN.parse().expect("valid default")],
+                listen: vec![Listen::plain(
+                    DEFAULT_LISTEN.parse().expect("valid default"),
+                )],
                 plugin_dir: PathBuf::from("plugins"),
                 default_server: None,
                 drop_in_plugins: DropIn::Loopback,
@@ -583,6 +820,10 @@ impl Validator {
                 shutdown_timeout: Duration::from_secs(10),
                 reload: Reload::default(),
                 bus: BusConfig::default(),
+                tls: TlsConfig {
+                    self_signed_dir: PathBuf::from(SELF_SIGNED_DIR),
+                    ..TlsConfig::default()
+                },
             },
             servers: Vec::new(),
         };
@@ -623,6 +864,7 @@ impl Validator {
             "bus",
             "connections",
             "drop_in_plugins",
+            "tls",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -640,21 +882,29 @@ impl Validator {
                     .collect(),
                 other => vec![("global.listen".to_owned(), other)],
             };
-            let mut addrs = Vec::new();
+            let mut listeners: Vec<Listen> = Vec::new();
             for (path, item) in items {
-                if let Some(s) = self.string(item, &path) {
-                    match s.parse::<SocketAddr>() {
-                        Ok(addr) => addrs.push(addr),
-                        Err(_) => self.problem(
-                            &path,
-                            format!("{s:?} is not an IP address with a port, such as \"127.0.0.1:7777\" or \"[::1]:7777\""),
-                        ),
+                if let Some(l) = self.listener(item, &path) {
+                    // Port 0 asks for a free port: each such entry gets its own.
+                    if l.address.port() != 0 && listeners.iter().any(|o| o.address == l.address) {
+                        self.problem(&path, format!("{} is listed twice", l.address));
+                    } else {
+                        listeners.push(l);
                     }
                 }
             }
-            if !addrs.is_empty() {
-                out.listen = addrs;
+            if !listeners.is_empty() {
+                out.listen = listeners;
             }
+        }
+        if let Some(tls) = map.get("tls") {
+            self.tls(tls, &mut out.tls);
+        }
+        if out.has_tls() && out.tls.certificates.is_empty() && !out.tls.self_signed {
+            self.problem(
+                "global.tls",
+                "a listener has \"tls\": true, but no certificate is configured: list global.tls.certificates, or set global.tls.self_signed to true for development",
+            );
         }
         if let Some(dir) = map.get("plugin_dir") {
             if let Some(s) = self.string(dir, "global.plugin_dir") {
@@ -791,7 +1041,14 @@ impl Validator {
     }
 
     fn server(&mut self, value: &Value, path: &str) -> Option<ServerConfig> {
-        let allowed = ["name", "domains", "plugin", "enabled", "config"];
+        let allowed = [
+            "name",
+            "domains",
+            "plugin",
+            "enabled",
+            "config",
+            "redirect_https",
+        ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
         let name = match map.get("name") {
@@ -857,6 +1114,17 @@ impl Validator {
         let plugin_config = map
             .get("config")
             .map_or_else(|| "null".to_owned(), Value::to_string);
+        let redirect_https = match map.get("redirect_https") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                self.problem(
+                    &join(path, "redirect_https"),
+                    format!("expected true or false, found {}", kind(other)),
+                );
+                false
+            }
+        };
         if self.problems.len() > before {
             return None;
         }
@@ -866,6 +1134,7 @@ impl Validator {
             plugin: plugin?,
             enabled,
             plugin_config,
+            redirect_https,
         })
     }
 
@@ -962,7 +1231,10 @@ mod tests {
     #[test]
     fn defaults_fill_a_minimal_config() {
         let c = parse(r#"{"servers": []}"#, &env).unwrap();
-        assert_eq!(c.global.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(
+            c.global.listen,
+            vec![Listen::plain(DEFAULT_LISTEN.parse().unwrap())]
+        );
         assert_eq!(c.global.plugin_dir, PathBuf::from("plugins"));
         assert_eq!(c.global.limits, Limits::default());
     }

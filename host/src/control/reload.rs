@@ -1,15 +1,16 @@
 //! The control loop: applies plugin-folder and config-file changes while the host serves.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::control::config;
 use crate::control::servers::Microservers;
-use crate::control::watch::Change;
+use crate::control::watch::{Change, Watch};
 use crate::edge::serve::Listeners;
+use crate::edge::tls::Tls;
 
 /// How often to look again at a library that was incomplete (still being written).
 const RETRY_INCOMPLETE: Duration = Duration::from_millis(200);
@@ -21,6 +22,9 @@ const RETRY_LIMIT: u32 = 25;
 pub struct ControlLoop {
     pub servers: Arc<Microservers>,
     pub listeners: Arc<Listeners>,
+    pub tls: Arc<Tls>,
+    /// To watch the certificate files a new config names.
+    pub watch: Weak<Watch>,
     pub config_file: PathBuf,
     /// Listen addresses were given on the command line: they win over the config's.
     pub listen_override: bool,
@@ -48,11 +52,13 @@ impl ControlLoop {
             // Take everything already queued, so a burst is handled once.
             let mut plugins: Option<Instant> = None;
             let mut config: Option<Instant> = None;
+            let mut certificates = false;
             let mut note = |c: Change| match c {
                 Change::Plugins { since } => {
                     plugins = Some(plugins.map_or(since, |p| p.min(since)))
                 }
                 Change::Config { since } => config = Some(config.map_or(since, |p| p.min(since))),
+                Change::Certificates => certificates = true,
             };
             note(change);
             while let Ok(more) = changes.try_recv() {
@@ -60,6 +66,19 @@ impl ControlLoop {
             }
             if let Some(since) = config {
                 self.apply_config(since).await;
+            } else if certificates {
+                // With the certificate settings in force.
+                let servers = self.servers.clone();
+                let tls = self.tls.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let config = servers.config();
+                    tls.apply(
+                        &config.global.tls,
+                        &config.domains(),
+                        config.global.has_tls(),
+                    );
+                })
+                .await;
             }
             if let Some(since) = plugins {
                 let servers = self.servers.clone();
@@ -96,9 +115,22 @@ impl ControlLoop {
         }
         let servers = self.servers.clone();
         let keep_listen = self.listen_override;
-        let applied =
-            tokio::task::spawn_blocking(move || servers.apply_config(new, since, keep_listen))
-                .await;
+        let (tls, tls_settings, domains) =
+            (self.tls.clone(), new.global.tls.clone(), new.domains());
+        let certificate_files = Tls::files(&tls_settings);
+        // Listeners from the command line (all plain) win over the config's.
+        let in_use = !self.listen_override && new.global.has_tls();
+        let applied = tokio::task::spawn_blocking(move || {
+            let applied = servers.apply_config(new, since, keep_listen);
+            // Certificates are read again in any case: the config's change may have been
+            // one of theirs.
+            tls.apply(&tls_settings, &domains, in_use);
+            applied
+        })
+        .await;
+        if let Some(watch) = self.watch.upgrade() {
+            watch.certificates(&certificate_files);
+        }
         if let Ok(Some(_)) = applied {
             tracing::info!(
                 took_ms = since.elapsed().as_micros() as f64 / 1000.0,

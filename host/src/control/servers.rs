@@ -128,6 +128,8 @@ pub struct Routing {
     pub domains: DomainTable<Arc<Server>>,
     pub servers: Vec<Arc<Server>>,
     pub limits: Limits,
+    /// Servers whose requests on plain listeners are redirected to HTTPS.
+    pub redirect_https: Vec<Arc<str>>,
 }
 
 /// What a server should run: from its config entry, or made up for a drop-in library.
@@ -416,6 +418,7 @@ impl Microservers {
                 domains: DomainTable::default(),
                 servers: Vec::new(),
                 limits: config.global.limits.clone(),
+                redirect_https: Vec::new(),
             }),
             control: Mutex::new(Control {
                 stopping: false,
@@ -441,6 +444,11 @@ impl Microservers {
     /// The current routing snapshot.
     pub fn routing(&self) -> arc_swap::Guard<Arc<Routing>> {
         self.routing.load()
+    }
+
+    /// The configuration in force (the last one applied).
+    pub fn config(&self) -> Config {
+        self.control().config.clone()
     }
 
     fn control(&self) -> MutexGuard<'_, Control> {
@@ -1199,6 +1207,13 @@ impl Microservers {
             domains,
             servers: control.servers.iter().map(|e| e.server.clone()).collect(),
             limits: control.config.global.limits.clone(),
+            redirect_https: control
+                .config
+                .servers
+                .iter()
+                .filter(|s| s.enabled && s.redirect_https)
+                .map(|s| Arc::from(s.name.as_str()))
+                .collect(),
         }));
     }
 }

@@ -4,7 +4,9 @@
 //! control loop then looks at the folder or the file itself. So a missed, merged or
 //! out-of-order event cannot leave the host in a wrong state: the next look fixes it.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use notify_debouncer_full::notify::event::{AccessKind, AccessMode, EventKind};
@@ -19,11 +21,17 @@ pub enum Change {
     Plugins { since: Instant },
     /// The config file was written or replaced.
     Config { since: Instant },
+    /// A certificate or key file named in `global.tls` was written, replaced or removed.
+    Certificates,
 }
 
 /// Keeps the watch alive; dropping it stops watching.
 pub struct Watch {
-    _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    debouncer: Mutex<Debouncer<RecommendedWatcher, RecommendedCache>>,
+    /// The certificate and key files that count, as absolute paths.
+    certificates: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Folders watched for them (beyond the plugin and config folders).
+    folders: Mutex<HashSet<PathBuf>>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -32,11 +40,12 @@ impl std::fmt::Debug for Watch {
     }
 }
 
-/// Watches `plugin_dir` and `config_file` and sends a [`Change`] for each debounced batch
-/// of events that concerns them.
+/// Watches `plugin_dir`, `config_file` and the `certificates` files, and sends a
+/// [`Change`] for each debounced batch of events that concerns them.
 pub fn watch(
     plugin_dir: &Path,
     config_file: &Path,
+    certificates: &[PathBuf],
     debounce: Duration,
 ) -> Result<(Watch, mpsc::UnboundedReceiver<Change>), String> {
     let plugin_dir = plugin_dir
@@ -51,6 +60,8 @@ pub fn watch(
     let tx_first = tx.clone();
     let dir = plugin_dir.clone();
     let file = config_file.clone();
+    let cert_files: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
+    let certs = cert_files.clone();
     let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
         let events = match result {
             Ok(events) => events,
@@ -65,15 +76,21 @@ pub fn watch(
                 let _ = tx.send(Change::Config {
                     since: Instant::now(),
                 });
+                let _ = tx.send(Change::Certificates);
                 return;
             }
         };
         let mut plugins: Option<Instant> = None;
         let mut config: Option<Instant> = None;
+        let mut certificates = false;
+        let certs = certs.lock().unwrap_or_else(|p| p.into_inner());
         for event in events.iter().filter(|e| is_change(&e.kind)) {
             for path in &event.paths {
                 let earliest =
                     |t: Option<Instant>| Some(t.map_or(event.time, |t| t.min(event.time)));
+                if certs.contains(path) {
+                    certificates = true;
+                }
                 if path == &file {
                     config = earliest(config);
                 } else if path == &dir
@@ -92,6 +109,9 @@ pub fn watch(
         }
         if let Some(since) = config {
             let _ = tx.send(Change::Config { since });
+        }
+        if certificates {
+            let _ = tx.send(Change::Certificates);
         }
     })
     .map_err(|e| format!("cannot start the file watcher: {e}"))?;
@@ -112,12 +132,49 @@ pub fn watch(
     let _ = tx_first.send(Change::Config {
         since: Instant::now(),
     });
-    Ok((
-        Watch {
-            _debouncer: debouncer,
-        },
-        rx,
-    ))
+    let watch = Watch {
+        debouncer: Mutex::new(debouncer),
+        certificates: cert_files,
+        folders: Mutex::new(HashSet::from([plugin_dir, config_dir])),
+    };
+    watch.certificates(certificates);
+    Ok((watch, rx))
+}
+
+impl Watch {
+    /// Watches these certificate and key files from now on (instead of those named
+    /// before): their folders, as tools replace such files by renaming a new one in.
+    /// A folder that cannot be watched is logged; its files are read again only when the
+    /// config changes.
+    pub fn certificates(&self, files: &[PathBuf]) {
+        let mut wanted = HashSet::new();
+        let mut folders = self.folders.lock().unwrap_or_else(|p| p.into_inner());
+        let mut debouncer = self.debouncer.lock().unwrap_or_else(|p| p.into_inner());
+        for file in files {
+            let Ok(file) = absolute(file) else {
+                tracing::warn!(
+                    "cannot watch {} for changes: its folder cannot be read",
+                    file.display()
+                );
+                continue;
+            };
+            if let Some(folder) = file.parent() {
+                if !folders.contains(folder) {
+                    match debouncer.watch(folder, RecursiveMode::NonRecursive) {
+                        Ok(()) => {
+                            folders.insert(folder.to_owned());
+                        }
+                        Err(e) => tracing::warn!(
+                            "cannot watch {} for certificate changes: {e}",
+                            folder.display()
+                        ),
+                    }
+                }
+            }
+            wanted.insert(file);
+        }
+        *self.certificates.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+    }
 }
 
 /// Reads (ours included) are not changes.

@@ -17,91 +17,141 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
+use crate::control::config::Listen;
 use crate::control::servers::Microservers;
 use crate::edge::limits::{self, Activity, Gate, Reason, Refused, Tracked, Verdict};
+use crate::edge::tls::Tls;
 
 /// How often open connections are checked against their deadlines.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// How often connections closed or refused by a limit are logged, at most.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// An accepted connection, its client's address, and what its listener speaks.
+pub type AcceptedConnection = (TcpStream, SocketAddr, Listen);
+
 /// Accepted connections, from every listener.
-pub type Accepted = mpsc::Receiver<(TcpStream, SocketAddr)>;
+pub type Accepted = mpsc::Receiver<AcceptedConnection>;
 
 /// The set of listening sockets. Changing it binds new addresses before closing old
-/// ones, and never touches a listener whose address did not change.
+/// ones, and never closes a listener whose address did not change (a change of its TLS
+/// or protocols applies to the connections it accepts next).
 pub struct Listeners {
-    tx: mpsc::Sender<(TcpStream, SocketAddr)>,
+    tx: mpsc::Sender<AcceptedConnection>,
     active: Mutex<Vec<Acceptor>>,
 }
 
 impl std::fmt::Debug for Listeners {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.local_addrs()).finish()
+        f.debug_list().entries(self.bound()).finish()
     }
 }
 
 struct Acceptor {
-    /// The address as configured (may have port 0).
-    configured: SocketAddr,
+    /// As configured (the address may have port 0).
+    configured: Listen,
     local: SocketAddr,
+    /// What the accept loop tags its connections with.
+    spec: Arc<Mutex<Listen>>,
     task: JoinHandle<()>,
+}
+
+/// Whether listener `b` from a new config is listener `a` (the same socket). Port 0
+/// asks for a new socket each time, so only an identical entry is the same one.
+fn same_socket(a: &Listen, b: &Listen) -> bool {
+    a.address == b.address && (a.address.port() != 0 || a == b)
 }
 
 impl Listeners {
     /// Binds every address, or names the one that failed.
-    pub async fn bind(addrs: &[SocketAddr]) -> Result<(Arc<Listeners>, Accepted), String> {
+    pub async fn bind(listen: &[Listen]) -> Result<(Arc<Listeners>, Accepted), String> {
         let (tx, rx) = mpsc::channel(64);
         let listeners = Arc::new(Listeners {
             tx,
             active: Mutex::new(Vec::new()),
         });
-        listeners.change(addrs, false).await?;
+        listeners.change(listen, false).await?;
         Ok((listeners, rx))
     }
 
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.lock().iter().map(|a| a.local).collect()
+    /// Each listener as configured, and its bound address.
+    pub fn bound(&self) -> Vec<(Listen, SocketAddr)> {
+        self.lock()
+            .iter()
+            .map(|a| (a.configured, a.local))
+            .collect()
+    }
+
+    /// The port of the first HTTPS listener, where `redirect_https` sends clients.
+    pub fn https_port(&self) -> Option<u16> {
+        self.lock()
+            .iter()
+            .find(|a| a.configured.tls)
+            .map(|a| a.local.port())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Acceptor>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Listens on exactly `addrs`: binds the new ones first (if any fails, nothing
+    /// Listens on exactly `listen`: binds the new ones first (if any fails, nothing
     /// changes), then closes the ones no longer wanted. Open connections stay open.
-    pub async fn apply(&self, addrs: &[SocketAddr]) -> Result<(), String> {
-        self.change(addrs, true).await
+    pub async fn apply(&self, listen: &[Listen]) -> Result<(), String> {
+        self.change(listen, true).await
     }
 
-    async fn change(&self, addrs: &[SocketAddr], announce: bool) -> Result<(), String> {
-        let current: Vec<SocketAddr> = self.lock().iter().map(|a| a.configured).collect();
+    async fn change(&self, listen: &[Listen], announce: bool) -> Result<(), String> {
+        let current: Vec<Listen> = self.lock().iter().map(|a| a.configured).collect();
         let mut bound = Vec::new();
-        for addr in addrs.iter().filter(|a| !current.contains(a)) {
+        for wanted in listen
+            .iter()
+            .filter(|l| !current.iter().any(|c| same_socket(c, l)))
+        {
+            let addr = wanted.address;
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            bound.push((*addr, listener));
+            bound.push((*wanted, listener));
         }
         let mut active = self.lock();
         active.retain(|a| {
-            let keep = addrs.contains(&a.configured);
+            let keep = listen.iter().any(|l| same_socket(&a.configured, l));
             if !keep {
                 a.task.abort();
-                tracing::info!("stopped listening on http://{}", a.local);
+                tracing::info!(
+                    "stopped listening on {}://{}",
+                    a.configured.scheme(),
+                    a.local
+                );
             }
             keep
         });
+        for a in active.iter_mut() {
+            if let Some(now) = listen.iter().find(|l| same_socket(&a.configured, l)) {
+                if *now != a.configured {
+                    a.configured = *now;
+                    *a.spec.lock().unwrap_or_else(|p| p.into_inner()) = *now;
+                    tracing::info!(
+                        "listening on {}://{} (changed: {})",
+                        now.scheme(),
+                        a.local,
+                        describe(now)
+                    );
+                }
+            }
+        }
         for (configured, listener) in bound {
-            let local = listener.local_addr().unwrap_or(configured);
+            let local = listener.local_addr().unwrap_or(configured.address);
             if announce {
-                tracing::info!("listening on http://{local}");
+                tracing::info!("listening on {}://{local}", configured.scheme());
             }
             let tx = self.tx.clone();
-            let task = tokio::spawn(accept_loop(listener, tx));
+            let spec = Arc::new(Mutex::new(configured));
+            let task = tokio::spawn(accept_loop(listener, spec.clone(), tx));
             active.push(Acceptor {
                 configured,
                 local,
+                spec,
                 task,
             });
         }
@@ -116,11 +166,28 @@ impl Listeners {
     }
 }
 
-async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(TcpStream, SocketAddr)>) {
+/// `TLS, HTTP/1.1 and HTTP/2` and the like.
+fn describe(l: &Listen) -> String {
+    let mut parts = vec![if l.tls { "TLS" } else { "plain" }];
+    if l.http1 {
+        parts.push("HTTP/1.1");
+    }
+    if l.http2 {
+        parts.push("HTTP/2");
+    }
+    parts.join(", ")
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    spec: Arc<Mutex<Listen>>,
+    tx: mpsc::Sender<AcceptedConnection>,
+) {
     loop {
         match listener.accept().await {
-            Ok(conn) => {
-                if tx.send(conn).await.is_err() {
+            Ok((stream, peer)) => {
+                let spec = *spec.lock().unwrap_or_else(|p| p.into_inner());
+                if tx.send((stream, peer, spec)).await.is_err() {
                     return;
                 }
             }
@@ -139,13 +206,14 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(TcpStream, SocketA
 pub async fn serve(
     servers: Arc<Microservers>,
     listeners: Arc<Listeners>,
+    tls: Arc<Tls>,
     mut accepted: Accepted,
     stop: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) -> std::time::Instant {
     // Announced here, not at bind time: "listening" means ready to serve.
-    for addr in listeners.local_addrs() {
-        tracing::info!("listening on http://{addr}");
+    for (listen, addr) in listeners.bound() {
+        tracing::info!("listening on {}://{addr}", listen.scheme());
     }
     let connections = Arc::new(Connections::default());
     let gate = Arc::new(Gate::default());
@@ -156,7 +224,7 @@ pub async fn serve(
     loop {
         tokio::select! {
             conn = accepted.recv() => {
-                let Some((stream, peer)) = conn else { break };
+                let Some((stream, peer, listen)) = conn else { break };
                 let routing = servers.routing();
                 let limits = &routing.limits.connections;
                 let max = limits::effective_max(limits.max, fds);
@@ -172,63 +240,53 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let activity = Activity::new();
                 let io = Tracked::new(stream, activity.clone(), ticket);
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_timeout)
-                    .max_buf_size(limits.max_header_bytes)
-                    .max_headers(routing.limits.max_headers);
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(limits.http2_max_streams)
-                    .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                    // WebSockets over HTTP/2 (RFC 8441: extended CONNECT).
-                    .enable_connect_protocol();
-                let servers = servers.clone();
-                // Formatted once per connection, not per request.
-                let client = crate::boundary::call::ClientAddr::new(peer);
-                let (max_headers, max_uri) = (routing.limits.max_headers, limits.max_uri_bytes);
+                // Requests on plain listeners may be sent to HTTPS: looked at per
+                // request only while some server asks for it.
+                let redirect_to = (!listen.tls && !routing.redirect_https.is_empty())
+                    .then(|| listeners.https_port())
+                    .flatten();
+                let handshake_timeout = limits.first_request_timeout;
                 drop(routing);
-                let noted = activity.clone();
-                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    noted.requested();
-                    // HTTP/1's header count is hyper's (max_headers); HTTP/2's and the
-                    // target's length are checked here.
-                    if req.version() == hyper::Version::HTTP_2 && req.headers().len() > max_headers {
-                        return crate::request::http::refuse(
-                            &servers,
-                            hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            "too many header fields",
-                        );
-                    }
-                    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > max_uri {
-                        return crate::request::http::refuse(
-                            &servers,
-                            hyper::StatusCode::URI_TOO_LONG,
-                            "the request target is too long",
-                        );
-                    }
-                    // An HTTP/1 target that names its authority (RFC 9112, 3.2).
-                    if req.uri().authority().is_some() && req.version() != hyper::Version::HTTP_2 {
-                        if let Err(why) = crate::request::http::target_form(&req) {
-                            return crate::request::http::refuse(
-                                &servers,
-                                hyper::StatusCode::BAD_REQUEST,
-                                why,
-                            );
-                        }
-                    }
-                    crate::request::http::handle(servers.clone(), req, client)
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                let conn = connections.watch(conn.into_owned(), activity);
-                // Spawned as a task of its own: `Watched` relies on it (see there).
+                let connection = Connection {
+                    servers: servers.clone(),
+                    connections: connections.clone(),
+                    activity,
+                    peer,
+                    redirect_to,
+                };
+                if !listen.tls {
+                    let protocol = match (listen.http1, listen.http2) {
+                        (true, false) => Some(Protocol::Http1),
+                        (false, true) => Some(Protocol::Http2),
+                        _ => None,
+                    };
+                    tokio::spawn(connection.serve(io, protocol));
+                    continue;
+                }
+                let acceptor = tls.acceptor(&listen).clone();
                 tokio::spawn(async move {
-                    if let Some(Err(e)) = conn.await {
-                        tracing::debug!(%peer, "connection ended with an error: {e}");
-                    }
+                    // Under the first request's deadline: the sweeper sees a connection
+                    // only once it speaks HTTP.
+                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake did not finish within global.connections.first_request_timeout_ms");
+                            return;
+                        }
+                    };
+                    // ALPN's choice; a client that offered none speaks HTTP/1.1 where
+                    // it may.
+                    let protocol = match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Protocol::Http2,
+                        Some(_) => Protocol::Http1,
+                        None if listen.http1 => Protocol::Http1,
+                        None => Protocol::Http2,
+                    };
+                    connection.serve(stream, Some(protocol)).await;
                 });
             }
             () = &mut stop => break,
@@ -249,6 +307,110 @@ pub async fn serve(
         tracing::warn!("some connections were still open at the shutdown deadline");
     }
     grace_ends
+}
+
+/// The HTTP protocol of a connection, when its listener or ALPN decided it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// What serving one accepted connection needs.
+struct Connection {
+    servers: Arc<Microservers>,
+    connections: Arc<Connections>,
+    activity: Arc<Activity>,
+    peer: SocketAddr,
+    /// The HTTPS port to redirect to, for servers with `redirect_https` (plain listeners
+    /// only).
+    redirect_to: Option<u16>,
+}
+
+impl Connection {
+    /// Serves HTTP on `io` (plain or TLS) until the connection ends. `protocol`: the
+    /// one to speak; `None` tells HTTP/2 from HTTP/1.1 by the client's first bytes.
+    ///
+    /// Must be the whole of a spawned task (after a TLS handshake at most): `Watched`
+    /// relies on it (see there).
+    async fn serve<I>(self, io: I, protocol: Option<Protocol>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            servers,
+            connections,
+            activity,
+            peer,
+            redirect_to,
+        } = self;
+        let routing = servers.routing();
+        let limits = &routing.limits.connections;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder = match protocol {
+            Some(Protocol::Http1) => builder.http1_only(),
+            Some(Protocol::Http2) => builder.http2_only(),
+            None => builder,
+        };
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .max_headers(routing.limits.max_headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.http2_max_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // WebSockets over HTTP/2 (RFC 8441: extended CONNECT).
+            .enable_connect_protocol();
+        // Formatted once per connection, not per request.
+        let client = crate::boundary::call::ClientAddr::new(peer);
+        let (max_headers, max_uri) = (routing.limits.max_headers, limits.max_uri_bytes);
+        drop(routing);
+        let noted = activity.clone();
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            noted.requested();
+            // HTTP/1's header count is hyper's (max_headers); HTTP/2's and the
+            // target's length are checked here.
+            if req.version() == hyper::Version::HTTP_2 && req.headers().len() > max_headers {
+                return crate::request::http::refuse(
+                    &servers,
+                    hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "too many header fields",
+                );
+            }
+            if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > max_uri {
+                return crate::request::http::refuse(
+                    &servers,
+                    hyper::StatusCode::URI_TOO_LONG,
+                    "the request target is too long",
+                );
+            }
+            // An HTTP/1 target that names its authority (RFC 9112, 3.2).
+            if req.uri().authority().is_some() && req.version() != hyper::Version::HTTP_2 {
+                if let Err(why) = crate::request::http::target_form(&req) {
+                    return crate::request::http::refuse(
+                        &servers,
+                        hyper::StatusCode::BAD_REQUEST,
+                        why,
+                    );
+                }
+            }
+            if let Some(port) = redirect_to {
+                if let Some(redirect) = crate::request::http::redirect_https(&servers, &req, port) {
+                    return redirect;
+                }
+            }
+            crate::request::http::handle(servers.clone(), req, client)
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = connections.watch(conn.into_owned(), activity);
+        if let Some(Err(e)) = conn.await {
+            tracing::debug!(%peer, "connection ended with an error: {e}");
+        }
+    }
 }
 
 /// Open connections, and the signal that asks them to finish their requests and close.

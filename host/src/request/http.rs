@@ -290,6 +290,58 @@ pub fn refuse(
     }
 }
 
+/// 308 to `https://` for a request on a plain listener whose server has
+/// `redirect_https`; `port` is the HTTPS listener's. `None`: serve it as it is.
+#[cold]
+#[inline(never)]
+pub fn redirect_https(
+    servers: &Arc<Microservers>,
+    req: &Request<Incoming>,
+    port: u16,
+) -> Option<Handle> {
+    let routing = servers.routing();
+    if routing.redirect_https.is_empty() {
+        return None;
+    }
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))?;
+    let domain = normalize_host(raw)?;
+    let server = routing.domains.lookup(&domain)?;
+    if !routing.redirect_https.contains(&server.name) {
+        return None;
+    }
+    let host = if domain.contains(':') {
+        format!("[{domain}]")
+    } else {
+        domain.into_owned()
+    };
+    let port = if port == 443 {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{host}{port}{target}");
+    let response = Response::builder()
+        .status(StatusCode::PERMANENT_REDIRECT)
+        .header(hyper::header::LOCATION, &location)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Body::bytes(Bytes::from(
+            serde_json::json!({ "redirect": location }).to_string(),
+        )))
+        .ok()?;
+    Some(Handle {
+        servers: servers.clone(),
+        start: None,
+        request_id: RequestId::next(),
+        debug: None,
+        rest: Some(Box::pin(async move { (response, None) })),
+    })
+}
+
 #[cold]
 #[inline(never)]
 fn upgrading(
