@@ -428,3 +428,77 @@ fn an_idle_http2_connection_is_closed() {
     });
     assert!(ended, "an idle HTTP/2 connection was still open after 8 s");
 }
+
+#[test]
+fn the_access_log_has_one_line_per_request_in_json_or_combined_form() {
+    let config = r#"{"global": {"access_log": {"format": "json", "file": "logs/access.log"}},
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let setup = Setup::new("access-log-json", config).plugin("hello", "hello.so");
+    std::fs::create_dir_all(setup.dir.join("logs")).unwrap();
+    let host = setup.start();
+    let ok = host.send(
+        "GET",
+        "hello.localhost",
+        "/hello/ada?shout=true",
+        b"",
+        &[
+            ("referer", "http://example.test/"),
+            ("user-agent", "tester \"1\""),
+        ],
+    );
+    assert_eq!(ok.status, 200);
+    assert_eq!(host.get("nobody.localhost", "/x").status, 404);
+    let long = format!("/{}", "a".repeat(9000));
+    assert_eq!(host.get("hello.localhost", &long).status, 414);
+    let file = host.dir().join("logs/access.log");
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    host.wait_until("three access log lines", || {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        lines = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        lines.len() == 3
+    });
+    let first = &lines[0];
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/hello/ada?shout=true");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["server"], "hello");
+    assert_eq!(first["client"], "127.0.0.1");
+    assert_eq!(first["protocol"], "HTTP/1.1");
+    assert_eq!(first["bytes"], ok.body.len());
+    assert_eq!(first["referer"], "http://example.test/");
+    assert_eq!(first["user_agent"], "tester \"1\"");
+    assert_eq!(first["request_id"], ok.header("x-request-id").unwrap());
+    assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["status"], 404);
+    assert_eq!(lines[1]["server"], serde_json::Value::Null);
+    // Refused at the edge, and logged all the same.
+    assert_eq!(lines[2]["status"], 414);
+    drop(host);
+
+    // Combined, to stderr: the common fields, then server, request id and milliseconds.
+    let config = r#"{"global": {"access_log": {"format": "combined"}},
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("access-log-combined", config)
+        .plugin("hello", "hello.so")
+        .start();
+    let ok = host.send(
+        "GET",
+        "hello.localhost",
+        "/hello/ada",
+        b"",
+        &[("user-agent", "tester")],
+    );
+    let id = ok.header("x-request-id").unwrap().to_owned();
+    let line = host.wait_for_log(&[&id]);
+    let want = format!(
+        "\"GET /hello/ada HTTP/1.1\" 200 {} \"-\" \"tester\" hello {id} ",
+        ok.body.len()
+    );
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(line.contains(" +0000] "), "{line}");
+    assert!(line.contains(&want), "{line}\nwanted {want}");
+}

@@ -154,6 +154,10 @@ async fn run(
             }
         }
     };
+    if let Err(e) = host::request::access_log::configure(config.global.access_log.as_ref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     // Before the servers start, so that what their `init` publishes reaches other hosts
     // once connected.
     if let config::BusBackend::Redis {
@@ -230,6 +234,7 @@ async fn run(
     let stopping = servers.clone();
     let stopped = tokio::task::spawn_blocking(move || stopping.shutdown_all(requests_until, grace));
     let _ = stopped.await;
+    host::request::access_log::flush();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -37,6 +37,25 @@ pub struct Global {
     pub reload: Reload,
     pub bus: BusConfig,
     pub tls: TlsConfig,
+    /// One line per request; `None`: off.
+    pub access_log: Option<AccessLogConfig>,
+}
+
+/// `global.access_log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    pub format: AccessLogFormat,
+    /// `None`: stderr. Relative to the config file's folder.
+    pub file: Option<PathBuf>,
+}
+
+/// `global.access_log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// The combined log format, then the server, the request id and the duration.
+    Combined,
+    /// One JSON object a line.
+    Json,
 }
 
 /// One listening socket (`global.listen[i]`): a string (plain HTTP, both protocols) or
@@ -393,6 +412,14 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
     let folder = file.parent().unwrap_or(Path::new(""));
     let tls = &mut config.global.tls;
     tls.self_signed_dir = folder.join(&tls.self_signed_dir);
+    if let Some(file) = config
+        .global
+        .access_log
+        .as_mut()
+        .and_then(|a| a.file.as_mut())
+    {
+        *file = folder.join(&*file);
+    }
     for c in &mut tls.certificates {
         c.cert = folder.join(&c.cert);
         c.key = folder.join(&c.key);
@@ -736,6 +763,26 @@ impl Validator {
         (out.http1 || out.http2).then_some(out)
     }
 
+    fn access_log(&mut self, value: &Value) -> Option<AccessLogConfig> {
+        let map = self.object(value, "global.access_log", &["format", "file"])?;
+        let format = match map.get("format").map(|v| (v, v.as_str())) {
+            None | Some((_, Some("combined"))) => AccessLogFormat::Combined,
+            Some((_, Some("json"))) => AccessLogFormat::Json,
+            Some((v, _)) => {
+                self.problem(
+                    "global.access_log.format",
+                    format!("expected \"combined\" or \"json\", found {v}"),
+                );
+                return None;
+            }
+        };
+        let file = match map.get("file") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(PathBuf::from(self.string(v, "global.access_log.file")?)),
+        };
+        Some(AccessLogConfig { format, file })
+    }
+
     fn tls(&mut self, value: &Value, out: &mut TlsConfig) {
         let allowed = ["certificates", "self_signed", "unknown_name"];
         let Some(map) = self.object(value, "global.tls", &allowed) else {
@@ -824,6 +871,7 @@ impl Validator {
                     self_signed_dir: PathBuf::from(SELF_SIGNED_DIR),
                     ..TlsConfig::default()
                 },
+                access_log: None,
             },
             servers: Vec::new(),
         };
@@ -865,6 +913,7 @@ impl Validator {
             "connections",
             "drop_in_plugins",
             "tls",
+            "access_log",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -899,6 +948,10 @@ impl Validator {
         }
         if let Some(tls) = map.get("tls") {
             self.tls(tls, &mut out.tls);
+        }
+        match map.get("access_log") {
+            None | Some(Value::Null) => {}
+            Some(v) => out.access_log = self.access_log(v),
         }
         if out.has_tls() && out.tls.certificates.is_empty() && !out.tls.self_signed {
             self.problem(

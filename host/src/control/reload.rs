@@ -120,8 +120,14 @@ impl ControlLoop {
         let certificate_files = Tls::files(&tls_settings);
         // Listeners from the command line (all plain) win over the config's.
         let in_use = !self.listen_override && new.global.has_tls();
+        let access_log = new.global.access_log.clone();
         let applied = tokio::task::spawn_blocking(move || {
             let applied = servers.apply_config(new, since, keep_listen);
+            if applied.is_some() {
+                if let Err(e) = crate::request::access_log::configure(access_log.as_ref()) {
+                    tracing::error!("{e}; the access log stays as it was");
+                }
+            }
             // Certificates are read again in any case: the config's change may have been
             // one of theirs.
             tls.apply(&tls_settings, &domains, in_use);

@@ -377,6 +377,8 @@ impl Connection {
             if req.version() == hyper::Version::HTTP_2 && req.headers().len() > max_headers {
                 return crate::request::http::refuse(
                     &servers,
+                    &req,
+                    &client,
                     hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "too many header fields",
                 );
@@ -384,6 +386,8 @@ impl Connection {
             if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > max_uri {
                 return crate::request::http::refuse(
                     &servers,
+                    &req,
+                    &client,
                     hyper::StatusCode::URI_TOO_LONG,
                     "the request target is too long",
                 );
@@ -393,13 +397,17 @@ impl Connection {
                 if let Err(why) = crate::request::http::target_form(&req) {
                     return crate::request::http::refuse(
                         &servers,
+                        &req,
+                        &client,
                         hyper::StatusCode::BAD_REQUEST,
                         why,
                     );
                 }
             }
             if let Some(port) = redirect_to {
-                if let Some(redirect) = crate::request::http::redirect_https(&servers, &req, port) {
+                if let Some(redirect) =
+                    crate::request::http::redirect_https(&servers, &req, &client, port)
+                {
                     return redirect;
                 }
             }

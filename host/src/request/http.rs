@@ -21,6 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse, FfiStream, FfiStreamPoll};
 
+use super::access_log::Note;
 use super::websocket;
 use crate::boundary::call::{
     self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
@@ -245,14 +246,8 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// poll; anything else continues in a boxed async path.
 pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: ClientAddr) -> Handle {
     let request_id = RequestId::next();
-    // What the debug line needs is gathered only when it will be written.
-    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-        Box::new((
-            Instant::now(),
-            req.method().clone(),
-            req.uri().path().to_owned(),
-        ))
-    });
+    // What the access log and the debug line need, gathered only when one is written.
+    let debug = Note::of(&req, &client);
     let (mut parts, body) = req.into_parts();
     // hyper marks a request that asks to upgrade its connection (a WebSocket): it takes
     // a path of its own. (Nothing to remove for any other request: a null check.)
@@ -277,6 +272,8 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
 #[inline(never)]
 pub fn refuse(
     servers: &Arc<Microservers>,
+    req: &Request<Incoming>,
+    client: &ClientAddr,
     status: StatusCode,
     message: impl Into<String>,
 ) -> Handle {
@@ -285,7 +282,7 @@ pub fn refuse(
         servers: servers.clone(),
         start: None,
         request_id: RequestId::next(),
-        debug: None,
+        debug: Note::of(req, client),
         rest: Some(Box::pin(async move { (error(status, &message), None) })),
     }
 }
@@ -297,6 +294,7 @@ pub fn refuse(
 pub fn redirect_https(
     servers: &Arc<Microservers>,
     req: &Request<Incoming>,
+    client: &ClientAddr,
     port: u16,
 ) -> Option<Handle> {
     let routing = servers.routing();
@@ -333,12 +331,13 @@ pub fn redirect_https(
             serde_json::json!({ "redirect": location }).to_string(),
         )))
         .ok()?;
+    let name = Some(server.name.clone());
     Some(Handle {
         servers: servers.clone(),
         start: None,
         request_id: RequestId::next(),
-        debug: None,
-        rest: Some(Box::pin(async move { (response, None) })),
+        debug: Note::of(req, client),
+        rest: Some(Box::pin(async move { (response, name) })),
     })
 }
 
@@ -349,7 +348,7 @@ fn upgrading(
     pending: PendingRequest,
     body: Incoming,
     request_id: RequestId,
-    debug: Option<Box<(Instant, Method, String)>>,
+    debug: Option<Box<Note>>,
     upgrade: OnUpgrade,
 ) -> Handle {
     let want_name = debug.is_some();
@@ -375,7 +374,7 @@ pub struct Handle {
     servers: Arc<Microservers>,
     start: Option<(PendingRequest, Incoming)>,
     request_id: RequestId,
-    debug: Option<Box<(Instant, Method, String)>>,
+    debug: Option<Box<Note>>,
     rest: Option<Pin<Box<dyn Future<Output = Routed> + Send>>>,
 }
 
@@ -407,23 +406,17 @@ impl Future for Handle {
 }
 
 impl Handle {
-    /// Adds the request id, and writes the debug line if it is wanted. Takes the
+    /// Adds the request id, and writes the access log and debug lines if they are
+    /// wanted. Takes the
     /// response by reference: it is large, and moving it costs a copy.
     fn finish(&mut self, response: &mut Response<Body>, server: Option<Arc<str>>) {
         if let Ok(id) = HeaderValue::from_bytes(&self.request_id.0) {
             response.headers_mut().insert(X_REQUEST_ID.clone(), id);
         }
-        if let Some(debug) = self.debug.take() {
-            let (started, method, path) = *debug;
-            tracing::debug!(
-                %method,
-                path,
-                status = response.status().as_u16(),
-                server = server.as_deref().unwrap_or("-"),
-                request_id = self.request_id.as_str(),
-                micros = started.elapsed().as_micros() as u64,
-                "request"
-            );
+        if let Some(note) = self.debug.take() {
+            let bytes = response.body().size_hint().exact();
+            let status = response.status().as_u16();
+            (*note).write(status, bytes, server.as_deref(), self.request_id.as_str());
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The request path, below the edge: one HTTP request from its domain to its plugin's
-//! answer (`http`), and a WebSocket from its upgrade to its close (`websocket`).
+//! answer (`http`), a WebSocket from its upgrade to its close (`websocket`), and the
+//! line each request leaves in the access log (`access_log`).
 
+pub mod access_log;
 pub mod http;
 pub mod websocket;
