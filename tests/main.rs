@@ -18,5 +18,6 @@ mod reload;
 mod robustness;
 mod routing;
 mod runtime;
+mod static_files;
 mod streaming;
 mod websocket;
