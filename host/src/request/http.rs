@@ -724,6 +724,9 @@ fn files_for(server: &Server, method: &Method) -> Option<Arc<Site>> {
 }
 
 /// A server with static files only: GET and HEAD go to its files; other methods get 405.
+/// Out of line: a plugin's request never comes here, and a file request reads a file.
+#[cold]
+#[inline(never)]
 fn static_only(server: &Server, method: &Method, name: Option<Arc<str>>) -> Refused {
     if let Some(site) = files_for(server, method) {
         return Refused::files(site, Otherwise::NotFound, name);
