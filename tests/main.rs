@@ -18,6 +18,7 @@ mod reload;
 mod robustness;
 mod routing;
 mod runtime;
+mod static_files;
 mod streaming;
 mod tls;
 mod websocket;

@@ -168,6 +168,16 @@ impl PendingRequest {
         unsafe { &self.0.as_ref().parts }
     }
 
+    /// The request as hyper parsed it, for a request no plugin will see (one that static
+    /// files answer). Frees the record.
+    pub fn into_parts(self) -> Parts {
+        let record = self.0.as_ptr();
+        std::mem::forget(self);
+        // SAFETY: made by `Box::leak` in `new` and never handed over; `self` is
+        // forgotten, so this is the only free.
+        unsafe { Box::from_raw(record) }.parts
+    }
+
     /// Lends the request to a plugin, if `route` says where: `route` sees the request's
     /// `Parts`, fills in the path parameters and returns the domain and route index
     /// (plus anything of its own, `T`), or refuses with `X` (the request comes back).

@@ -335,12 +335,33 @@ pub struct ServerConfig {
     pub name: String,
     pub domains: Vec<DomainPattern>,
     /// A library file stem (`hello` for `hello.so` or `libhello.so`) or a plugin name.
-    pub plugin: String,
+    /// `None` for a server of static files only.
+    pub plugin: Option<String>,
     pub enabled: bool,
     /// The opaque `config` object handed to the plugin's init, as JSON text.
     pub plugin_config: String,
     /// Requests on plain listeners are sent to `https://` with 308.
     pub redirect_https: bool,
+    /// Its static files (`static`), tried when no plugin route answers.
+    pub files: Option<StaticSite>,
+}
+
+/// A server's static files (`servers[].static`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticSite {
+    /// The folder served, absolute (a relative `root` is relative to the config file's
+    /// folder). Checked to be a folder when the config is loaded.
+    pub root: PathBuf,
+    /// The file served for a URL that ends in `/`; `None`: such URLs are not served.
+    pub index: Option<String>,
+    /// The file (a path below `root`) served for a navigation request that no route
+    /// and no file answers; `None`: no fallback.
+    pub spa_fallback: Option<String>,
+    /// Path prefixes never answered by the fallback (`/api` covers `/api` and
+    /// `/api/...`).
+    pub fallback_except: Vec<String>,
+    /// `Cache-Control: max-age` of files other than HTML; 0: `no-cache`.
+    pub max_age_s: u64,
 }
 
 /// One thing wrong with a config file, at a JSON path such as `servers[2].domains[0]`.
@@ -393,7 +414,8 @@ impl ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Reads and validates the config file at `file`.
+/// Reads and validates the config file at `file`. Relative paths in it (a static site's
+/// `root`) are relative to the file's folder.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
     let fail = |message: String| ConfigError {
         file: file.to_owned(),
@@ -403,15 +425,21 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
         }],
     };
     let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let folder = file.parent().unwrap_or(Path::new(""));
     let mut config =
-        parse(&text, &|name| std::env::var(name).ok()).map_err(|problems| ConfigError {
-            file: file.to_owned(),
-            problems,
+        parse_in(&text, &|name| std::env::var(name).ok(), folder).map_err(|problems| {
+            ConfigError {
+                file: file.to_owned(),
+                problems,
+            }
         })?;
     // Files the config names are relative to its folder.
-    let folder = file.parent().unwrap_or(Path::new(""));
     let tls = &mut config.global.tls;
     tls.self_signed_dir = folder.join(&tls.self_signed_dir);
+    for c in &mut tls.certificates {
+        c.cert = folder.join(&c.cert);
+        c.key = folder.join(&c.key);
+    }
     if let Some(file) = config
         .global
         .access_log
@@ -420,22 +448,31 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
     {
         *file = folder.join(&*file);
     }
-    for c in &mut tls.certificates {
-        c.cert = folder.join(&c.cert);
-        c.key = folder.join(&c.key);
-    }
     Ok(config)
 }
 
-/// Parses and validates config text, looking `${VAR}` up with `env`.
+/// Parses and validates config text, looking `${VAR}` up with `env`. Relative paths are
+/// relative to the working directory.
 pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<Problem>> {
+    parse_in(text, env, Path::new(""))
+}
+
+/// [`parse`], with relative paths relative to `folder` (the config file's).
+pub fn parse_in(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    folder: &Path,
+) -> Result<Config, Vec<Problem>> {
     let mut value: Value = serde_json::from_str(text).map_err(|e| {
         vec![Problem {
             path: String::new(),
             message: format!("invalid JSON: {e}"),
         }]
     })?;
-    let mut v = Validator::default();
+    let mut v = Validator {
+        folder: folder.to_owned(),
+        ..Validator::default()
+    };
     substitute(&mut value, "", env, &mut v);
     let config = v.config(&value);
     if v.problems.is_empty() {
@@ -520,6 +557,8 @@ struct Validator {
     problems: Vec<Problem>,
     /// For each valid server, its index in the `servers` array (for error paths).
     server_index: Vec<usize>,
+    /// The config file's folder: relative paths start there.
+    folder: PathBuf,
 }
 
 impl Validator {
@@ -561,6 +600,24 @@ impl Validator {
             }
             other => {
                 self.problem(path, format!("expected a string, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    /// The string at `key` of the object at `path`, which must be there (`hint` follows
+    /// the problem's message if it is not).
+    fn required_string(
+        &mut self,
+        map: &Map<String, Value>,
+        path: &str,
+        key: &str,
+        hint: &str,
+    ) -> Option<String> {
+        match map.get(key) {
+            Some(v) => self.string(v, &join(path, key)),
+            None => {
+                self.problem(path, format!("missing key `{key}`{hint}"));
                 None
             }
         }
@@ -1101,16 +1158,11 @@ impl Validator {
             "enabled",
             "config",
             "redirect_https",
+            "static",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
-        let name = match map.get("name") {
-            Some(v) => self.string(v, &join(path, "name")),
-            None => {
-                self.problem(path, "missing key `name`");
-                None
-            }
-        };
+        let name = self.required_string(map, path, "name", "");
         if let Some(n) = &name {
             if !n
                 .chars()
@@ -1122,13 +1174,27 @@ impl Validator {
                 );
             }
         }
+        let files = map
+            .get("static")
+            .and_then(|v| self.static_site(v, &join(path, "static")));
         let plugin = match map.get("plugin") {
             Some(v) => self.string(v, &join(path, "plugin")),
+            // A server of static files only.
+            None if map.contains_key("static") => None,
             None => {
-                self.problem(path, "missing key `plugin`");
+                self.problem(
+                    path,
+                    "missing key `plugin` (a server needs a `plugin`, `static` files, or both)",
+                );
                 None
             }
         };
+        if !map.contains_key("plugin") && map.contains_key("config") {
+            self.problem(
+                &join(path, "config"),
+                "only used with a `plugin` (it is handed to the plugin's init)",
+            );
+        }
         let mut domains = Vec::new();
         match map.get("domains") {
             Some(Value::Array(items)) if !items.is_empty() => {
@@ -1184,10 +1250,123 @@ impl Validator {
         Some(ServerConfig {
             name: name?,
             domains,
-            plugin: plugin?,
+            plugin,
             enabled,
             plugin_config,
             redirect_https,
+            files,
+        })
+    }
+
+    /// A server's `static` object. The folder must exist; the fallback file must be in
+    /// it.
+    fn static_site(&mut self, value: &Value, path: &str) -> Option<StaticSite> {
+        let allowed = [
+            "root",
+            "index",
+            "spa_fallback",
+            "fallback_except",
+            "max_age_s",
+        ];
+        let map = self.object(value, path, &allowed)?;
+        let before = self.problems.len();
+        let root = self.required_string(map, path, "root", " (the folder to serve)");
+        let root = root.and_then(|root| {
+            let joined = self.folder.join(&root);
+            let root = std::path::absolute(&joined).unwrap_or(joined);
+            match std::fs::metadata(&root) {
+                Ok(meta) if meta.is_dir() => Some(root),
+                Ok(_) => {
+                    let message = format!("{} is not a folder", root.display());
+                    self.problem(&join(path, "root"), message);
+                    None
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let message = format!("no such folder: {}", root.display());
+                    self.problem(&join(path, "root"), message);
+                    None
+                }
+                Err(e) => {
+                    let message = format!("cannot read {}: {e}", root.display());
+                    self.problem(&join(path, "root"), message);
+                    None
+                }
+            }
+        });
+        let index = match map.get("index") {
+            None => Some("index.html".to_owned()),
+            Some(Value::Null) => None,
+            Some(v) => {
+                let p = join(path, "index");
+                self.string(v, &p).filter(|name| {
+                    let plain = relative_file(name).is_some_and(|parts| parts == 1);
+                    if !plain {
+                        self.problem(&p, format!("{name:?} must be a file name, without `/`"));
+                    }
+                    plain
+                })
+            }
+        };
+        let spa_fallback = match map.get("spa_fallback") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let p = join(path, "spa_fallback");
+                self.string(v, &p).and_then(|file| {
+                    let file = file.trim_start_matches('/').to_owned();
+                    if relative_file(&file).is_none() {
+                        let message = format!(
+                            "{file:?} must be a path below `root`, without `..`, `.`, `\\` or empty segments"
+                        );
+                        self.problem(&p, message);
+                        return None;
+                    }
+                    let full = root.as_ref()?.join(&file);
+                    if !full.is_file() {
+                        self.problem(&p, format!("no such file: {}", full.display()));
+                        return None;
+                    }
+                    Some(file)
+                })
+            }
+        };
+        let mut fallback_except = Vec::new();
+        match map.get("fallback_except") {
+            None => {}
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let p = format!("{path}.fallback_except[{i}]");
+                    match self.string(item, &p) {
+                        Some(prefix) if prefix.starts_with('/') => {
+                            // `/api/` and `/api` mean the same.
+                            let trimmed = prefix.trim_end_matches('/');
+                            fallback_except
+                                .push(if trimmed.is_empty() { "/" } else { trimmed }.to_owned());
+                        }
+                        Some(prefix) => self.problem(&p, format!("{prefix:?} must start with `/`")),
+                        None => {}
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                &join(path, "fallback_except"),
+                format!("expected an array of path prefixes, found {}", kind(other)),
+            ),
+        }
+        let max_age_s = match map.get("max_age_s") {
+            None => 0,
+            Some(v) => self
+                .whole_number(v, &join(path, "max_age_s"), 0)
+                .unwrap_or(0),
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(StaticSite {
+            root: root?,
+            index,
+            spa_fallback,
+            fallback_except,
+            max_age_s,
         })
     }
 
@@ -1252,6 +1431,22 @@ impl Validator {
             }
         }
     }
+}
+
+/// How many segments `path` has, if it is a plain relative path: segments separated by
+/// `/`, none of them empty, `.` or `..`, and no backslash or NUL anywhere.
+fn relative_file(path: &str) -> Option<usize> {
+    if path.contains(['\\', '\0']) {
+        return None;
+    }
+    let mut n = 0;
+    for segment in path.split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return None;
+        }
+        n += 1;
+    }
+    Some(n)
 }
 
 fn kind(value: &Value) -> &'static str {

@@ -122,6 +122,10 @@ fn begin_once(
         ServerState::Waiting(reason) => {
             return Some(Started::Done(Err(Failure::Unavailable(reason.clone()))));
         }
+        ServerState::Static => {
+            let reason = "it has no plugin, only static files".to_owned();
+            return Some(Started::Done(Err(Failure::Unavailable(reason))));
+        }
     };
     let Some(event) = make(in_flight.generation()) else {
         return Some(Started::Done(Ok(())));

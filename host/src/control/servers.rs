@@ -16,15 +16,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::boundary::bus::{Bus, BusEvent, Inbox};
 use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::boundary::plugin::{self, Instance};
 use crate::boundary::services::mark_host_thread;
 use crate::boundary::sockets::Hub;
-use crate::control::config::{Config, Limits};
+use crate::control::config::{Config, Limits, StaticSite};
 use crate::control::deliver;
+use crate::request::files::Site;
 use crate::routing::domain::{DomainPattern, DomainTable};
 use crate::routing::routes::RouteTable;
 
@@ -42,6 +43,9 @@ pub struct Server {
     /// True for a library served at `<name>.localhost` without a config entry.
     pub implicit: bool,
     state: ArcSwap<ServerState>,
+    /// Its static files (`static` in its config entry), tried when no plugin route
+    /// answers. Swapped whole when they change, like `state`.
+    files: ArcSwapOption<Site>,
     generations: AtomicU64,
     /// Its WebSocket connections: one set for all its generations.
     pub sockets: Arc<Hub>,
@@ -56,8 +60,11 @@ pub struct Server {
 #[derive(Debug)]
 pub enum ServerState {
     Serving(Arc<Generation>),
-    /// Not serving; its domains answer 503 with this reason.
+    /// Not serving; its domains answer 503 with this reason (but for the files its
+    /// static folder has, if it has one).
     Waiting(String),
+    /// It has no plugin: its static files answer every request.
+    Static,
 }
 
 impl Server {
@@ -71,6 +78,7 @@ impl Server {
             name,
             implicit,
             state: ArcSwap::from_pointee(ServerState::Waiting("starting".to_owned())),
+            files: ArcSwapOption::empty(),
             generations: AtomicU64::new(0),
         })
     }
@@ -79,18 +87,42 @@ impl Server {
         self.state.load()
     }
 
+    /// Its static files, if it has any.
+    pub fn files(&self) -> Option<Arc<Site>> {
+        self.files.load_full()
+    }
+
     fn serving(&self) -> Option<Arc<Generation>> {
         match &**self.state.load() {
             ServerState::Serving(g) => Some(g.clone()),
-            ServerState::Waiting(_) => None,
+            ServerState::Waiting(_) | ServerState::Static => None,
         }
     }
 
     fn waiting_reason(&self) -> Option<String> {
         match &**self.state.load() {
-            ServerState::Serving(_) => None,
+            ServerState::Serving(_) | ServerState::Static => None,
             ServerState::Waiting(r) => Some(r.clone()),
         }
+    }
+
+    /// Serves `files` from now on (a change of `static` applies at once: no new
+    /// generation is needed).
+    fn set_files(&self, files: Option<&StaticSite>) {
+        let current = self.files.load();
+        if current.as_ref().map(|site| &site.config) == files {
+            return;
+        }
+        match files {
+            Some(files) => {
+                tracing::info!(server = %self.name, root = %files.root.display(), "serving static files")
+            }
+            None if current.is_some() => {
+                tracing::info!(server = %self.name, "no longer serving static files")
+            }
+            None => {}
+        }
+        self.files.store(files.map(|f| Site::new(&self.name, f)));
     }
 
     fn next_generation(&self) -> u64 {
@@ -137,9 +169,11 @@ pub struct Routing {
 struct ServerSpec {
     name: String,
     implicit: bool,
-    plugin: String,
+    /// `None`: static files only.
+    plugin: Option<String>,
     plugin_config: String,
     domains: Vec<DomainPattern>,
+    files: Option<StaticSite>,
 }
 
 struct ServerEntry {
@@ -687,11 +721,10 @@ impl Microservers {
                         "loaded plugin library"
                     );
                     let stem = file_stem(&path);
-                    let named = control
-                        .config
-                        .servers
-                        .iter()
-                        .any(|s| s.plugin == library.name || Some(&s.plugin) == stem.as_ref());
+                    let named = control.config.servers.iter().any(|s| {
+                        s.plugin.as_ref() == Some(&library.name)
+                            || s.plugin.is_some() && s.plugin == stem
+                    });
                     if !named && !control.config.global.serves_drop_ins() {
                         tracing::info!(
                             plugin = %library.name,
@@ -778,6 +811,7 @@ impl Microservers {
                 plugin: s.plugin.clone(),
                 plugin_config: s.plugin_config.clone(),
                 domains: s.domains.clone(),
+                files: s.files.clone(),
             })
             .collect();
         // Libraries named by any entry, enabled or not, are not drop-ins: disabling a
@@ -786,7 +820,7 @@ impl Microservers {
             .config
             .servers
             .iter()
-            .filter_map(|s| match Self::resolve(control, &s.plugin) {
+            .filter_map(|s| match Self::resolve(control, s.plugin.as_deref()?) {
                 Resolution::Library(lib) => Some(lib),
                 _ => None,
             })
@@ -805,7 +839,7 @@ impl Microservers {
             .servers
             .iter()
             .filter(|e| e.spec.implicit)
-            .map(|e| (e.spec.name.clone(), e.spec.plugin.clone()))
+            .filter_map(|e| Some((e.spec.name.clone(), e.spec.plugin.clone()?)))
             .collect();
         for (path, state) in &control.files {
             let Ok(lib) = &state.outcome else { continue };
@@ -835,9 +869,10 @@ impl Microservers {
             specs.push(ServerSpec {
                 name,
                 implicit: true,
-                plugin,
+                plugin: Some(plugin),
                 plugin_config: "null".to_owned(),
                 domains: vec![domain],
+                files: None,
             });
         }
         specs
@@ -867,20 +902,29 @@ impl Microservers {
                     None,
                 ),
             };
+            server.set_files(spec.files.as_ref());
             let current = server.serving();
-            match Self::resolve(control, &spec.plugin) {
+            let Some(plugin) = spec.plugin.as_deref() else {
+                self.files_only(&server, drain);
+                next.push(ServerEntry {
+                    server,
+                    spec,
+                    tried: None,
+                });
+                continue;
+            };
+            match Self::resolve(control, plugin) {
                 Resolution::Library(lib) => {
-                    let attempt = (lib.clone(), spec.plugin_config.clone(), spec.plugin.clone());
+                    let attempt = (lib.clone(), spec.plugin_config.clone(), plugin.to_owned());
                     let same_as_tried = tried.as_ref().is_some_and(|(l, c, p)| {
-                        Arc::ptr_eq(l, &lib) && *c == spec.plugin_config && *p == spec.plugin
+                        Arc::ptr_eq(l, &lib) && *c == spec.plugin_config && p == plugin
                     });
                     if !same_as_tried && !self.stopping.load(Ordering::SeqCst) {
                         // Another plugin's library under this server's file name does not
                         // replace the server (its state would be lost), unless the config
                         // names that plugin.
                         let foreign = current.as_ref().filter(|g| {
-                            !same_name(&g.plugin().name, &lib.name)
-                                && !same_name(&spec.plugin, &lib.name)
+                            !same_name(&g.plugin().name, &lib.name) && !same_name(plugin, &lib.name)
                         });
                         match foreign {
                             Some(g) => {
@@ -1103,6 +1147,24 @@ impl Microservers {
             .close_all("the server is not available", false);
         let previous = server.state.swap(Arc::new(ServerState::Waiting(reason)));
         if let ServerState::Serving(g) = &*previous {
+            self.retire(g.clone(), drain);
+        }
+    }
+
+    /// Leaves a server with static files only: a plugin it ran (before a config change
+    /// took it away) is retired, and its WebSocket connections and bus subscriptions
+    /// end with it.
+    fn files_only(&self, server: &Arc<Server>, drain: Duration) {
+        if matches!(**server.state.load(), ServerState::Static) {
+            return;
+        }
+        server
+            .sockets
+            .close_all("the server no longer has a plugin", false);
+        Bus::get().subscribe(&server.inbox, &[]);
+        let previous = server.state.swap(Arc::new(ServerState::Static));
+        if let ServerState::Serving(g) = &*previous {
+            tracing::info!(server = %server.name, generation = g.number, "the server has no plugin any more: static files only");
             self.retire(g.clone(), drain);
         }
     }

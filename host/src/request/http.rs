@@ -22,6 +22,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse, FfiStream, FfiStreamPoll};
 
 use super::access_log::Note;
+use super::files::{self, FileBody, Otherwise, Site};
 use super::websocket;
 use crate::boundary::call::{
     self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
@@ -35,11 +36,13 @@ use crate::routing::routes::{RouteMatch, RouteTable};
 /// The in-flight guard of a request on a serving generation.
 type InFlight = plugin::InFlight<RouteTable>;
 
-/// A response body: bytes (almost every response), or a plugin's stream.
+/// A response body: bytes (almost every response), a plugin's stream, or a static file.
 pub enum Body {
     Bytes(Full<Bytes>),
     /// Boxed: rare, and larger.
     Stream(Box<StreamedBody>),
+    /// Boxed: read from the file as it is sent.
+    File(Box<FileBody>),
 }
 
 impl Body {
@@ -66,6 +69,7 @@ impl hyper::body::Body for Body {
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
             Body::Stream(streamed) => streamed.poll_frame(cx),
+            Body::File(file) => file.poll_frame(cx),
         }
     }
 
@@ -74,6 +78,7 @@ impl hyper::body::Body for Body {
         match self {
             Body::Bytes(full) => full.is_end_stream(),
             Body::Stream(streamed) => streamed.ended,
+            Body::File(file) => file.is_end_stream(),
         }
     }
 
@@ -82,6 +87,7 @@ impl hyper::body::Body for Body {
         match self {
             Body::Bytes(full) => full.size_hint(),
             Body::Stream(_) => SizeHint::default(),
+            Body::File(file) => file.size_hint(),
         }
     }
 }
@@ -153,9 +159,16 @@ impl StreamedBody {
     }
 }
 
-/// Why a streamed response was aborted: the plugin's stream failed or panicked.
+/// Why a streamed response was aborted: the plugin's stream failed or panicked, or a
+/// file could not be read.
 #[derive(Debug)]
 pub struct StreamFailed(String);
+
+impl StreamFailed {
+    pub(super) fn new(message: String) -> Self {
+        StreamFailed(message)
+    }
+}
 
 impl std::fmt::Display for StreamFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -602,7 +615,7 @@ async fn read_body(
     want_name: bool,
     may_stream: bool,
 ) -> Routed {
-    let (max, timeout, streamed) = {
+    let reading = 'reading: {
         let routing = servers.routing();
         let parts = pending.parts();
         let Resolved { server, name, .. } = match resolve(&routing, parts, want_name) {
@@ -610,6 +623,12 @@ async fn read_body(
             Err(routed) => return *routed,
         };
         let stream_limit = match &**server.state() {
+            // No plugin sees the body: static files (or the 405 of a server that has
+            // only files) answer without it.
+            ServerState::Static => break 'reading None,
+            ServerState::Waiting(_) if files_for(server, &parts.method).is_some() => {
+                break 'reading None
+            }
             ServerState::Waiting(reason) => return (unavailable(server, reason), name),
             ServerState::Serving(_) if !may_stream => None,
             ServerState::Serving(g) => match g.routes.find(parts.method.as_str(), parts.uri.path())
@@ -627,7 +646,11 @@ async fn read_body(
         if declared_len.is_some_and(|n| n > max) {
             return (too_large(max), name);
         }
-        (max, routing.limits.request_timeout, stream_limit.is_some())
+        Some((max, routing.limits.request_timeout, stream_limit.is_some()))
+    };
+    let Some((max, timeout, streamed)) = reading else {
+        let body = LentBody::Bytes(Bytes::new());
+        return dispatch_later(servers, pending, body, id, want_name).await;
     };
     if streamed {
         // The route reads the body itself, as it arrives.
@@ -725,6 +748,47 @@ enum Refused {
     Retry,
     /// The body is still arriving and the route wants it whole.
     ReadBody,
+    /// No plugin route takes it: the server's static files answer, else `Otherwise`.
+    /// Boxed: it is larger.
+    Files(Box<(Arc<Site>, Otherwise, Option<Arc<str>>)>),
+}
+
+impl Refused {
+    fn files(site: Arc<Site>, otherwise: Otherwise, name: Option<Arc<str>>) -> Self {
+        Refused::Files(Box::new((site, otherwise, name)))
+    }
+}
+
+/// The server's static files, for a request they may answer (GET and HEAD).
+fn files_for(server: &Server, method: &Method) -> Option<Arc<Site>> {
+    if method == Method::GET || method == Method::HEAD {
+        server.files()
+    } else {
+        None
+    }
+}
+
+/// A server with static files only: GET and HEAD go to its files; other methods get 405.
+/// Out of line: a plugin's request never comes here, and a file request reads a file.
+#[cold]
+#[inline(never)]
+fn static_only(server: &Server, method: &Method, name: Option<Arc<str>>) -> Refused {
+    if let Some(site) = files_for(server, method) {
+        return Refused::files(site, Otherwise::NotFound, name);
+    }
+    let (status, message) = if method == Method::GET || method == Method::HEAD {
+        (StatusCode::NOT_FOUND, "this server has no files".to_owned())
+    } else {
+        let message = format!("{method} is not allowed: this server has static files only");
+        (StatusCode::METHOD_NOT_ALLOWED, message)
+    };
+    let mut response = error(status, &message);
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    Refused::Done(Box::new((response, name)))
 }
 
 /// One synchronous step: domain, server, generation, route, and the handler's first
@@ -760,8 +824,13 @@ fn dispatch(
         let generation = match &**server.state() {
             ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
             ServerState::Waiting(reason) => {
-                return Err(Refused::Done(Box::new((unavailable(server, reason), name))));
+                let unavailable = unavailable(server, reason);
+                return Err(match files_for(server, &parts.method) {
+                    Some(site) => Refused::files(site, Otherwise::Unavailable(unavailable), name),
+                    None => Refused::Done(Box::new((unavailable, name))),
+                });
             }
+            ServerState::Static => return Err(static_only(server, &parts.method, name)),
         };
         let g: &Generation = generation.generation();
         // Load shedding: the count includes this request.
@@ -776,6 +845,9 @@ fn dispatch(
                     names,
                 } => (route, params, names),
                 RouteMatch::NotFound => {
+                    if let Some(site) = files_for(server, &parts.method) {
+                        return Err(Refused::files(site, Otherwise::NotFound, name));
+                    }
                     let message = format!("no route for {} {}", parts.method, parts.uri.path());
                     return Err(Refused::Done(Box::new((
                         error(StatusCode::NOT_FOUND, &message),
@@ -817,6 +889,12 @@ fn dispatch(
         }
         Err((_, LentBody::Bytes(_), Refused::ReadBody)) => {
             unreachable!("only a body still arriving is refused for being one")
+        }
+        Err((pending, _, Refused::Files(to_files))) => {
+            let (site, otherwise, name) = *to_files;
+            let timeout = routing.limits.request_timeout;
+            let served = files::serve(site, pending.into_parts(), otherwise, timeout);
+            return Step::Running(Box::pin(served), name);
         }
     };
     // Most handlers answer on their first poll and need no timer; their response is read

@@ -235,6 +235,8 @@ fn open(
             ServerState::Waiting(reason) => {
                 return Err(Refused::Done(Box::new((unavailable(server, reason), name))));
             }
+            // No plugin to take it: its static files answer it as they would any GET.
+            ServerState::Static => return Err(Refused::Ordinary),
         };
         let g = in_flight.generation();
         let (route, found, names) = match g.routes.find("GET", parts.uri.path()) {
