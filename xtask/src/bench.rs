@@ -179,6 +179,42 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         println!("note: nginx not installed (apt-get install -y nginx); it is left out");
     }
+    // HTTPS: the host and nginx with the same certificate (ECDSA P-256, from openssl),
+    // TLS 1.3 and HTTP/1.1 for both. Compared with nginx: the minimal hyper server has no
+    // TLS.
+    match tls_files(&out.join("tls")) {
+        Err(e) => println!("note: no HTTPS cases: {e}"),
+        Ok((cert, key)) => {
+            let dir = out.join("host-tls");
+            let config = json!({"global": {"reload": {"watch": false},
+                "listen": [{"address": "127.0.0.1:0", "tls": true, "protocols": ["http/1.1"]}],
+                "tls": {"certificates": [{"cert": cert, "key": key}]}},
+                "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]});
+            prepare(&dir, &config.to_string(), &[(lib("hello"), "hello")])?;
+            let mut cmd = pin(&release.join("host"), 0);
+            cmd.arg("--config")
+                .arg(dir.join("servers.config.json"))
+                .env("RUST_LOG", "warn,host::edge::serve=info");
+            targets.push(Target::start("host-tls", "hello.localhost", &mut cmd)?.https());
+            if let Some(nginx) = &nginx {
+                let dir = out.join("nginx-tls");
+                let port = free_port()?;
+                std::fs::create_dir_all(&dir)?;
+                std::fs::write(
+                    dir.join("nginx.conf"),
+                    nginx_tls_config(&dir, port, &cert, &key),
+                )?;
+                let mut cmd = pin(nginx, 0);
+                cmd.arg("-c")
+                    .arg(dir.join("nginx.conf"))
+                    .arg("-p")
+                    .arg(&dir);
+                targets.push(
+                    Target::start_at("nginx-tls", "hello.localhost", &mut cmd, port)?.https(),
+                );
+            }
+        }
+    }
 
     let echo_body = out.join("echo-64k.bin");
     std::fs::write(&echo_body, vec![b'x'; 64 * 1024])?;
@@ -192,6 +228,7 @@ pub fn run(args: &[String]) -> Result<()> {
             name: "hello",
             path: "/plain",
             post: false,
+            new_connections: false,
             targets: &["baseline", "host", "host-10k", "nginx"],
             baseline: "baseline",
         },
@@ -199,6 +236,7 @@ pub fn run(args: &[String]) -> Result<()> {
             name: "two path parameters",
             path: "/greet/ada/lovelace",
             post: false,
+            new_connections: false,
             targets: &["baseline", "host"],
             baseline: "baseline",
         },
@@ -206,6 +244,7 @@ pub fn run(args: &[String]) -> Result<()> {
             name: "16 KiB response",
             path: "/bytes/16384",
             post: false,
+            new_connections: false,
             targets: &["baseline", "host"],
             baseline: "baseline",
         },
@@ -213,13 +252,31 @@ pub fn run(args: &[String]) -> Result<()> {
             name: "64 KiB POST echoed",
             path: "/echo-raw",
             post: true,
+            new_connections: false,
             targets: &["baseline", "host"],
             baseline: "baseline",
+        },
+        Case {
+            name: "HTTPS keep-alive",
+            path: "/plain",
+            post: false,
+            new_connections: false,
+            targets: &["nginx-tls", "host-tls"],
+            baseline: "nginx-tls",
+        },
+        Case {
+            name: "HTTPS new handshakes",
+            path: "/plain",
+            post: false,
+            new_connections: true,
+            targets: &["nginx-tls", "host-tls"],
+            baseline: "nginx-tls",
         },
         Case {
             name: "SQLite read by key",
             path: "/notes/1",
             post: false,
+            new_connections: false,
             targets: &["sqlite-baseline", "host-notes"],
             baseline: "sqlite-baseline",
         },
@@ -322,6 +379,8 @@ struct Case {
     name: &'static str,
     path: &'static str,
     post: bool,
+    /// A new connection (a TCP and, over TLS, a full handshake) per request.
+    new_connections: bool,
     targets: &'static [&'static str],
     /// The target the others are compared with (side by side, and in the ratios).
     baseline: &'static str,
@@ -390,6 +449,48 @@ fn nginx_config(dir: &Path, port: u16) -> String {
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  keepalive_requests 100000000;\n{servers}}}\n"
     )
+}
+
+/// nginx on `port` with TLS 1.3, HTTP/1.1, the certificate the host has, answering
+/// `/plain` as `hello` does.
+fn nginx_tls_config(dir: &Path, port: u16, cert: &Path, key: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  keepalive_requests 100000000;\n\
+         server {{ listen 127.0.0.1:{port} ssl; server_name hello.localhost; ssl_certificate {}; ssl_certificate_key {}; ssl_protocols TLSv1.3; \
+         location / {{ default_type \"text/plain; charset=utf-8\"; return 200 \"Hello, world!\\n\"; }} }}\n}}\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// An ECDSA P-256 certificate for hello.localhost and its key, made by openssl in `dir`.
+fn tls_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "30", "-subj", "/CN=hello.localhost"])
+        .args(["-addext", "subjectAltName=DNS:hello.localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("openssl is needed for the HTTPS cases")?;
+    anyhow::ensure!(status.success(), "openssl could not make a certificate");
+    Ok((cert, key))
 }
 
 pub(crate) fn host_cmd<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command {
@@ -540,6 +641,8 @@ pub(crate) struct Target {
     domain: &'static str,
     pub(crate) addr: SocketAddr,
     pub(crate) child: Child,
+    /// `http` or `https` (load generators do not check the certificate).
+    scheme: &'static str,
 }
 
 impl Target {
@@ -558,9 +661,11 @@ impl Target {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let (Some(addr), Some(tx)) =
-                    (line.split("listening on http://").nth(1), tx.as_ref())
-                {
+                let addr = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .or_else(|| line.split("listening on https://").nth(1));
+                if let (Some(addr), Some(tx)) = (addr, tx.as_ref()) {
                     let _ = tx.send(addr.trim().to_owned());
                     let _ = tx;
                 }
@@ -578,7 +683,14 @@ impl Target {
             domain,
             addr,
             child,
+            scheme: "http",
         })
+    }
+
+    /// The same target, reached over TLS.
+    fn https(mut self) -> Target {
+        self.scheme = "https";
+        self
     }
 
     fn start_at(
@@ -594,7 +706,8 @@ impl Target {
             .with_context(|| format!("starting {name}"))?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(addr, domain, "/").is_err() {
+        // A TCP connection is enough: a TLS port does not answer plain HTTP.
+        while TcpStream::connect(addr).is_err() {
             if Instant::now() > deadline {
                 bail!("{name} did not start");
             }
@@ -605,6 +718,7 @@ impl Target {
             domain,
             addr,
             child,
+            scheme: "http",
         })
     }
 
@@ -703,7 +817,10 @@ impl Load<'_> {
         if case.post {
             cmd.arg("-s").arg(self.wrk_post);
         }
-        cmd.arg(format!("http://{}{}", target.addr, case.path));
+        if case.new_connections {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        cmd.arg(format!("{}://{}{}", target.scheme, target.addr, case.path));
         cmd
     }
 
@@ -763,7 +880,13 @@ impl Load<'_> {
         if case.post {
             cmd.args(["-m", "POST", "-D"]).arg(self.echo_body);
         }
-        cmd.arg(format!("http://{}{}", target.addr, case.path));
+        if case.new_connections {
+            cmd.arg("--disable-keepalive");
+        }
+        if target.scheme == "https" {
+            cmd.arg("--insecure");
+        }
+        cmd.arg(format!("{}://{}{}", target.scheme, target.addr, case.path));
         cmd
     }
 
