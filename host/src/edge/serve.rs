@@ -328,12 +328,14 @@ struct Connection {
 }
 
 impl Connection {
-    /// Serves HTTP on `io` (plain or TLS) until the connection ends. `protocol`: the
-    /// one to speak; `None` tells HTTP/2 from HTTP/1.1 by the client's first bytes.
+    /// Sets up HTTP on `io` (plain or TLS); the future serves it until the connection
+    /// ends. `protocol`: the one to speak; `None` tells HTTP/2 from HTTP/1.1 by the
+    /// client's first bytes. Set up here, not in the future: what the set-up needs is
+    /// not kept in the connection's task for its whole life.
     ///
-    /// Must be the whole of a spawned task (after a TLS handshake at most): `Watched`
-    /// relies on it (see there).
-    async fn serve<I>(self, io: I, protocol: Option<Protocol>)
+    /// The future must be the whole of a spawned task (after a TLS handshake at most):
+    /// `Watched` relies on it (see there).
+    fn serve<I>(self, io: I, protocol: Option<Protocol>) -> impl Future<Output = ()> + Send
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -415,8 +417,10 @@ impl Connection {
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         let conn = connections.watch(conn.into_owned(), activity);
-        if let Some(Err(e)) = conn.await {
-            tracing::debug!(%peer, "connection ended with an error: {e}");
+        async move {
+            if let Some(Err(e)) = conn.await {
+                tracing::debug!(%peer, "connection ended with an error: {e}");
+            }
         }
     }
 }
