@@ -189,6 +189,7 @@ fn plugin_call(c: &mut Criterion) {
                             route,
                             stream_body_limit: None,
                             socket: None,
+                            header: None,
                         },
                         (),
                     ))

@@ -181,6 +181,10 @@ async fn run(
             }
         }
     };
+    // Keyed rate limiters forget idle clients and tenants, so their memory stays bounded.
+    tokio::spawn(host::request::rate_limits::forget_idle_keys(
+        Arc::downgrade(&servers),
+    ));
     // Service calls between servers go through the request path (held weakly: the
     // servers end with `run`).
     let weak = Arc::downgrade(&servers);

@@ -507,7 +507,31 @@ impl Client {
 
     /// Sends raw bytes and reads the response until the server closes the connection.
     pub fn raw(&self, request: &[u8]) -> Reply {
-        let mut stream = TcpStream::connect(self.addr).expect("connect to host");
+        let stream = TcpStream::connect(self.addr).expect("connect to host");
+        Self::exchange(stream, request)
+    }
+
+    /// [`Client::get`] from another local address: on Linux every 127.0.0.0/8 address
+    /// is this machine's, so `127.0.0.2` is a second client IP.
+    pub fn get_from(&self, local: std::net::IpAddr, host: &str, path: &str) -> Reply {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        Self::exchange(self.connect_from(local), request.as_bytes())
+    }
+
+    /// A connection from `local` (any port) to this address.
+    pub fn connect_from(&self, local: std::net::IpAddr) -> TcpStream {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let socket = Socket::new(Domain::for_address(self.addr), Type::STREAM, None).unwrap();
+        socket
+            .bind(&SockAddr::from(SocketAddr::new(local, 0)))
+            .unwrap_or_else(|e| panic!("bind a client socket to {local}: {e}"));
+        socket
+            .connect(&SockAddr::from(self.addr))
+            .expect("connect to host");
+        socket.into()
+    }
+
+    fn exchange(mut stream: TcpStream, request: &[u8]) -> Reply {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();

@@ -18,7 +18,7 @@ use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::ptr::NonNull;
 use std::sync::{Mutex, OnceLock};
@@ -28,6 +28,7 @@ use abi_stable::std_types::ROption;
 use async_ffi::{ContextExt, FfiContext};
 use bytes::Bytes;
 use hyper::body::{Body as _, Incoming};
+use hyper::header::HeaderValue;
 use hyper::http::request::Parts;
 use plugin_api::ffi::{
     FfiBusEvent, FfiBytes, FfiCall, FfiEachHeader, FfiHandleResult, FfiParam, FfiRequest,
@@ -71,6 +72,18 @@ impl ClientAddr {
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len as usize]
     }
+
+    /// The client's IP address, read back from the text (`None` for `internal`). Only
+    /// what needs it pays for it: a per-client-IP rate limit.
+    pub fn ip(&self) -> Option<IpAddr> {
+        let text = std::str::from_utf8(self.as_bytes()).ok()?;
+        let host = match text.strip_prefix('[') {
+            Some(v6) => v6.split(']').next()?,
+            None => text.rsplit_once(':')?.0,
+        };
+        // `[fe80::1%2]:80`: the scope is no part of the address.
+        host.split('%').next()?.parse().ok()
+    }
 }
 
 impl std::fmt::Write for ClientAddr {
@@ -95,6 +108,19 @@ struct Record {
     /// The normalised domain, when it differs from the bytes the client sent.
     domain: Option<Box<[u8]>>,
     params: Params,
+    /// A header whose value the host decides, whatever the client sent. Boxed: most
+    /// requests have none, and the record stays small.
+    header: Option<Box<HostHeader>>,
+}
+
+/// A request header the host sets for the plugin (the tenant, `x-tenant`): under
+/// `name` the plugin reads `value`, or no header at all for `None`, whatever the client
+/// sent under that name. The client's headers themselves are left as they are; the
+/// host's functions that read headers answer for this one.
+pub struct HostHeader {
+    /// Lower case.
+    pub name: &'static str,
+    pub value: Option<HeaderValue>,
 }
 
 /// Path parameters: views of the path (names are `'static`). A few live in the record
@@ -134,6 +160,8 @@ pub struct Lending<'p> {
     pub stream_body_limit: Option<u64>,
     /// For a WebSocket route's upgrade request: the connection it would open.
     pub socket: Option<FfiSocket>,
+    /// A header the host decides (see [`HostHeader`]).
+    pub header: Option<Box<HostHeader>>,
 }
 
 /// A request's body as it is lent: read whole, or still arriving (for a route that takes
@@ -157,6 +185,7 @@ impl PendingRequest {
             (&raw mut (*p).request_id).write(request_id);
             (&raw mut (*p).domain).write(None);
             (&raw mut (*p).params).write(Params::new());
+            (&raw mut (*p).header).write(None);
             record.assume_init()
         };
         PendingRequest(NonNull::from(Box::leak(record)))
@@ -166,6 +195,12 @@ impl PendingRequest {
     pub fn parts(&self) -> &Parts {
         // SAFETY: the record is alive and only read until it is lent or dropped.
         unsafe { &self.0.as_ref().parts }
+    }
+
+    /// The client's address.
+    pub fn client(&self) -> &ClientAddr {
+        // SAFETY: as in `parts`.
+        unsafe { &self.0.as_ref().client }
     }
 
     /// The request as hyper parsed it, for a request no plugin will see (one that static
@@ -191,7 +226,7 @@ impl PendingRequest {
     /// fn lend_a_temporary(pending: PendingRequest, temporary: &[u8]) {
     ///     let _ = pending.lend(LentBody::Bytes(bytes::Bytes::new()), |_, _| {
     ///         let domain = std::borrow::Cow::Borrowed(temporary);
-    ///         Ok::<_, ()>((Lending { domain, route: 0, stream_body_limit: None, socket: None }, ()))
+    ///         Ok::<_, ()>((Lending { domain, route: 0, stream_body_limit: None, socket: None, header: None }, ()))
     ///     });
     /// }
     /// ```
@@ -201,7 +236,7 @@ impl PendingRequest {
     /// fn a_parameter_from_elsewhere(pending: PendingRequest, value: &str) {
     ///     let _ = pending.lend(LentBody::Bytes(bytes::Bytes::new()), |_, params| {
     ///         params.push("id", value);
-    ///         Ok::<_, ()>((Lending { domain: b"x".into(), route: 0, stream_body_limit: None, socket: None }, ()))
+    ///         Ok::<_, ()>((Lending { domain: b"x".into(), route: 0, stream_body_limit: None, socket: None, header: None }, ()))
     ///     });
     /// }
     /// ```
@@ -238,6 +273,10 @@ impl PendingRequest {
                 FfiStr::new(slot.insert(owned.into_boxed_slice()))
             }
         };
+        if let Some(header) = lending.header {
+            // SAFETY: `ptr` is the live record; nothing borrows its `header` field.
+            unsafe { (*ptr).header = Some(header) };
+        }
         let route = lending.route;
         debug_assert!(
             lending.stream_body_limit.is_some() || matches!(body, LentBody::Bytes(_)),
@@ -421,10 +460,19 @@ unsafe extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiSt
     let Ok(name) = std::str::from_utf8(name) else {
         return ROption::RNone;
     };
+    // SAFETY: the contract above.
+    let record = unsafe { record(data) };
+    if let Some(own) = &record.header {
+        if name.eq_ignore_ascii_case(own.name) {
+            return match &own.value {
+                Some(value) => ROption::RSome(FfiStr::new(value.as_bytes())),
+                None => ROption::RNone,
+            };
+        }
+    }
     // `HeaderMap::get` compares names case-insensitively, and finds nothing for an
     // invalid name.
-    // SAFETY: the contract above.
-    match unsafe { record(data) }.parts.headers.get(name) {
+    match record.parts.headers.get(name) {
         Some(value) => ROption::RSome(FfiStr::new(value.as_bytes())),
         None => ROption::RNone,
     }
@@ -433,11 +481,30 @@ unsafe extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiSt
 unsafe extern "C" fn each_header(data: FfiRequestData, context: *mut c_void, each: FfiEachHeader) {
     // SAFETY: the contract above; `each` is the caller's, called with its own context
     // and views of the record that live as long as the request.
-    for (name, value) in unsafe { &record(data).parts.headers } {
+    let record = unsafe { record(data) };
+    let own = record.header.as_deref();
+    for (name, value) in &record.parts.headers {
+        // Names are lower case in a `HeaderMap`.
+        if own.is_some_and(|own| name.as_str() == own.name) {
+            continue;
+        }
         unsafe {
             (each.0)(
                 context,
                 FfiStr::new(name.as_str().as_bytes()),
+                FfiStr::new(value.as_bytes()),
+            )
+        };
+    }
+    if let Some(HostHeader {
+        name,
+        value: Some(value),
+    }) = own
+    {
+        unsafe {
+            (each.0)(
+                context,
+                FfiStr::new(name.as_bytes()),
                 FfiStr::new(value.as_bytes()),
             )
         };

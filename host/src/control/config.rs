@@ -21,7 +21,67 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
 pub struct Config {
     pub global: Global,
     pub servers: Vec<ServerConfig>,
+    /// `tenants`: groups of servers (or of a server's subdomains) with limits of their own.
+    pub tenants: Vec<TenantConfig>,
 }
+
+/// A tenant (`tenants[i]`): an id that servers name (`servers[].tenant`) or that a
+/// subdomain names (`servers[].tenant_from_subdomain`), and the rate limits every
+/// request of the tenant shares, whichever server it is for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantConfig {
+    /// Lower case letters, digits, `-` and `_`; at most 63 characters (a domain label).
+    pub id: String,
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// How a server's requests get their tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tenancy {
+    /// Every request is this tenant's (`servers[].tenant`).
+    Fixed(String),
+    /// The label just below this domain names the tenant
+    /// (`servers[].tenant_from_subdomain`): `acme.app.example` and
+    /// `www.acme.app.example` are tenant `acme` under `app.example`; `app.example`
+    /// itself has none.
+    Subdomain(String),
+}
+
+/// A rate limit (`rate_limit`, or one entry of a list of them): GCRA, `per_second`
+/// requests a second on average, up to `burst` at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// More than 0, at most 1,000,000; fractions allowed (`0.5`: one every 2 s).
+    pub per_second: f64,
+    /// At least 1; by default `per_second` rounded up.
+    pub burst: u32,
+    pub per: RatePer,
+}
+
+/// What one rate limit counts (`per`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RatePer {
+    /// Each client IP address (an IPv6 client by its /64) has its own budget.
+    ClientIp,
+    /// Each tenant has its own budget.
+    Tenant,
+    /// One budget for all the server's requests.
+    Server,
+}
+
+impl RatePer {
+    /// The name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            RatePer::ClientIp => "client_ip",
+            RatePer::Tenant => "tenant",
+            RatePer::Server => "server",
+        }
+    }
+}
+
+/// The most `per_second` and `burst` may be.
+const MAX_RATE: f64 = 1_000_000.0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Global {
@@ -39,6 +99,8 @@ pub struct Global {
     pub tls: TlsConfig,
     /// One line per request; `None`: off.
     pub access_log: Option<AccessLogConfig>,
+    /// `global.rate_limit`: limits per client IP address across every server.
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// `global.access_log`.
@@ -344,6 +406,10 @@ pub struct ServerConfig {
     pub redirect_https: bool,
     /// Its static files (`static`), tried when no plugin route answers.
     pub files: Option<StaticSite>,
+    /// `tenant` or `tenant_from_subdomain`; `None`: its requests have no tenant.
+    pub tenancy: Option<Tenancy>,
+    /// `rate_limit`: the server's own limits.
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// A server's static files (`servers[].static`).
@@ -559,6 +625,8 @@ struct Validator {
     server_index: Vec<usize>,
     /// The config file's folder: relative paths start there.
     folder: PathBuf,
+    /// Every tenant id `tenants` lists (valid or not), for `servers[].tenant`.
+    tenant_ids: Vec<String>,
 }
 
 impl Validator {
@@ -929,14 +997,44 @@ impl Validator {
                     ..TlsConfig::default()
                 },
                 access_log: None,
+                rate_limits: Vec::new(),
             },
             servers: Vec::new(),
+            tenants: Vec::new(),
         };
-        let Some(map) = self.object(root, "", &["global", "servers"]) else {
+        let Some(map) = self.object(root, "", &["global", "servers", "tenants"]) else {
             return config;
         };
         if let Some(global) = map.get("global") {
             self.global(global, &mut config.global);
+        }
+        // Before the servers, which name them.
+        match map.get("tenants") {
+            None => {}
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("tenants[{i}]");
+                    let id = item.get("id").and_then(Value::as_str);
+                    if let Some(id) = id {
+                        if let Some(j) = self.tenant_ids.iter().position(|t| t == id) {
+                            self.problem(
+                                &join(&path, "id"),
+                                format!("duplicate tenant id {id:?} (also tenants[{j}])"),
+                            );
+                        }
+                    }
+                    // Listed even when invalid, so that a server naming it gets only the
+                    // tenant's own problem.
+                    self.tenant_ids.push(id.unwrap_or_default().to_owned());
+                    if let Some(tenant) = self.tenant(item, &path) {
+                        config.tenants.push(tenant);
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                "tenants",
+                format!("expected an array, found {}", kind(other)),
+            ),
         }
         match map.get("servers") {
             Some(Value::Array(items)) => {
@@ -971,10 +1069,14 @@ impl Validator {
             "drop_in_plugins",
             "tls",
             "access_log",
+            "rate_limit",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
         };
+        if let Some(limits) = map.get("rate_limit") {
+            out.rate_limits = self.rate_limits(limits, "global.rate_limit", &[RatePer::ClientIp]);
+        }
         if let Some(listen) = map.get("listen") {
             let items: Vec<(String, &Value)> = match listen {
                 Value::Array(a) if a.is_empty() => {
@@ -1159,6 +1261,9 @@ impl Validator {
             "config",
             "redirect_https",
             "static",
+            "tenant",
+            "tenant_from_subdomain",
+            "rate_limit",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1244,6 +1349,20 @@ impl Validator {
                 false
             }
         };
+        let tenancy = self.tenancy(map, path, &domains);
+        let rate_limits = match map.get("rate_limit") {
+            None => Vec::new(),
+            Some(v) => {
+                let per = [RatePer::Server, RatePer::ClientIp, RatePer::Tenant];
+                self.rate_limits(v, &join(path, "rate_limit"), &per)
+            }
+        };
+        if tenancy.is_none() && rate_limits.iter().any(|l| l.per == RatePer::Tenant) {
+            self.problem(
+                &join(path, "rate_limit"),
+                "\"per\": \"tenant\" needs a server with `tenant` or `tenant_from_subdomain`",
+            );
+        }
         if self.problems.len() > before {
             return None;
         }
@@ -1255,6 +1374,182 @@ impl Validator {
             plugin_config,
             redirect_https,
             files,
+            tenancy,
+            rate_limits,
+        })
+    }
+
+    /// A server's `tenant` (a listed tenant's id) or `tenant_from_subdomain` (a domain
+    /// whose wildcard the server serves).
+    fn tenancy(
+        &mut self,
+        map: &Map<String, Value>,
+        path: &str,
+        domains: &[DomainPattern],
+    ) -> Option<Tenancy> {
+        match (map.get("tenant"), map.get("tenant_from_subdomain")) {
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                self.problem(
+                    path,
+                    "`tenant` and `tenant_from_subdomain` exclude each other: a server's requests get their tenant one way",
+                );
+                None
+            }
+            (Some(v), None) => {
+                let p = join(path, "tenant");
+                let id = self.string(v, &p)?;
+                if !self.tenant_ids.contains(&id) {
+                    self.problem(
+                        &p,
+                        format!("no tenant has the id {id:?} (list it in `tenants`)"),
+                    );
+                    return None;
+                }
+                Some(Tenancy::Fixed(id))
+            }
+            (None, Some(v)) => {
+                let p = join(path, "tenant_from_subdomain");
+                let raw = self.string(v, &p)?;
+                let suffix = match DomainPattern::parse(&raw) {
+                    Ok(DomainPattern::Exact(name)) if name.parse::<std::net::IpAddr>().is_err() => {
+                        name
+                    }
+                    Ok(_) => {
+                        let message = format!(
+                            "{raw:?} must be a domain name such as \"app.example\", without `*.`"
+                        );
+                        self.problem(&p, message);
+                        return None;
+                    }
+                    Err(InvalidDomain(why)) => {
+                        self.problem(&p, format!("{raw:?} is not a valid domain: {why}"));
+                        return None;
+                    }
+                };
+                let wildcard = DomainPattern::Wildcard(suffix.clone());
+                if !domains.is_empty() && !domains.contains(&wildcard) {
+                    let message = format!(
+                        "no domain of this server is under {suffix}: add \"{wildcard}\" to `domains`"
+                    );
+                    self.problem(&p, message);
+                    return None;
+                }
+                Some(Tenancy::Subdomain(suffix))
+            }
+        }
+    }
+
+    /// A tenant (`tenants[i]`): its id and its rate limits.
+    fn tenant(&mut self, value: &Value, path: &str) -> Option<TenantConfig> {
+        let map = self.object(value, path, &["id", "rate_limit"])?;
+        let before = self.problems.len();
+        let id = self.required_string(map, path, "id", "");
+        if let Some(id) = &id {
+            let valid = id.len() <= 63
+                && id.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !valid {
+                self.problem(
+                    &join(path, "id"),
+                    format!("{id:?} may only contain lower case letters, digits, `-` and `_`, at most 63 of them (it may name a subdomain)"),
+                );
+            }
+        }
+        let rate_limits = match map.get("rate_limit") {
+            None => Vec::new(),
+            Some(v) => self.rate_limits(
+                v,
+                &join(path, "rate_limit"),
+                &[RatePer::Tenant, RatePer::ClientIp],
+            ),
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(TenantConfig {
+            id: id?,
+            rate_limits,
+        })
+    }
+
+    /// A `rate_limit`: one limit or a list of them. `per` may be one of `allowed`; the
+    /// first is the default.
+    fn rate_limits(&mut self, value: &Value, path: &str, allowed: &[RatePer]) -> Vec<RateLimit> {
+        let items: Vec<(String, &Value)> = match value {
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("{path}[{i}]"), v))
+                .collect(),
+            other => vec![(path.to_owned(), other)],
+        };
+        let mut out: Vec<(String, RateLimit)> = Vec::new();
+        for (p, item) in items {
+            let Some(limit) = self.rate_limit(item, &p, allowed) else {
+                continue;
+            };
+            if let Some((first, _)) = out.iter().find(|(_, l)| *l == limit) {
+                let message = format!("the same limit is listed twice (also {first})");
+                self.problem(&p, message);
+            } else {
+                out.push((p, limit));
+            }
+        }
+        out.into_iter().map(|(_, limit)| limit).collect()
+    }
+
+    fn rate_limit(&mut self, value: &Value, path: &str, allowed: &[RatePer]) -> Option<RateLimit> {
+        let map = self.object(value, path, &["per_second", "burst", "per"])?;
+        let per_second = match map.get("per_second") {
+            None => {
+                self.problem(path, "missing key `per_second`");
+                None
+            }
+            Some(v) => match v.as_f64() {
+                Some(r) if r > 0.0 && r <= MAX_RATE => Some(r),
+                _ => {
+                    self.problem(
+                        &join(path, "per_second"),
+                        format!("expected a number above 0 and at most {MAX_RATE}, found {v}"),
+                    );
+                    None
+                }
+            },
+        };
+        let burst = match map.get("burst") {
+            None => per_second.map(|r| r.ceil().max(1.0) as u32),
+            Some(v) => match v.as_u64() {
+                Some(n) if n >= 1 && n as f64 <= MAX_RATE => Some(n as u32),
+                _ => {
+                    self.problem(
+                        &join(path, "burst"),
+                        format!("expected a whole number from 1 to {MAX_RATE}, found {v}"),
+                    );
+                    None
+                }
+            },
+        };
+        let per = match map.get("per") {
+            None => Some(allowed[0]),
+            Some(v) => {
+                let found = allowed.iter().find(|p| v.as_str() == Some(p.name()));
+                if found.is_none() {
+                    let names: Vec<String> =
+                        allowed.iter().map(|p| format!("{:?}", p.name())).collect();
+                    self.problem(
+                        &join(path, "per"),
+                        format!("expected {}, found {v}", names.join(" or ")),
+                    );
+                }
+                found.copied()
+            }
+        };
+        Some(RateLimit {
+            per_second: per_second?,
+            burst: burst?,
+            per: per?,
         })
     }
 
@@ -1589,6 +1884,92 @@ mod tests {
             got,
             ["servers[1].domains[0]: domain x.test is already claimed by server \"a\" (servers[0])"]
         );
+    }
+
+    #[test]
+    fn rate_limits_and_tenants_are_read_with_their_defaults() {
+        let c = parse(
+            r#"{"global": {"rate_limit": {"per_second": 100}},
+                "tenants": [{"id": "acme", "rate_limit": [{"per_second": 0.5}, {"per_second": 5, "per": "client_ip"}]}],
+                "servers": [
+                  {"name": "a", "domains": ["a.test"], "plugin": "x", "tenant": "acme",
+                   "rate_limit": {"per_second": 50, "burst": 10, "per": "client_ip"}},
+                  {"name": "app", "domains": ["*.app.test"], "plugin": "x",
+                   "tenant_from_subdomain": "App.Test", "rate_limit": {"per_second": 2.5, "per": "tenant"}},
+                  {"name": "b", "domains": ["b.test"], "plugin": "x"}]}"#,
+            &env,
+        )
+        .unwrap();
+        let limit = |per_second: f64, burst: u32, per: RatePer| RateLimit {
+            per_second,
+            burst,
+            per,
+        };
+        assert_eq!(c.global.rate_limits, [limit(100.0, 100, RatePer::ClientIp)]);
+        assert_eq!(
+            c.tenants,
+            [TenantConfig {
+                id: "acme".into(),
+                rate_limits: vec![
+                    limit(0.5, 1, RatePer::Tenant),
+                    limit(5.0, 5, RatePer::ClientIp)
+                ],
+            }]
+        );
+        assert_eq!(c.servers[0].tenancy, Some(Tenancy::Fixed("acme".into())));
+        assert_eq!(
+            c.servers[0].rate_limits,
+            [limit(50.0, 10, RatePer::ClientIp)]
+        );
+        assert_eq!(
+            c.servers[1].tenancy,
+            Some(Tenancy::Subdomain("app.test".into()))
+        );
+        assert_eq!(c.servers[1].rate_limits, [limit(2.5, 3, RatePer::Tenant)]);
+        assert_eq!(
+            (&c.servers[2].tenancy, c.servers[2].rate_limits.len()),
+            (&None, 0)
+        );
+    }
+
+    #[test]
+    fn rate_limit_and_tenant_problems_name_their_path() {
+        let got = problems(
+            r#"{"global": {"rate_limit": {"per_second": 5, "per": "server"}},
+                "tenants": [{"id": "acme"}, {"id": "acme"}, {"id": "Big Co", "rate_limit": {"per_second": 1, "per": "server"}}],
+                "servers": [
+                  {"name": "a", "domains": ["a.test"], "plugin": "x", "tenant": "nobody",
+                   "rate_limit": [{"per_second": 0}, {"per_second": 1, "burst": 0}, {"burst": 3},
+                                  {"per_second": 1}, {"per_second": 1}, {"per_second": 2, "colour": 2}]},
+                  {"name": "b", "domains": ["b.test"], "plugin": "x", "rate_limit": {"per_second": 1, "per": "tenant"}},
+                  {"name": "c", "domains": ["*.c.test"], "plugin": "x", "tenant_from_subdomain": "app.test"},
+                  {"name": "d", "domains": ["d.test"], "plugin": "x", "tenant": "acme", "tenant_from_subdomain": "d.test"},
+                  {"name": "e", "domains": ["*.e.test"], "plugin": "x", "tenant_from_subdomain": "*.e.test"}
+                ]}"#,
+        );
+        let expected = [
+            "global.rate_limit.per: expected \"client_ip\", found \"server\"",
+            "tenants[1].id: duplicate tenant id \"acme\" (also tenants[0])",
+            "tenants[2].id: \"Big Co\" may only contain lower case letters",
+            "tenants[2].rate_limit.per: expected \"tenant\" or \"client_ip\", found \"server\"",
+            "servers[0].tenant: no tenant has the id \"nobody\"",
+            "servers[0].rate_limit[0].per_second: expected a number above 0",
+            "servers[0].rate_limit[1].burst: expected a whole number from 1",
+            "servers[0].rate_limit[2]: missing key `per_second`",
+            "servers[0].rate_limit[4]: the same limit is listed twice (also servers[0].rate_limit[3])",
+            "servers[0].rate_limit[5].colour: unknown key",
+            "servers[1].rate_limit: \"per\": \"tenant\" needs a server with `tenant`",
+            "servers[2].tenant_from_subdomain: no domain of this server is under app.test: add \"*.app.test\"",
+            "servers[3]: `tenant` and `tenant_from_subdomain` exclude each other",
+            "servers[4].tenant_from_subdomain: \"*.e.test\" must be a domain name",
+        ];
+        for e in expected {
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing {e:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), expected.len(), "{got:#?}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::boundary::sockets::Hub;
 use crate::control::config::{Config, Limits, StaticSite};
 use crate::control::deliver;
 use crate::request::files::Site;
+use crate::request::rate_limits::Admission;
 use crate::routing::domain::{DomainPattern, DomainTable};
 use crate::routing::routes::RouteTable;
 
@@ -162,6 +163,9 @@ pub struct Routing {
     pub limits: Limits,
     /// Servers whose requests on plain listeners are redirected to HTTPS.
     pub redirect_https: Vec<Arc<str>>,
+    /// Tenants and rate limits; `None` when the config has neither, so that a request
+    /// pays one check for them.
+    pub admission: Option<Box<Admission>>,
 }
 
 /// What a server should run: from its config entry, or made up for a drop-in library.
@@ -453,6 +457,7 @@ impl Microservers {
                 servers: Vec::new(),
                 limits: config.global.limits.clone(),
                 redirect_https: Vec::new(),
+                admission: None,
             }),
             control: Mutex::new(Control {
                 stopping: false,
@@ -478,6 +483,11 @@ impl Microservers {
     /// The current routing snapshot.
     pub fn routing(&self) -> arc_swap::Guard<Arc<Routing>> {
         self.routing.load()
+    }
+
+    /// The current routing snapshot, to keep for a while.
+    pub fn routing_full(&self) -> Arc<Routing> {
+        self.routing.load_full()
     }
 
     /// The configuration in force (the last one applied).
@@ -1265,6 +1275,8 @@ impl Microservers {
             .and_then(|name| by_name.get(name))
             .map(|s| (*s).clone());
         domains.set_default(default);
+        // Limits still configured keep their limiters, and so their counts.
+        let admission = Admission::build(&control.config, self.routing.load().admission.as_deref());
         self.routing.store(Arc::new(Routing {
             domains,
             servers: control.servers.iter().map(|e| e.server.clone()).collect(),
@@ -1276,6 +1288,7 @@ impl Microservers {
                 .filter(|s| s.enabled && s.redirect_https)
                 .map(|s| Arc::from(s.name.as_str()))
                 .collect(),
+            admission,
         }));
     }
 }

@@ -46,7 +46,7 @@ pub enum Body {
 }
 
 impl Body {
-    fn bytes(bytes: Bytes) -> Self {
+    pub(super) fn bytes(bytes: Bytes) -> Self {
         Body::Bytes(Full::new(bytes))
     }
 
@@ -451,10 +451,12 @@ fn first_step(
             body,
             id,
             want_name,
+            false,
         )));
     }
     let body = LentBody::Bytes(Bytes::new());
-    match dispatch(servers, pending, body, id, want_name, None, cx) {
+    let to = To::Domain { admitted: false };
+    match dispatch(servers, pending, body, id, want_name, to, cx) {
         Step::Done(routed) => Ok(routed),
         Step::Retry(pending, body) => Err(Box::pin(dispatch_later(
             servers.clone(),
@@ -466,6 +468,17 @@ fn first_step(
         Step::Running(running, name) => Err(Box::pin(async move { (running.await, name) })),
         Step::ReadBody(..) => unreachable!("a request without a body was not lent as a stream"),
     }
+}
+
+/// Which server a request is for, and whether it was admitted already.
+#[derive(Clone, Copy)]
+enum To<'a> {
+    /// The server its domain names. `admitted`: an earlier step counted it against its
+    /// rate limits (it is retried, or its body was read first).
+    Domain { admitted: bool },
+    /// A service call's server, named by the caller: no rate limit, and the headers as
+    /// the calling plugin set them.
+    Server(&'a Arc<Server>),
 }
 
 /// Where one synchronous step left a request.
@@ -588,11 +601,12 @@ pub(super) fn unavailable(server: &Server, reason: &str) -> Response<Body> {
     error(StatusCode::SERVICE_UNAVAILABLE, &message)
 }
 
-/// A request with a body: turned away early if it cannot be served, else its body is
-/// read (before the request counts as in flight on a generation, and under the request
-/// timeout: a client that trickles its body holds up no reload), then dispatched. A
-/// route that takes its body as a stream gets it as it arrives instead: such a request
-/// is in flight while the body comes, and its handler (upload included) runs under the
+/// A request with a body: turned away early if it cannot be served (its rate limits
+/// too, unless `admitted` says they were checked), else its body is read (before the
+/// request counts as in flight on a generation, and under the request timeout: a
+/// client that trickles its body holds up no reload), then dispatched. A route that
+/// takes its body as a stream gets it as it arrives instead: such a request is in
+/// flight while the body comes, and its handler (upload included) runs under the
 /// request timeout.
 pub(super) async fn with_body(
     servers: Arc<Microservers>,
@@ -600,8 +614,9 @@ pub(super) async fn with_body(
     body: Incoming,
     id: RequestId,
     want_name: bool,
+    admitted: bool,
 ) -> Routed {
-    read_body(servers, pending, body, id, want_name, true).await
+    read_body(servers, pending, body, id, want_name, true, admitted).await
 }
 
 /// [`with_body`], where `may_stream` false reads the body whole whatever the route (the
@@ -614,14 +629,25 @@ async fn read_body(
     id: RequestId,
     want_name: bool,
     may_stream: bool,
+    admitted: bool,
 ) -> Routed {
     let reading = 'reading: {
         let routing = servers.routing();
         let parts = pending.parts();
-        let Resolved { server, name, .. } = match resolve(&routing, parts, want_name) {
+        let Resolved {
+            server,
+            name,
+            domain,
+        } = match resolve(&routing, parts, want_name) {
             Ok(resolved) => resolved,
             Err(routed) => return *routed,
         };
+        // Counted before the body is read: a refused request's body is not.
+        if let (Some(admission), false) = (routing.admission.as_deref(), admitted) {
+            if let Err(refused) = admission.admit(&server.name, &domain, Some(pending.client())) {
+                return (*refused, name);
+            }
+        }
         let stream_limit = match &**server.state() {
             // No plugin sees the body: static files (or the 405 of a server that has
             // only files) answer without it.
@@ -688,7 +714,8 @@ async fn read_body(
 }
 
 /// Dispatches a request from an async context, yielding while a reload retires the
-/// generation it tried to enter.
+/// generation it tried to enter. It was admitted already (by its first step, or before
+/// its body was read).
 async fn dispatch_later(
     servers: Arc<Microservers>,
     pending: PendingRequest,
@@ -710,18 +737,14 @@ async fn dispatch_later_to(
     target: Option<Arc<Server>>,
 ) -> Routed {
     let mut next = Some((pending, body));
+    let to = match &target {
+        Some(server) => To::Server(server),
+        None => To::Domain { admitted: true },
+    };
     loop {
         let step = std::future::poll_fn(|cx| {
             let (pending, body) = next.take().expect("set before each poll");
-            Poll::Ready(dispatch(
-                &servers,
-                pending,
-                body,
-                id,
-                want_name,
-                target.as_ref(),
-                cx,
-            ))
+            Poll::Ready(dispatch(&servers, pending, body, id, want_name, to, cx))
         })
         .await;
         match step {
@@ -733,7 +756,9 @@ async fn dispatch_later_to(
             Step::Running(running, name) => return (running.await, name),
             Step::ReadBody(pending, incoming) => {
                 // Boxed: `read_body` comes back here (once: it reads the body whole).
-                let read = Box::pin(read_body(servers, pending, *incoming, id, want_name, false));
+                let read = Box::pin(read_body(
+                    servers, pending, *incoming, id, want_name, false, true,
+                ));
                 return read.await;
             }
         }
@@ -791,8 +816,8 @@ fn static_only(server: &Server, method: &Method, name: Option<Arc<str>>) -> Refu
     Refused::Done(Box::new((response, name)))
 }
 
-/// One synchronous step: domain, server, generation, route, and the handler's first
-/// poll (with this task's context).
+/// One synchronous step: domain, server, tenant and rate limits, generation, route,
+/// and the handler's first poll (with this task's context).
 #[inline]
 fn dispatch(
     servers: &Microservers,
@@ -800,24 +825,40 @@ fn dispatch(
     body: LentBody,
     id: RequestId,
     want_name: bool,
-    target: Option<&Arc<Server>>,
+    to: To<'_>,
     cx: &mut Context<'_>,
 ) -> Step {
     let routing = servers.routing();
     let arriving = matches!(body, LentBody::Stream(_));
+    // Tenants and rate limits: with neither configured, this one check is their cost.
+    let admission = match to {
+        To::Domain { admitted } => routing
+            .admission
+            .as_deref()
+            .map(|a| (a, (!admitted).then(|| *pending.client()))),
+        To::Server(_) => None,
+    };
     // Everything borrowed from the request ends with this closure, before it is lent.
     let lent = pending.lend(body, |parts, params| {
         let Resolved {
             server,
             domain,
             name,
-        } = match target {
-            None => resolve(&routing, parts, want_name).map_err(Refused::Done)?,
-            Some(server) => Resolved {
+        } = match to {
+            To::Domain { .. } => resolve(&routing, parts, want_name).map_err(Refused::Done)?,
+            To::Server(server) => Resolved {
                 server,
                 domain: Cow::Owned(server.name.as_bytes().to_vec()),
                 name: want_name.then(|| server.name.clone()),
             },
+        };
+        // Over a rate limit: 429, whatever the server's state. Else the tenant header
+        // its plugin reads, if the config has tenants.
+        let header = match &admission {
+            None => None,
+            Some((admission, client)) => admission
+                .admit(&server.name, &domain, client.as_ref())
+                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?,
         };
         // Enter the server's current generation. A generation retired between the load
         // and the entry turns the request away; the caller tries again.
@@ -877,6 +918,7 @@ fn dispatch(
             route,
             stream_body_limit,
             socket: None,
+            header,
         };
         Ok((lending, (generation, route, head, name)))
     });

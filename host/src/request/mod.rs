@@ -1,9 +1,10 @@
 //! The request path, below the edge: one HTTP request from its domain to its plugin's
-//! answer (`http`), a server's static files when no plugin route answers (`files`), a
-//! WebSocket from its upgrade to its close (`websocket`), and the line each request
-//! leaves in the access log (`access_log`).
+//! answer (`http`), its tenant and rate limits (`rate_limits`), a server's static files
+//! when no plugin route answers (`files`), a WebSocket from its upgrade to its close
+//! (`websocket`), and the line each request leaves in the access log (`access_log`).
 
 pub mod access_log;
 pub mod files;
 pub mod http;
+pub mod rate_limits;
 pub mod websocket;

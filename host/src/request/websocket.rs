@@ -137,7 +137,7 @@ pub(super) async fn upgrade(
     on_upgrade: OnUpgrade,
 ) -> Routed {
     if !asks_for_websocket(pending.parts()) {
-        return http::with_body(servers, pending, body, id, want_name).await;
+        return http::with_body(servers, pending, body, id, want_name, false).await;
     }
     let key = match check_handshake(pending.parts()) {
         Ok(key) => key,
@@ -146,13 +146,17 @@ pub(super) async fn upgrade(
     let h2 = pending.parts().version == Version::HTTP_2;
     let mut pending = Some(pending);
     let mut slot = OutcomeSlot::new();
+    // Counted against its rate limits by its first step: a step that comes back
+    // (Retry, Ordinary) passed them.
+    let mut admitted = false;
     // Lent and started in one synchronous step, like an ordinary request.
     let (opened, call) = loop {
         let step = std::future::poll_fn(|cx| {
             let pending = pending.take().expect("set before each step");
-            Poll::Ready(open(&servers, pending, want_name, &mut slot, cx))
+            Poll::Ready(open(&servers, pending, want_name, admitted, &mut slot, cx))
         })
         .await;
+        admitted = true;
         match step {
             Ok(started) => break started,
             Err((back, Refused::Retry)) => {
@@ -160,7 +164,7 @@ pub(super) async fn upgrade(
                 tokio::task::yield_now().await;
             }
             Err((back, Refused::Ordinary)) => {
-                return http::with_body(servers, back, body, id, want_name).await;
+                return http::with_body(servers, back, body, id, want_name, true).await;
             }
             Err((_, Refused::Done(routed))) => return *routed,
         }
@@ -213,23 +217,32 @@ pub(super) async fn upgrade(
     (switching(key, h2), name)
 }
 
-/// One synchronous step of the upgrade: domain, server, generation, route, a new
-/// connection in the server's set, and the route handler's first poll.
+/// One synchronous step of the upgrade: domain, server, tenant and rate limits (unless
+/// `admitted`), generation, route, a new connection in the server's set, and the route
+/// handler's first poll.
 #[allow(clippy::type_complexity)]
 fn open(
     servers: &Microservers,
     pending: PendingRequest,
     want_name: bool,
+    admitted: bool,
     slot: &mut OutcomeSlot,
     cx: &mut Context<'_>,
 ) -> Result<(Opened, Option<PluginCall>), (PendingRequest, Refused)> {
     let routing = servers.routing();
+    let client = (routing.admission.is_some() && !admitted).then(|| *pending.client());
     let lent = pending.lend(LentBody::Bytes(Bytes::new()), |parts, params| {
         let Resolved {
             server,
             domain,
             name,
         } = http::resolve(&routing, parts, want_name).map_err(Refused::Done)?;
+        let header = match routing.admission.as_deref() {
+            None => None,
+            Some(admission) => admission
+                .admit(&server.name, &domain, client.as_ref())
+                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?,
+        };
         let in_flight = match &**server.state() {
             ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
             ServerState::Waiting(reason) => {
@@ -275,6 +288,7 @@ fn open(
             route,
             stream_body_limit: None,
             socket: Some(conn.ffi()),
+            header,
         };
         let opened = Opened {
             in_flight,
