@@ -379,8 +379,18 @@ fn past_max_in_flight_a_server_sheds_requests_with_503() {
         .plugin("hello", "hello.so")
         .start();
     std::thread::scope(|scope| {
+        // A slow request that meets the probe below while two others are in flight is
+        // shed itself: it tries again, so that three end up in flight.
         let slow: Vec<_> = (0..3)
-            .map(|_| scope.spawn(|| host.get("hello.localhost", "/slow?ms=2000").status))
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let status = host.get("hello.localhost", "/slow?ms=2000").status;
+                    if status != 503 {
+                        return status;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                })
+            })
             .collect();
         host.wait_until("three requests are in flight", || {
             let reply = host.get("hello.localhost", "/");
