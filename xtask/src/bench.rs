@@ -92,6 +92,17 @@ pub fn run(args: &[String]) -> Result<()> {
     // The targets.
     let one = out.join("host-1-domain");
     prepare(&one, &config_with_domains(1), &[(lib("hello"), "hello")])?;
+    // The same, with a rate limit per client address (high enough never to refuse) and
+    // with the access log to a file: what each costs per request.
+    let limited = out.join("host-rate-limited");
+    let mut config: Value = serde_json::from_str(&config_with_domains(1))?;
+    config["global"]["rate_limit"] =
+        json!({"per_second": 1_000_000, "burst": 1_000_000, "per": "client_ip"});
+    prepare(&limited, &config.to_string(), &[(lib("hello"), "hello")])?;
+    let logged = out.join("host-access-log");
+    let mut config: Value = serde_json::from_str(&config_with_domains(1))?;
+    config["global"]["access_log"] = json!({"format": "combined", "file": "access.log"});
+    prepare(&logged, &config.to_string(), &[(lib("hello"), "hello")])?;
     let many = out.join("host-10k-domains");
     prepare(
         &many,
@@ -133,6 +144,16 @@ pub fn run(args: &[String]) -> Result<()> {
             "host",
             "hello.localhost",
             host_cmd(&mut pin(&release.join("host"), 0), &one),
+        )?,
+        Target::start(
+            "host-rate-limited",
+            "hello.localhost",
+            host_cmd(&mut pin(&release.join("host"), 0), &limited),
+        )?,
+        Target::start(
+            "host-access-log",
+            "hello.localhost",
+            host_cmd(&mut pin(&release.join("host"), 0), &logged),
         )?,
         Target::start(
             "host-10k",
@@ -229,7 +250,14 @@ pub fn run(args: &[String]) -> Result<()> {
             path: "/plain",
             post: false,
             new_connections: false,
-            targets: &["baseline", "host", "host-10k", "nginx"],
+            targets: &[
+                "baseline",
+                "host",
+                "host-10k",
+                "nginx",
+                "host-rate-limited",
+                "host-access-log",
+            ],
             baseline: "baseline",
         },
         Case {
