@@ -180,9 +180,6 @@ impl Note {
         if !ENABLED.load(Ordering::Relaxed) {
             return;
         }
-        let mut sink = sink();
-        let Some(sink) = sink.as_mut() else { return };
-        let now = time::OffsetDateTime::now_utc();
         let client = std::str::from_utf8(self.client.as_bytes()).unwrap_or("-");
         // The address without its port.
         let ip = client
@@ -190,46 +187,47 @@ impl Note {
             .map_or(client, |(ip, _)| ip)
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let line = match sink.format {
+        let mut sink = sink();
+        let Some(sink) = sink.as_mut() else { return };
+        let out = &mut sink.buffer;
+        let now = std::time::SystemTime::now();
+        // Written straight into the buffer: no line is formatted apart first.
+        let _ = match sink.format {
             AccessLogFormat::Json => {
-                let mut line = serde_json::json!({
-                    "time": rfc3339(now),
-                    "request_id": request_id,
-                    "server": server,
-                    "client": ip,
-                    "method": self.method.as_str(),
-                    "path": self.target,
-                    "protocol": protocol(self.version),
-                    "status": status,
-                    "bytes": bytes,
-                    "duration_ms": micros as f64 / 1000.0,
-                    "referer": self.referer,
-                    "user_agent": self.user_agent,
-                })
-                .to_string();
-                line.push('\n');
-                line
-            }
-            AccessLogFormat::Combined => {
-                let quoted = |s: Option<&str>| match s {
-                    Some(s) => format!("\"{}\"", escape(s)),
-                    None => "\"-\"".to_owned(),
+                let line = JsonLine {
+                    time: Rfc3339(now),
+                    request_id,
+                    server,
+                    client: ip,
+                    method: self.method.as_str(),
+                    path: &self.target,
+                    protocol: protocol(self.version),
+                    status,
+                    bytes,
+                    duration_ms: micros as f64 / 1000.0,
+                    referer: self.referer.as_deref(),
+                    user_agent: self.user_agent.as_deref(),
                 };
-                format!(
-                    "{ip} - - [{}] \"{} {} {}\" {status} {} {} {} {} {request_id} {:.3}\n",
-                    clf_time(now),
-                    self.method,
-                    escape(&self.target),
-                    protocol(self.version),
-                    bytes.map_or_else(|| "-".to_owned(), |b| b.to_string()),
-                    quoted(self.referer.as_deref()),
-                    quoted(self.user_agent.as_deref()),
-                    server.unwrap_or("-"),
-                    micros as f64 / 1000.0,
-                )
+                serde_json::to_writer(&mut *out, &line)
+                    .map_err(|_| std::fmt::Error)
+                    .map(|()| out.push(b'\n'))
             }
+            AccessLogFormat::Combined => writeln!(
+                out,
+                "{ip} - - [{}] \"{} {} {}\" {status} {} {} {} {} {request_id} {}.{:03}",
+                ClfTime(now),
+                self.method,
+                escape(&self.target),
+                protocol(self.version),
+                OrDash(bytes),
+                Quoted(self.referer.as_deref()),
+                Quoted(self.user_agent.as_deref()),
+                server.unwrap_or("-"),
+                micros / 1000,
+                micros % 1000,
+            )
+            .map_err(|_| std::fmt::Error),
         };
-        sink.buffer.extend_from_slice(line.as_bytes());
         if sink.buffer.len() >= FLUSH_AT {
             sink.flush();
         }
@@ -275,31 +273,94 @@ const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
 
-/// `03/Dec/2026:10:04:01 +0000` (the common log format's time, in UTC).
-fn clf_time(t: time::OffsetDateTime) -> String {
-    format!(
-        "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
-        t.day(),
-        MONTHS[usize::from(u8::from(t.month())) - 1],
-        t.year(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+/// A JSON line's fields, in order.
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    time: Rfc3339,
+    request_id: &'a str,
+    server: Option<&'a str>,
+    client: &'a str,
+    method: &'a str,
+    path: &'a str,
+    protocol: &'static str,
+    status: u16,
+    bytes: Option<u64>,
+    duration_ms: f64,
+    referer: Option<&'a str>,
+    user_agent: Option<&'a str>,
 }
 
-/// `2026-12-03T10:04:01.123Z`.
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    format!(
-        "{}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+/// A time as `03/Dec/2026:10:04:01 +0000` (the common log format's, in UTC).
+struct ClfTime(std::time::SystemTime);
+
+/// A time as `2026-12-03T10:04:01.123Z`.
+struct Rfc3339(std::time::SystemTime);
+
+fn utc(t: std::time::SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::from(t)
+}
+
+impl std::fmt::Display for ClfTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = utc(self.0);
+        write!(
+            f,
+            "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
+            t.day(),
+            MONTHS[usize::from(u8::from(t.month())) - 1],
+            t.year(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        )
+    }
+}
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = utc(self.0);
+        write!(
+            f,
+            "{}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        )
+    }
+}
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A number, or `-` when there is none.
+struct OrDash(Option<u64>);
+
+impl std::fmt::Display for OrDash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// A field in quotes, escaped; `"-"` when there is none.
+struct Quoted<'a>(Option<&'a str>);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, "\"{}\"", escape(s)),
+            None => f.write_str("\"-\""),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -308,9 +369,9 @@ mod tests {
 
     #[test]
     fn times_and_escapes() {
-        let t = time::OffsetDateTime::from_unix_timestamp(1_796_292_241).unwrap();
-        assert_eq!(clf_time(t), "03/Dec/2026:10:04:01 +0000");
-        assert_eq!(rfc3339(t), "2026-12-03T10:04:01.000Z");
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_292_241);
+        assert_eq!(ClfTime(t).to_string(), "03/Dec/2026:10:04:01 +0000");
+        assert_eq!(Rfc3339(t).to_string(), "2026-12-03T10:04:01.000Z");
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\x0Ad");
         assert_eq!(escape("/plain?x=1"), "/plain?x=1");
     }
