@@ -39,10 +39,12 @@ use smallvec::SmallVec;
 use crate::boundary::plugin::Instance;
 
 /// A client's socket address as text, made once per connection and copied into each
-/// request record (no allocation, no reference count).
+/// request record (no allocation, no reference count), and whether the connection is
+/// TLS.
 #[derive(Clone, Copy)]
 pub struct ClientAddr {
     len: u8,
+    tls: bool,
     buf: [u8; 64],
 }
 
@@ -50,6 +52,7 @@ impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
         let mut out = ClientAddr {
             len: 0,
+            tls: false,
             buf: [0; 64],
         };
         // The longest, `[v6%scope]:port`, is 58 bytes.
@@ -61,15 +64,26 @@ impl ClientAddr {
     pub fn internal() -> Self {
         let mut out = ClientAddr {
             len: 0,
+            tls: false,
             buf: [0; 64],
         };
         let _ = out.write_str("internal");
         out
     }
 
+    /// The same client, on a TLS connection.
+    pub fn over_tls(self) -> Self {
+        ClientAddr { tls: true, ..self }
+    }
+
     /// The text's bytes (ASCII: an address and a port, or `internal`).
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len as usize]
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 }
 
@@ -160,6 +174,12 @@ impl PendingRequest {
             record.assume_init()
         };
         PendingRequest(NonNull::from(Box::leak(record)))
+    }
+
+    /// Whether the request came over TLS.
+    pub fn is_tls(&self) -> bool {
+        // SAFETY: the record is alive and only read until it is lent or dropped.
+        unsafe { self.0.as_ref().client.is_tls() }
     }
 
     /// The request as hyper parsed it.

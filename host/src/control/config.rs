@@ -13,6 +13,12 @@ use serde_json::{Map, Value};
 
 use crate::routing::domain::{DomainPattern, InvalidDomain};
 
+mod headers;
+pub use headers::{
+    joined, CompressionRules, CorsRules, Hsts, Listed, OriginPattern, Origins, ResponseRules,
+    SecurityHeaders,
+};
+
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
 
@@ -344,6 +350,8 @@ pub struct ServerConfig {
     pub redirect_https: bool,
     /// Its static files (`static`), tried when no plugin route answers.
     pub files: Option<StaticSite>,
+    /// What it adds to its responses: `headers`, `cors` and `compression`.
+    pub response: ResponseRules,
 }
 
 /// A server's static files (`servers[].static`).
@@ -1159,6 +1167,9 @@ impl Validator {
             "config",
             "redirect_https",
             "static",
+            "headers",
+            "cors",
+            "compression",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1244,6 +1255,7 @@ impl Validator {
                 false
             }
         };
+        let response = self.response_rules(map, path);
         if self.problems.len() > before {
             return None;
         }
@@ -1255,6 +1267,7 @@ impl Validator {
             plugin_config,
             redirect_https,
             files,
+            response,
         })
     }
 
