@@ -12,6 +12,7 @@ mod config;
 mod database;
 mod edge;
 mod gateway;
+mod headers;
 mod loading;
 mod rate_limits;
 mod redis;

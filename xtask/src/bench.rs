@@ -449,8 +449,10 @@ pub(crate) fn prepare(dir: &Path, config: &str, libs: &[(PathBuf, &str)]) -> Res
 /// `hello` on hello.localhost, plus (for n > 1) 100 servers sharing n domains
 /// `d<i>.bench.localhost` in all.
 fn config_with_domains(n: usize) -> String {
-    let mut servers =
-        vec![json!({"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"})];
+    // Security headers off: nginx and the baseline send none (like with like).
+    let mut servers = vec![
+        json!({"name": "hello", "domains": ["hello.localhost"], "plugin": "hello", "headers": false}),
+    ];
     if n > 1 {
         let per = n / 100;
         for s in 0..100 {

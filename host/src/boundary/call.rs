@@ -40,10 +40,12 @@ use smallvec::SmallVec;
 use crate::boundary::plugin::Instance;
 
 /// A client's socket address as text, made once per connection and copied into each
-/// request record (no allocation, no reference count).
+/// request record (no allocation, no reference count), and whether the connection is
+/// TLS.
 #[derive(Clone, Copy)]
 pub struct ClientAddr {
     len: u8,
+    tls: bool,
     buf: [u8; 64],
 }
 
@@ -51,6 +53,7 @@ impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
         let mut out = ClientAddr {
             len: 0,
+            tls: false,
             buf: [0; 64],
         };
         // The longest, `[v6%scope]:port`, is 58 bytes.
@@ -62,10 +65,16 @@ impl ClientAddr {
     pub fn internal() -> Self {
         let mut out = ClientAddr {
             len: 0,
+            tls: false,
             buf: [0; 64],
         };
         let _ = out.write_str("internal");
         out
+    }
+
+    /// The same client, on a TLS connection.
+    pub fn over_tls(self) -> Self {
+        ClientAddr { tls: true, ..self }
     }
 
     /// The text's bytes (ASCII: an address and a port, or `internal`).
@@ -83,6 +92,11 @@ impl ClientAddr {
         };
         // `[fe80::1%2]:80`: the scope is no part of the address.
         host.split('%').next()?.parse().ok()
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 }
 
@@ -189,6 +203,12 @@ impl PendingRequest {
             record.assume_init()
         };
         PendingRequest(NonNull::from(Box::leak(record)))
+    }
+
+    /// Whether the request came over TLS.
+    pub fn is_tls(&self) -> bool {
+        // SAFETY: the record is alive and only read until it is lent or dropped.
+        unsafe { self.0.as_ref().client.is_tls() }
     }
 
     /// The request as hyper parsed it.

@@ -13,6 +13,12 @@ use serde_json::{Map, Value};
 
 use crate::routing::domain::{DomainPattern, InvalidDomain};
 
+mod headers;
+pub use headers::{
+    joined, CompressionRules, CorsRules, Hsts, Listed, OriginPattern, Origins, ResponseRules,
+    SecurityHeaders,
+};
+
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
 
@@ -410,6 +416,8 @@ pub struct ServerConfig {
     pub tenancy: Option<Tenancy>,
     /// `rate_limit`: the server's own limits.
     pub rate_limits: Vec<RateLimit>,
+    /// What it adds to its responses: `headers`, `cors` and `compression`.
+    pub response: ResponseRules,
 }
 
 /// A server's static files (`servers[].static`).
@@ -1264,6 +1272,9 @@ impl Validator {
             "tenant",
             "tenant_from_subdomain",
             "rate_limit",
+            "headers",
+            "cors",
+            "compression",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1363,6 +1374,7 @@ impl Validator {
                 "\"per\": \"tenant\" needs a server with `tenant` or `tenant_from_subdomain`",
             );
         }
+        let response = self.response_rules(map, path);
         if self.problems.len() > before {
             return None;
         }
@@ -1376,6 +1388,7 @@ impl Validator {
             files,
             tenancy,
             rate_limits,
+            response,
         })
     }
 

@@ -23,9 +23,10 @@ use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::boundary::plugin::{self, Instance};
 use crate::boundary::services::mark_host_thread;
 use crate::boundary::sockets::Hub;
-use crate::control::config::{Config, Limits, StaticSite};
+use crate::control::config::{Config, Limits, ResponseRules, StaticSite};
 use crate::control::deliver;
 use crate::request::files::Site;
+use crate::request::headers::ServerHeaders;
 use crate::request::rate_limits::Admission;
 use crate::routing::domain::{DomainPattern, DomainTable};
 use crate::routing::routes::RouteTable;
@@ -47,6 +48,9 @@ pub struct Server {
     /// Its static files (`static` in its config entry), tried when no plugin route
     /// answers. Swapped whole when they change, like `state`.
     files: ArcSwapOption<Site>,
+    /// What it adds to its responses (`headers`, `cors`, `compression`). Swapped whole
+    /// when they change, like `files`.
+    headers: ArcSwap<ServerHeaders>,
     generations: AtomicU64,
     /// Its WebSocket connections: one set for all its generations.
     pub sockets: Arc<Hub>,
@@ -80,6 +84,7 @@ impl Server {
             implicit,
             state: ArcSwap::from_pointee(ServerState::Waiting("starting".to_owned())),
             files: ArcSwapOption::empty(),
+            headers: ArcSwap::from_pointee(ServerHeaders::new(&ResponseRules::default())),
             generations: AtomicU64::new(0),
         })
     }
@@ -91,6 +96,19 @@ impl Server {
     /// Its static files, if it has any.
     pub fn files(&self) -> Option<Arc<Site>> {
         self.files.load_full()
+    }
+
+    /// What it adds to its responses.
+    #[inline]
+    pub fn headers(&self) -> arc_swap::Guard<Arc<ServerHeaders>> {
+        self.headers.load()
+    }
+
+    /// Adds what `rules` say to its responses from now on (a change applies at once).
+    fn set_headers(&self, rules: &ResponseRules) {
+        if self.headers.load().rules != *rules {
+            self.headers.store(Arc::new(ServerHeaders::new(rules)));
+        }
     }
 
     fn serving(&self) -> Option<Arc<Generation>> {
@@ -178,6 +196,7 @@ struct ServerSpec {
     plugin_config: String,
     domains: Vec<DomainPattern>,
     files: Option<StaticSite>,
+    response: ResponseRules,
 }
 
 struct ServerEntry {
@@ -822,6 +841,7 @@ impl Microservers {
                 plugin_config: s.plugin_config.clone(),
                 domains: s.domains.clone(),
                 files: s.files.clone(),
+                response: s.response.clone(),
             })
             .collect();
         // Libraries named by any entry, enabled or not, are not drop-ins: disabling a
@@ -883,6 +903,7 @@ impl Microservers {
                 plugin_config: "null".to_owned(),
                 domains: vec![domain],
                 files: None,
+                response: ResponseRules::default(),
             });
         }
         specs
@@ -913,6 +934,7 @@ impl Microservers {
                 ),
             };
             server.set_files(spec.files.as_ref());
+            server.set_headers(&spec.response);
             let current = server.serving();
             let Some(plugin) = spec.plugin.as_deref() else {
                 self.files_only(&server, drain);

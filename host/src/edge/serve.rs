@@ -253,6 +253,7 @@ pub async fn serve(
                     activity,
                     peer,
                     redirect_to,
+                    tls: listen.tls,
                 };
                 if !listen.tls {
                     let protocol = match (listen.http1, listen.http2) {
@@ -325,6 +326,8 @@ struct Connection {
     /// The HTTPS port to redirect to, for servers with `redirect_https` (plain listeners
     /// only).
     redirect_to: Option<u16>,
+    /// A TLS listener's connection (HSTS is sent on these only).
+    tls: bool,
 }
 
 impl Connection {
@@ -345,6 +348,7 @@ impl Connection {
             activity,
             peer,
             redirect_to,
+            tls,
         } = self;
         let routing = servers.routing();
         let limits = &routing.limits.connections;
@@ -369,6 +373,7 @@ impl Connection {
             .enable_connect_protocol();
         // Formatted once per connection, not per request.
         let client = crate::boundary::call::ClientAddr::new(peer);
+        let client = if tls { client.over_tls() } else { client };
         let (max_headers, max_uri) = (routing.limits.max_headers, limits.max_uri_bytes);
         drop(routing);
         let noted = activity.clone();

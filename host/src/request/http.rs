@@ -20,12 +20,14 @@ use hyper::http::request::Parts;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse, FfiStream, FfiStreamPoll};
+use tower_http::compression::CompressionBody;
 
 use super::access_log::Note;
 use super::files::{self, FileBody, Otherwise, Site};
+use super::headers::Finishing;
 use super::websocket;
 use crate::boundary::call::{
-    self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
+    self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, ParamSink, PendingRequest, PluginCall,
 };
 use crate::boundary::plugin;
 use crate::boundary::services::ServiceResponse;
@@ -43,6 +45,8 @@ pub enum Body {
     Stream(Box<StreamedBody>),
     /// Boxed: read from the file as it is sent.
     File(Box<FileBody>),
+    /// Any of the above, compressed as it is sent (`servers[].compression`).
+    Compressed(Pin<Box<CompressionBody<Body>>>),
 }
 
 impl Body {
@@ -70,6 +74,7 @@ impl hyper::body::Body for Body {
                 .map_err(|never| match never {}),
             Body::Stream(streamed) => streamed.poll_frame(cx),
             Body::File(file) => file.poll_frame(cx),
+            Body::Compressed(compressed) => poll_compressed(compressed.as_mut(), cx),
         }
     }
 
@@ -79,6 +84,7 @@ impl hyper::body::Body for Body {
             Body::Bytes(full) => full.is_end_stream(),
             Body::Stream(streamed) => streamed.ended,
             Body::File(file) => file.is_end_stream(),
+            Body::Compressed(compressed) => compressed.is_end_stream(),
         }
     }
 
@@ -88,8 +94,21 @@ impl hyper::body::Body for Body {
             Body::Bytes(full) => full.size_hint(),
             Body::Stream(_) => SizeHint::default(),
             Body::File(file) => file.size_hint(),
+            Body::Compressed(compressed) => compressed.size_hint(),
         }
     }
+}
+
+// Kept out of the request path's code, like a plugin's stream: only servers that
+// compress come here, and the encoder costs far more than the call.
+#[cold]
+#[inline(never)]
+fn poll_compressed(
+    body: Pin<&mut CompressionBody<Body>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, StreamFailed>>> {
+    body.poll_frame(cx)
+        .map_err(|e| StreamFailed(format!("compressing the response failed: {e}")))
 }
 
 /// A plugin's response stream, sent as it is produced. Until it ends, it keeps its
@@ -648,6 +667,7 @@ async fn read_body(
                 return (*refused, name);
             }
         }
+        let refused = |response| refused_by(server, parts, &domain, pending.is_tls(), response);
         let stream_limit = match &**server.state() {
             // No plugin sees the body: static files (or the 405 of a server that has
             // only files) answer without it.
@@ -655,7 +675,7 @@ async fn read_body(
             ServerState::Waiting(_) if files_for(server, &parts.method).is_some() => {
                 break 'reading None
             }
-            ServerState::Waiting(reason) => return (unavailable(server, reason), name),
+            ServerState::Waiting(reason) => return (refused(unavailable(server, reason)), name),
             ServerState::Serving(_) if !may_stream => None,
             ServerState::Serving(g) => match g.routes.find(parts.method.as_str(), parts.uri.path())
             {
@@ -670,7 +690,7 @@ async fn read_body(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|n| n > max) {
-            return (too_large(max), name);
+            return (refused(too_large(max)), name);
         }
         Some((max, routing.limits.request_timeout, stream_limit.is_some()))
     };
@@ -702,15 +722,33 @@ async fn read_body(
             error(StatusCode::REQUEST_TIMEOUT, &message)
         }
     };
-    let name = want_name
-        .then(|| {
-            let routing = servers.routing();
-            resolve(&routing, pending.parts(), true)
-                .ok()
-                .and_then(|resolved| resolved.name)
-        })
-        .flatten();
-    (problem, name)
+    let routing = servers.routing();
+    match resolve(&routing, pending.parts(), want_name) {
+        Ok(Resolved {
+            server,
+            domain,
+            name,
+        }) => {
+            let problem = refused_by(server, pending.parts(), &domain, pending.is_tls(), problem);
+            (problem, name)
+        }
+        Err(_) => (problem, None),
+    }
+}
+
+/// `response`, which turns away a request for `server` before any plugin saw it, with
+/// what the server adds to its responses (a browser needs its CORS headers to read it).
+#[cold]
+#[inline(never)]
+fn refused_by(
+    server: &Server,
+    parts: &Parts,
+    domain: &[u8],
+    tls: bool,
+    mut response: Response<Body>,
+) -> Response<Body> {
+    Finishing::of(server.headers(), parts, domain, tls).apply(&mut response);
+    response
 }
 
 /// Dispatches a request from an async context, yielding while a reload retires the
@@ -838,6 +876,7 @@ fn dispatch(
             .map(|a| (a, (!admitted).then(|| *pending.client()))),
         To::Server(_) => None,
     };
+    let tls = pending.is_tls();
     // Everything borrowed from the request ends with this closure, before it is lent.
     let lent = pending.lend(body, |parts, params| {
         let Resolved {
@@ -845,7 +884,9 @@ fn dispatch(
             domain,
             name,
         } = match to {
-            To::Domain { .. } => resolve(&routing, parts, want_name).map_err(Refused::Done)?,
+            To::Domain { .. } => {
+                resolve(&routing, parts, want_name).map_err(|r| (Refused::Done(r), None))?
+            }
             To::Server(server) => Resolved {
                 server,
                 domain: Cow::Owned(server.name.as_bytes().to_vec()),
@@ -858,85 +899,48 @@ fn dispatch(
             None => None,
             Some((admission, client)) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?,
+                .map_err(|refused| (Refused::Done(Box::new((*refused, name.clone()))), None))?,
         };
-        // Enter the server's current generation. A generation retired between the load
-        // and the entry turns the request away; the caller tries again.
-        let generation = match &**server.state() {
-            ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
-            ServerState::Waiting(reason) => {
-                let unavailable = unavailable(server, reason);
-                return Err(match files_for(server, &parts.method) {
-                    Some(site) => Refused::files(site, Otherwise::Unavailable(unavailable), name),
-                    None => Refused::Done(Box::new((unavailable, name))),
-                });
+        // A client's request gets what its server adds to its responses; a service
+        // call's does not (its caller reads the body whole, and is no browser).
+        let mut finishing = match to {
+            To::Domain { .. } => Some(Finishing::of(server.headers(), parts, &domain, tls)),
+            To::Server(_) => None,
+        };
+        if let Some(preflight) = finishing.as_mut().and_then(|f| f.preflight(parts)) {
+            return Err((Refused::Done(Box::new((preflight, name))), finishing));
+        }
+        match enter(&routing, server, parts, params, domain, name, arriving) {
+            Ok((mut lending, entered)) => {
+                // The tenant the plugin reads, if the config has tenants.
+                lending.header = header;
+                Ok((lending, (entered, finishing)))
             }
-            ServerState::Static => return Err(static_only(server, &parts.method, name)),
-        };
-        let g: &Generation = generation.generation();
-        // Load shedding: the count includes this request.
-        if g.in_flight() > routing.limits.max_in_flight {
-            return Err(busy(server, routing.limits.max_in_flight, name));
+            Err(refused) => Err((refused, finishing)),
         }
-        let (route, found_params, names) =
-            match g.routes.find(parts.method.as_str(), parts.uri.path()) {
-                RouteMatch::Found {
-                    route,
-                    params,
-                    names,
-                } => (route, params, names),
-                RouteMatch::NotFound => {
-                    if let Some(site) = files_for(server, &parts.method) {
-                        return Err(Refused::files(site, Otherwise::NotFound, name));
-                    }
-                    let message = format!("no route for {} {}", parts.method, parts.uri.path());
-                    return Err(Refused::Done(Box::new((
-                        error(StatusCode::NOT_FOUND, &message),
-                        name,
-                    ))));
-                }
-                RouteMatch::MethodNotAllowed(allow) => {
-                    let message =
-                        format!("{} is not allowed for {}", parts.method, parts.uri.path());
-                    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
-                    response.headers_mut().insert(ALLOW, allow.clone());
-                    return Err(Refused::Done(Box::new((response, name))));
-                }
-            };
-        // Parameter values are views of the path; names are `'static`.
-        for (i, (key, value)) in found_params.iter().enumerate() {
-            let known = names.get(i).copied().filter(|n| *n == key);
-            params.push(known.unwrap_or_else(|| intern(key)), value);
-        }
-        let stream_body_limit = g.routes.stream_body_limit(route);
-        if arriving && stream_body_limit.is_none() {
-            return Err(Refused::ReadBody);
-        }
-        let head = parts.method == Method::HEAD;
-        let lending = Lending {
-            domain,
-            route,
-            stream_body_limit,
-            socket: None,
-            header,
-        };
-        Ok((lending, (generation, route, head, name)))
     });
-    let (request, (generation, route, head, name)) = match lent {
+    let (request, ((generation, route, head, name), finishing)) = match lent {
         Ok(lent) => lent,
-        Err((pending, body, Refused::Retry)) => return Step::Retry(pending, body),
-        Err((_, _, Refused::Done(routed))) => return Step::Done(*routed),
-        Err((pending, LentBody::Stream(incoming), Refused::ReadBody)) => {
+        Err((pending, body, (Refused::Retry, _))) => return Step::Retry(pending, body),
+        Err((_, _, (Refused::Done(routed), finishing))) => {
+            let (mut response, name) = *routed;
+            if let Some(finishing) = &finishing {
+                finishing.apply(&mut response);
+            }
+            return Step::Done((response, name));
+        }
+        Err((pending, LentBody::Stream(incoming), (Refused::ReadBody, _))) => {
             return Step::ReadBody(pending, incoming)
         }
-        Err((_, LentBody::Bytes(_), Refused::ReadBody)) => {
+        Err((_, LentBody::Bytes(_), (Refused::ReadBody, _))) => {
             unreachable!("only a body still arriving is refused for being one")
         }
-        Err((pending, _, Refused::Files(to_files))) => {
+        Err((pending, _, (Refused::Files(to_files), finishing))) => {
             let (site, otherwise, name) = *to_files;
             let timeout = routing.limits.request_timeout;
             let served = files::serve(site, pending.into_parts(), otherwise, timeout);
-            return Step::Running(Box::pin(served), name);
+            let finishing = finishing.map(Finishing::owned);
+            return Step::Running(Box::pin(finished(served, finishing)), name);
         }
     };
     // Most handlers answer on their first poll and need no timer; their response is read
@@ -946,11 +950,14 @@ fn dispatch(
     match started {
         None => {
             let outcome = slot.get_mut().expect("the call answered");
-            let (response, in_flight) = respond(outcome, generation, route, head, &id);
+            let (mut response, in_flight) = respond(outcome, generation, route, head, &id);
             // What the plugin made (its headers, a panic message, a HEAD request's body)
             // is freed while the request still counts as in flight on its generation.
             drop(slot);
             drop(in_flight);
+            if let Some(finishing) = &finishing {
+                finishing.apply(&mut response);
+            }
             Step::Done((response, name))
         }
         Some(call) => {
@@ -960,10 +967,102 @@ fn dispatch(
                 in_flight: generation,
                 route,
             };
-            Step::Running(Box::pin(wait_for(running, timeout, head, id)), name)
+            let waiting = wait_for(running, timeout, head, id);
+            let finishing = finishing.map(Finishing::owned);
+            Step::Running(Box::pin(finished(waiting, finishing)), name)
         }
     }
 }
+
+/// `response`, with what its server adds to its responses once it is ready.
+async fn finished(
+    response: impl Future<Output = Response<Body>>,
+    finishing: Option<Finishing>,
+) -> Response<Body> {
+    let mut response = response.await;
+    if let Some(finishing) = &finishing {
+        finishing.apply(&mut response);
+    }
+    response
+}
+
+/// [`dispatch`] once the server is known: enter its current generation and find the
+/// route (filling in the path parameters), or say why the request goes elsewhere.
+#[inline]
+fn enter<'p>(
+    routing: &Routing,
+    server: &Arc<Server>,
+    parts: &'p Parts,
+    params: &mut ParamSink<'_, 'p>,
+    domain: Cow<'p, [u8]>,
+    name: Option<Arc<str>>,
+    arriving: bool,
+) -> Result<(Lending<'p>, Entered), Refused> {
+    // Enter the server's current generation. A generation retired between the load
+    // and the entry turns the request away; the caller tries again.
+    let generation = match &**server.state() {
+        ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
+        ServerState::Waiting(reason) => {
+            let unavailable = unavailable(server, reason);
+            return Err(match files_for(server, &parts.method) {
+                Some(site) => Refused::files(site, Otherwise::Unavailable(unavailable), name),
+                None => Refused::Done(Box::new((unavailable, name))),
+            });
+        }
+        ServerState::Static => return Err(static_only(server, &parts.method, name)),
+    };
+    let g: &Generation = generation.generation();
+    // Load shedding: the count includes this request.
+    if g.in_flight() > routing.limits.max_in_flight {
+        return Err(busy(server, routing.limits.max_in_flight, name));
+    }
+    let (route, found_params, names) = match g.routes.find(parts.method.as_str(), parts.uri.path())
+    {
+        RouteMatch::Found {
+            route,
+            params,
+            names,
+        } => (route, params, names),
+        RouteMatch::NotFound => {
+            if let Some(site) = files_for(server, &parts.method) {
+                return Err(Refused::files(site, Otherwise::NotFound, name));
+            }
+            let message = format!("no route for {} {}", parts.method, parts.uri.path());
+            return Err(Refused::Done(Box::new((
+                error(StatusCode::NOT_FOUND, &message),
+                name,
+            ))));
+        }
+        RouteMatch::MethodNotAllowed(allow) => {
+            let message = format!("{} is not allowed for {}", parts.method, parts.uri.path());
+            let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &message);
+            response.headers_mut().insert(ALLOW, allow.clone());
+            return Err(Refused::Done(Box::new((response, name))));
+        }
+    };
+    // Parameter values are views of the path; names are `'static`.
+    for (i, (key, value)) in found_params.iter().enumerate() {
+        let known = names.get(i).copied().filter(|n| *n == key);
+        params.push(known.unwrap_or_else(|| intern(key)), value);
+    }
+    let stream_body_limit = g.routes.stream_body_limit(route);
+    if arriving && stream_body_limit.is_none() {
+        return Err(Refused::ReadBody);
+    }
+    let head = parts.method == Method::HEAD;
+    let lending = Lending {
+        domain,
+        route,
+        stream_body_limit,
+        socket: None,
+        header: None,
+    };
+    Ok((lending, (generation, route, head, name)))
+}
+
+/// A request that entered a generation: its in-flight guard, its route, whether it is a
+/// HEAD, and the server's name (when the debug line wants it).
+type Entered = (InFlight, u32, bool, Option<Arc<str>>);
 
 /// A handler still running, and the in-flight guard of its generation. The fields drop
 /// in this order: the handler's future (plugin code) while the request still counts as
