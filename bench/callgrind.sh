@@ -5,6 +5,7 @@
 # time.
 #
 #   bench/callgrind.sh [PATH] [REQUESTS]      (default /plain, 4000)
+#   HEADERS=on bench/callgrind.sh             (with the default security headers)
 #
 # Needs valgrind (apt-get install -y valgrind) and python3. Builds the host, the hello
 # plugin and the baseline in release, runs each under callgrind, sends 500 keep-alive
@@ -14,6 +15,11 @@
 set -euo pipefail
 path="${1:-/plain}"
 requests="${2:-4000}"
+# HEADERS=on keeps the server's default security headers; by default they are off, as
+# the baseline sends none.
+headers=', "headers": false'
+[ "${HEADERS:-off}" = on ] && headers=''
+
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/target/bench/callgrind"
 command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install -y valgrind" >&2; exit 2; }
@@ -25,7 +31,7 @@ rm -rf "$out" && mkdir -p "$out/plugins"
 cp target/release/libhello.so "$out/plugins/hello.so"
 cat > "$out/servers.config.json" <<EOF
 {"global": {"plugin_dir": "$out/plugins", "reload": {"watch": false}},
- "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}
+ "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"$headers}]}
 EOF
 
 # Sends keep-alive requests on one connection; zeroes callgrind's counters after the
