@@ -68,7 +68,7 @@ count() { # name, command...
   local name="$1"; shift
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/$name.%p" "$@" --listen "127.0.0.1:$port" \
+  RUST_LOG=warn valgrind --tool=callgrind --compress-strings=no --compress-pos=no --callgrind-out-file="$out/$name.%p" "$@" --listen "127.0.0.1:$port" \
     2>"$out/$name.log" &
   local pid=$!
   for _ in $(seq 150); do

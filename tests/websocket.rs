@@ -541,3 +541,171 @@ fn a_thousand_connections_stay_open_across_twenty_reloads_in_order_with_nothing_
     );
     assert!(messages > 20_000, "{messages} messages");
 }
+
+/// One HTTP/2 stream as a byte stream, for a WebSocket opened by extended CONNECT
+/// (RFC 8441): what a browser does on an HTTP/2 connection.
+struct H2Stream {
+    send: h2::SendStream<bytes::Bytes>,
+    recv: h2::RecvStream,
+    unread: bytes::Bytes,
+}
+
+impl tokio::io::AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        if self.unread.is_empty() {
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(std::io::Error::other(e))),
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.unread = data;
+                }
+            }
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        self.send.reserve_capacity(data.len());
+        match self.send.poll_capacity(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(std::io::Error::other(e))),
+            Poll::Ready(Some(Ok(n))) => {
+                let chunk = bytes::Bytes::copy_from_slice(&data[..n.min(data.len())]);
+                let sent = chunk.len();
+                self.send
+                    .send_data(chunk, false)
+                    .map_err(std::io::Error::other)?;
+                Poll::Ready(Ok(sent))
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let _ = self.send.send_data(bytes::Bytes::new(), true);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[test]
+fn websockets_over_http2_extended_connect() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message as AsyncMessage;
+
+    let host = host_with("ws-h2", "");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = host.addr;
+    let (statuses, replies, close) = runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        // The host's SETTINGS came with the first round trip.
+        let mut waited = 0;
+        while !client.is_extended_connect_protocol_enabled() && waited < 100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+        }
+        assert!(
+            client.is_extended_connect_protocol_enabled(),
+            "the host did not send SETTINGS_ENABLE_CONNECT_PROTOCOL"
+        );
+        let connect = |path: &str| {
+            let mut request = hyper::Request::builder()
+                .method("CONNECT")
+                .uri(format!("http://sockets.localhost{path}"))
+                .header("sec-websocket-version", "13")
+                .body(())
+                .unwrap();
+            request
+                .extensions_mut()
+                .insert(h2::ext::Protocol::from_static("websocket"));
+            request
+        };
+        let mut statuses = Vec::new();
+        // Refused by the route's handler before the upgrade: its status, on this stream.
+        let (refused, _) = client.send_request(connect("/ws?refuse"), false).unwrap();
+        statuses.push(refused.await.unwrap().status().as_u16());
+
+        let (response, send) = client
+            .send_request(connect("/ws?name=grace"), false)
+            .unwrap();
+        let response = response.await.unwrap();
+        statuses.push(response.status().as_u16());
+        let stream = H2Stream {
+            send,
+            recv: response.into_body(),
+            unread: bytes::Bytes::new(),
+        };
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+        let mut replies = Vec::new();
+        for message in [
+            AsyncMessage::text("hello"),
+            AsyncMessage::text("name"),
+            AsyncMessage::binary(vec![0u8, 1, 2, 255]),
+        ] {
+            ws.send(message).await.unwrap();
+            loop {
+                match ws.next().await.expect("a reply").unwrap() {
+                    AsyncMessage::Ping(_) | AsyncMessage::Pong(_) => continue,
+                    AsyncMessage::Text(t) => replies.push(t.as_str().to_owned()),
+                    AsyncMessage::Binary(b) => replies.push(format!("{:?}", &b[..])),
+                    other => panic!("unexpected {other:?}"),
+                }
+                break;
+            }
+        }
+        // The plugin closes it on request, with its code and reason.
+        ws.send(AsyncMessage::text("close")).await.unwrap();
+        let close = loop {
+            match ws.next().await {
+                Some(Ok(AsyncMessage::Close(Some(frame)))) => {
+                    break (u16::from(frame.code), frame.reason.as_str().to_owned())
+                }
+                Some(Ok(AsyncMessage::Close(None))) => break (1005, String::new()),
+                Some(Ok(_)) => continue,
+                other => panic!("the stream ended without a close frame: {other:?}"),
+            }
+        };
+        (statuses, replies, close)
+    });
+    assert_eq!(statuses, [403, 200]);
+    assert_eq!(replies, ["v1:hello", "grace", "[0, 1, 2, 255]"]);
+    assert_eq!(close, (4000, "asked".to_owned()));
+    host.wait_until("the connection is gone", || {
+        host.get("sockets.localhost", "/count").body == "0"
+    });
+}

@@ -533,7 +533,9 @@ pub(super) fn resolve<'r, 'p>(
     want_name: bool,
 ) -> Result<Resolved<'r, 'p>, Box<Routed>> {
     let refuse = |status, message: &str| Box::new((error(status, message), None));
-    if parts.method == Method::CONNECT {
+    // A proxy's CONNECT names no route; HTTP/2's extended CONNECT (RFC 8441: a
+    // WebSocket, with its `:protocol`) is an ordinary request for a path.
+    if parts.method == Method::CONNECT && parts.extensions.get::<hyper::ext::Protocol>().is_none() {
         return Err(refuse(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not supported",
