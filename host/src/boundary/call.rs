@@ -38,6 +38,7 @@ use plugin_api::ffi::{
 use smallvec::SmallVec;
 
 use crate::boundary::plugin::Instance;
+use crate::boundary::request_id::RequestId;
 
 /// A client's socket address as text, made once per connection and copied into each
 /// request record (no allocation, no reference count), and whether the connection is
@@ -118,7 +119,7 @@ struct Record {
     head: FfiRequestHead,
     parts: Parts,
     client: ClientAddr,
-    request_id: [u8; 16],
+    request_id: RequestId,
     /// The normalised domain, when it differs from the bytes the client sent.
     domain: Option<Box<[u8]>>,
     params: Params,
@@ -186,7 +187,7 @@ pub enum LentBody {
 }
 
 impl PendingRequest {
-    pub fn new(parts: Parts, client: &ClientAddr, request_id: [u8; 16]) -> Self {
+    pub fn new(parts: Parts, client: &ClientAddr, request_id: RequestId) -> Self {
         // Written in place: `Box::new` would build the record (half a kilobyte) on the
         // stack and then copy it.
         let mut record = Box::<Record>::new_uninit();
@@ -343,7 +344,7 @@ impl PendingRequest {
                 FfiStr::new(uri.query().unwrap_or("").as_bytes()),
                 domain,
                 FfiStr::new(client.as_bytes()),
-                FfiStr::new(request_id),
+                FfiStr::new(request_id.as_str().as_bytes()),
                 params,
                 route,
                 body,

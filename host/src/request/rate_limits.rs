@@ -316,6 +316,12 @@ impl Admission {
         }))
     }
 
+    /// The tenant of a request for `server` at `domain` (normalised), if the server has
+    /// one (for the access log).
+    pub fn tenant_of(&self, server: &str, domain: &[u8]) -> Option<TenantId> {
+        self.servers.get(server)?.tenancy.as_ref()?.tenant_of(domain)
+    }
+
     /// How many limiters, and keys in all keyed ones (for the log and tests).
     fn size(&self) -> (usize, usize) {
         let keys = self.limiters.values().map(|l| l.keys()).sum();
