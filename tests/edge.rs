@@ -550,7 +550,12 @@ fn a_well_formed_incoming_request_id_is_kept_and_any_other_replaced() {
     };
     let uuid = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
     let longest = "A".repeat(64);
-    let kept = [uuid, "0123456789abcdef0123456789abcdef", "req_1:edge.2+x/y=", &longest];
+    let kept = [
+        uuid,
+        "0123456789abcdef0123456789abcdef",
+        "req_1:edge.2+x/y=",
+        &longest,
+    ];
     for id in kept {
         assert_eq!(echo(Some(id)), id);
     }
@@ -572,7 +577,13 @@ fn a_well_formed_incoming_request_id_is_kept_and_any_other_replaced() {
     assert_eq!(made.len(), replaced.len() + 1, "every new id differs");
     // Refused at the edge (414) keeps it too.
     let long = format!("/{}", "a".repeat(9000));
-    let r = host.send("GET", "hello.localhost", &long, b"", &[("x-request-id", uuid)]);
+    let r = host.send(
+        "GET",
+        "hello.localhost",
+        &long,
+        b"",
+        &[("x-request-id", uuid)],
+    );
     assert_eq!(r.status, 414);
     assert_eq!(r.header("x-request-id"), Some(uuid));
     // And the access log has the id the client sent.
@@ -584,7 +595,12 @@ fn a_well_formed_incoming_request_id_is_kept_and_any_other_replaced() {
     let text = std::fs::read_to_string(&file).unwrap();
     let ids: Vec<String> = text
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].as_str().unwrap().to_owned())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(&ids[..kept.len()], &kept.map(str::to_owned)[..]);
     assert_eq!(ids.last().map(String::as_str), Some(uuid));

@@ -24,9 +24,11 @@ use tower_http::compression::CompressionBody;
 use super::access_log::{Answered, Note};
 use super::files::{self, FileBody, Otherwise, Site};
 use super::headers::Finishing;
+use super::jwt::JwtGate;
 use super::websocket;
 use crate::boundary::call::{
-    self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, ParamSink, PendingRequest, PluginCall,
+    self, add_host_header, intern, ClientAddr, HostHeaders, Lending, LentBody, OutcomeSlot,
+    ParamSink, PendingRequest, PluginCall,
 };
 use crate::boundary::plugin;
 pub use crate::boundary::request_id::RequestId;
@@ -424,7 +426,14 @@ impl Future for Handle {
         if this.rest.is_none() {
             let (pending, body) = this.start.take().expect("polled after it answered");
             let want_name = this.debug.is_some();
-            match first_step(&this.servers, pending, body, &this.request_id, want_name, cx) {
+            match first_step(
+                &this.servers,
+                pending,
+                body,
+                &this.request_id,
+                want_name,
+                cx,
+            ) {
                 Ok((mut response, name)) => {
                     this.finish(&mut response, name);
                     return Poll::Ready(Ok(response));
@@ -915,11 +924,12 @@ fn dispatch(
         };
         // Over a rate limit: 429, whatever the server's state. Else the tenant header
         // its plugin reads, if the config has tenants.
-        let header = match &admission {
+        let mut header = match &admission {
             None => None,
             Some((admission, client)) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| (Refused::Done(Box::new((*refused, name.clone()))), None))?,
+                .map_err(|refused| (Refused::Done(Box::new((*refused, name.clone()))), None))?
+                .map(|tenant| Box::new(HostHeaders::from_iter([tenant]))),
         };
         // A client's request gets what its server adds to its responses; a service
         // call's does not (its caller reads the body whole, and is no browser).
@@ -929,6 +939,13 @@ fn dispatch(
         };
         if let Some(preflight) = finishing.as_mut().and_then(|f| f.preflight(parts)) {
             return Err((Refused::Done(Box::new((preflight, name))), finishing));
+        }
+        // Tokens: with no server that has `jwt`, this one check is their cost. A
+        // service call's headers are its caller's.
+        if let (Some(gate), To::Domain { .. }) = (routing.jwt.as_deref(), to) {
+            if let Err(refused) = check_token(gate, server, parts, id, &mut header) {
+                return Err((Refused::Done(Box::new((*refused, name))), finishing));
+            }
         }
         match enter(&routing, server, parts, params, domain, name, arriving) {
             Ok((mut lending, entered)) => {
@@ -992,6 +1009,20 @@ fn dispatch(
             Step::Running(Box::pin(finished(waiting, finishing)), name)
         }
     }
+}
+
+/// A request for `server` past its token check (`jwt`): the claims header its plugin
+/// reads added to `header`; or the 401 that refuses it.
+#[inline(never)]
+pub(super) fn check_token(
+    gate: &JwtGate,
+    server: &Server,
+    parts: &Parts,
+    id: &RequestId,
+    header: &mut Option<Box<HostHeaders>>,
+) -> Result<(), Box<Response<Body>>> {
+    add_host_header(header, gate.check(&server.name, parts, id)?);
+    Ok(())
 }
 
 /// `response`, with what its server adds to its responses once it is ready.
