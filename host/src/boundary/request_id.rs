@@ -84,7 +84,10 @@ impl RequestId {
 
     /// The id as a header value (both kinds are valid ones).
     pub fn header_value(&self) -> Option<HeaderValue> {
-        HeaderValue::from_str(self.as_str()).ok()
+        match &self.0 {
+            Id::Made(bytes) => HeaderValue::from_bytes(bytes).ok(),
+            Id::Kept(text) => HeaderValue::from_str(text).ok(),
+        }
     }
 }
 
