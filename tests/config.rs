@@ -185,3 +185,74 @@ fn a_host_listening_where_the_command_line_says_sees_no_config_change_until_ther
     host.wait_for_log(&["applied config change"]);
     assert_eq!(host.get("hello.localhost", "/hello/x").body, "Hey, x!\n");
 }
+
+/// The production config README.md shows (between its `production-config` markers)
+/// passes `--check` once its files are there: test certificates for its names, its
+/// static folder, its JWT key, its plugin (hello, as `shop`). So the docs cannot rot.
+#[test]
+fn the_readme_s_production_config_passes_check() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("<!-- production-config:start -->")
+        .expect("README.md marks its production config");
+    let end = readme.find("<!-- production-config:end -->").unwrap();
+    let block = &readme[start..end];
+    let json = &block[block.find("```json\n").unwrap() + 8..block.rfind("```").unwrap()];
+    serde_json::from_str::<serde_json::Value>(json).expect("the example is JSON");
+
+    let setup = Setup::new("readme-production", "{}").plugin("hello", "shop.so");
+    let dir = &setup.dir;
+    // Each real path the example names, and what stands in for it here.
+    let names = [
+        "shop.example",
+        "www.shop.example",
+        "api.shop.example",
+        "*.api.shop.example",
+    ];
+    let made = rcgen::generate_simple_self_signed(names.map(str::to_owned).to_vec()).unwrap();
+    std::fs::write(dir.join("fullchain.pem"), made.cert.pem()).unwrap();
+    std::fs::write(dir.join("privkey.pem"), made.signing_key.serialize_pem()).unwrap();
+    std::fs::create_dir_all(dir.join("dist")).unwrap();
+    std::fs::write(dir.join("dist/index.html"), "<!doctype html>").unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/jwt/test-only-rs256-a-public.pem"
+        ),
+        dir.join("auth-public.pem"),
+    )
+    .unwrap();
+    let stand_ins = [
+        (
+            "/etc/letsencrypt/live/shop.example/fullchain.pem",
+            "fullchain.pem",
+        ),
+        (
+            "/etc/letsencrypt/live/shop.example/privkey.pem",
+            "privkey.pem",
+        ),
+        ("/srv/host/plugins", "plugins"),
+        ("/var/log/host/access.log", "access.log"),
+        ("/srv/shop/dist", "dist"),
+        ("/etc/host/auth-public.pem", "auth-public.pem"),
+    ];
+    let mut config = json.to_owned();
+    for (real, here) in stand_ins {
+        assert!(config.contains(real), "the example no longer names {real}");
+        config = config.replace(real, &dir.join(here).display().to_string());
+    }
+    std::fs::write(dir.join("servers.config.json"), &config).unwrap();
+    let out = setup.run(&["--check"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{config}");
+    assert!(
+        out.stdout.contains("is valid and all 2 servers can start"),
+        "{out:?}"
+    );
+
+    // And the check is real: without the certificate it fails.
+    std::fs::remove_file(dir.join("fullchain.pem")).unwrap();
+    let out = setup.run(&["--check"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("fullchain.pem"), "{}", out.stderr);
+}

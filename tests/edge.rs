@@ -442,7 +442,9 @@ fn an_idle_http2_connection_is_closed() {
 #[test]
 fn the_access_log_has_one_line_per_request_in_json_or_combined_form() {
     let config = r#"{"global": {"access_log": {"format": "json", "file": "logs/access.log"}},
-        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"},
+                    {"name": "app", "domains": ["*.app.localhost"], "plugin": "hello",
+                     "tenant_from_subdomain": "app.localhost"}]}"#;
     let setup = Setup::new("access-log-json", config).plugin("hello", "hello.so");
     std::fs::create_dir_all(setup.dir.join("logs")).unwrap();
     let host = setup.start();
@@ -460,21 +462,23 @@ fn the_access_log_has_one_line_per_request_in_json_or_combined_form() {
     assert_eq!(host.get("nobody.localhost", "/x").status, 404);
     let long = format!("/{}", "a".repeat(9000));
     assert_eq!(host.get("hello.localhost", &long).status, 414);
+    assert_eq!(host.get("Shop.App.localhost:80", "/plain").status, 200);
     let file = host.dir().join("logs/access.log");
     let mut lines: Vec<serde_json::Value> = Vec::new();
-    host.wait_until("three access log lines", || {
+    host.wait_until("four access log lines", || {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         lines = text
             .lines()
             .map(|l| serde_json::from_str(l).expect("each line is JSON"))
             .collect();
-        lines.len() == 3
+        lines.len() == 4
     });
     let first = &lines[0];
     assert_eq!(first["method"], "GET");
     assert_eq!(first["path"], "/hello/ada?shout=true");
     assert_eq!(first["status"], 200);
     assert_eq!(first["server"], "hello");
+    assert_eq!(first["tenant"], serde_json::Value::Null);
     assert_eq!(first["client"], "127.0.0.1");
     assert_eq!(first["protocol"], "HTTP/1.1");
     assert_eq!(first["bytes"], ok.body.len());
@@ -485,13 +489,21 @@ fn the_access_log_has_one_line_per_request_in_json_or_combined_form() {
     assert!(first["time"].as_str().unwrap().ends_with('Z'));
     assert_eq!(lines[1]["status"], 404);
     assert_eq!(lines[1]["server"], serde_json::Value::Null);
+    assert_eq!(lines[1]["tenant"], serde_json::Value::Null);
     // Refused at the edge, and logged all the same.
     assert_eq!(lines[2]["status"], 414);
+    // The tenant its subdomain names.
+    assert_eq!(lines[3]["server"], "app");
+    assert_eq!(lines[3]["tenant"], "shop");
     drop(host);
 
-    // Combined, to stderr: the common fields, then server, request id and milliseconds.
+    // Combined, to stderr: the common fields, then server, tenant, request id and
+    // milliseconds.
     let config = r#"{"global": {"access_log": {"format": "combined"}},
-        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+        "tenants": [{"id": "acme"}],
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello",
+                     "tenant": "acme"},
+                    {"name": "other", "domains": ["other.localhost"], "plugin": "hello"}]}"#;
     let host = Setup::new("access-log-combined", config)
         .plugin("hello", "hello.so")
         .start();
@@ -505,10 +517,91 @@ fn the_access_log_has_one_line_per_request_in_json_or_combined_form() {
     let id = ok.header("x-request-id").unwrap().to_owned();
     let line = host.wait_for_log(&[&id]);
     let want = format!(
-        "\"GET /hello/ada HTTP/1.1\" 200 {} \"-\" \"tester\" hello {id} ",
+        "\"GET /hello/ada HTTP/1.1\" 200 {} \"-\" \"tester\" hello acme {id} ",
         ok.body.len()
     );
     assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
     assert!(line.contains(" +0000] "), "{line}");
     assert!(line.contains(&want), "{line}\nwanted {want}");
+    let ok = host.get("other.localhost", "/plain");
+    let id = ok.header("x-request-id").unwrap().to_owned();
+    let line = host.wait_for_log(&[&id]);
+    assert!(line.contains(&format!(" other - {id} ")), "{line}");
+}
+
+#[test]
+fn a_well_formed_incoming_request_id_is_kept_and_any_other_replaced() {
+    let config = r#"{"global": {"access_log": {"format": "json", "file": "access.log"}},
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("request-id", config)
+        .plugin("hello", "hello.so")
+        .start();
+    let echo = |sent: Option<&str>| {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(id) = sent {
+            headers.push(("x-request-id", id));
+        }
+        let r = host.send("POST", "hello.localhost", "/echo", b"{}", &headers);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let header = r.header("x-request-id").expect("an id").to_owned();
+        // What the plugin read is what the client is told.
+        assert_eq!(r.json()["request_id"], header.as_str());
+        header
+    };
+    let uuid = "f47ac10b-58cc-4372-a567-0e02b2c3d479";
+    let longest = "A".repeat(64);
+    let kept = [
+        uuid,
+        "0123456789abcdef0123456789abcdef",
+        "req_1:edge.2+x/y=",
+        &longest,
+    ];
+    for id in kept {
+        assert_eq!(echo(Some(id)), id);
+    }
+    let too_long = "A".repeat(65);
+    let replaced = ["has space", "quote\"d", "semi;colon", "", &too_long];
+    let mut made = Vec::new();
+    for id in replaced {
+        let got = echo(Some(id));
+        assert_ne!(got, id);
+        assert_eq!(got.len(), 16, "{got}");
+        assert!(got.bytes().all(|b| b.is_ascii_hexdigit()), "{got}");
+        made.push(got);
+    }
+    let fresh = echo(None);
+    assert_eq!(fresh.len(), 16);
+    made.push(fresh);
+    made.sort();
+    made.dedup();
+    assert_eq!(made.len(), replaced.len() + 1, "every new id differs");
+    // Refused at the edge (414) keeps it too.
+    let long = format!("/{}", "a".repeat(9000));
+    let r = host.send(
+        "GET",
+        "hello.localhost",
+        &long,
+        b"",
+        &[("x-request-id", uuid)],
+    );
+    assert_eq!(r.status, 414);
+    assert_eq!(r.header("x-request-id"), Some(uuid));
+    // And the access log has the id the client sent.
+    let file = host.dir().join("access.log");
+    host.wait_until("the access log's lines", || {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        text.lines().count() == kept.len() + replaced.len() + 2
+    });
+    let text = std::fs::read_to_string(&file).unwrap();
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(&ids[..kept.len()], &kept.map(str::to_owned)[..]);
+    assert_eq!(ids.last().map(String::as_str), Some(uuid));
 }

@@ -13,6 +13,7 @@ mod database;
 mod edge;
 mod gateway;
 mod headers;
+mod jwt;
 mod loading;
 mod rate_limits;
 mod redis;

@@ -115,7 +115,9 @@ impl Request {
         self.text(self.raw.head().client_addr)
     }
 
-    /// The id the host gave this request; it is also sent back as `x-request-id`.
+    /// The request's id: the `X-Request-Id` the client (or the proxy in front) sent, if
+    /// it is 1 to 64 letters, digits or `-_.:+/=`, else one the host made. It is also
+    /// sent back as `x-request-id` and written in the host's access log.
     #[inline]
     pub fn request_id(&self) -> &str {
         self.text(self.raw.head().request_id)

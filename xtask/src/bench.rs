@@ -50,7 +50,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 
     let root = root();
-    let out = root.join("target/bench");
+    let out = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     println!("building host, baseline and the hello plugin (release)...");
     for (what, args) in [
@@ -76,7 +76,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .status()?;
         anyhow::ensure!(status.success(), "building {what} failed");
     }
-    let release = root.join("target/release");
+    let release = crate::target_dir().join("release");
     let lib = |name: &str| release.join(format!("lib{name}{}", std::env::consts::DLL_SUFFIX));
 
     // Start-up and idle memory, with the shipped example plugins.
@@ -200,6 +200,43 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         println!("note: nginx not installed (apt-get install -y nginx); it is left out");
     }
+    // Static files: the same 1 KiB and 1 MiB files from the host (`servers[].static`, no
+    // plugin) and from nginx (its defaults, plus sendfile as most installs have it). Both
+    // send Last-Modified, ETag and Accept-Ranges; neither compresses.
+    let site = out.join("static-site");
+    std::fs::create_dir_all(&site)?;
+    std::fs::write(site.join("1k.bin"), vec![b'x'; 1024])?;
+    std::fs::write(site.join("1m.bin"), vec![b'x'; 1024 * 1024])?;
+    let static_dir = out.join("host-static");
+    let config = json!({"global": {"reload": {"watch": false}},
+        "servers": [{"name": "files", "domains": ["files.localhost"], "headers": false,
+                     "static": {"root": site}}]});
+    prepare(&static_dir, &config.to_string(), &[])?;
+    targets.push(Target::start(
+        "host-static",
+        "files.localhost",
+        host_cmd(&mut pin(&release.join("host"), 0), &static_dir),
+    )?);
+    if let Some(nginx) = &nginx {
+        let dir = out.join("nginx-static");
+        let port = free_port()?;
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("nginx.conf"),
+            nginx_static_config(&dir, port, &site),
+        )?;
+        let mut cmd = pin(nginx, 0);
+        cmd.arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir);
+        targets.push(Target::start_at(
+            "nginx-static",
+            "files.localhost",
+            &mut cmd,
+            port,
+        )?);
+    }
     // HTTPS: the host and nginx with the same certificate (ECDSA P-256, from openssl),
     // TLS 1.3 and HTTP/1.1 for both. Compared with nginx: the minimal hyper server has no
     // TLS.
@@ -299,6 +336,22 @@ pub fn run(args: &[String]) -> Result<()> {
             new_connections: true,
             targets: &["nginx-tls", "host-tls"],
             baseline: "nginx-tls",
+        },
+        Case {
+            name: "static file 1 KiB",
+            path: "/1k.bin",
+            post: false,
+            new_connections: false,
+            targets: &["nginx-static", "host-static"],
+            baseline: "nginx-static",
+        },
+        Case {
+            name: "static file 1 MiB",
+            path: "/1m.bin",
+            post: false,
+            new_connections: false,
+            targets: &["nginx-static", "host-static"],
+            baseline: "nginx-static",
         },
         Case {
             name: "SQLite read by key",
@@ -493,6 +546,18 @@ fn nginx_tls_config(dir: &Path, port: u16, cert: &Path, key: &Path) -> String {
          location / {{ default_type \"text/plain; charset=utf-8\"; return 200 \"Hello, world!\\n\"; }} }}\n}}\n",
         cert.display(),
         key.display()
+    )
+}
+
+/// nginx on `port` serving the folder `root` at files.localhost, with sendfile.
+fn nginx_static_config(dir: &Path, port: u16, root: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "worker_processes 1;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  sendfile on;\n  default_type application/octet-stream;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  keepalive_requests 100000000;\n\
+         server {{ listen 127.0.0.1:{port}; server_name files.localhost; root {}; }}\n}}\n",
+        root.display()
     )
 }
 

@@ -29,7 +29,7 @@ pub fn run(args: &[String]) -> Result<()> {
     // background task per generation).
     let tokio = args.iter().any(|a| a == "--tokio");
     let root = root();
-    let out_dir = root.join("target/bench");
+    let out_dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;
 
     println!("building the host and two builds of the versioned fixture (release)...");
@@ -54,7 +54,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .to_string(),
     )?;
     install(&a, &run_dir, 0)?;
-    let mut host = Host::start(&root.join("target/release/host"), &run_dir)?;
+    let mut host = Host::start(&crate::target_dir().join("release/host"), &run_dir)?;
     let pid = host.child.id();
 
     // Load: `clients` keep-alive connections asking as fast as they can.

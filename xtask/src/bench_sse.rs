@@ -28,7 +28,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let every_ms = 1000 / rate;
 
     let root = root();
-    let out = root.join("target/bench");
+    let out = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     println!("building the host and the hello plugin (release)...");
     let status = cargo()
@@ -36,7 +36,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .status()?;
     anyhow::ensure!(status.success(), "building failed");
-    let release = root.join("target/release");
+    let release = crate::target_dir().join("release");
     let dir = out.join("sse");
     let hello = release.join(format!("libhello{}", std::env::consts::DLL_SUFFIX));
     let config = json!({"global": {"reload": {"watch": false}, "connections": {"max": 1_000_000, "max_per_ip": 0}},

@@ -38,7 +38,7 @@ pub fn run(args: &[String]) -> Result<()> {
     raise_fd_limit();
 
     let root = root();
-    let out = root.join("target/bench");
+    let out = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     println!("building the host, the WebSocket baseline and load generator, and the fixture (release)...");
     let build = |args: &[&str], env: Option<(&str, &str)>| -> Result<()> {
@@ -58,7 +58,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &["-p", "bench", "--bin", "ws-baseline", "--bin", "ws-load"],
         None,
     )?;
-    let release = root.join("target/release");
+    let release = crate::target_dir().join("release");
     let fixture = release.join(format!(
         "libfixture_sockets{}",
         std::env::consts::DLL_SUFFIX

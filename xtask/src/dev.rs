@@ -61,7 +61,7 @@ pub fn run(host_args: &[String]) -> Result<()> {
     )?;
     debouncer.watch(&plugins_dir, RecursiveMode::Recursive)?;
 
-    let mut host = Command::new(root.join("target/debug/host"))
+    let mut host = Command::new(crate::target_dir().join("debug/host"))
         .args(host_args)
         .current_dir(&root)
         .spawn()

@@ -38,6 +38,7 @@ use plugin_api::ffi::{
 use smallvec::SmallVec;
 
 use crate::boundary::plugin::Instance;
+use crate::boundary::request_id::RequestId;
 
 /// A client's socket address as text, made once per connection and copied into each
 /// request record (no allocation, no reference count), and whether the connection is
@@ -118,23 +119,32 @@ struct Record {
     head: FfiRequestHead,
     parts: Parts,
     client: ClientAddr,
-    request_id: [u8; 16],
+    request_id: RequestId,
     /// The normalised domain, when it differs from the bytes the client sent.
     domain: Option<Box<[u8]>>,
     params: Params,
-    /// A header whose value the host decides, whatever the client sent. Boxed: most
+    /// Headers whose values the host decides, whatever the client sent. Boxed: most
     /// requests have none, and the record stays small.
-    header: Option<Box<HostHeader>>,
+    header: Option<Box<HostHeaders>>,
 }
 
-/// A request header the host sets for the plugin (the tenant, `x-tenant`): under
-/// `name` the plugin reads `value`, or no header at all for `None`, whatever the client
-/// sent under that name. The client's headers themselves are left as they are; the
-/// host's functions that read headers answer for this one.
+/// A request header the host sets for the plugin (the tenant, `x-tenant`; a verified
+/// token's claims, `x-jwt-claims`): under `name` the plugin reads `value`, or no header
+/// at all for `None`, whatever the client sent under that name. The client's headers
+/// themselves are left as they are; the host's functions that read headers answer for
+/// this one.
 pub struct HostHeader {
     /// Lower case.
     pub name: &'static str,
     pub value: Option<HeaderValue>,
+}
+
+/// The headers the host sets for one request (names differ).
+pub type HostHeaders = SmallVec<[HostHeader; 2]>;
+
+/// `headers` with `header` added (boxed when it is the first).
+pub fn add_host_header(headers: &mut Option<Box<HostHeaders>>, header: HostHeader) {
+    headers.get_or_insert_with(Box::default).push(header);
 }
 
 /// Path parameters: views of the path (names are `'static`). A few live in the record
@@ -174,8 +184,8 @@ pub struct Lending<'p> {
     pub stream_body_limit: Option<u64>,
     /// For a WebSocket route's upgrade request: the connection it would open.
     pub socket: Option<FfiSocket>,
-    /// A header the host decides (see [`HostHeader`]).
-    pub header: Option<Box<HostHeader>>,
+    /// Headers the host decides (see [`HostHeader`]).
+    pub header: Option<Box<HostHeaders>>,
 }
 
 /// A request's body as it is lent: read whole, or still arriving (for a route that takes
@@ -186,7 +196,7 @@ pub enum LentBody {
 }
 
 impl PendingRequest {
-    pub fn new(parts: Parts, client: &ClientAddr, request_id: [u8; 16]) -> Self {
+    pub fn new(parts: Parts, client: &ClientAddr, request_id: RequestId) -> Self {
         // Written in place: `Box::new` would build the record (half a kilobyte) on the
         // stack and then copy it.
         let mut record = Box::<Record>::new_uninit();
@@ -343,7 +353,7 @@ impl PendingRequest {
                 FfiStr::new(uri.query().unwrap_or("").as_bytes()),
                 domain,
                 FfiStr::new(client.as_bytes()),
-                FfiStr::new(request_id),
+                FfiStr::new(request_id.as_str().as_bytes()),
                 params,
                 route,
                 body,
@@ -483,7 +493,7 @@ unsafe extern "C" fn header(data: FfiRequestData, name: FfiStr) -> ROption<FfiSt
     // SAFETY: the contract above.
     let record = unsafe { record(data) };
     if let Some(own) = &record.header {
-        if name.eq_ignore_ascii_case(own.name) {
+        if let Some(own) = own.iter().find(|h| name.eq_ignore_ascii_case(h.name)) {
             return match &own.value {
                 Some(value) => ROption::RSome(FfiStr::new(value.as_bytes())),
                 None => ROption::RNone,
@@ -502,10 +512,10 @@ unsafe extern "C" fn each_header(data: FfiRequestData, context: *mut c_void, eac
     // SAFETY: the contract above; `each` is the caller's, called with its own context
     // and views of the record that live as long as the request.
     let record = unsafe { record(data) };
-    let own = record.header.as_deref();
+    let own = record.header.as_deref().map_or(&[][..], |h| &h[..]);
     for (name, value) in &record.parts.headers {
         // Names are lower case in a `HeaderMap`.
-        if own.is_some_and(|own| name.as_str() == own.name) {
+        if own.iter().any(|own| name.as_str() == own.name) {
             continue;
         }
         unsafe {
@@ -516,11 +526,7 @@ unsafe extern "C" fn each_header(data: FfiRequestData, context: *mut c_void, eac
             )
         };
     }
-    if let Some(HostHeader {
-        name,
-        value: Some(value),
-    }) = own
-    {
+    for (name, value) in own.iter().filter_map(|h| Some((h.name, h.value.as_ref()?))) {
         unsafe {
             (each.0)(
                 context,

@@ -1,6 +1,6 @@
 //! The plugin boundary, the lowest layer: opening and checking plugin libraries
 //! (`loader`), the microserver instances and generations inside them (`plugin`), one
-//! request across the boundary (`call`), the functions the host lends to plugins
+//! request across the boundary (`call`) and its id (`request_id`), the functions the host lends to plugins
 //! (`services`), a server's WebSocket connections as plugins reach them
 //! (`sockets`), the event bus (`bus`) and its link to other hosts over Redis (`relay`), and the limit on how often a plugin's panics are logged (`repeats`).
 //! It imports nothing from the layers above it.
@@ -11,5 +11,6 @@ pub mod loader;
 pub mod plugin;
 pub mod relay;
 pub mod repeats;
+pub mod request_id;
 pub mod services;
 pub mod sockets;

@@ -14,10 +14,12 @@ use serde_json::{Map, Value};
 use crate::routing::domain::{DomainPattern, InvalidDomain};
 
 mod headers;
+mod jwt;
 pub use headers::{
     joined, CompressionRules, CorsRules, Hsts, Listed, OriginPattern, Origins, ResponseRules,
     SecurityHeaders,
 };
+pub use jwt::{covers, JwtKey, JwtRules, KeyMaterial, DEFAULT_LEEWAY_S, MIN_SECRET_BYTES};
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
@@ -418,6 +420,8 @@ pub struct ServerConfig {
     pub rate_limits: Vec<RateLimit>,
     /// What it adds to its responses: `headers`, `cors` and `compression`.
     pub response: ResponseRules,
+    /// `jwt`: the requests that need a verified token, and how it is verified.
+    pub jwt: Option<JwtRules>,
 }
 
 /// A server's static files (`servers[].static`).
@@ -1275,6 +1279,7 @@ impl Validator {
             "headers",
             "cors",
             "compression",
+            "jwt",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1375,6 +1380,10 @@ impl Validator {
             );
         }
         let response = self.response_rules(map, path);
+        let jwt = match map.get("jwt") {
+            None | Some(Value::Null) => None,
+            Some(v) => self.jwt(v, &join(path, "jwt")),
+        };
         if self.problems.len() > before {
             return None;
         }
@@ -1389,6 +1398,7 @@ impl Validator {
             tenancy,
             rate_limits,
             response,
+            jwt,
         })
     }
 
@@ -1637,29 +1647,10 @@ impl Validator {
                 })
             }
         };
-        let mut fallback_except = Vec::new();
-        match map.get("fallback_except") {
-            None => {}
-            Some(Value::Array(items)) => {
-                for (i, item) in items.iter().enumerate() {
-                    let p = format!("{path}.fallback_except[{i}]");
-                    match self.string(item, &p) {
-                        Some(prefix) if prefix.starts_with('/') => {
-                            // `/api/` and `/api` mean the same.
-                            let trimmed = prefix.trim_end_matches('/');
-                            fallback_except
-                                .push(if trimmed.is_empty() { "/" } else { trimmed }.to_owned());
-                        }
-                        Some(prefix) => self.problem(&p, format!("{prefix:?} must start with `/`")),
-                        None => {}
-                    }
-                }
-            }
-            Some(other) => self.problem(
-                &join(path, "fallback_except"),
-                format!("expected an array of path prefixes, found {}", kind(other)),
-            ),
-        }
+        let fallback_except = match map.get("fallback_except") {
+            None => Vec::new(),
+            Some(v) => self.path_prefixes(v, &join(path, "fallback_except")),
+        };
         let max_age_s = match map.get("max_age_s") {
             None => 0,
             Some(v) => self

@@ -27,6 +27,7 @@ use crate::control::config::{Config, Limits, ResponseRules, StaticSite};
 use crate::control::deliver;
 use crate::request::files::Site;
 use crate::request::headers::ServerHeaders;
+use crate::request::jwt::JwtGate;
 use crate::request::rate_limits::Admission;
 use crate::routing::domain::{DomainPattern, DomainTable};
 use crate::routing::routes::RouteTable;
@@ -184,6 +185,9 @@ pub struct Routing {
     /// Tenants and rate limits; `None` when the config has neither, so that a request
     /// pays one check for them.
     pub admission: Option<Box<Admission>>,
+    /// Token rules (`servers[].jwt`); `None` when no server has any, so that a request
+    /// pays one check for them.
+    pub jwt: Option<Box<JwtGate>>,
 }
 
 /// What a server should run: from its config entry, or made up for a drop-in library.
@@ -477,6 +481,7 @@ impl Microservers {
                 limits: config.global.limits.clone(),
                 redirect_https: Vec::new(),
                 admission: None,
+                jwt: None,
             }),
             control: Mutex::new(Control {
                 stopping: false,
@@ -1311,6 +1316,7 @@ impl Microservers {
                 .map(|s| Arc::from(s.name.as_str()))
                 .collect(),
             admission,
+            jwt: JwtGate::build(&control.config),
         }));
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use hyper::header::{REFERER, USER_AGENT};
+use hyper::header::{HOST, REFERER, USER_AGENT};
 use hyper::{Method, Request, Version};
 
 use crate::boundary::call::ClientAddr;
@@ -126,6 +126,8 @@ pub struct Note {
     client: ClientAddr,
     referer: Option<String>,
     user_agent: Option<String>,
+    /// The name the request was for (the target's authority, else `Host`), as sent.
+    host: Option<String>,
 }
 
 impl Note {
@@ -159,20 +161,37 @@ impl Note {
             client: *client,
             referer: header(REFERER),
             user_agent: header(USER_AGENT),
+            host: req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| header(HOST)),
         })
     }
 
+    /// The name the request was for, as sent (`None` without one).
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
     /// Writes the request's lines: `bytes` is the body's length when known before it is
-    /// sent (`None` for a stream), `server` the server that answered.
+    /// sent (`None` for a stream), `server` the server that answered, `tenant` the
+    /// tenant its request was for.
     #[cold]
     #[inline(never)]
-    pub fn write(self, status: u16, bytes: Option<u64>, server: Option<&str>, request_id: &str) {
+    pub fn write(self, status: u16, bytes: Option<u64>, answered: Answered<'_>) {
+        let Answered {
+            server,
+            tenant,
+            request_id,
+        } = answered;
         let micros = self.started.elapsed().as_micros() as u64;
         tracing::debug!(
             method = %self.method,
             path = self.target,
             status,
             server = server.unwrap_or("-"),
+            tenant = tenant.unwrap_or("-"),
             request_id,
             micros,
             "request"
@@ -198,6 +217,7 @@ impl Note {
                     time: Rfc3339(now),
                     request_id,
                     server,
+                    tenant,
                     client: ip,
                     method: self.method.as_str(),
                     path: &self.target,
@@ -214,7 +234,7 @@ impl Note {
             }
             AccessLogFormat::Combined => writeln!(
                 out,
-                "{ip} - - [{}] \"{} {} {}\" {status} {} {} {} {} {request_id} {}.{:03}",
+                "{ip} - - [{}] \"{} {} {}\" {status} {} {} {} {} {} {request_id} {}.{:03}",
                 ClfTime(now),
                 self.method,
                 escape(&self.target),
@@ -223,6 +243,7 @@ impl Note {
                 Quoted(self.referer.as_deref()),
                 Quoted(self.user_agent.as_deref()),
                 server.unwrap_or("-"),
+                tenant.unwrap_or("-"),
                 micros / 1000,
                 micros % 1000,
             )
@@ -232,6 +253,15 @@ impl Note {
             sink.flush();
         }
     }
+}
+
+/// Who answered a request, for its log lines.
+pub struct Answered<'a> {
+    /// The server (`None`: a domain no server claims, or refused before routing).
+    pub server: Option<&'a str>,
+    /// The request's tenant, if its server has one.
+    pub tenant: Option<&'a str>,
+    pub request_id: &'a str,
 }
 
 fn protocol(version: Version) -> &'static str {
@@ -279,6 +309,7 @@ struct JsonLine<'a> {
     time: Rfc3339,
     request_id: &'a str,
     server: Option<&'a str>,
+    tenant: Option<&'a str>,
     client: &'a str,
     method: &'a str,
     path: &'a str,

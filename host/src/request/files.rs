@@ -29,7 +29,7 @@ use tower_http::services::fs::{
 
 use super::http::{error, Body, StreamFailed};
 use crate::boundary::repeats::Repeats;
-use crate::control::config::StaticSite;
+use crate::control::config::{covers, StaticSite};
 
 /// A server's static files, as configured: built once per config change, shared by
 /// every request.
@@ -234,12 +234,9 @@ pub fn check_path(path: &str) -> Result<(), String> {
 impl StaticSite {
     /// Whether `path` is under one of the prefixes the fallback leaves alone.
     fn excepts(&self, path: &str) -> bool {
-        self.fallback_except.iter().any(|prefix| {
-            prefix == "/"
-                || path
-                    .strip_prefix(prefix.as_str())
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-        })
+        self.fallback_except
+            .iter()
+            .any(|prefix| covers(prefix, path))
     }
 }
 

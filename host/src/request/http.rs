@@ -4,7 +4,6 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,18 +21,23 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse, FfiStream, FfiStreamPoll};
 use tower_http::compression::CompressionBody;
 
-use super::access_log::Note;
+use super::access_log::{Answered, Note};
 use super::files::{self, FileBody, Otherwise, Site};
 use super::headers::Finishing;
+use super::jwt::JwtGate;
 use super::websocket;
 use crate::boundary::call::{
-    self, intern, ClientAddr, Lending, LentBody, OutcomeSlot, ParamSink, PendingRequest, PluginCall,
+    self, add_host_header, intern, ClientAddr, HostHeaders, Lending, LentBody, OutcomeSlot,
+    ParamSink, PendingRequest, PluginCall,
 };
 use crate::boundary::plugin;
+pub use crate::boundary::request_id::RequestId;
+use crate::boundary::request_id::X_REQUEST_ID;
 use crate::boundary::services::ServiceResponse;
 use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
 use crate::routing::domain::normalize_host;
 use crate::routing::routes::{RouteMatch, RouteTable};
+use crate::routing::tenants::TenantId;
 
 /// The in-flight guard of a request on a serving generation.
 type InFlight = plugin::InFlight<RouteTable>;
@@ -150,7 +154,9 @@ impl StreamedBody {
         }));
         let (done, body_dropped) = tokio::sync::oneshot::channel::<()>();
         let watched = shared.clone();
+        let watched_id = request_id.clone();
         tokio::spawn(async move {
+            let request_id = watched_id;
             tokio::select! {
                 () = cut => {
                     let (live, waker) = {
@@ -267,8 +273,6 @@ impl StreamedBody {
     }
 }
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
 /// Answers one request. Never fails: every problem becomes a response.
 ///
 /// The request is taken apart and boxed here, and the returned future is small: it lives
@@ -277,7 +281,8 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// whose handler answers at once (most) is served in one synchronous step on the first
 /// poll; anything else continues in a boxed async path.
 pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: ClientAddr) -> Handle {
-    let request_id = RequestId::next();
+    // The client's own id if it sent a well-formed one (one header lookup), else a new one.
+    let request_id = RequestId::of(req.headers());
     // What the access log and the debug line need, gathered only when one is written.
     let debug = Note::of(&req, &client);
     let (mut parts, body) = req.into_parts();
@@ -285,7 +290,7 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
     // a path of its own. (Nothing to remove for any other request: a null check.)
     let upgrade = parts.extensions.remove::<OnUpgrade>();
     // Boxed once, and lent to the plugin as it is: nothing is copied for the boundary.
-    let pending = PendingRequest::new(parts, &client, request_id.0);
+    let pending = PendingRequest::new(parts, &client, request_id.clone());
     if let Some(upgrade) = upgrade {
         return upgrading(servers, pending, body, request_id, debug, upgrade);
     }
@@ -313,7 +318,7 @@ pub fn refuse(
     Handle {
         servers: servers.clone(),
         start: None,
-        request_id: RequestId::next(),
+        request_id: RequestId::of(req.headers()),
         debug: Note::of(req, client),
         rest: Some(Box::pin(async move { (error(status, &message), None) })),
     }
@@ -367,7 +372,7 @@ pub fn redirect_https(
     Some(Handle {
         servers: servers.clone(),
         start: None,
-        request_id: RequestId::next(),
+        request_id: RequestId::of(req.headers()),
         debug: Note::of(req, client),
         rest: Some(Box::pin(async move { (response, name) })),
     })
@@ -388,7 +393,7 @@ fn upgrading(
         servers.clone(),
         pending,
         body,
-        request_id,
+        request_id.clone(),
         want_name,
         upgrade,
     );
@@ -421,7 +426,14 @@ impl Future for Handle {
         if this.rest.is_none() {
             let (pending, body) = this.start.take().expect("polled after it answered");
             let want_name = this.debug.is_some();
-            match first_step(&this.servers, pending, body, this.request_id, want_name, cx) {
+            match first_step(
+                &this.servers,
+                pending,
+                body,
+                &this.request_id,
+                want_name,
+                cx,
+            ) {
                 Ok((mut response, name)) => {
                     this.finish(&mut response, name);
                     return Poll::Ready(Ok(response));
@@ -442,14 +454,31 @@ impl Handle {
     /// wanted. Takes the
     /// response by reference: it is large, and moving it costs a copy.
     fn finish(&mut self, response: &mut Response<Body>, server: Option<Arc<str>>) {
-        if let Ok(id) = HeaderValue::from_bytes(&self.request_id.0) {
+        if let Some(id) = self.request_id.header_value() {
             response.headers_mut().insert(X_REQUEST_ID.clone(), id);
         }
         if let Some(note) = self.debug.take() {
             let bytes = response.body().size_hint().exact();
             let status = response.status().as_u16();
-            (*note).write(status, bytes, server.as_deref(), self.request_id.as_str());
+            let tenant = server.as_deref().and_then(|s| self.tenant(s, &note));
+            let answered = Answered {
+                server: server.as_deref(),
+                tenant: tenant.as_ref().map(TenantId::as_str),
+                request_id: self.request_id.as_str(),
+            };
+            (*note).write(status, bytes, answered);
         }
+    }
+
+    /// The tenant of a request `server` answered, for its log lines: found again from
+    /// the name it was for, so that the request path carries nothing for the log.
+    #[cold]
+    #[inline(never)]
+    fn tenant(&self, server: &str, note: &Note) -> Option<TenantId> {
+        let routing = self.servers.routing();
+        let admission = routing.admission.as_deref()?;
+        let domain = normalize_host(note.host()?)?;
+        admission.tenant_of(server, domain.as_bytes())
     }
 }
 
@@ -459,7 +488,7 @@ fn first_step(
     servers: &Arc<Microservers>,
     pending: PendingRequest,
     body: Incoming,
-    id: RequestId,
+    id: &RequestId,
     want_name: bool,
     cx: &mut Context<'_>,
 ) -> Result<Routed, Pin<Box<dyn Future<Output = Routed> + Send>>> {
@@ -468,7 +497,7 @@ fn first_step(
             servers.clone(),
             pending,
             body,
-            id,
+            id.clone(),
             want_name,
             false,
         )));
@@ -481,7 +510,7 @@ fn first_step(
             servers.clone(),
             pending,
             body,
-            id,
+            id.clone(),
             want_name,
         ))),
         Step::Running(running, name) => Err(Box::pin(async move { (running.await, name) })),
@@ -784,7 +813,7 @@ async fn dispatch_later_to(
     loop {
         let step = std::future::poll_fn(|cx| {
             let (pending, body) = next.take().expect("set before each poll");
-            Poll::Ready(dispatch(&servers, pending, body, id, want_name, to, cx))
+            Poll::Ready(dispatch(&servers, pending, body, &id, want_name, to, cx))
         })
         .await;
         match step {
@@ -863,7 +892,7 @@ fn dispatch(
     servers: &Microservers,
     pending: PendingRequest,
     body: LentBody,
-    id: RequestId,
+    id: &RequestId,
     want_name: bool,
     to: To<'_>,
     cx: &mut Context<'_>,
@@ -897,11 +926,12 @@ fn dispatch(
         };
         // Over a rate limit: 429, whatever the server's state. Else the tenant header
         // its plugin reads, if the config has tenants.
-        let header = match &admission {
+        let mut header = match &admission {
             None => None,
             Some((admission, client)) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| (Refused::Done(Box::new((*refused, name.clone()))), None))?,
+                .map_err(|refused| (Refused::Done(Box::new((*refused, name.clone()))), None))?
+                .map(|tenant| Box::new(HostHeaders::from_iter([tenant]))),
         };
         // A client's request gets what its server adds to its responses; a service
         // call's does not (its caller reads the body whole, and is no browser).
@@ -911,6 +941,13 @@ fn dispatch(
         };
         if let Some(preflight) = finishing.as_mut().and_then(|f| f.preflight(parts)) {
             return Err((Refused::Done(Box::new((preflight, name))), finishing));
+        }
+        // Tokens: with no server that has `jwt`, this one check is their cost. A
+        // service call's headers are its caller's.
+        if let (Some(gate), To::Domain { .. }) = (routing.jwt.as_deref(), to) {
+            if let Err(refused) = check_token(gate, server, parts, id, &mut header) {
+                return Err((Refused::Done(Box::new((*refused, name))), finishing));
+            }
         }
         match enter(&routing, server, parts, params, domain, name, arriving) {
             Ok((mut lending, entered)) => {
@@ -952,7 +989,7 @@ fn dispatch(
     match started {
         None => {
             let outcome = slot.get_mut().expect("the call answered");
-            let (mut response, in_flight) = respond(outcome, generation, route, head, &id);
+            let (mut response, in_flight) = respond(outcome, generation, route, head, id);
             // What the plugin made (its headers, a panic message, a HEAD request's body)
             // is freed while the request still counts as in flight on its generation.
             drop(slot);
@@ -969,11 +1006,25 @@ fn dispatch(
                 in_flight: generation,
                 route,
             };
-            let waiting = wait_for(running, timeout, head, id);
+            let waiting = wait_for(running, timeout, head, id.clone());
             let finishing = finishing.map(Finishing::owned);
             Step::Running(Box::pin(finished(waiting, finishing)), name)
         }
     }
+}
+
+/// A request for `server` past its token check (`jwt`): the claims header its plugin
+/// reads added to `header`; or the 401 that refuses it.
+#[inline(never)]
+pub(super) fn check_token(
+    gate: &JwtGate,
+    server: &Server,
+    parts: &Parts,
+    id: &RequestId,
+    header: &mut Option<Box<HostHeaders>>,
+) -> Result<(), Box<Response<Body>>> {
+    add_host_header(header, gate.check(&server.name, parts, id)?);
+    Ok(())
 }
 
 /// `response`, with what its server adds to its responses once it is ready.
@@ -1355,7 +1406,7 @@ fn into_http(
             drop(stream);
             return Ok((out, Some(in_flight)));
         }
-        *out.body_mut() = Body::Stream(Box::new(StreamedBody::new(stream, in_flight, *id)));
+        *out.body_mut() = Body::Stream(Box::new(StreamedBody::new(stream, in_flight, id.clone())));
         return Ok((out, None));
     }
     if head {
@@ -1392,7 +1443,8 @@ pub async fn call_server(
     request: Request<Bytes>,
     timeout: Option<Duration>,
 ) -> ServiceResponse {
-    let id = RequestId::next();
+    // A caller that passes its own request's id on (`x-request-id`) keeps it.
+    let id = RequestId::of(request.headers());
     let (server, limits) = {
         let routing = servers.routing();
         let server = routing.servers.iter().find(|s| *s.name == *name).cloned();
@@ -1408,9 +1460,9 @@ pub async fn call_server(
         }
         Some(server) => {
             let (parts, body) = request.into_parts();
-            let pending = PendingRequest::new(parts, &ClientAddr::internal(), id.0);
+            let pending = PendingRequest::new(parts, &ClientAddr::internal(), id.clone());
             let body = LentBody::Bytes(body);
-            let call = dispatch_later_to(servers, pending, body, id, false, Some(server));
+            let call = dispatch_later_to(servers, pending, body, id.clone(), false, Some(server));
             match timeout.filter(|t| *t < limits.request_timeout) {
                 None => call.await.0,
                 Some(t) => match tokio::time::timeout(t, call).await {
@@ -1439,7 +1491,7 @@ pub async fn call_server(
             return service_error(StatusCode::GATEWAY_TIMEOUT, message, id);
         }
     };
-    if let Ok(value) = HeaderValue::from_bytes(&id.0) {
+    if let Some(value) = id.header_value() {
         parts.headers.insert(X_REQUEST_ID.clone(), value);
     }
     ServiceResponse {
@@ -1457,7 +1509,7 @@ pub fn call_refused(message: &str) -> ServiceResponse {
 fn service_error(status: StatusCode, message: &str, id: RequestId) -> ServiceResponse {
     let mut headers = hyper::HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(value) = HeaderValue::from_bytes(&id.0) {
+    if let Some(value) = id.header_value() {
         headers.insert(X_REQUEST_ID.clone(), value);
     }
     let body = serde_json::json!({ "error": message, "request_id": id.as_str() });
@@ -1496,37 +1548,4 @@ fn too_large(max: u64) -> Response<Body> {
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("the request body is larger than the limit of {max} bytes"),
     )
-}
-
-/// A request id: 16 hex digits, unique within the process and unlikely to repeat across
-/// restarts.
-#[derive(Clone, Copy)]
-pub struct RequestId([u8; 16]);
-
-impl RequestId {
-    fn next() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        let seed = *SEED.get_or_init(|| {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            nanos.rotate_left(32) ^ u64::from(std::process::id())
-        });
-        // A multiplicative step spreads consecutive ids apart; the counter keeps them unique.
-        let n = seed.wrapping_add(
-            NEXT.fetch_add(1, Ordering::Relaxed)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let mut out = [0u8; 16];
-        for (i, byte) in out.iter_mut().enumerate() {
-            let nibble = (n >> (60 - 4 * i)) & 0xf;
-            *byte = b"0123456789abcdef"[nibble as usize];
-        }
-        RequestId(out)
-    }
-
-    pub(super) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
 }

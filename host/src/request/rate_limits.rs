@@ -284,7 +284,7 @@ impl Admission {
         server: &str,
         domain: &[u8],
         check: Option<&ClientAddr>,
-    ) -> Result<Option<Box<HostHeader>>, Box<Response<Body>>> {
+    ) -> Result<Option<HostHeader>, Box<Response<Body>>> {
         let rules = self.servers.get(server);
         let tenant = rules
             .and_then(|r| r.tenancy.as_ref())
@@ -308,12 +308,20 @@ impl Admission {
                 }
             }
         }
-        Ok(self.tenant_header.then(|| {
-            Box::new(HostHeader {
-                name: TENANT_HEADER,
-                value: tenant.and_then(|t| HeaderValue::from_str(t.as_str()).ok()),
-            })
+        Ok(self.tenant_header.then(|| HostHeader {
+            name: TENANT_HEADER,
+            value: tenant.and_then(|t| HeaderValue::from_str(t.as_str()).ok()),
         }))
+    }
+
+    /// The tenant of a request for `server` at `domain` (normalised), if the server has
+    /// one (for the access log).
+    pub fn tenant_of(&self, server: &str, domain: &[u8]) -> Option<TenantId> {
+        self.servers
+            .get(server)?
+            .tenancy
+            .as_ref()?
+            .tenant_of(domain)
     }
 
     /// How many limiters, and keys in all keyed ones (for the log and tests).

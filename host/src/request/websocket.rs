@@ -36,7 +36,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed};
 use crate::boundary::call::{
-    self, intern, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
+    self, intern, HostHeaders, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
 };
 use crate::boundary::plugin;
 use crate::boundary::sockets::{close_frame, Conn, Outgoing, Outgoings, Refusal};
@@ -153,7 +153,9 @@ pub(super) async fn upgrade(
     let (opened, call) = loop {
         let step = std::future::poll_fn(|cx| {
             let pending = pending.take().expect("set before each step");
-            Poll::Ready(open(&servers, pending, want_name, admitted, &mut slot, cx))
+            Poll::Ready(open(
+                &servers, pending, &id, want_name, admitted, &mut slot, cx,
+            ))
         })
         .await;
         admitted = true;
@@ -224,6 +226,7 @@ pub(super) async fn upgrade(
 fn open(
     servers: &Microservers,
     pending: PendingRequest,
+    id: &RequestId,
     want_name: bool,
     admitted: bool,
     slot: &mut OutcomeSlot,
@@ -237,12 +240,17 @@ fn open(
             domain,
             name,
         } = http::resolve(&routing, parts, want_name).map_err(Refused::Done)?;
-        let header = match routing.admission.as_deref() {
+        let mut header = match routing.admission.as_deref() {
             None => None,
             Some(admission) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?,
+                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?
+                .map(|tenant| Box::new(HostHeaders::from_iter([tenant]))),
         };
+        if let Some(gate) = routing.jwt.as_deref() {
+            http::check_token(gate, server, parts, id, &mut header)
+                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?;
+        }
         let in_flight = match &**server.state() {
             ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
             ServerState::Waiting(reason) => {
