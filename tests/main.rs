@@ -14,6 +14,7 @@ mod edge;
 mod gateway;
 mod headers;
 mod loading;
+mod logs_and_signals;
 mod rate_limits;
 mod redis;
 mod reload;
