@@ -6,6 +6,7 @@
 mod support;
 
 mod boundary;
+mod bulkheads;
 mod bus;
 mod chat;
 mod config;

@@ -151,6 +151,10 @@ fn main() -> ExitCode {
     };
     let listen_override = !args.listen.is_empty();
     host::boundary::services::set_host_runtime(runtime.handle().clone());
+    // Bulkheads: by default a server's plugin code may hold all the worker threads but
+    // one (TOKIO_WORKER_THREADS sets how many there are).
+    host::boundary::bulkhead::set_workers(runtime.metrics().num_workers());
+    host::boundary::bulkhead::start_watchdog(runtime.handle().clone());
     let code = runtime.block_on(run(config, config_path, plugin_dir, listen_override));
     // Everything the host waits for at exit has been waited for, each under its deadline;
     // a task still on the blocking pool (a reload stuck in plugin code) must not hold up

@@ -107,6 +107,9 @@ pub struct Global {
     pub access_log: Option<AccessLogConfig>,
     /// `global.rate_limit`: limits per client IP address across every server.
     pub rate_limits: Vec<RateLimit>,
+    /// `global.blocking_warn_ms`: a plugin poll that holds its thread longer is logged
+    /// (a WARN naming the server and route); zero: never.
+    pub blocking_warn: Duration,
 }
 
 /// `global.access_log`.
@@ -418,6 +421,9 @@ pub struct ServerConfig {
     pub rate_limits: Vec<RateLimit>,
     /// What it adds to its responses: `headers`, `cors` and `compression`.
     pub response: ResponseRules,
+    /// `max_threads`: how many of its plugin polls may run at once on the runtime's
+    /// worker threads; `None`: the default (all the workers but one).
+    pub max_threads: Option<usize>,
 }
 
 /// A server's static files (`servers[].static`).
@@ -1006,6 +1012,7 @@ impl Validator {
                 },
                 access_log: None,
                 rate_limits: Vec::new(),
+                blocking_warn: Duration::from_millis(100),
             },
             servers: Vec::new(),
             tenants: Vec::new(),
@@ -1078,6 +1085,7 @@ impl Validator {
             "tls",
             "access_log",
             "rate_limit",
+            "blocking_warn_ms",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -1225,6 +1233,11 @@ impl Validator {
                 out.shutdown_timeout = Duration::from_millis(n);
             }
         }
+        if let Some(v) = map.get("blocking_warn_ms") {
+            if let Some(n) = self.whole_number(v, "global.blocking_warn_ms", 0) {
+                out.blocking_warn = Duration::from_millis(n);
+            }
+        }
         if let Some(reload) = map.get("reload") {
             let allowed = [
                 "watch",
@@ -1275,6 +1288,7 @@ impl Validator {
             "headers",
             "cors",
             "compression",
+            "max_threads",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1375,6 +1389,10 @@ impl Validator {
             );
         }
         let response = self.response_rules(map, path);
+        let max_threads = map
+            .get("max_threads")
+            .and_then(|v| self.whole_number(v, &join(path, "max_threads"), 1))
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         if self.problems.len() > before {
             return None;
         }
@@ -1389,6 +1407,7 @@ impl Validator {
             tenancy,
             rate_limits,
             response,
+            max_threads,
         })
     }
 
