@@ -121,6 +121,12 @@ impl Members<'_> {
         push_str(self.out, name);
         self.out.push(':');
     }
+
+    /// An integer, as a JSON number.
+    fn number(&mut self, field: &Field, value: impl fmt::Display) {
+        self.key(field.name());
+        let _ = write!(self.out, "{value}");
+    }
 }
 
 impl Visit for Members<'_> {
@@ -146,23 +152,19 @@ impl Visit for Members<'_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field.name());
-        let _ = write!(self.out, "{value}");
+        self.number(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field.name());
-        let _ = write!(self.out, "{value}");
+        self.number(field, value);
     }
 
     fn record_i128(&mut self, field: &Field, value: i128) {
-        self.key(field.name());
-        let _ = write!(self.out, "{value}");
+        self.number(field, value);
     }
 
     fn record_u128(&mut self, field: &Field, value: u128) {
-        self.key(field.name());
-        let _ = write!(self.out, "{value}");
+        self.number(field, value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {

@@ -1103,26 +1103,9 @@ async fn start_later(
     timeout: Duration,
 ) -> Response<Body> {
     let since = tokio::time::Instant::now();
-    let g = in_flight.generation();
-    let (bulkhead, label) = (g.bulkhead.clone(), g.routes.label(route));
-    let mut turn = Turn::default();
-    let mut request = Some(request);
     let mut slot = OutcomeSlot::new();
-    let first = std::future::poll_fn(|cx| {
-        let polling = std::task::ready!(bulkhead.poll_enter(&mut turn, label, cx));
-        let request = request.take().expect("started once");
-        let started = call::start(&in_flight.generation().instance, request, cx, &mut slot);
-        drop(polling);
-        Poll::Ready(started)
-    });
-    let started = tokio::time::timeout(timeout, first).await;
-    drop(turn);
-    match started {
-        Err(_) => {
-            // Never started: the request is freed here, and no plugin code ran.
-            drop(request);
-            timed_out(&in_flight, timeout, &id)
-        }
+    match start_bounded(request, &in_flight, route, &mut slot, timeout).await {
+        Err(_) => timed_out(&in_flight, timeout, &id),
         Ok(None) => {
             let outcome = slot.get_mut().expect("the call answered");
             let (response, in_flight) = respond(outcome, in_flight, route, head, &id);
@@ -1132,7 +1115,7 @@ async fn start_later(
         }
         Ok(Some(call)) => {
             let running = Running {
-                call: Bounded::new(call, bulkhead, label),
+                call,
                 in_flight,
                 route,
             };
@@ -1140,6 +1123,32 @@ async fn start_later(
             wait_for(running, left, timeout, head, id).await
         }
     }
+}
+
+/// Starts a route's handler (polls it once) under a permit of its server's bulkhead,
+/// waiting up to `timeout` for one: `None` if it answered at once, into `slot`, else
+/// the running call, each later poll under a permit too. `Err`: no permit came in time
+/// (no plugin code ran; the request is freed).
+pub(super) async fn start_bounded(
+    request: FfiRequest,
+    in_flight: &InFlight,
+    route: u32,
+    slot: &mut OutcomeSlot,
+    timeout: Duration,
+) -> Result<Option<Bounded<PluginCall>>, tokio::time::error::Elapsed> {
+    let g = in_flight.generation();
+    let (bulkhead, label) = (&g.bulkhead, g.routes.label(route));
+    let mut turn = Turn::default();
+    let mut request = Some(request);
+    let first = std::future::poll_fn(|cx| {
+        let polling = std::task::ready!(bulkhead.poll_enter(&mut turn, label, cx));
+        let request = request.take().expect("started once");
+        let started = call::start(&g.instance, request, cx, slot);
+        drop(polling);
+        Poll::Ready(started)
+    });
+    let started = tokio::time::timeout(timeout, first).await?;
+    Ok(started.map(|call| Bounded::new(call, bulkhead.clone(), label)))
 }
 
 /// Waits for a handler that did not answer at once, for what is `left` of the request

@@ -35,8 +35,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed};
-use crate::boundary::bulkhead::{Bounded, Turn};
-use crate::boundary::call::{self, intern, Lending, LentBody, OutcomeSlot, PendingRequest};
+use crate::boundary::call::{intern, Lending, LentBody, OutcomeSlot, PendingRequest};
 use crate::boundary::plugin;
 use crate::boundary::sockets::{close_frame, Conn, Outgoing, Outgoings, Refusal};
 use crate::control::config::WebSocketLimits;
@@ -181,25 +180,11 @@ pub(super) async fn upgrade(
     // The handler's polls run under permits of the server's bulkhead, like a request's
     // (one is free at once unless the server's plugin code holds all it may).
     let since = Instant::now();
-    let g = in_flight.generation();
-    let (bulkhead, label) = (g.bulkhead.clone(), g.routes.label(route));
-    let mut request = Some(request);
-    let mut turn = Turn::default();
-    let first = std::future::poll_fn(|cx| {
-        let polling = std::task::ready!(bulkhead.poll_enter(&mut turn, label, cx));
-        let request = request.take().expect("started once");
-        let started = call::start(&in_flight.generation().instance, request, cx, &mut slot);
-        drop(polling);
-        Poll::Ready(started)
-    });
-    let started = tokio::time::timeout(timeout, first).await;
-    drop(turn);
+    let started = http::start_bounded(request, &in_flight, route, &mut slot, timeout).await;
     let mut outcome_of_call = None;
+    // Timed out before it started (no plugin code ran), or after.
     let mut timed_out = started.is_err();
-    // Never started if it timed out waiting: no plugin code ran.
-    drop(request);
-    if let Ok(Some(call)) = started {
-        let mut call = Bounded::new(call, bulkhead, label);
+    if let Ok(Some(mut call)) = started {
         let left = timeout.saturating_sub(since.elapsed());
         match tokio::time::timeout(left, &mut call).await {
             Ok(outcome) => outcome_of_call = Some((outcome, call)),
