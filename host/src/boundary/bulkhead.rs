@@ -365,7 +365,8 @@ fn watchdog() {
             std::thread::sleep(Duration::from_millis(500));
             continue;
         }
-        // A quarter of the threshold: a poll is reported within 1.25 to 1.5 times it.
+        // A quarter of the threshold: a poll is reported once it has run between 1 and
+        // 1.25 times it (`held_ms`, what is sure, is the lower figure).
         let tick = (warn / 4).clamp(5, 250);
         std::thread::sleep(Duration::from_millis(tick));
         let now = TICKS.fetch_add(1, Ordering::Relaxed) + 1;
@@ -411,7 +412,7 @@ fn watchdog() {
                     route = %route,
                     held_ms,
                     blocking_warn_ms = warn,
-                    "a plugin poll has held a runtime thread for {held_ms} ms: the handler blocks or spins instead of awaiting (servers[].max_threads bounds how many threads the server can hold)"
+                    "a plugin poll has held a runtime thread for at least {held_ms} ms: the handler blocks or spins instead of awaiting (servers[].max_threads bounds how many threads the server can hold)"
                 );
             }
         }
