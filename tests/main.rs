@@ -6,6 +6,7 @@
 mod support;
 
 mod boundary;
+mod bulkheads;
 mod bus;
 mod chat;
 mod config;
@@ -15,6 +16,7 @@ mod gateway;
 mod headers;
 mod jwt;
 mod loading;
+mod logs_and_signals;
 mod rate_limits;
 mod redis;
 mod reload;

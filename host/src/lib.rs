@@ -9,12 +9,14 @@
 //! - `routing`: domains and routes;
 //! - `boundary`: the plugin boundary (libraries, generations, calls, host services).
 //!
-//! `control` (config, servers, watching and reloading) sits beside them.
+//! `control` (config, servers, watching and reloading) sits beside them, and `logging`
+//! (the JSON log format) above them all.
 //!
 //! See ARCHITECTURE.md for the request path and the invariants.
 
 pub mod boundary;
 pub mod control;
 pub mod edge;
+pub mod logging;
 pub mod request;
 pub mod routing;

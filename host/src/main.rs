@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use host::control::config::{self, Config};
 use host::control::reload::ControlLoop;
 use host::control::servers::Microservers;
@@ -19,7 +19,8 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM) or a passing --check; 1 if the
 /// host could not start (for example a listen address in use); 2 for a bad config, bad
-/// arguments, or a failing --check.
+/// arguments, or a failing --check. SIGHUP reads the config file and the plugin folder
+/// again.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -41,11 +42,34 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     plugin_dir: Option<PathBuf>,
 
+    /// How log lines are written to stderr: `text` for people, `json` for log
+    /// collectors (one JSON object a line, with the same fields).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     /// Internal: load one plugin library and exit 0 (loaded) or 3 (refused). The host
     /// runs itself this way before it loads a library, so that a library that crashes
     /// when loaded crashes only this child.
     #[arg(long, value_name = "FILE", hide = true)]
     probe_plugin: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Set with `--log-format json`: errors at start-up are log lines too.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// An error that stops the host: `error: ...` on stderr, or an ERROR line in the JSON log.
+fn fail(message: impl std::fmt::Display) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("error: {message}");
+    }
 }
 
 fn main() -> ExitCode {
@@ -63,13 +87,21 @@ fn main() -> ExitCode {
     let probe = exe
         .ok_or_else(|| "cannot find this executable".to_owned())
         .and_then(host::boundary::loader::probe_with);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            host::boundary::services::keep_plugin_fields_apart();
+            logs.with_ansi(false)
+                .fmt_fields(host::logging::JsonFields)
+                .event_format(host::logging::JsonLines)
+                .init();
+        }
+    }
     if let Err(why) = probe {
         tracing::warn!("plugins are loaded in this process only, without a check in a child process first: {why}");
     }
@@ -82,7 +114,7 @@ fn main() -> ExitCode {
     let mut config = match config::load(&config_path) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("error: {e}");
+            fail(e);
             return ExitCode::from(2);
         }
     };
@@ -113,12 +145,16 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            fail(format_args!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     let listen_override = !args.listen.is_empty();
     host::boundary::services::set_host_runtime(runtime.handle().clone());
+    // Bulkheads: by default a server's plugin code may hold all the worker threads but
+    // one (TOKIO_WORKER_THREADS sets how many there are).
+    host::boundary::bulkhead::set_workers(runtime.metrics().num_workers());
+    host::boundary::bulkhead::start_watchdog(runtime.handle().clone());
     let code = runtime.block_on(run(config, config_path, plugin_dir, listen_override));
     // Everything the host waits for at exit has been waited for, each under its deadline;
     // a task still on the blocking pool (a reload stuck in plugin code) must not hold up
@@ -134,10 +170,12 @@ async fn run(
     listen_override: bool,
 ) -> ExitCode {
     let stop = host::edge::serve::shutdown_signal();
+    #[cfg(unix)]
+    let hangups = host::edge::serve::hangups();
     let (listeners, accepted) = match Listeners::bind(&config.global.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: {e}");
+            fail(e);
             return ExitCode::FAILURE;
         }
     };
@@ -149,13 +187,13 @@ async fn run(
         match tokio::task::spawn_blocking(move || Tls::new(&settings, &domains, in_use)).await {
             Ok(tls) => tls,
             Err(e) => {
-                eprintln!("error: loading the TLS certificates failed: {e}");
+                fail(format_args!("loading the TLS certificates failed: {e}"));
                 return ExitCode::FAILURE;
             }
         }
     };
     if let Err(e) = host::request::access_log::configure(config.global.access_log.as_ref()) {
-        eprintln!("error: {e}");
+        fail(e);
         return ExitCode::from(2);
     }
     // Before the servers start, so that what their `init` publishes reaches other hosts
@@ -166,7 +204,7 @@ async fn run(
     } = &config.global.bus.backend
     {
         if let Err(e) = host::boundary::relay::start(url, channel_prefix, config.global.bus.queue) {
-            eprintln!("error: global.bus.url: {e}");
+            fail(format_args!("global.bus.url: {e}"));
             return ExitCode::from(2);
         }
     }
@@ -176,7 +214,7 @@ async fn run(
         match tokio::task::spawn_blocking(move || Microservers::start(&config, dir)).await {
             Ok((servers, _report)) => Arc::new(servers),
             Err(e) => {
-                eprintln!("error: starting the servers failed: {e}");
+                fail(format_args!("starting the servers failed: {e}"));
                 return ExitCode::FAILURE;
             }
         }
@@ -199,27 +237,26 @@ async fn run(
             }
         })
     }));
+    // One control loop applies every change, whether the watcher saw it or a SIGHUP
+    // asked for a look.
+    let (changes, changed) = tokio::sync::mpsc::unbounded_channel();
     let reload = &config.global.reload;
     let _watch = if reload.watch {
         let certificates = Tls::files(&config.global.tls);
-        match watch::watch(&plugin_dir, &config_file, &certificates, reload.debounce) {
-            Ok((watch, changes)) => {
-                let watch = Arc::new(watch);
-                let control = ControlLoop {
-                    servers: servers.clone(),
-                    listeners: listeners.clone(),
-                    tls: tls.clone(),
-                    watch: Arc::downgrade(&watch),
-                    config_file,
-                    listen_override,
-                };
-                tokio::spawn(control.run(changes));
+        match watch::watch(
+            &plugin_dir,
+            &config_file,
+            &certificates,
+            reload.debounce,
+            changes.clone(),
+        ) {
+            Ok(watch) => {
                 tracing::info!(
                     plugin_dir = %plugin_dir.display(),
                     debounce_ms = reload.debounce.as_millis() as u64,
                     "watching the plugin folder and the config file for changes"
                 );
-                Some(watch)
+                Some(Arc::new(watch))
             }
             Err(e) => {
                 tracing::warn!("hot reload is off: {e}");
@@ -229,12 +266,28 @@ async fn run(
     } else {
         None
     };
+    let control = ControlLoop {
+        servers: servers.clone(),
+        listeners: listeners.clone(),
+        tls: tls.clone(),
+        watch: _watch.as_ref().map_or_else(Weak::new, Arc::downgrade),
+        config_file,
+        listen_override,
+    };
+    tokio::spawn(control.run(changed));
+    #[cfg(unix)]
+    let hangups = hangups.map(|h| tokio::spawn(host::control::reload::forward_hangups(h, changes)));
     let grace = config.global.shutdown_timeout;
     let requests_until =
         host::edge::serve::serve(servers.clone(), listeners, tls, accepted, stop, grace).await;
-    // No more file events; then every server stops: requests still inside a plugin get
-    // what is left of the grace period, then every shutdown hook runs, with a deadline.
+    // No more file events or SIGHUPs; then every server stops: requests still inside a
+    // plugin get what is left of the grace period, then every shutdown hook runs, with a
+    // deadline.
     drop(_watch);
+    #[cfg(unix)]
+    if let Some(hangups) = hangups {
+        hangups.abort();
+    }
     let stopping = servers.clone();
     let stopped = tokio::task::spawn_blocking(move || stopping.shutdown_all(requests_until, grace));
     let _ = stopped.await;

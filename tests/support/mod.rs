@@ -277,6 +277,13 @@ impl Setup {
         self.start_with(&[])
     }
 
+    /// [`Setup::start`] with more command-line arguments (such as `--log-format json`).
+    pub fn start_with_args(self, args: &[&str]) -> Host {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        self.start_with(&all)
+    }
+
     fn start_with(self, args: &[&str]) -> Host {
         let mut child = self
             .command(args)
@@ -299,7 +306,7 @@ impl Setup {
                     .or_else(|| line.split("listening on https://").nth(1));
                 if let Some(addr) = addr {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                        let _ = tx.send(address_at(addr));
                     }
                 }
                 let mut logs = sink.lock().unwrap();
@@ -321,6 +328,17 @@ impl Setup {
             _setup: self,
         }
     }
+}
+
+/// The socket address at the start of `text` (the rest of a `listening on http://`
+/// line, in the text format or inside a JSON string).
+fn address_at(text: &str) -> SocketAddr {
+    let end = text
+        .find(|c: char| !(c.is_ascii_hexdigit() || "[]:.%".contains(c)))
+        .unwrap_or(text.len());
+    text[..end]
+        .parse()
+        .unwrap_or_else(|e| panic!("no address at the start of {text:?}: {e}"))
 }
 
 /// A host process that ran to completion.
@@ -442,8 +460,17 @@ impl Host {
 
     /// Sends SIGTERM without waiting.
     pub fn signal_term(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`HUP`, `TERM`, ...) to the host.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name} {pid}");
     }
 
     /// The exit status, if the host exits within `limit`.
@@ -465,8 +492,7 @@ impl Host {
     /// The address of the first listener that speaks TLS (from its log line).
     pub fn https_addr(&self) -> SocketAddr {
         let line = self.wait_for_log(&["listening on https://"]);
-        let addr = line.split("listening on https://").nth(1).unwrap();
-        addr.split_whitespace().next().unwrap().parse().unwrap()
+        address_at(line.split("listening on https://").nth(1).unwrap())
     }
 
     /// How many log lines contain every one of `needles`.

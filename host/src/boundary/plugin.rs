@@ -23,6 +23,7 @@ use plugin_api::ffi::{
 };
 use tokio::sync::Notify;
 
+use crate::boundary::bulkhead::Bulkhead;
 use crate::boundary::loader::PluginLibrary;
 use crate::boundary::repeats::{Repeats, INTERVAL};
 use crate::boundary::services::host_fns;
@@ -234,6 +235,8 @@ pub struct Generation<R> {
     cut: tokio::sync::watch::Sender<bool>,
     /// Handler panics, logged one line each with repeats summarised.
     pub panics: PanicLog,
+    /// Its server's bound on plugin polls at once (shared by the server's generations).
+    pub bulkhead: Arc<Bulkhead>,
 }
 
 /// Where a generation's shutdown hook is.
@@ -245,7 +248,13 @@ enum Hook {
 }
 
 impl<R> Generation<R> {
-    pub fn new(server: Arc<str>, number: u64, instance: Instance, routes: R) -> Arc<Self> {
+    pub fn new(
+        server: Arc<str>,
+        number: u64,
+        instance: Instance,
+        routes: R,
+        bulkhead: Arc<Bulkhead>,
+    ) -> Arc<Self> {
         let panics = PanicLog {
             server: server.clone(),
             plugin: instance.library().name.clone(),
@@ -264,6 +273,7 @@ impl<R> Generation<R> {
             hook_done: Condvar::new(),
             cut: tokio::sync::watch::Sender::new(false),
             panics,
+            bulkhead,
         })
     }
 

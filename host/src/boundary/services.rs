@@ -5,6 +5,7 @@
 //! panic cannot unwind through the plugin's frames.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -52,6 +53,19 @@ extern "C" fn max_log_level() -> u8 {
     }
 }
 
+/// The name of the field that carries a plugin's own fields (`key=value ...`, as
+/// plugin-api wrote them) once [`keep_plugin_fields_apart`] was called; the JSON log
+/// splits it into fields of their own.
+pub const PLUGIN_FIELDS: &str = "plugin_fields";
+
+static FIELDS_APART: AtomicBool = AtomicBool::new(false);
+
+/// From now on a plugin's fields reach the host's subscriber in a field of their own
+/// ([`PLUGIN_FIELDS`]) instead of after its message (the text log's form).
+pub fn keep_plugin_fields_apart() {
+    FIELDS_APART.store(true, Ordering::Relaxed);
+}
+
 extern "C" fn log(record: FfiLogRecord<'_>) {
     let plugin = record.plugin.as_str();
     let module = record.target.as_str();
@@ -61,9 +75,14 @@ extern "C" fn log(record: FfiLogRecord<'_>) {
     }
     let sep = if record.fields.is_empty() { "" } else { " " };
     let fields = record.fields.as_str();
+    let apart = !fields.is_empty() && FIELDS_APART.load(Ordering::Relaxed);
     macro_rules! emit {
         ($level:expr) => {
-            tracing::event!(target: "plugin", $level, plugin, module, "{message}{sep}{fields}")
+            if apart {
+                tracing::event!(target: "plugin", $level, plugin, module, plugin_fields = fields, "{message}")
+            } else {
+                tracing::event!(target: "plugin", $level, plugin, module, "{message}{sep}{fields}")
+            }
         };
     }
     match record.level {

@@ -109,6 +109,9 @@ pub struct Global {
     pub access_log: Option<AccessLogConfig>,
     /// `global.rate_limit`: limits per client IP address across every server.
     pub rate_limits: Vec<RateLimit>,
+    /// `global.blocking_warn_ms`: a plugin poll that holds its thread longer is logged
+    /// (a WARN naming the server and route); zero: never.
+    pub blocking_warn: Duration,
 }
 
 /// `global.access_log`.
@@ -422,6 +425,9 @@ pub struct ServerConfig {
     pub response: ResponseRules,
     /// `jwt`: the requests that need a verified token, and how it is verified.
     pub jwt: Option<JwtRules>,
+    /// `max_threads`: how many of its plugin polls may run at once on the runtime's
+    /// worker threads; `None`: the default (all the workers but one).
+    pub max_threads: Option<usize>,
 }
 
 /// A server's static files (`servers[].static`).
@@ -1010,6 +1016,7 @@ impl Validator {
                 },
                 access_log: None,
                 rate_limits: Vec::new(),
+                blocking_warn: Duration::from_millis(100),
             },
             servers: Vec::new(),
             tenants: Vec::new(),
@@ -1082,6 +1089,7 @@ impl Validator {
             "tls",
             "access_log",
             "rate_limit",
+            "blocking_warn_ms",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
@@ -1229,6 +1237,11 @@ impl Validator {
                 out.shutdown_timeout = Duration::from_millis(n);
             }
         }
+        if let Some(v) = map.get("blocking_warn_ms") {
+            if let Some(n) = self.whole_number(v, "global.blocking_warn_ms", 0) {
+                out.blocking_warn = Duration::from_millis(n);
+            }
+        }
         if let Some(reload) = map.get("reload") {
             let allowed = [
                 "watch",
@@ -1280,6 +1293,7 @@ impl Validator {
             "cors",
             "compression",
             "jwt",
+            "max_threads",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1384,6 +1398,10 @@ impl Validator {
             None | Some(Value::Null) => None,
             Some(v) => self.jwt(v, &join(path, "jwt")),
         };
+        let max_threads = map
+            .get("max_threads")
+            .and_then(|v| self.whole_number(v, &join(path, "max_threads"), 1))
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         if self.problems.len() > before {
             return None;
         }
@@ -1399,6 +1417,7 @@ impl Validator {
             rate_limits,
             response,
             jwt,
+            max_threads,
         })
     }
 

@@ -17,6 +17,7 @@ use plugin_api::ffi::{FfiBusEvent, FfiBytes, FfiHandleResult, FfiSocketEvent};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
+use crate::boundary::bulkhead::{Bounded, Turn};
 use crate::boundary::bus::BusEvent;
 use crate::boundary::call::{self, OutcomeSlot, PluginCall};
 use crate::boundary::plugin;
@@ -47,7 +48,8 @@ pub enum Failure {
 /// An event's handler that did not finish on its first poll, with its generation (in
 /// flight) and its deadline. Fields drop in order: the handler, then the guard.
 pub struct Delivery {
-    call: PluginCall,
+    /// Each of its polls under a permit of its server's bulkhead.
+    call: Bounded<PluginCall>,
     in_flight: InFlight,
     label: Arc<str>,
     deadline: Pin<Box<Sleep>>,
@@ -98,9 +100,10 @@ pub async fn begin(
     label: &Arc<str>,
     timeout: Duration,
 ) -> Started {
+    let mut turn = Turn::default();
     loop {
         let step =
-            std::future::poll_fn(|cx| Poll::Ready(begin_once(server, make, label, timeout, cx)))
+            std::future::poll_fn(|cx| begin_once(server, make, label, timeout, &mut turn, cx))
                 .await;
         match step {
             Some(started) => return started,
@@ -109,26 +112,35 @@ pub async fn begin(
     }
 }
 
-/// [`begin`]'s step; `None` if the generation retired between its load and the entry.
+/// [`begin`]'s step; `None` if the generation retired between its load and the entry;
+/// `Pending` while the server's bulkhead has no permit (`turn` keeps the place).
 fn begin_once(
     server: &Server,
     make: &mut (dyn FnMut(&Generation) -> Option<PluginEvent> + Send),
     label: &Arc<str>,
     timeout: Duration,
+    turn: &mut Turn,
     cx: &mut Context<'_>,
-) -> Option<Started> {
+) -> Poll<Option<Started>> {
     let in_flight = match &**server.state() {
-        ServerState::Serving(g) => g.enter()?,
+        ServerState::Serving(g) => match g.enter() {
+            Some(in_flight) => in_flight,
+            None => return Poll::Ready(None),
+        },
         ServerState::Waiting(reason) => {
-            return Some(Started::Done(Err(Failure::Unavailable(reason.clone()))));
+            let unavailable = Failure::Unavailable(reason.clone());
+            return Poll::Ready(Some(Started::Done(Err(unavailable))));
         }
         ServerState::Static => {
             let reason = "it has no plugin, only static files".to_owned();
-            return Some(Started::Done(Err(Failure::Unavailable(reason))));
+            return Poll::Ready(Some(Started::Done(Err(Failure::Unavailable(reason)))));
         }
     };
+    let bulkhead = &in_flight.generation().bulkhead;
+    let event_label = bulkhead.event_label();
+    let polling = std::task::ready!(bulkhead.poll_enter(turn, event_label, cx));
     let Some(event) = make(in_flight.generation()) else {
-        return Some(Started::Done(Ok(())));
+        return Poll::Ready(Some(Started::Done(Ok(()))));
     };
     let mut slot = OutcomeSlot::new();
     let instance = &in_flight.generation().instance;
@@ -136,7 +148,8 @@ fn begin_once(
         PluginEvent::Socket(event) => call::start_event(instance, event, cx, &mut slot),
         PluginEvent::Bus(event) => call::start_bus_event(instance, event, cx, &mut slot),
     };
-    Some(match started {
+    drop(polling);
+    Poll::Ready(Some(match started {
         None => {
             let outcome = slot.get_mut().expect("the call answered");
             let settled = settle(outcome, &in_flight, label);
@@ -146,13 +159,13 @@ fn begin_once(
             Started::Done(settled)
         }
         Some(call) => Started::Running(Delivery {
-            call,
+            call: Bounded::new(call, in_flight.generation().bulkhead.clone(), event_label),
             in_flight,
             label: label.clone(),
             deadline: Box::pin(tokio::time::sleep(timeout)),
             timeout,
         }),
-    })
+    }))
 }
 
 /// Hands an event over and waits for its handler.

@@ -1,4 +1,5 @@
-//! The control loop: applies plugin-folder and config-file changes while the host serves.
+//! The control loop: applies plugin-folder and config-file changes while the host
+//! serves, from the file watcher and from SIGHUP.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
@@ -28,6 +29,30 @@ pub struct ControlLoop {
     pub config_file: PathBuf,
     /// Listen addresses were given on the command line: they win over the config's.
     pub listen_override: bool,
+}
+
+/// Sends every kind of change for each SIGHUP (the config file, the plugin folder and
+/// the certificates are all looked at again, as if each had changed), until `changes`
+/// closes. Works with the watcher off (`global.reload.watch: false`) too.
+#[cfg(unix)]
+pub async fn forward_hangups(
+    mut hangups: tokio::signal::unix::Signal,
+    changes: mpsc::UnboundedSender<Change>,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reading the config file and the plugin folder again");
+        let since = Instant::now();
+        let sent = [
+            Change::Config { since },
+            Change::Plugins { since },
+            Change::Certificates,
+        ]
+        .into_iter()
+        .all(|change| changes.send(change).is_ok());
+        if !sent {
+            return;
+        }
+    }
 }
 
 impl ControlLoop {

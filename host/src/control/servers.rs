@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
+use crate::boundary::bulkhead::{self, Bulkhead};
 use crate::boundary::bus::{Bus, BusEvent, Inbox};
 use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::boundary::plugin::{self, Instance};
@@ -60,6 +61,9 @@ pub struct Server {
     /// The receiving end of `inbox`, until the task that delivers its events starts
     /// (when a generation first subscribes to a topic).
     inbox_rx: Mutex<Option<tokio::sync::mpsc::Receiver<BusEvent>>>,
+    /// How many of its plugin polls may run at once (`max_threads`): one bound for all
+    /// its generations.
+    pub bulkhead: Arc<Bulkhead>,
 }
 
 /// What a server is doing right now.
@@ -78,6 +82,7 @@ impl Server {
         let name: Arc<str> = name.into();
         let (inbox, inbox_rx) = Inbox::new(name.clone(), inbox_capacity);
         Arc::new(Server {
+            bulkhead: Bulkhead::new(bulkhead::default_limit(), &name),
             sockets: Hub::new(name.clone()),
             inbox,
             inbox_rx: Mutex::new(Some(inbox_rx)),
@@ -201,6 +206,8 @@ struct ServerSpec {
     domains: Vec<DomainPattern>,
     files: Option<StaticSite>,
     response: ResponseRules,
+    /// `None`: the default bound.
+    max_threads: Option<usize>,
 }
 
 struct ServerEntry {
@@ -847,6 +854,7 @@ impl Microservers {
                 domains: s.domains.clone(),
                 files: s.files.clone(),
                 response: s.response.clone(),
+                max_threads: s.max_threads,
             })
             .collect();
         // Libraries named by any entry, enabled or not, are not drop-ins: disabling a
@@ -909,6 +917,7 @@ impl Microservers {
                 domains: vec![domain],
                 files: None,
                 response: ResponseRules::default(),
+                max_threads: None,
             });
         }
         specs
@@ -923,6 +932,7 @@ impl Microservers {
             event: control.config.global.limits.request_timeout,
         };
         let drain = deadlines.drain;
+        bulkhead::set_blocking_warn(control.config.global.blocking_warn);
         let desired = Self::desired_servers(control);
         let mut old: Vec<ServerEntry> = std::mem::take(&mut control.servers);
         let mut next = Vec::new();
@@ -940,6 +950,9 @@ impl Microservers {
             };
             server.set_files(spec.files.as_ref());
             server.set_headers(&spec.response);
+            server
+                .bulkhead
+                .set_limit(spec.max_threads.unwrap_or_else(bulkhead::default_limit));
             let current = server.serving();
             let Some(plugin) = spec.plugin.as_deref() else {
                 self.files_only(&server, drain);
@@ -1107,7 +1120,14 @@ impl Microservers {
             Ok((instance, routes)) => {
                 let takes_websockets = routes.takes_websockets();
                 let topics = routes.topics().to_vec();
-                let generation = Generation::new(server.name.clone(), number, instance, routes);
+                let routes = routes.labelled(&server.name);
+                let generation = Generation::new(
+                    server.name.clone(),
+                    number,
+                    instance,
+                    routes,
+                    server.bulkhead.clone(),
+                );
                 server
                     .state
                     .store(Arc::new(ServerState::Serving(generation)));

@@ -41,13 +41,14 @@ impl std::fmt::Debug for Watch {
 }
 
 /// Watches `plugin_dir`, `config_file` and the `certificates` files, and sends a
-/// [`Change`] for each debounced batch of events that concerns them.
+/// [`Change`] to `tx` for each debounced batch of events that concerns them.
 pub fn watch(
     plugin_dir: &Path,
     config_file: &Path,
     certificates: &[PathBuf],
     debounce: Duration,
-) -> Result<(Watch, mpsc::UnboundedReceiver<Change>), String> {
+    tx: mpsc::UnboundedSender<Change>,
+) -> Result<Watch, String> {
     let plugin_dir = plugin_dir
         .canonicalize()
         .map_err(|e| format!("cannot watch plugin folder {}: {e}", plugin_dir.display()))?;
@@ -56,7 +57,6 @@ pub fn watch(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let (tx, rx) = mpsc::unbounded_channel();
     let tx_first = tx.clone();
     let dir = plugin_dir.clone();
     let file = config_file.clone();
@@ -138,7 +138,7 @@ pub fn watch(
         folders: Mutex::new(HashSet::from([plugin_dir, config_dir])),
     };
     watch.certificates(certificates);
-    Ok((watch, rx))
+    Ok(watch)
 }
 
 impl Watch {

@@ -632,6 +632,21 @@ impl Refusals {
     }
 }
 
+/// Installs the SIGHUP handler now (SIGHUP's default action ends a process: from here
+/// on it asks for a reload instead, see `control::reload::forward_hangups`), and
+/// returns its stream. Install it before slow start-up work, like [`shutdown_signal`].
+#[cfg(unix)]
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(e) => {
+            tracing::error!("cannot install the SIGHUP handler: {e}");
+            None
+        }
+    }
+}
+
 /// Installs the SIGINT and SIGTERM handlers now, and returns a future that completes on
 /// the first of them. Install it before slow start-up work, so that a signal during
 /// start-up still leads to a clean stop.

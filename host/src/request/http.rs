@@ -18,7 +18,9 @@ use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE
 use hyper::http::request::Parts;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use plugin_api::ffi::{FfiBytes, FfiHandleResult, FfiResponse, FfiStream, FfiStreamPoll};
+use plugin_api::ffi::{
+    FfiBytes, FfiHandleResult, FfiRequest, FfiResponse, FfiStream, FfiStreamPoll,
+};
 use tower_http::compression::CompressionBody;
 
 use super::access_log::{Answered, Note};
@@ -26,6 +28,7 @@ use super::files::{self, FileBody, Otherwise, Site};
 use super::headers::Finishing;
 use super::jwt::JwtGate;
 use super::websocket;
+use crate::boundary::bulkhead::{Bounded, Turn};
 use crate::boundary::call::{
     self, add_host_header, intern, ClientAddr, HostHeaders, Lending, LentBody, OutcomeSlot,
     ParamSink, PendingRequest, PluginCall,
@@ -982,10 +985,21 @@ fn dispatch(
             return Step::Running(Box::pin(finished(served, finishing)), name);
         }
     };
+    // The poll runs under a permit of its server's bulkhead; with none free, the request
+    // waits for its turn.
+    let g = generation.generation();
+    let label = g.routes.label(route);
+    let Some(polling) = g.bulkhead.try_poll(label) else {
+        let timeout = routing.limits.request_timeout;
+        let later = start_later(request, generation, route, head, id.clone(), timeout);
+        let finishing = finishing.map(Finishing::owned);
+        return Step::Running(Box::pin(finished(later, finishing)), name);
+    };
     // Most handlers answer on their first poll and need no timer; their response is read
     // from a slot on the stack, where the plugin wrote it.
     let mut slot = OutcomeSlot::new();
-    let started = call::start(&generation.generation().instance, request, cx, &mut slot);
+    let started = call::start(&g.instance, request, cx, &mut slot);
+    drop(polling);
     match started {
         None => {
             let outcome = slot.get_mut().expect("the call answered");
@@ -1001,12 +1015,13 @@ fn dispatch(
         }
         Some(call) => {
             let timeout = routing.limits.request_timeout;
+            let bulkhead = generation.generation().bulkhead.clone();
             let running = Running {
-                call,
+                call: Bounded::new(call, bulkhead, label),
                 in_flight: generation,
                 route,
             };
-            let waiting = wait_for(running, timeout, head, id.clone());
+            let waiting = wait_for(running, timeout, timeout, head, id.clone());
             let finishing = finishing.map(Finishing::owned);
             Step::Running(Box::pin(finished(waiting, finishing)), name)
         }
@@ -1121,19 +1136,84 @@ type Entered = (InFlight, u32, bool, Option<Arc<str>>);
 /// in this order: the handler's future (plugin code) while the request still counts as
 /// in flight, however the request ends.
 struct Running {
-    call: PluginCall,
+    /// Each of its polls under a permit of its server's bulkhead.
+    call: Bounded<PluginCall>,
     in_flight: InFlight,
     route: u32,
 }
 
-/// Waits for a handler that did not answer at once, under the request timeout.
+/// A handler whose server's plugin polls hold every thread its bulkhead allows: waits
+/// for a permit, starts it, then waits for it like any other. The request timeout
+/// counts from the start of the wait.
+#[cold]
+#[inline(never)]
+async fn start_later(
+    request: FfiRequest,
+    in_flight: InFlight,
+    route: u32,
+    head: bool,
+    id: RequestId,
+    timeout: Duration,
+) -> Response<Body> {
+    let since = tokio::time::Instant::now();
+    let mut slot = OutcomeSlot::new();
+    match start_bounded(request, &in_flight, route, &mut slot, timeout).await {
+        Err(_) => timed_out(&in_flight, timeout, &id),
+        Ok(None) => {
+            let outcome = slot.get_mut().expect("the call answered");
+            let (response, in_flight) = respond(outcome, in_flight, route, head, &id);
+            drop(slot);
+            drop(in_flight);
+            response
+        }
+        Ok(Some(call)) => {
+            let running = Running {
+                call,
+                in_flight,
+                route,
+            };
+            let left = timeout.saturating_sub(since.elapsed());
+            wait_for(running, left, timeout, head, id).await
+        }
+    }
+}
+
+/// Starts a route's handler (polls it once) under a permit of its server's bulkhead,
+/// waiting up to `timeout` for one: `None` if it answered at once, into `slot`, else
+/// the running call, each later poll under a permit too. `Err`: no permit came in time
+/// (no plugin code ran; the request is freed).
+pub(super) async fn start_bounded(
+    request: FfiRequest,
+    in_flight: &InFlight,
+    route: u32,
+    slot: &mut OutcomeSlot,
+    timeout: Duration,
+) -> Result<Option<Bounded<PluginCall>>, tokio::time::error::Elapsed> {
+    let g = in_flight.generation();
+    let (bulkhead, label) = (&g.bulkhead, g.routes.label(route));
+    let mut turn = Turn::default();
+    let mut request = Some(request);
+    let first = std::future::poll_fn(|cx| {
+        let polling = std::task::ready!(bulkhead.poll_enter(&mut turn, label, cx));
+        let request = request.take().expect("started once");
+        let started = call::start(&g.instance, request, cx, slot);
+        drop(polling);
+        Poll::Ready(started)
+    });
+    let started = tokio::time::timeout(timeout, first).await?;
+    Ok(started.map(|call| Bounded::new(call, bulkhead.clone(), label)))
+}
+
+/// Waits for a handler that did not answer at once, for what is `left` of the request
+/// timeout (`timeout`).
 async fn wait_for(
     mut running: Running,
+    left: Duration,
     timeout: Duration,
     head: bool,
     id: RequestId,
 ) -> Response<Body> {
-    let outcome = tokio::time::timeout(timeout, &mut running.call).await;
+    let outcome = tokio::time::timeout(left, &mut running.call).await;
     let Running {
         call,
         in_flight,
@@ -1149,21 +1229,26 @@ async fn wait_for(
         }
         Err(_) => {
             drop(call);
-            let g = in_flight.generation();
-            tracing::warn!(
-                server = %g.server,
-                plugin = %g.plugin().name,
-                request_id = id.as_str(),
-                timeout_ms = timeout.as_millis() as u64,
-                "handler timed out"
-            );
-            let message = format!(
-                "the microserver did not answer within {} ms",
-                timeout.as_millis()
-            );
-            error(StatusCode::GATEWAY_TIMEOUT, &message)
+            timed_out(&in_flight, timeout, &id)
         }
     }
+}
+
+/// A handler that did not answer within the request timeout: logged, and 504.
+fn timed_out(in_flight: &InFlight, timeout: Duration, id: &RequestId) -> Response<Body> {
+    let g = in_flight.generation();
+    tracing::warn!(
+        server = %g.server,
+        plugin = %g.plugin().name,
+        request_id = id.as_str(),
+        timeout_ms = timeout.as_millis() as u64,
+        "handler timed out"
+    );
+    let message = format!(
+        "the microserver did not answer within {} ms",
+        timeout.as_millis()
+    );
+    error(StatusCode::GATEWAY_TIMEOUT, &message)
 }
 
 /// The HTTP response for a handler's outcome (a 500 for a panic or an invalid response).

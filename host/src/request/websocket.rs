@@ -14,7 +14,7 @@
 //!   ping intervals); a send queue is bounded in bytes.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use abi_stable::std_types::RResult;
@@ -26,7 +26,7 @@ use hyper::http::request::Parts;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use plugin_api::ffi::{FfiHandleResult, FfiSocketEvent, FfiSocketEventKind};
+use plugin_api::ffi::{FfiHandleResult, FfiRequest, FfiSocketEvent, FfiSocketEventKind};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -35,9 +35,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed};
-use crate::boundary::call::{
-    self, intern, HostHeaders, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
-};
+use crate::boundary::call::{intern, HostHeaders, Lending, LentBody, OutcomeSlot, PendingRequest};
 use crate::boundary::plugin;
 use crate::boundary::sockets::{close_frame, Conn, Outgoing, Outgoings, Refusal};
 use crate::control::config::WebSocketLimits;
@@ -149,13 +147,11 @@ pub(super) async fn upgrade(
     // Counted against its rate limits by its first step: a step that comes back
     // (Retry, Ordinary) passed them.
     let mut admitted = false;
-    // Lent and started in one synchronous step, like an ordinary request.
-    let (opened, call) = loop {
-        let step = std::future::poll_fn(|cx| {
+    // Lent in one synchronous step, like an ordinary request.
+    let (opened, request) = loop {
+        let step = std::future::poll_fn(|_| {
             let pending = pending.take().expect("set before each step");
-            Poll::Ready(open(
-                &servers, pending, &id, want_name, admitted, &mut slot, cx,
-            ))
+            Poll::Ready(open(&servers, pending, &id, want_name, admitted))
         })
         .await;
         admitted = true;
@@ -181,22 +177,32 @@ pub(super) async fn upgrade(
         limits,
         timeout,
     } = opened;
+    // The handler's polls run under permits of the server's bulkhead, like a request's
+    // (one is free at once unless the server's plugin code holds all it may).
+    let since = Instant::now();
+    let started = http::start_bounded(request, &in_flight, route, &mut slot, timeout).await;
     let mut outcome_of_call = None;
-    if let Some(mut call) = call {
-        match tokio::time::timeout(timeout, &mut call).await {
+    // Timed out before it started (no plugin code ran), or after.
+    let mut timed_out = started.is_err();
+    if let Ok(Some(mut call)) = started {
+        let left = timeout.saturating_sub(since.elapsed());
+        match tokio::time::timeout(left, &mut call).await {
             Ok(outcome) => outcome_of_call = Some((outcome, call)),
             Err(_) => {
                 drop(call);
-                server.sockets.remove(&conn);
-                let g = in_flight.generation();
-                tracing::warn!(server = %g.server, plugin = %g.plugin().name, request_id = id.as_str(), timeout_ms = timeout.as_millis() as u64, "WebSocket upgrade handler timed out");
-                let message = format!(
-                    "the microserver did not answer within {} ms",
-                    timeout.as_millis()
-                );
-                return (error(StatusCode::GATEWAY_TIMEOUT, &message), name);
+                timed_out = true;
             }
         }
+    }
+    if timed_out {
+        server.sockets.remove(&conn);
+        let g = in_flight.generation();
+        tracing::warn!(server = %g.server, plugin = %g.plugin().name, request_id = id.as_str(), timeout_ms = timeout.as_millis() as u64, "WebSocket upgrade handler timed out");
+        let message = format!(
+            "the microserver did not answer within {} ms",
+            timeout.as_millis()
+        );
+        return (error(StatusCode::GATEWAY_TIMEOUT, &message), name);
     }
     let outcome: &mut FfiHandleResult = match &mut outcome_of_call {
         Some((outcome, _)) => outcome,
@@ -220,18 +226,15 @@ pub(super) async fn upgrade(
 }
 
 /// One synchronous step of the upgrade: domain, server, tenant and rate limits (unless
-/// `admitted`), generation, route, a new connection in the server's set, and the route
-/// handler's first poll.
-#[allow(clippy::type_complexity)]
+/// `admitted`), generation, route, a new connection in the server's set, and the
+/// request lent for the route's handler (which the caller starts).
 fn open(
     servers: &Microservers,
     pending: PendingRequest,
     id: &RequestId,
     want_name: bool,
     admitted: bool,
-    slot: &mut OutcomeSlot,
-    cx: &mut Context<'_>,
-) -> Result<(Opened, Option<PluginCall>), (PendingRequest, Refused)> {
+) -> Result<(Opened, FfiRequest), (PendingRequest, Refused)> {
     let routing = servers.routing();
     let client = (routing.admission.is_some() && !admitted).then(|| *pending.client());
     let lent = pending.lend(LentBody::Bytes(Bytes::new()), |parts, params| {
@@ -314,8 +317,7 @@ fn open(
         Ok(lent) => lent,
         Err((pending, _, refused)) => return Err((pending, refused)),
     };
-    let call = call::start(&opened.in_flight.generation().instance, request, cx, slot);
-    Ok((opened, call))
+    Ok((opened, request))
 }
 
 /// The answer that accepts a WebSocket: 101 over HTTP/1.1, 200 over HTTP/2.

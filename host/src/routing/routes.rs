@@ -3,6 +3,8 @@
 use hyper::http::HeaderValue;
 use plugin_api::route_table;
 
+use crate::boundary::bulkhead::{self, Label};
+
 /// Path patterns and the methods each answers, compiled into a radix tree.
 #[derive(Debug)]
 pub struct RouteTable {
@@ -19,6 +21,9 @@ pub struct RouteTable {
     /// The bus topics the generation subscribes to, by subscription index (declared
     /// with the routes).
     topics: Box<[Box<str>]>,
+    /// Each route's label for the blocking watchdog, by index, then the fallback's
+    /// (empty until [`RouteTable::labelled`]).
+    labels: Box<[Label]>,
 }
 
 #[derive(Debug)]
@@ -77,7 +82,31 @@ impl RouteTable {
             stream_body_limits: Box::default(),
             websockets: Box::default(),
             topics: Box::default(),
+            labels: Box::default(),
         })
+    }
+
+    /// Names each route, with its server's name, for the blocking watchdog.
+    pub fn labelled(mut self, server: &std::sync::Arc<str>) -> Self {
+        self.labels = self
+            .described
+            .iter()
+            .map(String::as_str)
+            .chain(["fallback"])
+            .map(|route| bulkhead::label(server, route))
+            .collect();
+        self
+    }
+
+    /// `route`'s label for the blocking watchdog (the fallback's past the declared
+    /// routes).
+    #[inline]
+    pub fn label(&self, route: u32) -> Label {
+        let labels = &self.labels;
+        match labels.get(route as usize).or(labels.last()) {
+            Some(label) => *label,
+            None => Label::UNNAMED,
+        }
     }
 
     /// The bus topics the generation subscribes to.
