@@ -20,6 +20,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use host::boundary::call::{self, ClientAddr, Lending, LentBody, OutcomeSlot, PendingRequest};
 use host::boundary::loader;
 use host::boundary::plugin::Instance;
+use host::boundary::request_id::RequestId;
 use host::routing::domain::{normalize_host, DomainPattern, DomainTable};
 use host::routing::routes::{RouteMatch, RouteTable};
 
@@ -170,6 +171,8 @@ fn plugin_call(c: &mut Criterion) {
     )
     .unwrap();
     let client = ClientAddr::new("127.0.0.1:50000".parse().unwrap());
+    // Made once: a made id is copied into the record, as on the request path.
+    let id = RequestId::next();
     let RouteMatch::Found { route, .. } = routes.find("GET", "/plain") else {
         panic!("hello has /plain")
     };
@@ -180,7 +183,7 @@ fn plugin_call(c: &mut Criterion) {
         "plugin call round trip (hello /plain, across the boundary)",
         |b| {
             b.iter(|| {
-                let pending = PendingRequest::new(request_parts(), &client, *b"0123456789abcdef");
+                let pending = PendingRequest::new(request_parts(), &client, id.clone());
                 let lent = pending.lend(LentBody::Bytes(Bytes::new()), |_, _| {
                     let domain = Cow::Borrowed(&b"hello.localhost"[..]);
                     Ok::<_, ()>((
