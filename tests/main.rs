@@ -14,6 +14,7 @@ mod edge;
 mod gateway;
 mod headers;
 mod loading;
+mod operations;
 mod rate_limits;
 mod redis;
 mod reload;

@@ -9,12 +9,16 @@
 //! - `routing`: domains and routes;
 //! - `boundary`: the plugin boundary (libraries, generations, calls, host services).
 //!
-//! `control` (config, servers, watching and reloading) sits beside them.
+//! `control` (config, servers, watching and reloading) sits beside them, and so does
+//! `operations` (the admin listener: health, metrics), which reads control, the
+//! boundary and the counts. The other layers reach `operations` only through its
+//! leaf module `operations::recording`, where they count what the metrics show.
 //!
 //! See ARCHITECTURE.md for the request path and the invariants.
 
 pub mod boundary;
 pub mod control;
 pub mod edge;
+pub mod operations;
 pub mod request;
 pub mod routing;

@@ -107,6 +107,60 @@ pub struct Global {
     pub access_log: Option<AccessLogConfig>,
     /// `global.rate_limit`: limits per client IP address across every server.
     pub rate_limits: Vec<RateLimit>,
+    /// `global.admin`: the admin listener (health, metrics); `None`: off.
+    pub admin: Option<AdminConfig>,
+    /// `global.health_path`: a path answered with the host's readiness on every domain
+    /// of the public listeners (for load balancers); `None`: off.
+    pub health_path: Option<String>,
+    /// `global.metrics`: whether requests are counted for `/metrics`.
+    pub metrics: bool,
+}
+
+/// Where the admin listener listens unless `global.admin` says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7778";
+
+/// `global.admin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// False for the default (no `global.admin` in the file): then an address in use
+    /// is a warning, not a reason to stop (two hosts on one machine still start).
+    pub explicit: bool,
+    /// The environment variable holding the bearer token (`token_env`).
+    pub token_env: Option<String>,
+    /// Its value, read when the config is.
+    pub token: Option<Secret>,
+}
+
+/// `global.admin` as the `--admin ADDR` flag changes it: listening on `ADDR` (the token
+/// stays as configured), or off for `off`.
+pub fn admin_override(
+    admin: Option<AdminConfig>,
+    flag: &str,
+) -> Result<Option<AdminConfig>, String> {
+    if flag == "off" {
+        return Ok(None);
+    }
+    let listen: SocketAddr = flag.parse().map_err(|_| {
+        format!("expected an address such as 127.0.0.1:7778, or off, found {flag:?}")
+    })?;
+    let (token_env, token) = admin.map_or((None, None), |a| (a.token_env, a.token));
+    Ok(Some(AdminConfig {
+        listen,
+        explicit: true,
+        token_env,
+        token,
+    }))
+}
+
+/// A value kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// `global.access_log`.
@@ -548,7 +602,18 @@ pub fn parse_in(
         ..Validator::default()
     };
     substitute(&mut value, "", env, &mut v);
-    let config = v.config(&value);
+    let mut config = v.config(&value);
+    if let Some(admin) = config.global.admin.as_mut() {
+        if let Some(name) = &admin.token_env {
+            match env(name).filter(|t| !t.is_empty()) {
+                Some(token) => admin.token = Some(Secret(token)),
+                None => v.problem(
+                    "global.admin.token_env",
+                    format!("the environment variable {name} is not set (or is empty): the admin listener would have no token"),
+                ),
+            }
+        }
+    }
     if v.problems.is_empty() {
         Ok(config)
     } else {
@@ -896,6 +961,36 @@ impl Validator {
         (out.http1 || out.http2).then_some(out)
     }
 
+    fn admin(&mut self, value: &Value) -> Option<AdminConfig> {
+        let map = self.object(value, "global.admin", &["listen", "token_env"])?;
+        let listen = match map.get("listen") {
+            None => DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            Some(v) => {
+                let text = self.string(v, "global.admin.listen")?;
+                match text.parse::<SocketAddr>() {
+                    Ok(addr) => addr,
+                    Err(_) => {
+                        self.problem(
+                            "global.admin.listen",
+                            format!("expected an address such as \"127.0.0.1:7778\", found {text:?}"),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        let token_env = match map.get("token_env") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(self.string(v, "global.admin.token_env")?),
+        };
+        Some(AdminConfig {
+            listen,
+            explicit: true,
+            token_env,
+            token: None,
+        })
+    }
+
     fn access_log(&mut self, value: &Value) -> Option<AccessLogConfig> {
         let map = self.object(value, "global.access_log", &["format", "file"])?;
         let format = match map.get("format").map(|v| (v, v.as_str())) {
@@ -1006,6 +1101,14 @@ impl Validator {
                 },
                 access_log: None,
                 rate_limits: Vec::new(),
+                admin: Some(AdminConfig {
+                    listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+                    explicit: false,
+                    token_env: None,
+                    token: None,
+                }),
+                health_path: None,
+                metrics: true,
             },
             servers: Vec::new(),
             tenants: Vec::new(),
@@ -1078,10 +1181,41 @@ impl Validator {
             "tls",
             "access_log",
             "rate_limit",
+            "admin",
+            "health_path",
+            "metrics",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
         };
+        match map.get("admin") {
+            None => {}
+            Some(Value::Null) => out.admin = None,
+            Some(v) => out.admin = self.admin(v),
+        }
+        match map.get("health_path") {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                if let Some(path) = self.string(v, "global.health_path") {
+                    if path.starts_with('/') && !path.contains(['?', '#', ' ']) {
+                        out.health_path = Some(path);
+                    } else {
+                        self.problem(
+                            "global.health_path",
+                            format!("expected a path such as \"/healthz\", found {path:?}"),
+                        );
+                    }
+                }
+            }
+        }
+        match map.get("metrics") {
+            None => {}
+            Some(Value::Bool(b)) => out.metrics = *b,
+            Some(other) => self.problem(
+                "global.metrics",
+                format!("expected true or false, found {}", kind(other)),
+            ),
+        }
         if let Some(limits) = map.get("rate_limit") {
             out.rate_limits = self.rate_limits(limits, "global.rate_limit", &[RatePer::ClientIp]);
         }

@@ -25,6 +25,7 @@ use crate::boundary::services::mark_host_thread;
 use crate::boundary::sockets::Hub;
 use crate::control::config::{Config, Limits, ResponseRules, StaticSite};
 use crate::control::deliver;
+use crate::operations::recording::{self, ServerMeter};
 use crate::request::files::Site;
 use crate::request::headers::ServerHeaders;
 use crate::request::rate_limits::Admission;
@@ -59,6 +60,8 @@ pub struct Server {
     /// The receiving end of `inbox`, until the task that delivers its events starts
     /// (when a generation first subscribes to a topic).
     inbox_rx: Mutex<Option<tokio::sync::mpsc::Receiver<BusEvent>>>,
+    /// Its counters for the metrics: the same for every server of this name, ever.
+    pub meter: &'static ServerMeter,
 }
 
 /// What a server is doing right now.
@@ -80,6 +83,7 @@ impl Server {
             sockets: Hub::new(name.clone()),
             inbox,
             inbox_rx: Mutex::new(Some(inbox_rx)),
+            meter: recording::meter(&name),
             name,
             implicit,
             state: ArcSwap::from_pointee(ServerState::Waiting("starting".to_owned())),
@@ -184,6 +188,9 @@ pub struct Routing {
     /// Tenants and rate limits; `None` when the config has neither, so that a request
     /// pays one check for them.
     pub admission: Option<Box<Admission>>,
+    /// `global.health_path`. Requests look at it only while
+    /// `request::http::health_path_on` says there is one.
+    pub health_path: Option<Box<str>>,
 }
 
 /// What a server should run: from its config entry, or made up for a drop-in library.
@@ -477,6 +484,7 @@ impl Microservers {
                 limits: config.global.limits.clone(),
                 redirect_https: Vec::new(),
                 admission: None,
+                health_path: None,
             }),
             control: Mutex::new(Control {
                 stopping: false,
@@ -981,12 +989,15 @@ impl Microservers {
                     }
                 }
                 Resolution::Refused(e) => match current {
-                    Some(g) => tracing::warn!(
-                        server = %server.name,
-                        generation = g.number,
-                        "kept serving the previous build of {}: the new one was refused",
-                        e.file.display()
-                    ),
+                    Some(g) => {
+                        tracing::warn!(
+                            server = %server.name,
+                            generation = g.number,
+                            "kept serving the previous build of {}: the new one was refused",
+                            e.file.display()
+                        );
+                        server.meter.reloaded(Err(format!("refused: {e}")));
+                    }
                     None => self.wait(
                         &server,
                         format!("its plugin was refused: {e}"),
@@ -1129,6 +1140,7 @@ impl Microservers {
                     "{}",
                     if current.is_some() { "reloaded" } else { "serving" }
                 );
+                server.meter.reloaded(Ok(number));
                 if let Some(old) = current {
                     self.retire(old, deadlines.drain);
                 }
@@ -1139,6 +1151,7 @@ impl Microservers {
                     library.name,
                     library.file.display()
                 );
+                server.meter.reloaded(Err(reason.clone()));
                 match current {
                     Some(g) => tracing::error!(
                         server = %server.name,
@@ -1311,7 +1324,25 @@ impl Microservers {
                 .map(|s| Arc::from(s.name.as_str()))
                 .collect(),
             admission,
+            health_path: control.config.global.health_path.as_deref().map(Box::from),
         }));
+        crate::request::http::set_health_path_on(control.config.global.health_path.is_some());
+        // Counting requests is wasted without a listener to show the counts.
+        let global = &control.config.global;
+        recording::set_enabled(global.metrics && global.admin.is_some());
+    }
+
+    /// The servers that should serve and do not (a server that is waiting: its plugin
+    /// missing, refused or failing its init), with why. Empty: the host is ready.
+    pub fn not_ready(&self) -> Vec<(Arc<str>, String)> {
+        self.routing()
+            .servers
+            .iter()
+            .filter_map(|s| match &**s.state() {
+                ServerState::Waiting(reason) => Some((s.name.clone(), reason.clone())),
+                ServerState::Serving(_) | ServerState::Static => None,
+            })
+            .collect()
     }
 }
 

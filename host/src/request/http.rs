@@ -32,6 +32,7 @@ use crate::boundary::call::{
 use crate::boundary::plugin;
 use crate::boundary::services::ServiceResponse;
 use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
+use crate::operations::recording::{self, ServerMeter};
 use crate::routing::domain::normalize_host;
 use crate::routing::routes::{RouteMatch, RouteTable};
 
@@ -269,6 +270,46 @@ impl StreamedBody {
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Whether `global.health_path` is set: with none, this is all a request pays for it.
+static HEALTH_PATH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says whether the routing snapshot has a `health_path` (control calls it when it
+/// publishes one).
+pub fn set_health_path_on(on: bool) {
+    HEALTH_PATH.store(on, Ordering::Relaxed);
+}
+
+/// `global.health_path` on any domain: 200 if every server that should serve does, else
+/// 503 with the ones that do not. `None`: not that path.
+#[cold]
+#[inline(never)]
+fn health_path(servers: &Microservers, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    if servers.routing().health_path.as_deref() != Some(req.uri().path()) {
+        return None;
+    }
+    let not_ready = servers.not_ready();
+    let (status, body) = if not_ready.is_empty() {
+        (StatusCode::OK, serde_json::json!({"status": "ready"}))
+    } else {
+        let names: Vec<&str> = not_ready.iter().map(|(n, _)| &**n).collect();
+        let body = serde_json::json!({"status": "not ready", "not_ready": names});
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    };
+    let mut response = Response::new(Body::bytes(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    Some(response)
+}
+
 /// Answers one request. Never fails: every problem becomes a response.
 ///
 /// The request is taken apart and boxed here, and the returned future is small: it lives
@@ -277,9 +318,16 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// whose handler answers at once (most) is served in one synchronous step on the first
 /// poll; anything else continues in a boxed async path.
 pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: ClientAddr) -> Handle {
+    if HEALTH_PATH.load(Ordering::Relaxed) {
+        if let Some(response) = health_path(&servers, &req) {
+            return answered(&servers, &req, &client, response);
+        }
+    }
     let request_id = RequestId::next();
     // What the access log and the debug line need, gathered only when one is written.
     let debug = Note::of(&req, &client);
+    // 0 when requests are not counted (`global.metrics: false`).
+    let started = recording::start();
     let (mut parts, body) = req.into_parts();
     // hyper marks a request that asks to upgrade its connection (a WebSocket): it takes
     // a path of its own. (Nothing to remove for any other request: a null check.)
@@ -287,14 +335,34 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
     // Boxed once, and lent to the plugin as it is: nothing is copied for the boundary.
     let pending = PendingRequest::new(parts, &client, request_id.0);
     if let Some(upgrade) = upgrade {
-        return upgrading(servers, pending, body, request_id, debug, upgrade);
+        return upgrading(servers, pending, body, request_id, debug, started, upgrade);
     }
     Handle {
         servers,
         start: Some((pending, body)),
         request_id,
         debug,
+        started,
         rest: None,
+    }
+}
+
+/// A response made before the request was routed (the health path).
+#[cold]
+#[inline(never)]
+fn answered(
+    servers: &Arc<Microservers>,
+    req: &Request<Incoming>,
+    client: &ClientAddr,
+    response: Response<Body>,
+) -> Handle {
+    Handle {
+        servers: servers.clone(),
+        start: None,
+        request_id: RequestId::next(),
+        debug: Note::of(req, client),
+        started: recording::start(),
+        rest: Some(Box::pin(async move { (response, None) })),
     }
 }
 
@@ -309,14 +377,7 @@ pub fn refuse(
     status: StatusCode,
     message: impl Into<String>,
 ) -> Handle {
-    let message = message.into();
-    Handle {
-        servers: servers.clone(),
-        start: None,
-        request_id: RequestId::next(),
-        debug: Note::of(req, client),
-        rest: Some(Box::pin(async move { (error(status, &message), None) })),
-    }
+    answered(servers, req, client, error(status, &message.into()))
 }
 
 /// 308 to `https://` for a request on a plain listener whose server has
@@ -363,12 +424,13 @@ pub fn redirect_https(
             serde_json::json!({ "redirect": location }).to_string(),
         )))
         .ok()?;
-    let name = Some(server.name.clone());
+    let name = Some(server.meter);
     Some(Handle {
         servers: servers.clone(),
         start: None,
         request_id: RequestId::next(),
         debug: Note::of(req, client),
+        started: recording::start(),
         rest: Some(Box::pin(async move { (response, name) })),
     })
 }
@@ -381,9 +443,10 @@ fn upgrading(
     body: Incoming,
     request_id: RequestId,
     debug: Option<Box<Note>>,
+    started: u64,
     upgrade: OnUpgrade,
 ) -> Handle {
-    let want_name = debug.is_some();
+    let want_name = debug.is_some() || started != 0;
     let rest = websocket::upgrade(
         servers.clone(),
         pending,
@@ -397,6 +460,7 @@ fn upgrading(
         start: None,
         request_id,
         debug,
+        started,
         rest: Some(Box::pin(rest)),
     }
 }
@@ -407,11 +471,17 @@ pub struct Handle {
     start: Option<(PendingRequest, Incoming)>,
     request_id: RequestId,
     debug: Option<Box<Note>>,
+    /// When it started ([`recording::start`]); 0: it is not counted.
+    started: u64,
     rest: Option<Pin<Box<dyn Future<Output = Routed> + Send>>>,
 }
 
-/// A response, and the server's name when the debug line wants it.
-pub(super) type Routed = (Response<Body>, Option<Arc<str>>);
+/// The server that answered, when the request is counted or the debug line wants its
+/// name: its meter, which also holds its name (a pointer: nothing to count or free).
+pub(super) type Served = Option<&'static ServerMeter>;
+
+/// A response, and the server that answered (see [`Served`]).
+pub(super) type Routed = (Response<Body>, Served);
 
 impl Future for Handle {
     type Output = Result<Response<Body>, Infallible>;
@@ -420,7 +490,7 @@ impl Future for Handle {
         let this = &mut *self;
         if this.rest.is_none() {
             let (pending, body) = this.start.take().expect("polled after it answered");
-            let want_name = this.debug.is_some();
+            let want_name = this.debug.is_some() || this.started != 0;
             match first_step(&this.servers, pending, body, this.request_id, want_name, cx) {
                 Ok((mut response, name)) => {
                     this.finish(&mut response, name);
@@ -441,14 +511,22 @@ impl Handle {
     /// Adds the request id, and writes the access log and debug lines if they are
     /// wanted. Takes the
     /// response by reference: it is large, and moving it costs a copy.
-    fn finish(&mut self, response: &mut Response<Body>, server: Option<Arc<str>>) {
+    fn finish(&mut self, response: &mut Response<Body>, server: Served) {
         if let Ok(id) = HeaderValue::from_bytes(&self.request_id.0) {
             response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        }
+        if self.started != 0 {
+            let bytes = response.body().size_hint().exact();
+            let status = response.status().as_u16();
+            server
+                .unwrap_or_else(recording::unrouted)
+                .record(status, self.started, bytes);
         }
         if let Some(note) = self.debug.take() {
             let bytes = response.body().size_hint().exact();
             let status = response.status().as_u16();
-            (*note).write(status, bytes, server.as_deref(), self.request_id.as_str());
+            let name = server.map(|m| &*m.name);
+            (*note).write(status, bytes, name, self.request_id.as_str());
         }
     }
 }
@@ -512,7 +590,7 @@ enum Step {
     /// The handler did not answer at once.
     Running(
         Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
-        Option<Arc<str>>,
+        Served,
     ),
 }
 
@@ -522,7 +600,7 @@ pub(super) struct Resolved<'r, 'p> {
     /// A view of the request (`'p`), or normalised.
     pub domain: Cow<'p, [u8]>,
     /// The server's name, if the debug line wants it.
-    pub name: Option<Arc<str>>,
+    pub name: Served,
 }
 
 /// The server a request is for; or the response that turns it away (boxed: it is the
@@ -543,7 +621,7 @@ pub(super) fn resolve<'r, 'p>(
     // A configured name is already normalised: a client that sends one exactly (most
     // do) needs no normalising.
     if let Some(server) = routing.domains.lookup_exact(raw) {
-        let name = want_name.then(|| server.name.clone());
+        let name = want_name.then_some(server.meter);
         return Ok(Resolved {
             server,
             domain: Cow::Borrowed(raw),
@@ -574,7 +652,7 @@ pub(super) fn resolve<'r, 'p>(
         let message = format!("no microserver serves the domain {:?}", &*domain);
         return Err(refuse(StatusCode::NOT_FOUND, &message));
     };
-    let name = want_name.then(|| server.name.clone());
+    let name = want_name.then_some(server.meter);
     let domain = match domain {
         Cow::Borrowed(d) => Cow::Borrowed(d.as_bytes()),
         Cow::Owned(d) => Cow::Owned(d.into_bytes()),
@@ -590,7 +668,7 @@ pub(super) fn resolve<'r, 'p>(
 /// 10 s in all).
 #[cold]
 #[inline(never)]
-fn busy(server: &Server, max: usize, name: Option<Arc<str>>) -> Refused {
+fn busy(server: &Server, max: usize, name: Served) -> Refused {
     static LOGGED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     static SHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let shed = SHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -813,11 +891,11 @@ enum Refused {
     ReadBody,
     /// No plugin route takes it: the server's static files answer, else `Otherwise`.
     /// Boxed: it is larger.
-    Files(Box<(Arc<Site>, Otherwise, Option<Arc<str>>)>),
+    Files(Box<(Arc<Site>, Otherwise, Served)>),
 }
 
 impl Refused {
-    fn files(site: Arc<Site>, otherwise: Otherwise, name: Option<Arc<str>>) -> Self {
+    fn files(site: Arc<Site>, otherwise: Otherwise, name: Served) -> Self {
         Refused::Files(Box::new((site, otherwise, name)))
     }
 }
@@ -835,7 +913,7 @@ fn files_for(server: &Server, method: &Method) -> Option<Arc<Site>> {
 /// Out of line: a plugin's request never comes here, and a file request reads a file.
 #[cold]
 #[inline(never)]
-fn static_only(server: &Server, method: &Method, name: Option<Arc<str>>) -> Refused {
+fn static_only(server: &Server, method: &Method, name: Served) -> Refused {
     if let Some(site) = files_for(server, method) {
         return Refused::files(site, Otherwise::NotFound, name);
     }
@@ -890,7 +968,7 @@ fn dispatch(
             To::Server(server) => Resolved {
                 server,
                 domain: Cow::Owned(server.name.as_bytes().to_vec()),
-                name: want_name.then(|| server.name.clone()),
+                name: want_name.then_some(server.meter),
             },
         };
         // Over a rate limit: 429, whatever the server's state. Else the tenant header
@@ -995,7 +1073,7 @@ fn enter<'p>(
     parts: &'p Parts,
     params: &mut ParamSink<'_, 'p>,
     domain: Cow<'p, [u8]>,
-    name: Option<Arc<str>>,
+    name: Served,
     arriving: bool,
 ) -> Result<(Lending<'p>, Entered), Refused> {
     // Enter the server's current generation. A generation retired between the load
@@ -1062,7 +1140,7 @@ fn enter<'p>(
 
 /// A request that entered a generation: its in-flight guard, its route, whether it is a
 /// HEAD, and the server's name (when the debug line wants it).
-type Entered = (InFlight, u32, bool, Option<Arc<str>>);
+type Entered = (InFlight, u32, bool, Served);
 
 /// A handler still running, and the in-flight guard of its generation. The fields drop
 /// in this order: the handler's future (plugin code) while the request still counts as
@@ -1097,6 +1175,8 @@ async fn wait_for(
         Err(_) => {
             drop(call);
             let g = in_flight.generation();
+            let timeouts = &recording::meter(&g.server).timeouts;
+            timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 server = %g.server,
                 plugin = %g.plugin().name,
@@ -1137,6 +1217,8 @@ pub(super) fn respond(
             let g = generation.generation();
             g.panics
                 .report(route, g.routes.describe(route), id.as_str(), panic.as_str());
+            let panics = &recording::meter(&g.server).panics;
+            panics.fetch_add(1, Ordering::Relaxed);
             (internal_error(id.as_str()), Some(generation))
         }
     }

@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed};
+use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed, Served};
 use crate::boundary::call::{
     self, intern, Lending, LentBody, OutcomeSlot, PendingRequest, PluginCall,
 };
@@ -120,7 +120,7 @@ struct Opened {
     server: Arc<Server>,
     conn: Arc<Conn>,
     rx: Outgoings,
-    name: Option<Arc<str>>,
+    name: Served,
     limits: WebSocketLimits,
     timeout: Duration,
 }
@@ -432,6 +432,9 @@ async fn serve(
             }
             frame = ws.next(), if delivery.is_none() => {
                 heard = Instant::now();
+                if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &frame {
+                    conn.hub().messages_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let (kind, data) = match frame {
                     Some(Ok(Message::Text(text))) => (FfiSocketEventKind::Text, Bytes::from(text)),
                     Some(Ok(Message::Binary(bytes))) => (FfiSocketEventKind::Binary, bytes),
