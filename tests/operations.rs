@@ -54,7 +54,10 @@ fn the_health_endpoints_describe_the_host_and_each_server() {
     assert!(live.json()["uptime_s"].as_f64().unwrap() > 0.0);
 
     let ready = admin.get("admin", "/health/ready");
-    assert_eq!((ready.status, ready.json()["status"].clone()), (200, "ready".into()));
+    assert_eq!(
+        (ready.status, ready.json()["status"].clone()),
+        (200, "ready".into())
+    );
 
     let all = admin.get("admin", "/health/servers").json();
     let names: Vec<&str> = all["servers"]
@@ -73,7 +76,10 @@ fn the_health_endpoints_describe_the_host_and_each_server() {
     assert_eq!(s["plugin"]["name"], "hello");
     assert_eq!(s["plugin"]["version"], "0.1.0");
     let build = s["plugin"]["build"].as_str().unwrap();
-    assert!(build.len() == 16 && build.bytes().all(|b| b.is_ascii_hexdigit()), "{build}");
+    assert!(
+        build.len() == 16 && build.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{build}"
+    );
     assert!(host.logs().contains(&format!("build={build}")));
     assert_eq!(s["last_reload"]["result"], "ok");
     assert_eq!(s["last_reload"]["generation"], 1);
@@ -86,14 +92,23 @@ fn the_health_endpoints_describe_the_host_and_each_server() {
     assert_eq!(missing.json()["error"], r#"no server is called "nope""#);
 
     let system = admin.get("admin", "/health/system").json();
-    for key in ["rss_bytes", "threads", "open_fds", "uptime_s", "cpu_seconds"] {
+    for key in [
+        "rss_bytes",
+        "threads",
+        "open_fds",
+        "uptime_s",
+        "cpu_seconds",
+    ] {
         assert!(system[key].as_f64().unwrap() > 0.0, "{key}: {system}");
     }
     assert_eq!(system["pid"], host.pid());
 
     let unknown = admin.get("admin", "/health/everything");
     assert_eq!(unknown.status, 404);
-    assert!(unknown.json()["error"].as_str().unwrap().contains("/metrics"));
+    assert!(unknown.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("/metrics"));
     let post = admin.send("POST", "admin", "/metrics", b"", &[]);
     assert_eq!(post.status, 405);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
@@ -110,7 +125,9 @@ fn readiness_turns_503_while_a_server_waits_and_back() {
     assert_eq!(host.get("anything.example", "/healthz").status, 200);
 
     std::fs::remove_file(host.dir().join("plugins/hello.so")).unwrap();
-    host.wait_until("not ready", || admin.get("admin", "/health/ready").status == 503);
+    host.wait_until("not ready", || {
+        admin.get("admin", "/health/ready").status == 503
+    });
     let ready = admin.get("admin", "/health/ready").json();
     assert_eq!(ready["status"], "not ready");
     assert_eq!(ready["not_ready"][0]["name"], "hello");
@@ -129,12 +146,20 @@ fn readiness_turns_503_while_a_server_waits_and_back() {
     assert_eq!(host.get("v.localhost", "/").body, "a x");
 
     host.install(&library("hello"), "hello.so");
-    host.wait_until("ready", || admin.get("admin", "/health/ready").status == 200);
+    host.wait_until("ready", || {
+        admin.get("admin", "/health/ready").status == 200
+    });
     assert_eq!(host.get("no-such.example", "/healthz").status, 200);
     let metrics = scrape(&admin);
-    assert_eq!(sample(&metrics, r#"host_server_ready{server="hello"}"#), 1.0);
     assert_eq!(
-        sample(&metrics, r#"host_reloads_total{server="hello",result="ok"}"#),
+        sample(&metrics, r#"host_server_ready{server="hello"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"host_reloads_total{server="hello",result="ok"}"#
+        ),
         2.0
     );
 }
@@ -173,7 +198,9 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
     let requests = |server: &str, tenant: &str, class: &str| {
         sample(
             &m,
-            &format!(r#"host_http_requests_total{{server="{server}",tenant="{tenant}",class="{class}"}}"#),
+            &format!(
+                r#"host_http_requests_total{{server="{server}",tenant="{tenant}",class="{class}"}}"#
+            ),
         )
     };
     assert_eq!(requests("hello", "acme", "2xx"), 40.0);
@@ -194,16 +221,30 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
     assert_eq!(count("hello"), 60.0);
     assert_eq!(count("v"), 24.0);
     assert_eq!(
-        sample(&m, r#"host_http_request_duration_seconds_bucket{server="hello",le="+Inf"}"#),
+        sample(
+            &m,
+            r#"host_http_request_duration_seconds_bucket{server="hello",le="+Inf"}"#
+        ),
         60.0
     );
     // Every hello request took less than 10 s, and more than nothing.
     assert_eq!(
-        sample(&m, r#"host_http_request_duration_seconds_bucket{server="hello",le="10"}"#),
+        sample(
+            &m,
+            r#"host_http_request_duration_seconds_bucket{server="hello",le="10"}"#
+        ),
         60.0
     );
-    assert!(sample(&m, r#"host_http_request_duration_seconds_sum{server="hello"}"#) > 0.0);
-    assert_eq!(sample(&m, r#"host_http_requests_in_flight{server="hello"}"#), 0.0);
+    assert!(
+        sample(
+            &m,
+            r#"host_http_request_duration_seconds_sum{server="hello"}"#
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_http_requests_in_flight{server="hello"}"#),
+        0.0
+    );
     assert!(m.contains("# TYPE host_http_request_duration_seconds histogram"));
     assert!(sample(&m, "process_resident_memory_bytes") > 0.0);
     assert!(sample(&m, "process_open_fds") > 0.0);
@@ -218,8 +259,14 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
         sample(&m, r#"host_reloads_total{server="v",result="failed"}"#) == 1.0
     });
     let m = scrape(&admin);
-    assert_eq!(sample(&m, r#"host_reloads_total{server="v",result="ok"}"#), 2.0);
-    assert_eq!(sample(&m, r#"host_reloads_total{server="hello",result="ok"}"#), 1.0);
+    assert_eq!(
+        sample(&m, r#"host_reloads_total{server="v",result="ok"}"#),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_reloads_total{server="hello",result="ok"}"#),
+        1.0
+    );
     let info = m
         .lines()
         .find(|l| l.starts_with(r#"host_server_info{server="v","#))
@@ -250,19 +297,40 @@ fn a_configured_token_is_required_on_every_admin_path() {
         .env("OPS_TOKEN", "s3cret-token")
         .start();
     let admin = host.admin();
-    for path in ["/health/live", "/metrics", "/health/servers/nope", "/nowhere"] {
+    for path in [
+        "/health/live",
+        "/metrics",
+        "/health/servers/nope",
+        "/nowhere",
+    ] {
         let none = admin.get("admin", path);
         assert_eq!(none.status, 401, "{path}");
         assert_eq!(none.header("www-authenticate"), Some("Bearer"));
         assert!(none.json()["error"].as_str().unwrap().contains("token"));
-        let wrong = admin.send("GET", "admin", path, b"", &[("authorization", "Bearer s3cret-tokem")]);
+        let wrong = admin.send(
+            "GET",
+            "admin",
+            path,
+            b"",
+            &[("authorization", "Bearer s3cret-tokem")],
+        );
         assert_eq!(wrong.status, 401, "{path}");
     }
     let right = [("authorization", "Bearer s3cret-token")];
-    assert_eq!(admin.send("GET", "admin", "/health/live", b"", &right).status, 200);
-    assert_eq!(admin.send("GET", "admin", "/metrics", b"", &right).status, 200);
     assert_eq!(
-        admin.send("GET", "admin", "/health/servers/nope", b"", &right).status,
+        admin
+            .send("GET", "admin", "/health/live", b"", &right)
+            .status,
+        200
+    );
+    assert_eq!(
+        admin.send("GET", "admin", "/metrics", b"", &right).status,
+        200
+    );
+    assert_eq!(
+        admin
+            .send("GET", "admin", "/health/servers/nope", b"", &right)
+            .status,
         404
     );
     assert!(!host.logs().contains("s3cret-token"));
@@ -280,7 +348,10 @@ fn metrics_off_counts_no_request_and_admin_off_listens_nowhere() {
     }
     let m = scrape(&host.admin());
     assert_eq!(
-        sample(&m, r#"host_http_requests_total{server="hello",tenant="",class="2xx"}"#),
+        sample(
+            &m,
+            r#"host_http_requests_total{server="hello",tenant="",class="2xx"}"#
+        ),
         0.0
     );
     assert_eq!(
@@ -302,9 +373,18 @@ fn metrics_off_counts_no_request_and_admin_off_listens_nowhere() {
 #[test]
 fn bad_admin_settings_are_refused_naming_the_key() {
     let cases = [
-        (r#"{"admin": {"listen": "localhost"}}"#, "global.admin.listen"),
-        (r#"{"admin": {"listen": "127.0.0.1:0", "port": 1}}"#, "global.admin"),
-        (r#"{"admin": {"token_env": "OPS_UNSET_TOKEN"}}"#, "global.admin.token_env"),
+        (
+            r#"{"admin": {"listen": "localhost"}}"#,
+            "global.admin.listen",
+        ),
+        (
+            r#"{"admin": {"listen": "127.0.0.1:0", "port": 1}}"#,
+            "global.admin",
+        ),
+        (
+            r#"{"admin": {"token_env": "OPS_UNSET_TOKEN"}}"#,
+            "global.admin.token_env",
+        ),
         (r#"{"admin": 7778}"#, "global.admin"),
         (r#"{"health_path": "healthz"}"#, "global.health_path"),
         (r#"{"metrics": "yes"}"#, "global.metrics"),

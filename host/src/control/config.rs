@@ -972,7 +972,9 @@ impl Validator {
                     Err(_) => {
                         self.problem(
                             "global.admin.listen",
-                            format!("expected an address such as \"127.0.0.1:7778\", found {text:?}"),
+                            format!(
+                                "expected an address such as \"127.0.0.1:7778\", found {text:?}"
+                            ),
                         );
                         return None;
                     }

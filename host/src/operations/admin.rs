@@ -142,7 +142,9 @@ impl Admin {
 fn known(segments: &[&str]) -> bool {
     matches!(
         segments,
-        ["health", "live" | "ready" | "servers" | "system"] | ["health", "servers", _] | ["metrics"]
+        ["health", "live" | "ready" | "servers" | "system"]
+            | ["health", "servers", _]
+            | ["metrics"]
     )
 }
 

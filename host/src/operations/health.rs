@@ -32,7 +32,7 @@ pub fn ready(servers: &Microservers) -> (bool, Value) {
 /// `/health/servers`: every server.
 pub fn servers(servers: &Microservers) -> Value {
     let routing = servers.routing();
-    let list: Vec<Value> = routing.servers.iter().map(|s| server(s)).collect();
+    let list: Vec<Value> = routing.servers.iter().map(server).collect();
     json!({"servers": list})
 }
 

@@ -115,7 +115,11 @@ impl Collector for Scrape {
         let mut requests = Vec::new();
         for r in &rows {
             for (class, n) in CLASSES.iter().zip(r.totals.classes) {
-                let labels = vec![("server", &*r.name), ("tenant", &*r.tenant), ("class", *class)];
+                let labels = vec![
+                    ("server", &*r.name),
+                    ("tenant", &*r.tenant),
+                    ("class", *class),
+                ];
                 requests.push((labels, n));
             }
         }
@@ -152,12 +156,14 @@ impl Collector for Scrape {
                     .zip(r.totals.buckets)
                     .collect();
                 let labels = server(r);
-                metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                    r.totals.latency_seconds,
-                    r.totals.count(),
-                    &buckets,
-                    None,
-                )?;
+                metric
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(
+                        r.totals.latency_seconds,
+                        r.totals.count(),
+                        &buckets,
+                        None,
+                    )?;
             }
         }
         let per = |f: &dyn Fn(&Row) -> u64| -> Vec<(Labels, u64)> {
@@ -282,8 +288,16 @@ fn process(enc: &mut DescriptorEncoder) -> std::fmt::Result {
         )?;
     }
     let figures = [
-        ("process_resident_memory_bytes", "Resident memory size in bytes.", p.rss_bytes),
-        ("process_virtual_memory_bytes", "Virtual memory size in bytes.", p.virtual_bytes),
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            p.rss_bytes,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            p.virtual_bytes,
+        ),
         ("process_open_fds", "Open file descriptors.", p.open_fds),
         ("process_threads", "Threads.", p.threads),
     ];

@@ -24,8 +24,8 @@ use std::time::{Instant, SystemTime};
 /// Upper bounds of the latency histogram's buckets, in seconds (the last bucket, +Inf,
 /// is implied).
 pub const BUCKETS: [f64; 18] = [
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The same bounds in nanoseconds, for the request path.
@@ -282,7 +282,10 @@ impl ServerMeter {
 
     /// The last reload, and when the generation serving now was loaded.
     pub fn last_reload(&self) -> (Option<ReloadNote>, Option<SystemTime>) {
-        self.reloads.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

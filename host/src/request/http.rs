@@ -446,13 +446,13 @@ fn upgrading(
     started: u64,
     upgrade: OnUpgrade,
 ) -> Handle {
-    let want_name = debug.is_some() || started != 0;
+    let want_server = debug.is_some() || started != 0;
     let rest = websocket::upgrade(
         servers.clone(),
         pending,
         body,
         request_id,
-        want_name,
+        want_server,
         upgrade,
     );
     Handle {
@@ -490,8 +490,8 @@ impl Future for Handle {
         let this = &mut *self;
         if this.rest.is_none() {
             let (pending, body) = this.start.take().expect("polled after it answered");
-            let want_name = this.debug.is_some() || this.started != 0;
-            match first_step(&this.servers, pending, body, this.request_id, want_name, cx) {
+            let want_server = this.debug.is_some() || this.started != 0;
+            match first_step(&this.servers, pending, body, this.request_id, want_server, cx) {
                 Ok((mut response, name)) => {
                     this.finish(&mut response, name);
                     return Poll::Ready(Ok(response));
@@ -538,7 +538,7 @@ fn first_step(
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     cx: &mut Context<'_>,
 ) -> Result<Routed, Pin<Box<dyn Future<Output = Routed> + Send>>> {
     if !body.is_end_stream() {
@@ -547,20 +547,20 @@ fn first_step(
             pending,
             body,
             id,
-            want_name,
+            want_server,
             false,
         )));
     }
     let body = LentBody::Bytes(Bytes::new());
     let to = To::Domain { admitted: false };
-    match dispatch(servers, pending, body, id, want_name, to, cx) {
+    match dispatch(servers, pending, body, id, want_server, to, cx) {
         Step::Done(routed) => Ok(routed),
         Step::Retry(pending, body) => Err(Box::pin(dispatch_later(
             servers.clone(),
             pending,
             body,
             id,
-            want_name,
+            want_server,
         ))),
         Step::Running(running, name) => Err(Box::pin(async move { (running.await, name) })),
         Step::ReadBody(..) => unreachable!("a request without a body was not lent as a stream"),
@@ -588,10 +588,7 @@ enum Step {
     /// that took a stream) wants it whole: read it, then dispatch again.
     ReadBody(PendingRequest, Box<Incoming>),
     /// The handler did not answer at once.
-    Running(
-        Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
-        Served,
-    ),
+    Running(Pin<Box<dyn Future<Output = Response<Body>> + Send>>, Served),
 }
 
 /// The server a request is for.
@@ -599,7 +596,7 @@ pub(super) struct Resolved<'r, 'p> {
     pub server: &'r Arc<Server>,
     /// A view of the request (`'p`), or normalised.
     pub domain: Cow<'p, [u8]>,
-    /// The server's name, if the debug line wants it.
+    /// The server's meter, if the request is counted or the debug line wants its name.
     pub name: Served,
 }
 
@@ -608,7 +605,7 @@ pub(super) struct Resolved<'r, 'p> {
 pub(super) fn resolve<'r, 'p>(
     routing: &'r Routing,
     parts: &'p Parts,
-    want_name: bool,
+    want_server: bool,
 ) -> Result<Resolved<'r, 'p>, Box<Routed>> {
     let refuse = |status, message: &str| Box::new((error(status, message), None));
     if parts.method == Method::CONNECT {
@@ -621,7 +618,7 @@ pub(super) fn resolve<'r, 'p>(
     // A configured name is already normalised: a client that sends one exactly (most
     // do) needs no normalising.
     if let Some(server) = routing.domains.lookup_exact(raw) {
-        let name = want_name.then_some(server.meter);
+        let name = want_server.then_some(server.meter);
         return Ok(Resolved {
             server,
             domain: Cow::Borrowed(raw),
@@ -652,7 +649,7 @@ pub(super) fn resolve<'r, 'p>(
         let message = format!("no microserver serves the domain {:?}", &*domain);
         return Err(refuse(StatusCode::NOT_FOUND, &message));
     };
-    let name = want_name.then_some(server.meter);
+    let name = want_server.then_some(server.meter);
     let domain = match domain {
         Cow::Borrowed(d) => Cow::Borrowed(d.as_bytes()),
         Cow::Owned(d) => Cow::Owned(d.into_bytes()),
@@ -710,10 +707,10 @@ pub(super) async fn with_body(
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     admitted: bool,
 ) -> Routed {
-    read_body(servers, pending, body, id, want_name, true, admitted).await
+    read_body(servers, pending, body, id, want_server, true, admitted).await
 }
 
 /// [`with_body`], where `may_stream` false reads the body whole whatever the route (the
@@ -724,7 +721,7 @@ async fn read_body(
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     may_stream: bool,
     admitted: bool,
 ) -> Routed {
@@ -735,7 +732,7 @@ async fn read_body(
             server,
             name,
             domain,
-        } = match resolve(&routing, parts, want_name) {
+        } = match resolve(&routing, parts, want_server) {
             Ok(resolved) => resolved,
             Err(routed) => return *routed,
         };
@@ -774,18 +771,18 @@ async fn read_body(
     };
     let Some((max, timeout, streamed)) = reading else {
         let body = LentBody::Bytes(Bytes::new());
-        return dispatch_later(servers, pending, body, id, want_name).await;
+        return dispatch_later(servers, pending, body, id, want_server).await;
     };
     if streamed {
         // The route reads the body itself, as it arrives.
         let body = LentBody::Stream(Box::new(body));
-        return dispatch_later(servers, pending, body, id, want_name).await;
+        return dispatch_later(servers, pending, body, id, want_server).await;
     }
     let read = Limited::new(body, max as usize).collect();
     let problem = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(collected)) => {
             let body = LentBody::Bytes(collected.to_bytes());
-            return dispatch_later(servers, pending, body, id, want_name).await;
+            return dispatch_later(servers, pending, body, id, want_server).await;
         }
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => too_large(max),
         Ok(Err(e)) => error(
@@ -801,7 +798,7 @@ async fn read_body(
         }
     };
     let routing = servers.routing();
-    match resolve(&routing, pending.parts(), want_name) {
+    match resolve(&routing, pending.parts(), want_server) {
         Ok(Resolved {
             server,
             domain,
@@ -837,9 +834,9 @@ async fn dispatch_later(
     pending: PendingRequest,
     body: LentBody,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
 ) -> Routed {
-    dispatch_later_to(servers, pending, body, id, want_name, None).await
+    dispatch_later_to(servers, pending, body, id, want_server, None).await
 }
 
 /// [`dispatch_later`], to `target` rather than the server the request's domain names
@@ -849,7 +846,7 @@ async fn dispatch_later_to(
     pending: PendingRequest,
     body: LentBody,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     target: Option<Arc<Server>>,
 ) -> Routed {
     let mut next = Some((pending, body));
@@ -860,7 +857,7 @@ async fn dispatch_later_to(
     loop {
         let step = std::future::poll_fn(|cx| {
             let (pending, body) = next.take().expect("set before each poll");
-            Poll::Ready(dispatch(&servers, pending, body, id, want_name, to, cx))
+            Poll::Ready(dispatch(&servers, pending, body, id, want_server, to, cx))
         })
         .await;
         match step {
@@ -873,7 +870,7 @@ async fn dispatch_later_to(
             Step::ReadBody(pending, incoming) => {
                 // Boxed: `read_body` comes back here (once: it reads the body whole).
                 let read = Box::pin(read_body(
-                    servers, pending, *incoming, id, want_name, false, true,
+                    servers, pending, *incoming, id, want_server, false, true,
                 ));
                 return read.await;
             }
@@ -940,7 +937,7 @@ fn dispatch(
     pending: PendingRequest,
     body: LentBody,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     to: To<'_>,
     cx: &mut Context<'_>,
 ) -> Step {
@@ -963,12 +960,12 @@ fn dispatch(
             name,
         } = match to {
             To::Domain { .. } => {
-                resolve(&routing, parts, want_name).map_err(|r| (Refused::Done(r), None))?
+                resolve(&routing, parts, want_server).map_err(|r| (Refused::Done(r), None))?
             }
             To::Server(server) => Resolved {
                 server,
                 domain: Cow::Owned(server.name.as_bytes().to_vec()),
-                name: want_name.then_some(server.meter),
+                name: want_server.then_some(server.meter),
             },
         };
         // Over a rate limit: 429, whatever the server's state. Else the tenant header
@@ -977,7 +974,7 @@ fn dispatch(
             None => None,
             Some((admission, client)) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| (Refused::Done(Box::new((*refused, name.clone()))), None))?,
+                .map_err(|refused| (Refused::Done(Box::new((*refused, name))), None))?,
         };
         // A client's request gets what its server adds to its responses; a service
         // call's does not (its caller reads the body whole, and is no browser).
@@ -1139,7 +1136,7 @@ fn enter<'p>(
 }
 
 /// A request that entered a generation: its in-flight guard, its route, whether it is a
-/// HEAD, and the server's name (when the debug line wants it).
+/// HEAD, and the server's meter (see [`Served`]).
 type Entered = (InFlight, u32, bool, Served);
 
 /// A handler still running, and the in-flight guard of its generation. The fields drop

@@ -133,11 +133,11 @@ pub(super) async fn upgrade(
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     on_upgrade: OnUpgrade,
 ) -> Routed {
     if !asks_for_websocket(pending.parts()) {
-        return http::with_body(servers, pending, body, id, want_name, false).await;
+        return http::with_body(servers, pending, body, id, want_server, false).await;
     }
     let key = match check_handshake(pending.parts()) {
         Ok(key) => key,
@@ -153,7 +153,7 @@ pub(super) async fn upgrade(
     let (opened, call) = loop {
         let step = std::future::poll_fn(|cx| {
             let pending = pending.take().expect("set before each step");
-            Poll::Ready(open(&servers, pending, want_name, admitted, &mut slot, cx))
+            Poll::Ready(open(&servers, pending, want_server, admitted, &mut slot, cx))
         })
         .await;
         admitted = true;
@@ -164,7 +164,7 @@ pub(super) async fn upgrade(
                 tokio::task::yield_now().await;
             }
             Err((back, Refused::Ordinary)) => {
-                return http::with_body(servers, back, body, id, want_name, true).await;
+                return http::with_body(servers, back, body, id, want_server, true).await;
             }
             Err((_, Refused::Done(routed))) => return *routed,
         }
@@ -224,7 +224,7 @@ pub(super) async fn upgrade(
 fn open(
     servers: &Microservers,
     pending: PendingRequest,
-    want_name: bool,
+    want_server: bool,
     admitted: bool,
     slot: &mut OutcomeSlot,
     cx: &mut Context<'_>,
@@ -236,12 +236,12 @@ fn open(
             server,
             domain,
             name,
-        } = http::resolve(&routing, parts, want_name).map_err(Refused::Done)?;
+        } = http::resolve(&routing, parts, want_server).map_err(Refused::Done)?;
         let header = match routing.admission.as_deref() {
             None => None,
             Some(admission) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?,
+                .map_err(|refused| Refused::Done(Box::new((*refused, name))))?,
         };
         let in_flight = match &**server.state() {
             ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
