@@ -176,6 +176,31 @@ impl Totals {
     pub fn count(&self) -> u64 {
         self.classes.iter().sum()
     }
+
+    /// The latency below which a share `q` (0 to 1) of the responses fell, estimated
+    /// from the buckets as Prometheus' `histogram_quantile` does (linearly within the
+    /// bucket; the highest finite bound if it falls in +Inf). For the difference of two
+    /// readings too, which gives it over an interval. `None` without responses.
+    pub fn quantile(buckets: &[u64; BUCKETS.len() + 1], q: f64) -> Option<f64> {
+        let total: u64 = buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (i, &n) in buckets.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let Some(&upper) = BUCKETS.get(i) else {
+                    return Some(BUCKETS[BUCKETS.len() - 1]);
+                };
+                let lower = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+                let within = (rank - below as f64) / n as f64;
+                return Some(lower + (upper - lower) * within);
+            }
+            below += n;
+        }
+        Some(BUCKETS[BUCKETS.len() - 1])
+    }
 }
 
 /// The meter of the server called `name` (made on first use, kept for good). For set-up
@@ -219,7 +244,11 @@ impl ServerMeter {
     /// its body's size if known.
     #[inline]
     pub fn record(&self, status: u16, started: u64, bytes: Option<u64>) {
-        let took = now().saturating_sub(started);
+        self.add(status, now().saturating_sub(started), bytes);
+    }
+
+    #[inline]
+    fn add(&self, status: u16, took: u64, bytes: Option<u64>) {
         let shard = &self.shards[shard_index()];
         let class = (status / 100).clamp(1, 5) as usize - 1;
         shard.classes[class].fetch_add(1, Ordering::Relaxed);
@@ -296,17 +325,32 @@ mod tests {
     #[test]
     fn a_response_lands_in_its_class_and_bucket() {
         let m = ServerMeter::new("t");
-        let started = now();
-        m.record(204, started, Some(10));
-        m.record(503, started, None);
-        m.record(101, now() - 2_000_000, Some(5));
+        m.record(204, now(), Some(10));
+        m.add(503, 25_000, None);
+        m.add(101, 2_000_000, Some(5));
         let t = m.totals();
         assert_eq!(t.classes, [1, 1, 0, 0, 1]);
         assert_eq!(t.count(), 3);
         assert_eq!(t.buckets.iter().sum::<u64>(), 3);
-        // The one that took at least 2 ms is above the 1 ms bucket.
-        assert!(t.buckets[..=5].iter().sum::<u64>() <= 2, "{:?}", t.buckets);
+        // 25 us is in the first bucket (bounds are inclusive), 2 ms in the 2.5 ms one.
+        assert!(t.buckets[0] >= 1, "{:?}", t.buckets);
+        assert_eq!(t.buckets[6], 1, "{:?}", t.buckets);
         assert_eq!(t.bytes_out, 15);
+    }
+
+    #[test]
+    fn quantiles_come_from_the_buckets() {
+        let mut b = [0u64; BUCKETS.len() + 1];
+        assert_eq!(Totals::quantile(&b, 0.99), None);
+        // 99 responses within 25 us, one between 1 and 2.5 ms.
+        b[0] = 99;
+        b[6] = 1;
+        let median = Totals::quantile(&b, 0.5).unwrap();
+        assert!((median - 0.000_025 * 50.0 / 99.0).abs() < 1e-12, "{median}");
+        assert_eq!(Totals::quantile(&b, 0.99), Some(0.000_025));
+        assert_eq!(Totals::quantile(&b, 1.0), Some(0.002_5));
+        b[BUCKETS.len()] = 100;
+        assert_eq!(Totals::quantile(&b, 0.99), Some(10.0));
     }
 
     #[test]

@@ -320,7 +320,7 @@ fn health_path(servers: &Microservers, req: &Request<Incoming>) -> Option<Respon
 pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: ClientAddr) -> Handle {
     if HEALTH_PATH.load(Ordering::Relaxed) {
         if let Some(response) = health_path(&servers, &req) {
-            return answered(&servers, &req, &client, response);
+            return answered(&servers, &req, &client, response, None);
         }
     }
     let request_id = RequestId::next();
@@ -347,7 +347,8 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
     }
 }
 
-/// A response made before the request was routed (the health path).
+/// A response made before the request reached the request path's steps (the health
+/// path, a refusal at the edge, a redirect to HTTPS), for `server` if it has one.
 #[cold]
 #[inline(never)]
 fn answered(
@@ -355,6 +356,7 @@ fn answered(
     req: &Request<Incoming>,
     client: &ClientAddr,
     response: Response<Body>,
+    server: Served,
 ) -> Handle {
     Handle {
         servers: servers.clone(),
@@ -362,7 +364,7 @@ fn answered(
         request_id: RequestId::next(),
         debug: Note::of(req, client),
         started: recording::start(),
-        rest: Some(Box::pin(async move { (response, None) })),
+        rest: Some(Box::pin(async move { (response, server) })),
     }
 }
 
@@ -377,7 +379,7 @@ pub fn refuse(
     status: StatusCode,
     message: impl Into<String>,
 ) -> Handle {
-    answered(servers, req, client, error(status, &message.into()))
+    answered(servers, req, client, error(status, &message.into()), None)
 }
 
 /// 308 to `https://` for a request on a plain listener whose server has
@@ -424,15 +426,7 @@ pub fn redirect_https(
             serde_json::json!({ "redirect": location }).to_string(),
         )))
         .ok()?;
-    let name = Some(server.meter);
-    Some(Handle {
-        servers: servers.clone(),
-        start: None,
-        request_id: RequestId::next(),
-        debug: Note::of(req, client),
-        started: recording::start(),
-        rest: Some(Box::pin(async move { (response, name) })),
-    })
+    Some(answered(servers, req, client, response, Some(server.meter)))
 }
 
 #[cold]
@@ -491,7 +485,14 @@ impl Future for Handle {
         if this.rest.is_none() {
             let (pending, body) = this.start.take().expect("polled after it answered");
             let want_server = this.debug.is_some() || this.started != 0;
-            match first_step(&this.servers, pending, body, this.request_id, want_server, cx) {
+            match first_step(
+                &this.servers,
+                pending,
+                body,
+                this.request_id,
+                want_server,
+                cx,
+            ) {
                 Ok((mut response, name)) => {
                     this.finish(&mut response, name);
                     return Poll::Ready(Ok(response));
@@ -870,7 +871,13 @@ async fn dispatch_later_to(
             Step::ReadBody(pending, incoming) => {
                 // Boxed: `read_body` comes back here (once: it reads the body whole).
                 let read = Box::pin(read_body(
-                    servers, pending, *incoming, id, want_server, false, true,
+                    servers,
+                    pending,
+                    *incoming,
+                    id,
+                    want_server,
+                    false,
+                    true,
                 ));
                 return read.await;
             }

@@ -153,7 +153,14 @@ pub(super) async fn upgrade(
     let (opened, call) = loop {
         let step = std::future::poll_fn(|cx| {
             let pending = pending.take().expect("set before each step");
-            Poll::Ready(open(&servers, pending, want_server, admitted, &mut slot, cx))
+            Poll::Ready(open(
+                &servers,
+                pending,
+                want_server,
+                admitted,
+                &mut slot,
+                cx,
+            ))
         })
         .await;
         admitted = true;
