@@ -561,6 +561,8 @@ impl Microservers {
         if keep_listen {
             config.global.listen = control.config.global.listen.clone();
         }
+        // The admin listener is set up at start (from the file or `--admin`) and stays.
+        config.global.admin = control.config.global.admin.clone();
         if control.stopping || control.config == config {
             return None;
         }
