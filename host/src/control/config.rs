@@ -14,10 +14,13 @@ use serde_json::{Map, Value};
 use crate::routing::domain::{DomainPattern, InvalidDomain};
 
 mod headers;
+mod persist;
+
 pub use headers::{
     joined, CompressionRules, CorsRules, Hsts, Listed, OriginPattern, Origins, ResponseRules,
     SecurityHeaders,
 };
+pub use persist::persist_enabled;
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
@@ -29,6 +32,16 @@ pub struct Config {
     pub servers: Vec<ServerConfig>,
     /// `tenants`: groups of servers (or of a server's subdomains) with limits of their own.
     pub tenants: Vec<TenantConfig>,
+    /// The file as written, for the admin API to show: every string that took a value
+    /// from the environment (`${VAR}`) is replaced by [`redacted`] of it, so that no
+    /// secret it held is shown.
+    pub shown: std::sync::Arc<Value>,
+}
+
+/// What the admin API shows for a config string that took a value from the environment:
+/// the string as written, marked, without the value (`"(redacted) ${DB_PASSWORD}"`).
+pub fn redacted(template: &str) -> String {
+    format!("(redacted) {template}")
 }
 
 /// A tenant (`tenants[i]`): an id that servers name (`servers[].tenant`) or that a
@@ -601,8 +614,11 @@ pub fn parse_in(
         folder: folder.to_owned(),
         ..Validator::default()
     };
+    let mut shown = value.clone();
+    redact(&mut shown);
     substitute(&mut value, "", env, &mut v);
     let mut config = v.config(&value);
+    config.shown = std::sync::Arc::new(shown);
     if let Some(admin) = config.global.admin.as_mut() {
         if let Some(name) = &admin.token_env {
             match env(name).filter(|t| !t.is_empty()) {
@@ -644,6 +660,16 @@ fn substitute(
                 substitute(item, &join(path, key), env, v);
             }
         }
+        _ => {}
+    }
+}
+
+/// Replaces every string that names an environment variable with [`redacted`] of it.
+fn redact(value: &mut Value) {
+    match value {
+        Value::String(s) if s.replace("$${", "").contains("${") => *s = redacted(s),
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::Object(map) => map.values_mut().for_each(redact),
         _ => {}
     }
 }
@@ -1114,6 +1140,7 @@ impl Validator {
             },
             servers: Vec::new(),
             tenants: Vec::new(),
+            shown: Default::default(),
         };
         let Some(map) = self.object(root, "", &["global", "servers", "tenants"]) else {
             return config;
