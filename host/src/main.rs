@@ -198,7 +198,7 @@ async fn run(
         }
     };
     if let Some(admin) = &config.global.admin {
-        if let Err(e) = host::operations::admin::start(admin, &servers).await {
+        if let Err(e) = host::operations::admin::start(admin, &servers, config_file.clone()).await {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }

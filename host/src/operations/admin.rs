@@ -1,5 +1,6 @@
 //! The admin listener (`global.admin`): plain HTTP/1.1 on a socket of its own, never
-//! reached through a tenant's domain. It answers the health endpoints and `/metrics`.
+//! reached through a tenant's domain. It answers the health endpoints, `/metrics`, the
+//! admin API (`/api/...`, in `api`) and the dashboard (`/`, in `dashboard`).
 //!
 //! Every request goes through [`Admin::answer`]: the bearer token is checked there, once,
 //! for every path; then [`Admin::route`] matches the method and the path's segments.
@@ -7,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -17,8 +19,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-use super::health;
+use super::api::{Api, Asked};
 use super::metrics::Metrics;
+use super::{dashboard, health};
 use crate::control::config::AdminConfig;
 use crate::control::servers::Microservers;
 
@@ -35,7 +38,8 @@ pub fn json_error(status: StatusCode, message: &str) -> Reply {
     json_reply(status, &json!({ "error": message }))
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Reply {
+/// A reply of `content_type`, never cached.
+pub fn reply(status: StatusCode, content_type: &'static str, body: String) -> Reply {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -50,20 +54,30 @@ pub struct Admin {
     servers: Weak<Microservers>,
     token: Option<String>,
     metrics: Metrics,
+    api: Api,
 }
 
 impl Admin {
-    pub fn new(servers: &Arc<Microservers>, token: Option<String>) -> Self {
+    pub fn new(servers: &Arc<Microservers>, token: Option<String>, config_file: PathBuf) -> Self {
         Admin {
             servers: Arc::downgrade(servers),
             token,
             metrics: Metrics::new(Arc::downgrade(servers)),
+            api: Api::new(config_file),
         }
     }
 
-    /// Answers one request: 401 without the token (when one is configured), else the
-    /// endpoint's reply.
-    pub fn answer(&self, req: &Request<Incoming>) -> Reply {
+    /// Answers one request from `client`: 401 without the token (when one is
+    /// configured), else the endpoint's reply. The dashboard's files are the exception:
+    /// they hold no data, and the page asks for the token itself (a browser cannot send
+    /// it when it opens the page).
+    pub async fn answer(&self, req: &Request<Incoming>, client: SocketAddr) -> Reply {
+        let path = req.uri().path();
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            if let Some(file) = dashboard::asset(path) {
+                return file;
+            }
+        }
         if !self.authorized(req) {
             let mut r = json_error(
                 StatusCode::UNAUTHORIZED,
@@ -76,8 +90,16 @@ impl Admin {
         let Some(servers) = self.servers.upgrade() else {
             return json_error(StatusCode::SERVICE_UNAVAILABLE, "the host is stopping");
         };
-        let path = req.uri().path();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["api", rest @ ..] = &segments[..] {
+            let asked = Asked {
+                method: req.method(),
+                segments: rest,
+                query: req.uri().query(),
+                client,
+            };
+            return self.api.answer(servers, asked).await;
+        }
         self.route(&servers, req.method(), &segments)
     }
 
@@ -117,7 +139,7 @@ impl Admin {
             }
             _ => json_error(
                 StatusCode::NOT_FOUND,
-                "no such admin endpoint: /health/live, /health/ready, /health/servers[/NAME], /health/system, /metrics",
+                "no such admin endpoint: /, /health/live, /health/ready, /health/servers[/NAME], /health/system, /metrics, /api/...",
             ),
         }
     }
@@ -154,6 +176,7 @@ fn known(segments: &[&str]) -> bool {
 pub async fn start(
     config: &AdminConfig,
     servers: &Arc<Microservers>,
+    config_file: PathBuf,
 ) -> Result<Option<SocketAddr>, String> {
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
@@ -176,11 +199,11 @@ pub async fn start(
         tracing::warn!(%addr, "the admin listener is reachable from other machines and has no token (global.admin.token_env)");
     }
     let token = config.token.as_ref().map(|t| t.0.clone());
-    let admin = Arc::new(Admin::new(servers, token));
+    let admin = Arc::new(Admin::new(servers, token, config_file));
     tracing::info!("admin listening on http://{addr}");
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, client) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!("admin listener: accept failed: {e}");
@@ -191,8 +214,8 @@ pub async fn start(
             let admin = admin.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let reply = admin.answer(&req);
-                    async move { Ok::<_, Infallible>(reply) }
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.answer(&req, client).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
