@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admin_api;
 mod boundary;
 mod bus;
 mod chat;

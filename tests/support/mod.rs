@@ -1,6 +1,8 @@
 //! The test harness: builds the plugin libraries once, starts real host processes on
 //! port 0, and talks to them over real sockets.
 
+pub mod browser;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
