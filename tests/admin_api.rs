@@ -434,3 +434,32 @@ fn the_dashboard_lists_the_servers_and_shows_a_reload_in_a_browser() {
     host.wait_for_log(&["host::audit", "action=\"reload\"", "result=\"ok\""]);
     assert_eq!(server(&admin, "hello")["generation"], 3);
 }
+
+#[test]
+fn the_dashboard_asks_for_the_token_once_and_keeps_it_for_the_tab() {
+    let config = r#"{"global": {"admin": {"listen": "127.0.0.1:0", "token_env": "API_TOKEN"}},
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("api-dashboard-token", config)
+        .plugin("hello", "hello.so")
+        .env("API_TOKEN", "page-s3cret")
+        .start();
+    let url = format!("http://{}/", host.admin().addr);
+    let mut browser = Browser::open(&url);
+    let listed = "!!document.querySelector('#servers tr[data-server=\"hello\"]')";
+    browser.wait_for(
+        "the token form",
+        "document.getElementById('login')?.hidden === false",
+    );
+    assert_eq!(browser.eval(listed), false);
+    browser.eval(
+        "document.getElementById('token').value = 'page-s3cret';
+         document.getElementById('login').requestSubmit(); true",
+    );
+    browser.wait_for("the servers", listed);
+    // Loaded again in the same tab, the page has the token already.
+    browser.eval("location.reload(); true");
+    browser.wait_for(
+        "the servers after a reload, without the form",
+        &format!("{listed} && document.getElementById('login')?.hidden === true"),
+    );
+}

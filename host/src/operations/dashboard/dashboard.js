@@ -9,22 +9,22 @@ let rates = {};      // server name -> {rps, errorRate, p99}
 
 function token() { return sessionStorage.getItem(TOKEN_KEY); }
 
-// A call to the admin API with the bearer token; asks for the token once on a 401.
-async function api(path, options = {}, asked = false) {
+// A call to the admin API with the bearer token. A 401 shows the token form (once: it
+// stays until a token is given) and stops polling until then.
+async function api(path, options = {}) {
   const headers = {};
   if (token()) headers['Authorization'] = 'Bearer ' + token();
   const response = await fetch(path, { ...options, headers, cache: 'no-store' });
-  if (response.status === 401 && !asked) {
-    const given = prompt('Admin token (the value of global.admin.token_env)');
-    if (given) {
-      sessionStorage.setItem(TOKEN_KEY, given.trim());
-      return api(path, options, true);
-    }
+  if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    document.getElementById('login').hidden = false;
   }
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON */ }
   return { ok: response.ok, status: response.status, body };
 }
+
+function needsToken() { return !document.getElementById('login').hidden; }
 
 function escape(text) {
   return String(text ?? '').replace(/[&<>"']/g, c => ({
@@ -109,6 +109,11 @@ function reloadRow(r) {
 
 async function poll() {
   const status = document.getElementById('status');
+  if (needsToken()) {
+    status.className = 'error';
+    status.textContent = 'waiting for the admin token';
+    return;
+  }
   try {
     const [servers, stats, reloads] = await Promise.all(
       [api('/api/servers'), api('/api/stats'), api('/api/reloads')]);
@@ -141,6 +146,15 @@ document.addEventListener('click', async event => {
   message.className = result.ok ? '' : 'error';
   message.textContent = `${action} ${server}: ` +
     (result.ok ? result.body.message : (result.body && result.body.error) || 'HTTP ' + result.status);
+  poll();
+});
+
+document.getElementById('login').addEventListener('submit', event => {
+  event.preventDefault();
+  const field = document.getElementById('token');
+  sessionStorage.setItem(TOKEN_KEY, field.value.trim());
+  field.value = '';
+  document.getElementById('login').hidden = true;
   poll();
 });
 
