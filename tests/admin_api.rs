@@ -334,6 +334,12 @@ fn the_api_needs_the_token_and_the_dashboard_files_do_not() {
     }
     let r = admin.send("POST", "admin", "/api/servers/hello/reload", b"", &wrong);
     check_error(&r, 401, "token");
+    host.wait_for_log(&[
+        "host::audit",
+        "path=\"/api/servers/hello/reload\"",
+        "result=\"unauthorized\"",
+    ]);
+    assert!(!host.logs().contains("api-s3creT"));
     let right = [("authorization", "Bearer api-s3cret")];
     let r = admin.send("POST", "admin", "/api/servers/hello/reload", b"", &right);
     assert_eq!((r.status, r.json()["generation"].clone()), (200, 2.into()));
@@ -462,4 +468,32 @@ fn the_dashboard_asks_for_the_token_once_and_keeps_it_for_the_tab() {
         "the servers after a reload, without the form",
         &format!("{listed} && document.getElementById('login')?.hidden === true"),
     );
+}
+
+#[test]
+fn the_reload_history_keeps_the_last_100_with_their_causes() {
+    let host = host("api-history");
+    let admin = host.admin();
+    host.write_config(&CONFIG.replace("\"Hi\"", "\"Hey\""));
+    host.wait_for_log(&["reloaded", "server=hello", "generation=2"]);
+    let newest = &admin.get("admin", "/api/reloads").json()["reloads"][0];
+    assert_eq!(
+        (&newest["cause"], &newest["generation"]),
+        (&"config_file".into(), &2.into())
+    );
+    for _ in 0..99 {
+        assert_eq!(post(&admin, "/api/servers/hello/reload").status, 200);
+    }
+    let reloads = admin.get("admin", "/api/reloads").json()["reloads"].clone();
+    let reloads = reloads.as_array().unwrap();
+    // 1 at start, 1 from the file, 99 from the API: the first is gone.
+    assert_eq!(reloads.len(), 100);
+    assert_eq!(reloads[0]["generation"], 101);
+    assert_eq!(
+        (&reloads[99]["cause"], &reloads[99]["generation"]),
+        (&"config_file".into(), &2.into())
+    );
+    assert!(reloads
+        .iter()
+        .all(|r| r["result"] == "ok" && r["server"] == "hello"));
 }

@@ -85,6 +85,10 @@ impl Admin {
             );
             r.headers_mut()
                 .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            if req.method() == Method::POST {
+                // A change refused for its token is audited too.
+                tracing::info!(target: "host::audit", path, result = "unauthorized", status = 401, client = %client, "admin API change");
+            }
             return r;
         }
         let Some(servers) = self.servers.upgrade() else {
