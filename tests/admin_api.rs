@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::browser::Browser;
-use crate::support::{Client, Host, Reply, Setup};
+use crate::support::{variant, Client, Host, Reply, Setup};
 
 /// hello, a static-only site, and `gone` (disabled; its plugin is not installed).
 const CONFIG: &str = r#"{
@@ -496,4 +496,44 @@ fn the_reload_history_keeps_the_last_100_with_their_causes() {
     assert!(reloads
         .iter()
         .all(|r| r["result"] == "ok" && r["server"] == "hello"));
+}
+
+#[test]
+fn a_reload_reads_a_changed_library_without_the_watcher_and_a_failing_init_is_409() {
+    let config = r#"{"global": {"reload": {"watch": false, "init_timeout_ms": 2000}},
+        "servers": [{"name": "v", "domains": ["v.localhost"], "plugin": "versioned"}]}"#;
+    let setup = Setup::new("api-reload-fail", config);
+    std::fs::copy(variant("a"), setup.dir.join("plugins/versioned.so")).unwrap();
+    let host = setup.start();
+    let admin = host.admin();
+    assert!(host.get("v.localhost", "/").body.starts_with("a"));
+
+    // Nothing watches the folder: the API's reload is what reads the new file.
+    host.install(&variant("b"), "versioned.so");
+    let r = post(&admin, "/api/servers/v/reload");
+    assert_eq!(
+        (r.status, r.json()["generation"].clone()),
+        (200, 2.into()),
+        "{}",
+        r.body
+    );
+    assert!(host.get("v.localhost", "/").body.starts_with("b"));
+
+    host.install(&variant("init-fail"), "versioned.so");
+    check_error(
+        &post(&admin, "/api/servers/v/reload"),
+        409,
+        "refuses to start",
+    );
+    assert!(host.get("v.localhost", "/").body.starts_with("b"));
+    assert_eq!(server(&admin, "v")["generation"], 2);
+    let newest = &admin.get("admin", "/api/reloads").json()["reloads"][0];
+    assert_eq!(
+        (&newest["result"], &newest["cause"]),
+        (&"failed".into(), &"admin_api".into())
+    );
+    assert!(newest["error"]
+        .as_str()
+        .unwrap()
+        .contains("refuses to start"));
 }
