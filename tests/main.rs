@@ -5,6 +5,7 @@
 
 mod support;
 
+mod admin_api;
 mod boundary;
 mod bulkheads;
 mod bus;
@@ -17,6 +18,7 @@ mod headers;
 mod jwt;
 mod loading;
 mod logs_and_signals;
+mod operations;
 mod rate_limits;
 mod redis;
 mod reload;

@@ -9,8 +9,11 @@
 //! - `routing`: domains and routes;
 //! - `boundary`: the plugin boundary (libraries, generations, calls, host services).
 //!
-//! `control` (config, servers, watching and reloading) sits beside them, and `logging`
-//! (the JSON log format) above them all.
+//! `control` (config, servers, watching and reloading) sits beside them, and so does
+//! `operations` (the admin listener: health, metrics, the admin API), which reads
+//! control, the boundary and the counts. The other layers reach `operations` only
+//! through its leaf module `operations::recording`, where they count what the metrics
+//! show. `logging` (the JSON log format) is above them all.
 //!
 //! See ARCHITECTURE.md for the request path and the invariants.
 
@@ -18,5 +21,6 @@ pub mod boundary;
 pub mod control;
 pub mod edge;
 pub mod logging;
+pub mod operations;
 pub mod request;
 pub mod routing;

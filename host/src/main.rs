@@ -38,6 +38,11 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     listen: Vec<SocketAddr>,
 
+    /// Serve the admin listener (health, metrics) on this address instead of
+    /// global.admin.listen, e.g. 127.0.0.1:0 for a free port; `off` turns it off.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+
     /// Load plugins from this folder instead of global.plugin_dir.
     #[arg(long, value_name = "DIR")]
     plugin_dir: Option<PathBuf>,
@@ -74,6 +79,8 @@ fn fail(message: impl std::fmt::Display) {
 
 fn main() -> ExitCode {
     host::boundary::services::mark_host_thread();
+    // Uptime counts from here.
+    host::operations::recording::started_at();
     let args = Args::parse();
     if let Some(copy) = &args.probe_plugin {
         return host::boundary::loader::probe_main(copy);
@@ -124,6 +131,15 @@ fn main() -> ExitCode {
             .iter()
             .map(|a| config::Listen::plain(*a))
             .collect();
+    }
+    if let Some(admin) = &args.admin {
+        match config::admin_override(config.global.admin.take(), admin) {
+            Ok(admin) => config.global.admin = admin,
+            Err(e) => {
+                eprintln!("error: --admin: {e}");
+                return ExitCode::from(2);
+            }
+        }
     }
     let plugin_dir = match &args.plugin_dir {
         Some(dir) => dir.clone(),
@@ -219,6 +235,12 @@ async fn run(
             }
         }
     };
+    if let Some(admin) = &config.global.admin {
+        if let Err(e) = host::operations::admin::start(admin, &servers, config_file.clone()).await {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     // Keyed rate limiters forget idle clients and tenants, so their memory stays bounded.
     tokio::spawn(host::request::rate_limits::forget_idle_keys(
         Arc::downgrade(&servers),

@@ -1,6 +1,8 @@
 //! The test harness: builds the plugin libraries once, starts real host processes on
 //! port 0, and talks to them over real sockets.
 
+pub mod browser;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -182,6 +184,8 @@ fn remove_stale_dirs() {
 pub struct Setup {
     pub dir: PathBuf,
     env: Vec<(String, String)>,
+    /// Whether the host gets `--admin 127.0.0.1:0` (else `global.admin` applies).
+    admin_flag: bool,
 }
 
 impl Setup {
@@ -191,6 +195,7 @@ impl Setup {
         Setup {
             dir,
             env: Vec::new(),
+            admin_flag: true,
         }
     }
 
@@ -206,6 +211,12 @@ impl Setup {
         self
     }
 
+    /// The admin listener as the config says, rather than on a free port.
+    pub fn admin_as_configured(mut self) -> Self {
+        self.admin_flag = false;
+        self
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
         self
@@ -216,6 +227,12 @@ impl Setup {
         cmd.current_dir(&self.dir)
             .arg("--config")
             .arg(self.dir.join("servers.config.json"))
+            // Many hosts run at once: each has its admin listener on a free port.
+            .args(if self.admin_flag {
+                &["--admin", "127.0.0.1:0"][..]
+            } else {
+                &[]
+            })
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("SERVERS_CONFIG")
@@ -299,11 +316,12 @@ impl Setup {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                // The first listener, plain or TLS.
+                // The first listener, plain or TLS (not the admin listener).
                 let addr = line
                     .split("listening on http://")
                     .nth(1)
-                    .or_else(|| line.split("listening on https://").nth(1));
+                    .or_else(|| line.split("listening on https://").nth(1))
+                    .filter(|_| !line.contains("admin listening on"));
                 if let Some(addr) = addr {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(address_at(addr));
@@ -490,6 +508,15 @@ impl Host {
     }
 
     /// The address of the first listener that speaks TLS (from its log line).
+    /// A client for the admin listener (health, metrics).
+    pub fn admin(&self) -> Client {
+        let line = self.wait_for_log(&["admin listening on http://"]);
+        let addr = line.split("admin listening on http://").nth(1).unwrap();
+        Client {
+            addr: addr.split_whitespace().next().unwrap().parse().unwrap(),
+        }
+    }
+
     pub fn https_addr(&self) -> SocketAddr {
         let line = self.wait_for_log(&["listening on https://"]);
         address_at(line.split("listening on https://").nth(1).unwrap())

@@ -103,6 +103,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut config: Value = serde_json::from_str(&config_with_domains(1))?;
     config["global"]["access_log"] = json!({"format": "combined", "file": "access.log"});
     prepare(&logged, &config.to_string(), &[(lib("hello"), "hello")])?;
+    // The same with requests not counted for the metrics: what counting costs.
+    let unmetered = out.join("host-metrics-off");
+    let mut config: Value = serde_json::from_str(&config_with_domains(1))?;
+    config["global"]["metrics"] = json!(false);
+    prepare(&unmetered, &config.to_string(), &[(lib("hello"), "hello")])?;
     let many = out.join("host-10k-domains");
     prepare(
         &many,
@@ -154,6 +159,11 @@ pub fn run(args: &[String]) -> Result<()> {
             "host-access-log",
             "hello.localhost",
             host_cmd(&mut pin(&release.join("host"), 0), &logged),
+        )?,
+        Target::start(
+            "host-metrics-off",
+            "hello.localhost",
+            host_cmd(&mut pin(&release.join("host"), 0), &unmetered),
         )?,
         Target::start(
             "host-10k",
@@ -294,6 +304,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 "nginx",
                 "host-rate-limited",
                 "host-access-log",
+                "host-metrics-off",
             ],
             baseline: "baseline",
         },
@@ -592,6 +603,8 @@ pub(crate) fn host_cmd<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command 
     cmd.arg("--config")
         .arg(dir.join("servers.config.json"))
         .args(["--listen", "127.0.0.1:0"])
+        // Targets run at the same time: each admin listener on a free port.
+        .args(["--admin", "127.0.0.1:0"])
         .env("RUST_LOG", "warn,host::edge::serve=info")
 }
 

@@ -389,7 +389,11 @@ impl Host {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on http://").nth(1) {
+                let public = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .filter(|_| !line.contains("admin listening on"));
+                if let Some(addr) = public {
                     let _ = tx.send(addr.trim().to_owned());
                 }
                 let mut log = sink.lock().unwrap();

@@ -188,6 +188,9 @@ pub struct Hub {
     closed: AtomicBool,
     /// Wakes whoever waits for the last connection to end.
     emptied: Notify,
+    /// Messages received from clients, and written to them, ever (for the metrics).
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -224,6 +227,8 @@ impl Hub {
             inner: RwLock::default(),
             closed: AtomicBool::new(false),
             emptied: Notify::new(),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
         });
         let mut hubs = hubs().lock().unwrap_or_else(|p| p.into_inner());
         hubs.retain(|_, hub| hub.strong_count() > 0);
@@ -447,6 +452,7 @@ impl Conn {
     pub fn sent(&self, len: usize) {
         self.queued
             .fetch_sub(len + MESSAGE_OVERHEAD, Ordering::Relaxed);
+        self.hub.messages_out.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Closes after what is queued (a plugin's close).

@@ -15,11 +15,14 @@ use crate::routing::domain::{DomainPattern, InvalidDomain};
 
 mod headers;
 mod jwt;
+mod persist;
+
 pub use headers::{
     joined, CompressionRules, CorsRules, Hsts, Listed, OriginPattern, Origins, ResponseRules,
     SecurityHeaders,
 };
 pub use jwt::{covers, JwtKey, JwtRules, KeyMaterial, DEFAULT_LEEWAY_S, MIN_SECRET_BYTES};
+pub use persist::persist_enabled;
 
 /// The default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
@@ -31,6 +34,16 @@ pub struct Config {
     pub servers: Vec<ServerConfig>,
     /// `tenants`: groups of servers (or of a server's subdomains) with limits of their own.
     pub tenants: Vec<TenantConfig>,
+    /// The file as written, for the admin API to show: every string that took a value
+    /// from the environment (`${VAR}`) is replaced by [`redacted`] of it, so that no
+    /// secret it held is shown.
+    pub shown: std::sync::Arc<Value>,
+}
+
+/// What the admin API shows for a config string that took a value from the environment:
+/// the string as written, marked, without the value (`"(redacted) ${DB_PASSWORD}"`).
+pub fn redacted(template: &str) -> String {
+    format!("(redacted) {template}")
 }
 
 /// A tenant (`tenants[i]`): an id that servers name (`servers[].tenant`) or that a
@@ -112,6 +125,60 @@ pub struct Global {
     /// `global.blocking_warn_ms`: a plugin poll that holds its thread longer is logged
     /// (a WARN naming the server and route); zero: never.
     pub blocking_warn: Duration,
+    /// `global.admin`: the admin listener (health, metrics); `None`: off.
+    pub admin: Option<AdminConfig>,
+    /// `global.health_path`: a path answered with the host's readiness on every domain
+    /// of the public listeners (for load balancers); `None`: off.
+    pub health_path: Option<String>,
+    /// `global.metrics`: whether requests are counted for `/metrics`.
+    pub metrics: bool,
+}
+
+/// Where the admin listener listens unless `global.admin` says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7778";
+
+/// `global.admin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// False for the default (no `global.admin` in the file): then an address in use
+    /// is a warning, not a reason to stop (two hosts on one machine still start).
+    pub explicit: bool,
+    /// The environment variable holding the bearer token (`token_env`).
+    pub token_env: Option<String>,
+    /// Its value, read when the config is.
+    pub token: Option<Secret>,
+}
+
+/// `global.admin` as the `--admin ADDR` flag changes it: listening on `ADDR` (the token
+/// stays as configured), or off for `off`.
+pub fn admin_override(
+    admin: Option<AdminConfig>,
+    flag: &str,
+) -> Result<Option<AdminConfig>, String> {
+    if flag == "off" {
+        return Ok(None);
+    }
+    let listen: SocketAddr = flag.parse().map_err(|_| {
+        format!("expected an address such as 127.0.0.1:7778, or off, found {flag:?}")
+    })?;
+    let (token_env, token) = admin.map_or((None, None), |a| (a.token_env, a.token));
+    Ok(Some(AdminConfig {
+        listen,
+        explicit: true,
+        token_env,
+        token,
+    }))
+}
+
+/// A value kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// `global.access_log`.
@@ -557,8 +624,22 @@ pub fn parse_in(
         folder: folder.to_owned(),
         ..Validator::default()
     };
+    let mut shown = value.clone();
+    redact(&mut shown);
     substitute(&mut value, "", env, &mut v);
-    let config = v.config(&value);
+    let mut config = v.config(&value);
+    config.shown = std::sync::Arc::new(shown);
+    if let Some(admin) = config.global.admin.as_mut() {
+        if let Some(name) = &admin.token_env {
+            match env(name).filter(|t| !t.is_empty()) {
+                Some(token) => admin.token = Some(Secret(token)),
+                None => v.problem(
+                    "global.admin.token_env",
+                    format!("the environment variable {name} is not set (or is empty): the admin listener would have no token"),
+                ),
+            }
+        }
+    }
     if v.problems.is_empty() {
         Ok(config)
     } else {
@@ -589,6 +670,16 @@ fn substitute(
                 substitute(item, &join(path, key), env, v);
             }
         }
+        _ => {}
+    }
+}
+
+/// Replaces every string that names an environment variable with [`redacted`] of it.
+fn redact(value: &mut Value) {
+    match value {
+        Value::String(s) if s.replace("$${", "").contains("${") => *s = redacted(s),
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::Object(map) => map.values_mut().for_each(redact),
         _ => {}
     }
 }
@@ -906,6 +997,38 @@ impl Validator {
         (out.http1 || out.http2).then_some(out)
     }
 
+    fn admin(&mut self, value: &Value) -> Option<AdminConfig> {
+        let map = self.object(value, "global.admin", &["listen", "token_env"])?;
+        let listen = match map.get("listen") {
+            None => DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            Some(v) => {
+                let text = self.string(v, "global.admin.listen")?;
+                match text.parse::<SocketAddr>() {
+                    Ok(addr) => addr,
+                    Err(_) => {
+                        self.problem(
+                            "global.admin.listen",
+                            format!(
+                                "expected an address such as \"127.0.0.1:7778\", found {text:?}"
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        let token_env = match map.get("token_env") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(self.string(v, "global.admin.token_env")?),
+        };
+        Some(AdminConfig {
+            listen,
+            explicit: true,
+            token_env,
+            token: None,
+        })
+    }
+
     fn access_log(&mut self, value: &Value) -> Option<AccessLogConfig> {
         let map = self.object(value, "global.access_log", &["format", "file"])?;
         let format = match map.get("format").map(|v| (v, v.as_str())) {
@@ -1017,9 +1140,18 @@ impl Validator {
                 access_log: None,
                 rate_limits: Vec::new(),
                 blocking_warn: Duration::from_millis(100),
+                admin: Some(AdminConfig {
+                    listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+                    explicit: false,
+                    token_env: None,
+                    token: None,
+                }),
+                health_path: None,
+                metrics: true,
             },
             servers: Vec::new(),
             tenants: Vec::new(),
+            shown: Default::default(),
         };
         let Some(map) = self.object(root, "", &["global", "servers", "tenants"]) else {
             return config;
@@ -1090,10 +1222,41 @@ impl Validator {
             "access_log",
             "rate_limit",
             "blocking_warn_ms",
+            "admin",
+            "health_path",
+            "metrics",
         ];
         let Some(map) = self.object(value, "global", &allowed) else {
             return;
         };
+        match map.get("admin") {
+            None => {}
+            Some(Value::Null) => out.admin = None,
+            Some(v) => out.admin = self.admin(v),
+        }
+        match map.get("health_path") {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                if let Some(path) = self.string(v, "global.health_path") {
+                    if path.starts_with('/') && !path.contains(['?', '#', ' ']) {
+                        out.health_path = Some(path);
+                    } else {
+                        self.problem(
+                            "global.health_path",
+                            format!("expected a path such as \"/healthz\", found {path:?}"),
+                        );
+                    }
+                }
+            }
+        }
+        match map.get("metrics") {
+            None => {}
+            Some(Value::Bool(b)) => out.metrics = *b,
+            Some(other) => self.problem(
+                "global.metrics",
+                format!("expected true or false, found {}", kind(other)),
+            ),
+        }
         if let Some(limits) = map.get("rate_limit") {
             out.rate_limits = self.rate_limits(limits, "global.rate_limit", &[RatePer::ClientIp]);
         }

@@ -85,6 +85,8 @@ fn settle(outcome: &mut FfiHandleResult, in_flight: &InFlight, label: &str) -> R
         RResult::RErr(panic) => {
             let g = in_flight.generation();
             g.panics.report(EVENT_ROUTE, "event", label, panic.as_str());
+            let panics = &crate::operations::recording::meter(&g.server).panics;
+            panics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Err(Failure::Panicked)
         }
     }

@@ -10,7 +10,7 @@
 //!   for a whole start, plugin sync or config change); requests never take it.
 //! - A build that fails anything never replaces a serving generation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +26,7 @@ use crate::boundary::services::mark_host_thread;
 use crate::boundary::sockets::Hub;
 use crate::control::config::{Config, Limits, ResponseRules, StaticSite};
 use crate::control::deliver;
+use crate::operations::recording::{self, ServerMeter};
 use crate::request::files::Site;
 use crate::request::headers::ServerHeaders;
 use crate::request::jwt::JwtGate;
@@ -36,6 +37,9 @@ use crate::routing::routes::RouteTable;
 /// How long streamed responses get to end once a generation's drain deadline has
 /// passed, before its shutdown hook runs anyway.
 const CUT_GRACE: Duration = Duration::from_millis(500);
+
+mod steer;
+pub use steer::{Cause, Refusal, ReloadRecord, Steered};
 
 /// A generation as it serves: with its route table.
 pub type Generation = plugin::Generation<RouteTable>;
@@ -64,6 +68,10 @@ pub struct Server {
     /// How many of its plugin polls may run at once (`max_threads`): one bound for all
     /// its generations.
     pub bulkhead: Arc<Bulkhead>,
+    /// Its counters for the metrics: the same for every server of this name, ever.
+    pub meter: &'static ServerMeter,
+    /// Drained through the admin API: waiting on purpose, so not counted against ready.
+    drained: std::sync::atomic::AtomicBool,
 }
 
 /// What a server is doing right now.
@@ -86,12 +94,14 @@ impl Server {
             sockets: Hub::new(name.clone()),
             inbox,
             inbox_rx: Mutex::new(Some(inbox_rx)),
+            meter: recording::meter(&name),
             name,
             implicit,
             state: ArcSwap::from_pointee(ServerState::Waiting("starting".to_owned())),
             files: ArcSwapOption::empty(),
             headers: ArcSwap::from_pointee(ServerHeaders::new(&ResponseRules::default())),
             generations: AtomicU64::new(0),
+            drained: Default::default(),
         })
     }
 
@@ -193,6 +203,9 @@ pub struct Routing {
     /// Token rules (`servers[].jwt`); `None` when no server has any, so that a request
     /// pays one check for them.
     pub jwt: Option<Box<JwtGate>>,
+    /// `global.health_path`. Requests look at it only while
+    /// `request::http::health_path_on` says there is one.
+    pub health_path: Option<Box<str>>,
 }
 
 /// What a server should run: from its config entry, or made up for a drop-in library.
@@ -253,7 +266,16 @@ impl Fingerprint {
 struct Control {
     /// Set by `shutdown_all`: no change is applied after it.
     stopping: bool,
+    /// The config in force: the file's, with `enabled` as the admin API last set it.
     config: Config,
+    /// Servers enabled or disabled through the admin API: this wins over the file's
+    /// `enabled` until the host stops (or the file is rewritten with `persist`).
+    enabled: BTreeMap<String, bool>,
+    /// Servers drained through the admin API, until they are enabled again.
+    drained: HashSet<String>,
+    /// The last generation number of each server removed (disabled, say), so that its
+    /// numbers go on from there if it comes back.
+    numbered: HashMap<String, u64>,
     plugin_dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     servers: Vec<ServerEntry>,
@@ -265,13 +287,16 @@ struct Control {
 struct Timing {
     since: Instant,
     started: Instant,
+    /// What asked for the change (for the reload history).
+    cause: Cause,
 }
 
 impl Timing {
-    fn new(since: Instant) -> Self {
+    fn new(since: Instant, cause: Cause) -> Self {
         Timing {
             since,
             started: Instant::now(),
+            cause,
         }
     }
 }
@@ -393,6 +418,8 @@ pub struct Microservers {
     /// Set by `shutdown_all` before it waits for the control lock: a change in progress
     /// starts no further generation.
     stopping: std::sync::atomic::AtomicBool,
+    /// The last reloads, newest last (at most `steer::HISTORY`).
+    reloads: Mutex<VecDeque<ReloadRecord>>,
 }
 
 impl std::fmt::Debug for Microservers {
@@ -489,10 +516,14 @@ impl Microservers {
                 redirect_https: Vec::new(),
                 admission: None,
                 jwt: None,
+                health_path: None,
             }),
             control: Mutex::new(Control {
                 stopping: false,
                 config: config.clone(),
+                enabled: BTreeMap::new(),
+                drained: HashSet::new(),
+                numbered: HashMap::new(),
                 plugin_dir,
                 files: BTreeMap::new(),
                 servers: Vec::new(),
@@ -501,11 +532,16 @@ impl Microservers {
             retiring: Arc::default(),
             plugin_thread: PluginThread::default(),
             stopping: Default::default(),
+            reloads: Mutex::default(),
         };
         {
             let mut control = this.control();
             this.sync_files(&mut control, &mut report);
-            this.sync_servers(&mut control, Timing::new(Instant::now()), &mut report);
+            this.sync_servers(
+                &mut control,
+                Timing::new(Instant::now(), Cause::Start),
+                &mut report,
+            );
             this.publish(&control);
         }
         (this, report)
@@ -535,7 +571,7 @@ impl Microservers {
     /// moves every server using one to a new generation. `since` is when the change was
     /// first noticed (for the reload log line).
     pub fn sync_plugins(&self, since: Instant) -> Report {
-        let timing = Timing::new(since);
+        let timing = Timing::new(since, Cause::PluginFolder);
         let mut report = Report::default();
         let mut control = self.control();
         if control.stopping {
@@ -559,11 +595,19 @@ impl Microservers {
         since: Instant,
         keep_listen: bool,
     ) -> Option<Report> {
-        let timing = Timing::new(since);
+        let timing = Timing::new(since, Cause::ConfigFile);
         let mut report = Report::default();
         let mut control = self.control();
         if keep_listen {
             config.global.listen = control.config.global.listen.clone();
+        }
+        // The admin listener is set up at start (from the file or `--admin`) and stays.
+        config.global.admin = control.config.global.admin.clone();
+        // So does what the admin API enabled or disabled.
+        for server in &mut config.servers {
+            if let Some(&enabled) = control.enabled.get(&server.name) {
+                server.enabled = enabled;
+            }
         }
         if control.stopping || control.config == config {
             return None;
@@ -943,16 +987,29 @@ impl Microservers {
                 .map(|i| old.swap_remove(i));
             let (server, mut tried) = match existing {
                 Some(e) => (e.server, e.tried),
-                None => (
-                    Server::new(&spec.name, spec.implicit, control.config.global.bus.queue),
-                    None,
-                ),
+                None => {
+                    let server =
+                        Server::new(&spec.name, spec.implicit, control.config.global.bus.queue);
+                    let last = control.numbered.get(&spec.name).copied().unwrap_or(0);
+                    server.generations.store(last, Ordering::Relaxed);
+                    (server, None)
+                }
             };
             server.set_files(spec.files.as_ref());
             server.set_headers(&spec.response);
             server
                 .bulkhead
                 .set_limit(spec.max_threads.unwrap_or_else(bulkhead::default_limit));
+            if control.drained.contains(&spec.name) {
+                self.drain(&server, drain);
+                next.push(ServerEntry {
+                    server,
+                    spec,
+                    tried: None,
+                });
+                continue;
+            }
+            server.drained.store(false, Ordering::Relaxed);
             let current = server.serving();
             let Some(plugin) = spec.plugin.as_deref() else {
                 self.files_only(&server, drain);
@@ -999,12 +1056,17 @@ impl Microservers {
                     }
                 }
                 Resolution::Refused(e) => match current {
-                    Some(g) => tracing::warn!(
-                        server = %server.name,
-                        generation = g.number,
-                        "kept serving the previous build of {}: the new one was refused",
-                        e.file.display()
-                    ),
+                    Some(g) => {
+                        tracing::warn!(
+                            server = %server.name,
+                            generation = g.number,
+                            "kept serving the previous build of {}: the new one was refused",
+                            e.file.display()
+                        );
+                        let reason = format!("refused: {e}");
+                        self.note_reload(&server, timing, Err(reason.clone()));
+                        server.meter.reloaded(Err(reason));
+                    }
                     None => self.wait(
                         &server,
                         format!("its plugin was refused: {e}"),
@@ -1031,6 +1093,10 @@ impl Microservers {
         }
         for gone in old {
             tracing::info!(server = %gone.server.name, "server removed");
+            control.numbered.insert(
+                gone.spec.name.clone(),
+                gone.server.generations.load(Ordering::Relaxed),
+            );
             gone.server
                 .sockets
                 .close_all("this server was removed", true);
@@ -1154,6 +1220,8 @@ impl Microservers {
                     "{}",
                     if current.is_some() { "reloaded" } else { "serving" }
                 );
+                server.meter.reloaded(Ok(number));
+                self.note_reload(server, timing, Ok(number));
                 if let Some(old) = current {
                     self.retire(old, deadlines.drain);
                 }
@@ -1164,6 +1232,8 @@ impl Microservers {
                     library.name,
                     library.file.display()
                 );
+                server.meter.reloaded(Err(reason.clone()));
+                self.note_reload(server, timing, Err(reason.clone()));
                 match current {
                     Some(g) => tracing::error!(
                         server = %server.name,
@@ -1337,7 +1407,27 @@ impl Microservers {
                 .collect(),
             admission,
             jwt: JwtGate::build(&control.config),
+            health_path: control.config.global.health_path.as_deref().map(Box::from),
         }));
+        crate::request::http::set_health_path_on(control.config.global.health_path.is_some());
+        // Counting requests is wasted without a listener to show the counts.
+        let global = &control.config.global;
+        recording::set_enabled(global.metrics && global.admin.is_some());
+    }
+
+    /// The servers that should serve and do not (a server that is waiting: its plugin
+    /// missing, refused or failing its init), with why. Empty: the host is ready. A
+    /// server drained through the admin API waits on purpose, and does not count.
+    pub fn not_ready(&self) -> Vec<(Arc<str>, String)> {
+        self.routing()
+            .servers
+            .iter()
+            .filter(|s| !s.drained.load(Ordering::Relaxed))
+            .filter_map(|s| match &**s.state() {
+                ServerState::Waiting(reason) => Some((s.name.clone(), reason.clone())),
+                ServerState::Serving(_) | ServerState::Static => None,
+            })
+            .collect()
     }
 }
 

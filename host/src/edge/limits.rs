@@ -267,7 +267,24 @@ pub struct Ticket {
     ip: Option<IpAddr>,
 }
 
+/// The gate of the running listeners, for the metrics (held weakly: the listeners own
+/// it).
+static SERVING_GATE: Mutex<Option<std::sync::Weak<Gate>>> = Mutex::new(None);
+
+/// How many connections the public listeners hold open now (0 before they start).
+pub fn open_connections() -> usize {
+    let gate = SERVING_GATE.lock().unwrap_or_else(|p| p.into_inner());
+    gate.as_ref()
+        .and_then(std::sync::Weak::upgrade)
+        .map_or(0, |g| g.open())
+}
+
 impl Gate {
+    /// Makes this the gate [`open_connections`] reads.
+    pub fn publish(self: &Arc<Self>) {
+        *SERVING_GATE.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(self));
+    }
+
     /// How many connections are open.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)

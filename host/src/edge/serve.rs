@@ -217,6 +217,7 @@ pub async fn serve(
     }
     let connections = Arc::new(Connections::default());
     let gate = Arc::new(Gate::default());
+    gate.publish();
     let fds = limits::raise_fd_limit();
     let sweeper = tokio::spawn(sweep(servers.clone(), connections.clone(), gate.clone()));
     let mut refusals = Refusals::default();

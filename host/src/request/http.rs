@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,6 +39,7 @@ pub use crate::boundary::request_id::RequestId;
 use crate::boundary::request_id::X_REQUEST_ID;
 use crate::boundary::services::ServiceResponse;
 use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
+use crate::operations::recording::{self, ServerMeter};
 use crate::routing::domain::normalize_host;
 use crate::routing::routes::{RouteMatch, RouteTable};
 use crate::routing::tenants::TenantId;
@@ -276,6 +278,46 @@ impl StreamedBody {
     }
 }
 
+/// Whether `global.health_path` is set: with none, this is all a request pays for it.
+static HEALTH_PATH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says whether the routing snapshot has a `health_path` (control calls it when it
+/// publishes one).
+pub fn set_health_path_on(on: bool) {
+    HEALTH_PATH.store(on, Ordering::Relaxed);
+}
+
+/// `global.health_path` on any domain: 200 if every server that should serve does, else
+/// 503 with the ones that do not. `None`: not that path.
+#[cold]
+#[inline(never)]
+fn health_path(servers: &Microservers, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    if servers.routing().health_path.as_deref() != Some(req.uri().path()) {
+        return None;
+    }
+    let not_ready = servers.not_ready();
+    let (status, body) = if not_ready.is_empty() {
+        (StatusCode::OK, serde_json::json!({"status": "ready"}))
+    } else {
+        let names: Vec<&str> = not_ready.iter().map(|(n, _)| &**n).collect();
+        let body = serde_json::json!({"status": "not ready", "not_ready": names});
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    };
+    let mut response = Response::new(Body::bytes(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    Some(response)
+}
+
 /// Answers one request. Never fails: every problem becomes a response.
 ///
 /// The request is taken apart and boxed here, and the returned future is small: it lives
@@ -284,10 +326,17 @@ impl StreamedBody {
 /// whose handler answers at once (most) is served in one synchronous step on the first
 /// poll; anything else continues in a boxed async path.
 pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: ClientAddr) -> Handle {
+    if HEALTH_PATH.load(Ordering::Relaxed) {
+        if let Some(response) = health_path(&servers, &req) {
+            return answered(&servers, &req, &client, response, None);
+        }
+    }
     // The client's own id if it sent a well-formed one (one header lookup), else a new one.
     let request_id = RequestId::of(req.headers());
     // What the access log and the debug line need, gathered only when one is written.
     let debug = Note::of(&req, &client);
+    // 0 when requests are not counted (`global.metrics: false`).
+    let started = recording::start();
     let (mut parts, body) = req.into_parts();
     // hyper marks a request that asks to upgrade its connection (a WebSocket): it takes
     // a path of its own. (Nothing to remove for any other request: a null check.)
@@ -295,14 +344,36 @@ pub fn handle(servers: Arc<Microservers>, req: Request<Incoming>, client: Client
     // Boxed once, and lent to the plugin as it is: nothing is copied for the boundary.
     let pending = PendingRequest::new(parts, &client, request_id.clone());
     if let Some(upgrade) = upgrade {
-        return upgrading(servers, pending, body, request_id, debug, upgrade);
+        return upgrading(servers, pending, body, request_id, debug, started, upgrade);
     }
     Handle {
         servers,
         start: Some((pending, body)),
         request_id,
         debug,
+        started,
         rest: None,
+    }
+}
+
+/// A response made before the request reached the request path's steps (the health
+/// path, a refusal at the edge, a redirect to HTTPS), for `server` if it has one.
+#[cold]
+#[inline(never)]
+fn answered(
+    servers: &Arc<Microservers>,
+    req: &Request<Incoming>,
+    client: &ClientAddr,
+    response: Response<Body>,
+    server: Served,
+) -> Handle {
+    Handle {
+        servers: servers.clone(),
+        start: None,
+        request_id: RequestId::of(req.headers()),
+        debug: Note::of(req, client),
+        started: recording::start(),
+        rest: Some(Box::pin(async move { (response, server) })),
     }
 }
 
@@ -317,14 +388,7 @@ pub fn refuse(
     status: StatusCode,
     message: impl Into<String>,
 ) -> Handle {
-    let message = message.into();
-    Handle {
-        servers: servers.clone(),
-        start: None,
-        request_id: RequestId::of(req.headers()),
-        debug: Note::of(req, client),
-        rest: Some(Box::pin(async move { (error(status, &message), None) })),
-    }
+    answered(servers, req, client, error(status, &message.into()), None)
 }
 
 /// 308 to `https://` for a request on a plain listener whose server has
@@ -371,14 +435,7 @@ pub fn redirect_https(
             serde_json::json!({ "redirect": location }).to_string(),
         )))
         .ok()?;
-    let name = Some(server.name.clone());
-    Some(Handle {
-        servers: servers.clone(),
-        start: None,
-        request_id: RequestId::of(req.headers()),
-        debug: Note::of(req, client),
-        rest: Some(Box::pin(async move { (response, name) })),
-    })
+    Some(answered(servers, req, client, response, Some(server.meter)))
 }
 
 #[cold]
@@ -389,15 +446,16 @@ fn upgrading(
     body: Incoming,
     request_id: RequestId,
     debug: Option<Box<Note>>,
+    started: u64,
     upgrade: OnUpgrade,
 ) -> Handle {
-    let want_name = debug.is_some();
+    let want_server = debug.is_some() || started != 0;
     let rest = websocket::upgrade(
         servers.clone(),
         pending,
         body,
         request_id.clone(),
-        want_name,
+        want_server,
         upgrade,
     );
     Handle {
@@ -405,6 +463,7 @@ fn upgrading(
         start: None,
         request_id,
         debug,
+        started,
         rest: Some(Box::pin(rest)),
     }
 }
@@ -415,11 +474,17 @@ pub struct Handle {
     start: Option<(PendingRequest, Incoming)>,
     request_id: RequestId,
     debug: Option<Box<Note>>,
+    /// When it started ([`recording::start`]); 0: it is not counted.
+    started: u64,
     rest: Option<Pin<Box<dyn Future<Output = Routed> + Send>>>,
 }
 
-/// A response, and the server's name when the debug line wants it.
-pub(super) type Routed = (Response<Body>, Option<Arc<str>>);
+/// The server that answered, when the request is counted or the debug line wants its
+/// name: its meter, which also holds its name (a pointer: nothing to count or free).
+pub(super) type Served = Option<&'static ServerMeter>;
+
+/// A response, and the server that answered (see [`Served`]).
+pub(super) type Routed = (Response<Body>, Served);
 
 impl Future for Handle {
     type Output = Result<Response<Body>, Infallible>;
@@ -428,13 +493,13 @@ impl Future for Handle {
         let this = &mut *self;
         if this.rest.is_none() {
             let (pending, body) = this.start.take().expect("polled after it answered");
-            let want_name = this.debug.is_some();
+            let want_server = this.debug.is_some() || this.started != 0;
             match first_step(
                 &this.servers,
                 pending,
                 body,
                 &this.request_id,
-                want_name,
+                want_server,
                 cx,
             ) {
                 Ok((mut response, name)) => {
@@ -456,16 +521,24 @@ impl Handle {
     /// Adds the request id, and writes the access log and debug lines if they are
     /// wanted. Takes the
     /// response by reference: it is large, and moving it costs a copy.
-    fn finish(&mut self, response: &mut Response<Body>, server: Option<Arc<str>>) {
+    fn finish(&mut self, response: &mut Response<Body>, server: Served) {
         if let Some(id) = self.request_id.header_value() {
             response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        }
+        if self.started != 0 {
+            let bytes = response.body().size_hint().exact();
+            let status = response.status().as_u16();
+            server
+                .unwrap_or_else(recording::unrouted)
+                .record(status, self.started, bytes);
         }
         if let Some(note) = self.debug.take() {
             let bytes = response.body().size_hint().exact();
             let status = response.status().as_u16();
-            let tenant = server.as_deref().and_then(|s| self.tenant(s, &note));
+            let name = server.map(|m| &*m.name);
+            let tenant = name.and_then(|s| self.tenant(s, &note));
             let answered = Answered {
-                server: server.as_deref(),
+                server: name,
                 tenant: tenant.as_ref().map(TenantId::as_str),
                 request_id: self.request_id.as_str(),
             };
@@ -492,7 +565,7 @@ fn first_step(
     pending: PendingRequest,
     body: Incoming,
     id: &RequestId,
-    want_name: bool,
+    want_server: bool,
     cx: &mut Context<'_>,
 ) -> Result<Routed, Pin<Box<dyn Future<Output = Routed> + Send>>> {
     if !body.is_end_stream() {
@@ -501,20 +574,20 @@ fn first_step(
             pending,
             body,
             id.clone(),
-            want_name,
+            want_server,
             false,
         )));
     }
     let body = LentBody::Bytes(Bytes::new());
     let to = To::Domain { admitted: false };
-    match dispatch(servers, pending, body, id, want_name, to, cx) {
+    match dispatch(servers, pending, body, id, want_server, to, cx) {
         Step::Done(routed) => Ok(routed),
         Step::Retry(pending, body) => Err(Box::pin(dispatch_later(
             servers.clone(),
             pending,
             body,
             id.clone(),
-            want_name,
+            want_server,
         ))),
         Step::Running(running, name) => Err(Box::pin(async move { (running.await, name) })),
         Step::ReadBody(..) => unreachable!("a request without a body was not lent as a stream"),
@@ -542,10 +615,7 @@ enum Step {
     /// that took a stream) wants it whole: read it, then dispatch again.
     ReadBody(PendingRequest, Box<Incoming>),
     /// The handler did not answer at once.
-    Running(
-        Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
-        Option<Arc<str>>,
-    ),
+    Running(Pin<Box<dyn Future<Output = Response<Body>> + Send>>, Served),
 }
 
 /// The server a request is for.
@@ -553,8 +623,8 @@ pub(super) struct Resolved<'r, 'p> {
     pub server: &'r Arc<Server>,
     /// A view of the request (`'p`), or normalised.
     pub domain: Cow<'p, [u8]>,
-    /// The server's name, if the debug line wants it.
-    pub name: Option<Arc<str>>,
+    /// The server's meter, if the request is counted or the debug line wants its name.
+    pub name: Served,
 }
 
 /// The server a request is for; or the response that turns it away (boxed: it is the
@@ -562,7 +632,7 @@ pub(super) struct Resolved<'r, 'p> {
 pub(super) fn resolve<'r, 'p>(
     routing: &'r Routing,
     parts: &'p Parts,
-    want_name: bool,
+    want_server: bool,
 ) -> Result<Resolved<'r, 'p>, Box<Routed>> {
     let refuse = |status, message: &str| Box::new((error(status, message), None));
     // A proxy's CONNECT names no route; HTTP/2's extended CONNECT (RFC 8441: a
@@ -577,7 +647,7 @@ pub(super) fn resolve<'r, 'p>(
     // A configured name is already normalised: a client that sends one exactly (most
     // do) needs no normalising.
     if let Some(server) = routing.domains.lookup_exact(raw) {
-        let name = want_name.then(|| server.name.clone());
+        let name = want_server.then_some(server.meter);
         return Ok(Resolved {
             server,
             domain: Cow::Borrowed(raw),
@@ -608,7 +678,7 @@ pub(super) fn resolve<'r, 'p>(
         let message = format!("no microserver serves the domain {:?}", &*domain);
         return Err(refuse(StatusCode::NOT_FOUND, &message));
     };
-    let name = want_name.then(|| server.name.clone());
+    let name = want_server.then_some(server.meter);
     let domain = match domain {
         Cow::Borrowed(d) => Cow::Borrowed(d.as_bytes()),
         Cow::Owned(d) => Cow::Owned(d.into_bytes()),
@@ -624,7 +694,7 @@ pub(super) fn resolve<'r, 'p>(
 /// 10 s in all).
 #[cold]
 #[inline(never)]
-fn busy(server: &Server, max: usize, name: Option<Arc<str>>) -> Refused {
+fn busy(server: &Server, max: usize, name: Served) -> Refused {
     static LOGGED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     static SHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let shed = SHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -666,10 +736,10 @@ pub(super) async fn with_body(
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     admitted: bool,
 ) -> Routed {
-    read_body(servers, pending, body, id, want_name, true, admitted).await
+    read_body(servers, pending, body, id, want_server, true, admitted).await
 }
 
 /// [`with_body`], where `may_stream` false reads the body whole whatever the route (the
@@ -680,7 +750,7 @@ async fn read_body(
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     may_stream: bool,
     admitted: bool,
 ) -> Routed {
@@ -691,7 +761,7 @@ async fn read_body(
             server,
             name,
             domain,
-        } = match resolve(&routing, parts, want_name) {
+        } = match resolve(&routing, parts, want_server) {
             Ok(resolved) => resolved,
             Err(routed) => return *routed,
         };
@@ -730,18 +800,18 @@ async fn read_body(
     };
     let Some((max, timeout, streamed)) = reading else {
         let body = LentBody::Bytes(Bytes::new());
-        return dispatch_later(servers, pending, body, id, want_name).await;
+        return dispatch_later(servers, pending, body, id, want_server).await;
     };
     if streamed {
         // The route reads the body itself, as it arrives.
         let body = LentBody::Stream(Box::new(body));
-        return dispatch_later(servers, pending, body, id, want_name).await;
+        return dispatch_later(servers, pending, body, id, want_server).await;
     }
     let read = Limited::new(body, max as usize).collect();
     let problem = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(collected)) => {
             let body = LentBody::Bytes(collected.to_bytes());
-            return dispatch_later(servers, pending, body, id, want_name).await;
+            return dispatch_later(servers, pending, body, id, want_server).await;
         }
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => too_large(max),
         Ok(Err(e)) => error(
@@ -757,7 +827,7 @@ async fn read_body(
         }
     };
     let routing = servers.routing();
-    match resolve(&routing, pending.parts(), want_name) {
+    match resolve(&routing, pending.parts(), want_server) {
         Ok(Resolved {
             server,
             domain,
@@ -793,9 +863,9 @@ async fn dispatch_later(
     pending: PendingRequest,
     body: LentBody,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
 ) -> Routed {
-    dispatch_later_to(servers, pending, body, id, want_name, None).await
+    dispatch_later_to(servers, pending, body, id, want_server, None).await
 }
 
 /// [`dispatch_later`], to `target` rather than the server the request's domain names
@@ -805,7 +875,7 @@ async fn dispatch_later_to(
     pending: PendingRequest,
     body: LentBody,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     target: Option<Arc<Server>>,
 ) -> Routed {
     let mut next = Some((pending, body));
@@ -816,7 +886,7 @@ async fn dispatch_later_to(
     loop {
         let step = std::future::poll_fn(|cx| {
             let (pending, body) = next.take().expect("set before each poll");
-            Poll::Ready(dispatch(&servers, pending, body, &id, want_name, to, cx))
+            Poll::Ready(dispatch(&servers, pending, body, &id, want_server, to, cx))
         })
         .await;
         match step {
@@ -829,7 +899,13 @@ async fn dispatch_later_to(
             Step::ReadBody(pending, incoming) => {
                 // Boxed: `read_body` comes back here (once: it reads the body whole).
                 let read = Box::pin(read_body(
-                    servers, pending, *incoming, id, want_name, false, true,
+                    servers,
+                    pending,
+                    *incoming,
+                    id,
+                    want_server,
+                    false,
+                    true,
                 ));
                 return read.await;
             }
@@ -847,11 +923,11 @@ enum Refused {
     ReadBody,
     /// No plugin route takes it: the server's static files answer, else `Otherwise`.
     /// Boxed: it is larger.
-    Files(Box<(Arc<Site>, Otherwise, Option<Arc<str>>)>),
+    Files(Box<(Arc<Site>, Otherwise, Served)>),
 }
 
 impl Refused {
-    fn files(site: Arc<Site>, otherwise: Otherwise, name: Option<Arc<str>>) -> Self {
+    fn files(site: Arc<Site>, otherwise: Otherwise, name: Served) -> Self {
         Refused::Files(Box::new((site, otherwise, name)))
     }
 }
@@ -869,7 +945,7 @@ fn files_for(server: &Server, method: &Method) -> Option<Arc<Site>> {
 /// Out of line: a plugin's request never comes here, and a file request reads a file.
 #[cold]
 #[inline(never)]
-fn static_only(server: &Server, method: &Method, name: Option<Arc<str>>) -> Refused {
+fn static_only(server: &Server, method: &Method, name: Served) -> Refused {
     if let Some(site) = files_for(server, method) {
         return Refused::files(site, Otherwise::NotFound, name);
     }
@@ -896,7 +972,7 @@ fn dispatch(
     pending: PendingRequest,
     body: LentBody,
     id: &RequestId,
-    want_name: bool,
+    want_server: bool,
     to: To<'_>,
     cx: &mut Context<'_>,
 ) -> Step {
@@ -919,12 +995,12 @@ fn dispatch(
             name,
         } = match to {
             To::Domain { .. } => {
-                resolve(&routing, parts, want_name).map_err(|r| (Refused::Done(r), None))?
+                resolve(&routing, parts, want_server).map_err(|r| (Refused::Done(r), None))?
             }
             To::Server(server) => Resolved {
                 server,
                 domain: Cow::Owned(server.name.as_bytes().to_vec()),
-                name: want_name.then(|| server.name.clone()),
+                name: want_server.then_some(server.meter),
             },
         };
         // Over a rate limit: 429, whatever the server's state. Else the tenant header
@@ -933,7 +1009,7 @@ fn dispatch(
             None => None,
             Some((admission, client)) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| (Refused::Done(Box::new((*refused, name.clone()))), None))?
+                .map_err(|refused| (Refused::Done(Box::new((*refused, name))), None))?
                 .map(|tenant| Box::new(HostHeaders::from_iter([tenant]))),
         };
         // A client's request gets what its server adds to its responses; a service
@@ -1063,7 +1139,7 @@ fn enter<'p>(
     parts: &'p Parts,
     params: &mut ParamSink<'_, 'p>,
     domain: Cow<'p, [u8]>,
-    name: Option<Arc<str>>,
+    name: Served,
     arriving: bool,
 ) -> Result<(Lending<'p>, Entered), Refused> {
     // Enter the server's current generation. A generation retired between the load
@@ -1129,8 +1205,8 @@ fn enter<'p>(
 }
 
 /// A request that entered a generation: its in-flight guard, its route, whether it is a
-/// HEAD, and the server's name (when the debug line wants it).
-type Entered = (InFlight, u32, bool, Option<Arc<str>>);
+/// HEAD, and the server's meter (see [`Served`]).
+type Entered = (InFlight, u32, bool, Served);
 
 /// A handler still running, and the in-flight guard of its generation. The fields drop
 /// in this order: the handler's future (plugin code) while the request still counts as
@@ -1237,6 +1313,8 @@ async fn wait_for(
 /// A handler that did not answer within the request timeout: logged, and 504.
 fn timed_out(in_flight: &InFlight, timeout: Duration, id: &RequestId) -> Response<Body> {
     let g = in_flight.generation();
+    let timeouts = &recording::meter(&g.server).timeouts;
+    timeouts.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         server = %g.server,
         plugin = %g.plugin().name,
@@ -1275,6 +1353,8 @@ pub(super) fn respond(
             let g = generation.generation();
             g.panics
                 .report(route, g.routes.describe(route), id.as_str(), panic.as_str());
+            let panics = &recording::meter(&g.server).panics;
+            panics.fetch_add(1, Ordering::Relaxed);
             (internal_error(id.as_str()), Some(generation))
         }
     }

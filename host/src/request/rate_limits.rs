@@ -359,6 +359,8 @@ fn too_many(
     static LOGGED: Mutex<Option<Instant>> = Mutex::new(None);
     let refused = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
     let total = REFUSED_TOTAL.fetch_add(1, Ordering::Relaxed) + 1;
+    let counted = &crate::operations::recording::meter(server).rate_limited;
+    counted.fetch_add(1, Ordering::Relaxed);
     {
         let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
         if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {

@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed};
+use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed, Served};
 use crate::boundary::call::{intern, HostHeaders, Lending, LentBody, OutcomeSlot, PendingRequest};
 use crate::boundary::plugin;
 use crate::boundary::sockets::{close_frame, Conn, Outgoing, Outgoings, Refusal};
@@ -118,7 +118,7 @@ struct Opened {
     server: Arc<Server>,
     conn: Arc<Conn>,
     rx: Outgoings,
-    name: Option<Arc<str>>,
+    name: Served,
     limits: WebSocketLimits,
     timeout: Duration,
 }
@@ -131,11 +131,11 @@ pub(super) async fn upgrade(
     pending: PendingRequest,
     body: Incoming,
     id: RequestId,
-    want_name: bool,
+    want_server: bool,
     on_upgrade: OnUpgrade,
 ) -> Routed {
     if !asks_for_websocket(pending.parts()) {
-        return http::with_body(servers, pending, body, id, want_name, false).await;
+        return http::with_body(servers, pending, body, id, want_server, false).await;
     }
     let key = match check_handshake(pending.parts()) {
         Ok(key) => key,
@@ -151,7 +151,7 @@ pub(super) async fn upgrade(
     let (opened, request) = loop {
         let step = std::future::poll_fn(|_| {
             let pending = pending.take().expect("set before each step");
-            Poll::Ready(open(&servers, pending, &id, want_name, admitted))
+            Poll::Ready(open(&servers, pending, &id, want_server, admitted))
         })
         .await;
         admitted = true;
@@ -162,7 +162,7 @@ pub(super) async fn upgrade(
                 tokio::task::yield_now().await;
             }
             Err((back, Refused::Ordinary)) => {
-                return http::with_body(servers, back, body, id, want_name, true).await;
+                return http::with_body(servers, back, body, id, want_server, true).await;
             }
             Err((_, Refused::Done(routed))) => return *routed,
         }
@@ -232,7 +232,7 @@ fn open(
     servers: &Microservers,
     pending: PendingRequest,
     id: &RequestId,
-    want_name: bool,
+    want_server: bool,
     admitted: bool,
 ) -> Result<(Opened, FfiRequest), (PendingRequest, Refused)> {
     let routing = servers.routing();
@@ -242,17 +242,17 @@ fn open(
             server,
             domain,
             name,
-        } = http::resolve(&routing, parts, want_name).map_err(Refused::Done)?;
+        } = http::resolve(&routing, parts, want_server).map_err(Refused::Done)?;
         let mut header = match routing.admission.as_deref() {
             None => None,
             Some(admission) => admission
                 .admit(&server.name, &domain, client.as_ref())
-                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?
+                .map_err(|refused| Refused::Done(Box::new((*refused, name))))?
                 .map(|tenant| Box::new(HostHeaders::from_iter([tenant]))),
         };
         if let Some(gate) = routing.jwt.as_deref() {
             http::check_token(gate, server, parts, id, &mut header)
-                .map_err(|refused| Refused::Done(Box::new((*refused, name.clone()))))?;
+                .map_err(|refused| Refused::Done(Box::new((*refused, name))))?;
         }
         let in_flight = match &**server.state() {
             ServerState::Serving(g) => g.enter().ok_or(Refused::Retry)?,
@@ -442,6 +442,9 @@ async fn serve(
             }
             frame = ws.next(), if delivery.is_none() => {
                 heard = Instant::now();
+                if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &frame {
+                    conn.hub().messages_in.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let (kind, data) = match frame {
                     Some(Ok(Message::Text(text))) => (FfiSocketEventKind::Text, Bytes::from(text)),
                     Some(Ok(Message::Binary(bytes))) => (FfiSocketEventKind::Binary, bytes),

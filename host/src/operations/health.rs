@@ -1,0 +1,174 @@
+//! What the health endpoints say: live, ready, each server, and the process. Read from
+//! control (the routing snapshot and each server's state), the boundary (generations,
+//! WebSocket hubs) and the recorded counts; built only when asked.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+
+use super::recording::{self, ReloadNote};
+use crate::control::servers::{Microservers, Server, ServerState};
+
+/// `/health/live`: the process answers.
+pub fn live() -> Value {
+    json!({"status": "live", "uptime_s": uptime_s()})
+}
+
+/// `/health/ready`: whether every server that should serve does; the body lists the
+/// ones that do not, with why.
+pub fn ready(servers: &Microservers) -> (bool, Value) {
+    let not_ready = servers.not_ready();
+    if not_ready.is_empty() {
+        return (true, json!({"status": "ready"}));
+    }
+    let list: Vec<Value> = not_ready
+        .iter()
+        .map(|(name, reason)| json!({"name": &**name, "reason": reason}))
+        .collect();
+    (false, json!({"status": "not ready", "not_ready": list}))
+}
+
+/// `/health/servers`: every server.
+pub fn servers(servers: &Microservers) -> Value {
+    let routing = servers.routing();
+    let list: Vec<Value> = routing.servers.iter().map(server).collect();
+    json!({"servers": list})
+}
+
+/// `/health/servers/NAME`, or `None` if there is no such server.
+pub fn server_named(servers: &Microservers, name: &str) -> Option<Value> {
+    let routing = servers.routing();
+    let found = routing.servers.iter().find(|s| &*s.name == name)?;
+    Some(server(found))
+}
+
+/// One server: its state, what it runs, how its last reload went, what it holds now.
+pub fn server(server: &Arc<Server>) -> Value {
+    let state = server.state();
+    let (state_name, reason, generation) = match &**state {
+        ServerState::Serving(g) => ("serving", None, Some(g.clone())),
+        ServerState::Waiting(reason) => ("waiting", Some(reason.clone()), None),
+        ServerState::Static => ("static", None, None),
+    };
+    let plugin = generation.as_ref().map(|g| {
+        let lib = g.plugin();
+        json!({
+            "name": lib.name,
+            "version": lib.version,
+            "api_version": lib.api_version,
+            "build": lib.build(),
+            "file": lib.file.display().to_string(),
+        })
+    });
+    let (last, loaded_at) = server.meter.last_reload();
+    let totals = server.meter.totals();
+    json!({
+        "name": &*server.name,
+        "state": state_name,
+        "reason": reason,
+        "generation": generation.as_ref().map(|g| g.number),
+        "plugin": plugin,
+        "loaded_at": generation.as_ref().and(loaded_at).map(rfc3339),
+        "last_reload": last.as_ref().map(reload_note),
+        "in_flight": generation.as_ref().map_or(0, |g| g.in_flight()),
+        "websocket_connections": server.sockets.len(),
+        "requests_total": totals.count(),
+        "errors_total": totals.classes[4],
+    })
+}
+
+fn reload_note(note: &ReloadNote) -> Value {
+    json!({
+        "result": if note.ok { "ok" } else { "failed" },
+        "error": note.error,
+        "generation": note.generation,
+        "at": rfc3339(note.at),
+    })
+}
+
+/// `/health/system`: the process, from `/proc/self` on Linux.
+pub fn system(servers: &Microservers) -> Value {
+    let p = Process::read();
+    let websockets: usize = servers
+        .routing()
+        .servers
+        .iter()
+        .map(|s| s.sockets.len())
+        .sum();
+    json!({
+        "uptime_s": uptime_s(),
+        "rss_bytes": p.rss_bytes,
+        "virtual_memory_bytes": p.virtual_bytes,
+        "cpu_seconds": p.cpu_seconds,
+        "threads": p.threads,
+        "open_fds": p.open_fds,
+        "connections": crate::edge::limits::open_connections(),
+        "websocket_connections": websockets,
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+pub fn uptime_s() -> f64 {
+    recording::started_at().elapsed().as_secs_f64()
+}
+
+/// A time as RFC 3339, in UTC, to the second.
+pub fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// The process's own figures. `None` where the system does not say (not Linux).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Process {
+    pub rss_bytes: Option<u64>,
+    pub virtual_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub threads: Option<u64>,
+    pub open_fds: Option<u64>,
+}
+
+impl Process {
+    pub fn read() -> Process {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        Process {
+            rss_bytes: field("VmRSS:").map(|kib| kib * 1024),
+            virtual_bytes: field("VmSize:").map(|kib| kib * 1024),
+            threads: field("Threads:"),
+            cpu_seconds: cpu_seconds(),
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as u64),
+        }
+    }
+}
+
+/// User and system CPU time, from `/proc/self/stat` (in clock ticks of 1/100 s: Linux
+/// reports USER_HZ, which is 100, whatever the kernel's own tick).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from its end.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the line are the 12th and 13th after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}

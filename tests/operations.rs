@@ -1,0 +1,403 @@
+//! Operations: the admin listener's health endpoints and Prometheus metrics, the bearer
+//! token, and the public health path, against real hosts over real sockets.
+
+use serde_json::Value;
+
+use crate::support::{library, variant, Client, Host, Setup};
+
+/// hello (tenant acme), the versioned fixture as `v`, and `gone`, whose plugin is not
+/// installed.
+const CONFIG: &str = r#"{
+  "global": {"reload": {"debounce_ms": 20, "init_timeout_ms": 1000}, "health_path": "/healthz"},
+  "tenants": [{"id": "acme"}],
+  "servers": [
+    {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello", "tenant": "acme"},
+    {"name": "v", "domains": ["v.localhost"], "plugin": "versioned", "config": {"label": "x"}}
+  ]
+}"#;
+
+fn host(label: &str) -> Host {
+    let setup = Setup::new(label, CONFIG).plugin("hello", "hello.so");
+    std::fs::copy(variant("a"), setup.dir.join("plugins/versioned.so")).unwrap();
+    setup.start()
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn scrape(admin: &Client) -> String {
+    let r = admin.get("admin", "/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    r.body
+}
+
+#[test]
+fn the_health_endpoints_describe_the_host_and_each_server() {
+    let host = host("ops-health");
+    let admin = host.admin();
+
+    let live = admin.get("admin", "/health/live");
+    assert_eq!(live.status, 200);
+    assert_eq!(live.json()["status"], "live");
+    assert!(live.json()["uptime_s"].as_f64().unwrap() > 0.0);
+
+    let ready = admin.get("admin", "/health/ready");
+    assert_eq!(
+        (ready.status, ready.json()["status"].clone()),
+        (200, "ready".into())
+    );
+
+    let all = admin.get("admin", "/health/servers").json();
+    let names: Vec<&str> = all["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello", "v"]);
+
+    let one = admin.get("admin", "/health/servers/hello");
+    assert_eq!(one.status, 200);
+    let s = one.json();
+    assert_eq!(s["state"], "serving");
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["plugin"]["name"], "hello");
+    assert_eq!(s["plugin"]["version"], "0.1.0");
+    let build = s["plugin"]["build"].as_str().unwrap();
+    assert!(
+        build.len() == 16 && build.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{build}"
+    );
+    assert!(host.logs().contains(&format!("build={build}")));
+    assert_eq!(s["last_reload"]["result"], "ok");
+    assert_eq!(s["last_reload"]["generation"], 1);
+    assert!(s["loaded_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(s["in_flight"], 0);
+    assert_eq!(s["websocket_connections"], 0);
+
+    let missing = admin.get("admin", "/health/servers/nope");
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"], r#"no server is called "nope""#);
+
+    let system = admin.get("admin", "/health/system").json();
+    for key in [
+        "rss_bytes",
+        "threads",
+        "open_fds",
+        "uptime_s",
+        "cpu_seconds",
+    ] {
+        assert!(system[key].as_f64().unwrap() > 0.0, "{key}: {system}");
+    }
+    assert_eq!(system["pid"], host.pid());
+
+    let unknown = admin.get("admin", "/health/everything");
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("/metrics"));
+    let post = admin.send("POST", "admin", "/metrics", b"", &[]);
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
+
+    // The admin endpoints are not on the public listener, under any domain.
+    assert_eq!(host.get("hello.localhost", "/metrics").status, 404);
+    assert_eq!(host.get("admin", "/health/live").status, 404);
+}
+
+#[test]
+fn readiness_turns_503_while_a_server_waits_and_back() {
+    let host = host("ops-ready");
+    let admin = host.admin();
+    assert_eq!(host.get("anything.example", "/healthz").status, 200);
+
+    std::fs::remove_file(host.dir().join("plugins/hello.so")).unwrap();
+    host.wait_until("not ready", || {
+        admin.get("admin", "/health/ready").status == 503
+    });
+    let ready = admin.get("admin", "/health/ready").json();
+    assert_eq!(ready["status"], "not ready");
+    assert_eq!(ready["not_ready"][0]["name"], "hello");
+    assert!(ready["not_ready"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("was removed"));
+    assert_eq!(ready["not_ready"].as_array().unwrap().len(), 1);
+    let server = admin.get("admin", "/health/servers/hello").json();
+    assert_eq!(server["state"], "waiting");
+    assert_eq!(server["generation"], Value::Null);
+    // The public health path says the same, on every domain, before any routing.
+    let public = host.get("v.localhost", "/healthz");
+    assert_eq!(public.status, 503);
+    assert_eq!(public.json()["not_ready"][0], "hello");
+    assert_eq!(host.get("v.localhost", "/").body, "a x");
+
+    host.install(&library("hello"), "hello.so");
+    host.wait_until("ready", || {
+        admin.get("admin", "/health/ready").status == 200
+    });
+    assert_eq!(host.get("no-such.example", "/healthz").status, 200);
+    let metrics = scrape(&admin);
+    assert_eq!(
+        sample(&metrics, r#"host_server_ready{server="hello"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"host_reloads_total{server="hello",result="ok"}"#
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result() {
+    let host = host("ops-metrics");
+    let admin = host.admin();
+    // Four clients at once: 10 hits and 5 misses each on hello, 6 hits each on v, and
+    // 2 requests each for a domain no server has.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for i in 0..10 {
+                    assert_eq!(host.get("hello.localhost", "/plain").status, 200);
+                    if i % 2 == 0 {
+                        assert_eq!(host.get("hello.localhost", "/no/such/route").status, 404);
+                    }
+                }
+                for _ in 0..6 {
+                    assert_eq!(host.get("v.localhost", "/").status, 200);
+                }
+                for _ in 0..2 {
+                    assert_eq!(host.get("nobody.localhost", "/").status, 404);
+                }
+            });
+        }
+        // Scraping while they run is fine too.
+        s.spawn(|| {
+            for _ in 0..5 {
+                scrape(&admin);
+            }
+        });
+    });
+    let m = scrape(&admin);
+    let requests = |server: &str, tenant: &str, class: &str| {
+        sample(
+            &m,
+            &format!(
+                r#"host_http_requests_total{{server="{server}",tenant="{tenant}",class="{class}"}}"#
+            ),
+        )
+    };
+    assert_eq!(requests("hello", "acme", "2xx"), 40.0);
+    assert_eq!(requests("hello", "acme", "4xx"), 20.0);
+    assert_eq!(requests("hello", "acme", "5xx"), 0.0);
+    assert_eq!(requests("v", "", "2xx"), 24.0);
+    assert_eq!(requests("v", "", "4xx"), 0.0);
+    assert_eq!(
+        sample(&m, r#"host_http_unrouted_requests_total{class="4xx"}"#),
+        8.0
+    );
+    let count = |server: &str| {
+        sample(
+            &m,
+            &format!(r#"host_http_request_duration_seconds_count{{server="{server}"}}"#),
+        )
+    };
+    assert_eq!(count("hello"), 60.0);
+    assert_eq!(count("v"), 24.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_request_duration_seconds_bucket{server="hello",le="+Inf"}"#
+        ),
+        60.0
+    );
+    // Every hello request took less than 10 s, and more than nothing.
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_request_duration_seconds_bucket{server="hello",le="10"}"#
+        ),
+        60.0
+    );
+    assert!(
+        sample(
+            &m,
+            r#"host_http_request_duration_seconds_sum{server="hello"}"#
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_http_requests_in_flight{server="hello"}"#),
+        0.0
+    );
+    assert!(m.contains("# TYPE host_http_request_duration_seconds histogram"));
+    assert!(sample(&m, "process_resident_memory_bytes") > 0.0);
+    assert!(sample(&m, "process_open_fds") > 0.0);
+
+    // A new build of v is a reload that worked; one whose init fails is counted as
+    // failed, with its error, and the build before keeps serving.
+    host.install(&variant("b"), "versioned.so");
+    host.wait_until("b serves", || host.get("v.localhost", "/").body == "b x");
+    host.install(&variant("init-fail"), "versioned.so");
+    host.wait_until("the failed reload is counted", || {
+        let m = scrape(&admin);
+        sample(&m, r#"host_reloads_total{server="v",result="failed"}"#) == 1.0
+    });
+    let m = scrape(&admin);
+    assert_eq!(
+        sample(&m, r#"host_reloads_total{server="v",result="ok"}"#),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_reloads_total{server="hello",result="ok"}"#),
+        1.0
+    );
+    let info = m
+        .lines()
+        .find(|l| l.starts_with(r#"host_server_info{server="v","#))
+        .unwrap();
+    assert!(info.ends_with(r#",generation="2"} 1"#), "{info}");
+    let v = admin.get("admin", "/health/servers/v").json();
+    assert_eq!(v["generation"], 2);
+    assert_eq!(v["last_reload"]["result"], "failed");
+    assert!(v["last_reload"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("variant init-fail refuses to start"));
+    assert_eq!(host.get("v.localhost", "/").body, "b x");
+    // The requests of this part were counted too: 1 or more for the wait, exactly.
+    let after = sample(
+        &scrape(&admin),
+        r#"host_http_requests_total{server="v",tenant="",class="2xx"}"#,
+    );
+    assert!(after > 24.0);
+}
+
+#[test]
+fn a_configured_token_is_required_on_every_admin_path() {
+    let config = r#"{"global": {"admin": {"listen": "127.0.0.1:0", "token_env": "OPS_TOKEN"}},
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("ops-token", config)
+        .plugin("hello", "hello.so")
+        .env("OPS_TOKEN", "s3cret-token")
+        .start();
+    let admin = host.admin();
+    for path in [
+        "/health/live",
+        "/metrics",
+        "/health/servers/nope",
+        "/nowhere",
+    ] {
+        let none = admin.get("admin", path);
+        assert_eq!(none.status, 401, "{path}");
+        assert_eq!(none.header("www-authenticate"), Some("Bearer"));
+        assert!(none.json()["error"].as_str().unwrap().contains("token"));
+        let wrong = admin.send(
+            "GET",
+            "admin",
+            path,
+            b"",
+            &[("authorization", "Bearer s3cret-tokem")],
+        );
+        assert_eq!(wrong.status, 401, "{path}");
+    }
+    let right = [("authorization", "Bearer s3cret-token")];
+    assert_eq!(
+        admin
+            .send("GET", "admin", "/health/live", b"", &right)
+            .status,
+        200
+    );
+    assert_eq!(
+        admin.send("GET", "admin", "/metrics", b"", &right).status,
+        200
+    );
+    assert_eq!(
+        admin
+            .send("GET", "admin", "/health/servers/nope", b"", &right)
+            .status,
+        404
+    );
+    assert!(!host.logs().contains("s3cret-token"));
+}
+
+#[test]
+fn metrics_off_counts_no_request_and_admin_off_listens_nowhere() {
+    let config = r#"{"global": {"metrics": false},
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("ops-metrics-off", config)
+        .plugin("hello", "hello.so")
+        .start();
+    for _ in 0..3 {
+        assert_eq!(host.get("hello.localhost", "/plain").status, 200);
+    }
+    let m = scrape(&host.admin());
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_requests_total{server="hello",tenant="",class="2xx"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_reloads_total{server="hello",result="ok"}"#),
+        1.0
+    );
+
+    let config = r#"{"global": {"admin": null},
+        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    // Without the harness's --admin flag: as the config says.
+    let host = Setup::new("ops-admin-off", config)
+        .plugin("hello", "hello.so")
+        .admin_as_configured()
+        .start();
+    assert_eq!(host.get("hello.localhost", "/plain").status, 200);
+    assert!(!host.logs().contains("admin listening"));
+}
+
+#[test]
+fn bad_admin_settings_are_refused_naming_the_key() {
+    let cases = [
+        (
+            r#"{"admin": {"listen": "localhost"}}"#,
+            "global.admin.listen",
+        ),
+        (
+            r#"{"admin": {"listen": "127.0.0.1:0", "port": 1}}"#,
+            "global.admin",
+        ),
+        (
+            r#"{"admin": {"token_env": "OPS_UNSET_TOKEN"}}"#,
+            "global.admin.token_env",
+        ),
+        (r#"{"admin": 7778}"#, "global.admin"),
+        (r#"{"health_path": "healthz"}"#, "global.health_path"),
+        (r#"{"metrics": "yes"}"#, "global.metrics"),
+    ];
+    for (global, path) in cases {
+        let config = format!(r#"{{"global": {global}, "servers": []}}"#);
+        let out = Setup::new("ops-bad-config", &config).run(&["--check"]);
+        assert_eq!(out.status.code(), Some(2), "{global}: {}", out.stderr);
+        assert!(out.stderr.contains(path), "{global}: {}", out.stderr);
+    }
+    let out = Setup::new("ops-bad-flag", r#"{"servers": []}"#)
+        .admin_as_configured()
+        .run(&["--admin", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("--admin"), "{}", out.stderr);
+}
