@@ -401,3 +401,121 @@ fn bad_admin_settings_are_refused_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stderr.contains("--admin"), "{}", out.stderr);
 }
+
+#[test]
+fn panics_timeouts_and_rate_limit_refusals_are_counted_by_server() {
+    let config = r#"{"global": {"limits": {"request_timeout_ms": 300}},
+      "servers": [
+        {"name": "bad", "domains": ["bad.localhost"], "plugin": "misbehave"},
+        {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello",
+         "rate_limit": {"per_second": 0.1, "burst": 2}}
+      ]}"#;
+    let host = Setup::new("ops-failures", config)
+        .plugin("fixture-misbehave", "misbehave.so")
+        .plugin("hello", "hello.so")
+        .start();
+    for path in ["/panic", "/panic-later", "/panic"] {
+        assert_eq!(host.get("bad.localhost", path).status, 500, "{path}");
+    }
+    for _ in 0..2 {
+        assert_eq!(host.get("bad.localhost", "/hang").status, 504);
+    }
+    // A burst of 2, then one request every 10 s: of 5 at once, 3 are refused.
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| host.get("hello.localhost", "/plain").status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 429, 429]);
+
+    let m = scrape(&host.admin());
+    assert_eq!(sample(&m, r#"host_plugin_panics_total{server="bad"}"#), 3.0);
+    assert_eq!(sample(&m, r#"host_http_timeouts_total{server="bad"}"#), 2.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_requests_total{server="bad",tenant="",class="5xx"}"#
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_rate_limited_total{server="hello"}"#),
+        3.0
+    );
+    assert_eq!(sample(&m, r#"host_rate_limited_total{server="bad"}"#), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_requests_total{server="hello",tenant="",class="4xx"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_plugin_panics_total{server="hello"}"#),
+        0.0
+    );
+}
+
+#[test]
+fn websocket_connections_and_messages_are_counted_by_server() {
+    use tungstenite::Message;
+    let config = r#"{"servers": [
+        {"name": "sockets", "domains": ["sockets.localhost"], "plugin": "sockets"}]}"#;
+    let host = Setup::new("ops-websockets", config)
+        .plugin("fixture-sockets", "sockets.so")
+        .start();
+    let admin = host.admin();
+    let (mut ws, response) = host.websocket("ws://sockets.localhost/ws").unwrap();
+    assert_eq!(response.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::text(format!("m{i}"))).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                Message::Text(t) => {
+                    assert_eq!(t.as_str(), format!("v1:m{i}"));
+                    break;
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+    let m = scrape(&admin);
+    assert_eq!(
+        sample(&m, r#"host_websocket_connections{server="sockets"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_websocket_messages_total{server="sockets",direction="in"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_websocket_messages_total{server="sockets",direction="out"}"#
+        ),
+        3.0
+    );
+    // The upgrade was one response of class 1xx.
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_requests_total{server="sockets",tenant="",class="1xx"}"#
+        ),
+        1.0
+    );
+    let server = admin.get("admin", "/health/servers/sockets").json();
+    assert_eq!(server["websocket_connections"], 1);
+    assert_eq!(
+        admin.get("admin", "/health/system").json()["websocket_connections"],
+        1
+    );
+    drop(ws);
+    host.wait_until("the connection is gone", || {
+        sample(
+            &scrape(&admin),
+            r#"host_websocket_connections{server="sockets"}"#,
+        ) == 0.0
+    });
+}
