@@ -519,3 +519,36 @@ fn websocket_connections_and_messages_are_counted_by_server() {
         ) == 0.0
     });
 }
+
+#[test]
+fn an_admin_address_in_use_stops_the_host_only_when_written_out() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = format!(
+        r#"{{"global": {{"admin": {{"listen": "{addr}"}}}},
+        "servers": [{{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}}]}}"#
+    );
+    let out = Setup::new("ops-admin-taken", &config)
+        .plugin("hello", "hello.so")
+        .admin_as_configured()
+        .run(&["--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("global.admin.listen: cannot listen on {addr}")),
+        "{}",
+        out.stderr
+    );
+
+    // The default address: held here (or by someone else already), the host starts
+    // without its admin listener and says so.
+    let _held = std::net::TcpListener::bind("127.0.0.1:7778");
+    let config =
+        r#"{"servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("ops-admin-default-taken", config)
+        .plugin("hello", "hello.so")
+        .admin_as_configured()
+        .start();
+    assert_eq!(host.get("hello.localhost", "/plain").status, 200);
+    host.wait_for_log(&["the admin listener is off: cannot listen on 127.0.0.1:7778"]);
+}
