@@ -194,7 +194,20 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             }
         });
     });
+    // Request bodies: 3 of 100 bytes, echoed.
+    for _ in 0..3 {
+        let r = host.send("POST", "hello.localhost", "/echo-raw", &[b'x'; 100], &[]);
+        assert_eq!((r.status, r.body.len()), (200, 100));
+    }
     let m = scrape(&admin);
+    assert_eq!(
+        sample(&m, r#"host_http_request_body_bytes_total{server="hello"}"#),
+        300.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_http_request_body_bytes_total{server="v"}"#),
+        0.0
+    );
     let requests = |server: &str, tenant: &str, class: &str| {
         sample(
             &m,
@@ -203,7 +216,7 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             ),
         )
     };
-    assert_eq!(requests("hello", "acme", "2xx"), 40.0);
+    assert_eq!(requests("hello", "acme", "2xx"), 43.0);
     assert_eq!(requests("hello", "acme", "4xx"), 20.0);
     assert_eq!(requests("hello", "acme", "5xx"), 0.0);
     assert_eq!(requests("v", "", "2xx"), 24.0);
@@ -218,14 +231,14 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             &format!(r#"host_http_request_duration_seconds_count{{server="{server}"}}"#),
         )
     };
-    assert_eq!(count("hello"), 60.0);
+    assert_eq!(count("hello"), 63.0);
     assert_eq!(count("v"), 24.0);
     assert_eq!(
         sample(
             &m,
             r#"host_http_request_duration_seconds_bucket{server="hello",le="+Inf"}"#
         ),
-        60.0
+        63.0
     );
     // Every hello request took less than 10 s, and more than nothing.
     assert_eq!(
@@ -233,7 +246,7 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             &m,
             r#"host_http_request_duration_seconds_bucket{server="hello",le="10"}"#
         ),
-        60.0
+        63.0
     );
     assert!(
         sample(
