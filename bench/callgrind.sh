@@ -6,6 +6,7 @@
 #
 #   bench/callgrind.sh [PATH] [REQUESTS]      (default /plain, 4000)
 #   HEADERS=on bench/callgrind.sh             (with the default security headers)
+#   METRICS=off bench/callgrind.sh            (requests not counted for /metrics)
 #
 # Needs valgrind (apt-get install -y valgrind) and python3. Builds the host, the hello
 # plugin and the baseline in release, runs each under callgrind, sends 500 keep-alive
@@ -19,6 +20,9 @@ requests="${2:-4000}"
 # the baseline sends none.
 headers=', "headers": false'
 [ "${HEADERS:-off}" = on ] && headers=''
+# Requests are counted for the metrics, as by default; METRICS=off leaves them uncounted.
+metrics=''
+[ "${METRICS:-on}" = off ] && metrics=', "metrics": false'
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/target/bench/callgrind"
@@ -30,7 +34,7 @@ cargo build --release -q -p bench --bin baseline
 rm -rf "$out" && mkdir -p "$out/plugins"
 cp target/release/libhello.so "$out/plugins/hello.so"
 cat > "$out/servers.config.json" <<EOF
-{"global": {"plugin_dir": "$out/plugins", "reload": {"watch": false}},
+{"global": {"plugin_dir": "$out/plugins", "reload": {"watch": false}, "admin": {"listen": "127.0.0.1:0"}$metrics},
  "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"$headers}]}
 EOF
 

@@ -194,7 +194,20 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             }
         });
     });
+    // Request bodies: 3 of 100 bytes, echoed.
+    for _ in 0..3 {
+        let r = host.send("POST", "hello.localhost", "/echo-raw", &[b'x'; 100], &[]);
+        assert_eq!((r.status, r.body.len()), (200, 100));
+    }
     let m = scrape(&admin);
+    assert_eq!(
+        sample(&m, r#"host_http_request_body_bytes_total{server="hello"}"#),
+        300.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_http_request_body_bytes_total{server="v"}"#),
+        0.0
+    );
     let requests = |server: &str, tenant: &str, class: &str| {
         sample(
             &m,
@@ -203,7 +216,7 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             ),
         )
     };
-    assert_eq!(requests("hello", "acme", "2xx"), 40.0);
+    assert_eq!(requests("hello", "acme", "2xx"), 43.0);
     assert_eq!(requests("hello", "acme", "4xx"), 20.0);
     assert_eq!(requests("hello", "acme", "5xx"), 0.0);
     assert_eq!(requests("v", "", "2xx"), 24.0);
@@ -218,14 +231,14 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             &format!(r#"host_http_request_duration_seconds_count{{server="{server}"}}"#),
         )
     };
-    assert_eq!(count("hello"), 60.0);
+    assert_eq!(count("hello"), 63.0);
     assert_eq!(count("v"), 24.0);
     assert_eq!(
         sample(
             &m,
             r#"host_http_request_duration_seconds_bucket{server="hello",le="+Inf"}"#
         ),
-        60.0
+        63.0
     );
     // Every hello request took less than 10 s, and more than nothing.
     assert_eq!(
@@ -233,7 +246,7 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
             &m,
             r#"host_http_request_duration_seconds_bucket{server="hello",le="10"}"#
         ),
-        60.0
+        63.0
     );
     assert!(
         sample(
@@ -400,4 +413,155 @@ fn bad_admin_settings_are_refused_naming_the_key() {
         .run(&["--admin", "nowhere"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stderr.contains("--admin"), "{}", out.stderr);
+}
+
+#[test]
+fn panics_timeouts_and_rate_limit_refusals_are_counted_by_server() {
+    let config = r#"{"global": {"limits": {"request_timeout_ms": 300}},
+      "servers": [
+        {"name": "bad", "domains": ["bad.localhost"], "plugin": "misbehave"},
+        {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello",
+         "rate_limit": {"per_second": 0.1, "burst": 2}}
+      ]}"#;
+    let host = Setup::new("ops-failures", config)
+        .plugin("fixture-misbehave", "misbehave.so")
+        .plugin("hello", "hello.so")
+        .start();
+    for path in ["/panic", "/panic-later", "/panic"] {
+        assert_eq!(host.get("bad.localhost", path).status, 500, "{path}");
+    }
+    for _ in 0..2 {
+        assert_eq!(host.get("bad.localhost", "/hang").status, 504);
+    }
+    // A burst of 2, then one request every 10 s: of 5 at once, 3 are refused.
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| host.get("hello.localhost", "/plain").status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 429, 429]);
+
+    let m = scrape(&host.admin());
+    assert_eq!(sample(&m, r#"host_plugin_panics_total{server="bad"}"#), 3.0);
+    assert_eq!(sample(&m, r#"host_http_timeouts_total{server="bad"}"#), 2.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_requests_total{server="bad",tenant="",class="5xx"}"#
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_rate_limited_total{server="hello"}"#),
+        3.0
+    );
+    assert_eq!(sample(&m, r#"host_rate_limited_total{server="bad"}"#), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_requests_total{server="hello",tenant="",class="4xx"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(&m, r#"host_plugin_panics_total{server="hello"}"#),
+        0.0
+    );
+}
+
+#[test]
+fn websocket_connections_and_messages_are_counted_by_server() {
+    use tungstenite::Message;
+    let config = r#"{"servers": [
+        {"name": "sockets", "domains": ["sockets.localhost"], "plugin": "sockets"}]}"#;
+    let host = Setup::new("ops-websockets", config)
+        .plugin("fixture-sockets", "sockets.so")
+        .start();
+    let admin = host.admin();
+    let (mut ws, response) = host.websocket("ws://sockets.localhost/ws").unwrap();
+    assert_eq!(response.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::text(format!("m{i}"))).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                Message::Text(t) => {
+                    assert_eq!(t.as_str(), format!("v1:m{i}"));
+                    break;
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+    let m = scrape(&admin);
+    assert_eq!(
+        sample(&m, r#"host_websocket_connections{server="sockets"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_websocket_messages_total{server="sockets",direction="in"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_websocket_messages_total{server="sockets",direction="out"}"#
+        ),
+        3.0
+    );
+    // The upgrade was one response of class 1xx.
+    assert_eq!(
+        sample(
+            &m,
+            r#"host_http_requests_total{server="sockets",tenant="",class="1xx"}"#
+        ),
+        1.0
+    );
+    let server = admin.get("admin", "/health/servers/sockets").json();
+    assert_eq!(server["websocket_connections"], 1);
+    assert_eq!(
+        admin.get("admin", "/health/system").json()["websocket_connections"],
+        1
+    );
+    drop(ws);
+    host.wait_until("the connection is gone", || {
+        sample(
+            &scrape(&admin),
+            r#"host_websocket_connections{server="sockets"}"#,
+        ) == 0.0
+    });
+}
+
+#[test]
+fn an_admin_address_in_use_stops_the_host_only_when_written_out() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = format!(
+        r#"{{"global": {{"admin": {{"listen": "{addr}"}}}},
+        "servers": [{{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}}]}}"#
+    );
+    let out = Setup::new("ops-admin-taken", &config)
+        .plugin("hello", "hello.so")
+        .admin_as_configured()
+        .run(&["--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("global.admin.listen: cannot listen on {addr}")),
+        "{}",
+        out.stderr
+    );
+
+    // The default address: held here (or by someone else already), the host starts
+    // without its admin listener and says so.
+    let _held = std::net::TcpListener::bind("127.0.0.1:7778");
+    let config =
+        r#"{"servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+    let host = Setup::new("ops-admin-default-taken", config)
+        .plugin("hello", "hello.so")
+        .admin_as_configured()
+        .start();
+    assert_eq!(host.get("hello.localhost", "/plain").status, 200);
+    host.wait_for_log(&["the admin listener is off: cannot listen on 127.0.0.1:7778"]);
 }

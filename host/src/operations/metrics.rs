@@ -175,6 +175,12 @@ impl Collector for Scrape {
             "Response body bytes by server (bodies whose size is known when the response is made: not streams).",
             &per(&|r| r.totals.bytes_out),
         )?;
+        counters(
+            &mut enc,
+            "host_http_request_body_bytes",
+            "Request body bytes by server (bodies read whole before the handler: not streamed ones).",
+            &per(&|r| r.totals.bytes_in),
+        )?;
         gauges(
             &mut enc,
             "host_http_requests_in_flight",

@@ -108,6 +108,8 @@ struct Shard {
     latency_ns: AtomicU64,
     /// Response body bytes whose size was known when the response was made.
     bytes_out: AtomicU64,
+    /// Request body bytes read whole before the handler (not streamed ones).
+    bytes_in: AtomicU64,
 }
 
 thread_local! {
@@ -170,6 +172,7 @@ pub struct Totals {
     pub buckets: [u64; BUCKETS.len() + 1],
     pub latency_seconds: f64,
     pub bytes_out: u64,
+    pub bytes_in: u64,
 }
 
 impl Totals {
@@ -263,6 +266,13 @@ impl ServerMeter {
         }
     }
 
+    /// Counts a request body of `bytes`, read whole.
+    #[inline]
+    pub fn received(&self, bytes: u64) {
+        let shard = &self.shards[shard_index()];
+        shard.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// The shards summed (for a scrape).
     pub fn totals(&self) -> Totals {
         let mut t = Totals::default();
@@ -276,6 +286,7 @@ impl ServerMeter {
             }
             latency_ns += shard.latency_ns.load(Ordering::Relaxed);
             t.bytes_out += shard.bytes_out.load(Ordering::Relaxed);
+            t.bytes_in += shard.bytes_in.load(Ordering::Relaxed);
         }
         t.latency_seconds = latency_ns as f64 / 1e9;
         t

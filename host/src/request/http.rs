@@ -796,9 +796,15 @@ async fn read_body(
         if declared_len.is_some_and(|n| n > max) {
             return (refused(too_large(max)), name);
         }
-        Some((max, routing.limits.request_timeout, stream_limit.is_some()))
+        let meter = server.meter;
+        Some((
+            max,
+            routing.limits.request_timeout,
+            stream_limit.is_some(),
+            meter,
+        ))
     };
-    let Some((max, timeout, streamed)) = reading else {
+    let Some((max, timeout, streamed, meter)) = reading else {
         let body = LentBody::Bytes(Bytes::new());
         return dispatch_later(servers, pending, body, id, want_server).await;
     };
@@ -810,7 +816,11 @@ async fn read_body(
     let read = Limited::new(body, max as usize).collect();
     let problem = match tokio::time::timeout(timeout, read).await {
         Ok(Ok(collected)) => {
-            let body = LentBody::Bytes(collected.to_bytes());
+            let body = collected.to_bytes();
+            if recording::enabled() {
+                meter.received(body.len() as u64);
+            }
+            let body = LentBody::Bytes(body);
             return dispatch_later(servers, pending, body, id, want_server).await;
         }
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => too_large(max),
