@@ -998,7 +998,7 @@ impl Microservers {
                             "kept serving the previous build of {}: the new one was refused",
                             e.file.display()
                         );
-                        server.meter.reloaded(Err(format!("refused: {e}")));
+                        server.meter.refused(format!("refused: {e}"));
                     }
                     None => self.wait(
                         &server,
