@@ -440,31 +440,24 @@ fn panics_timeouts_and_rate_limit_refusals_are_counted_by_server() {
     assert_eq!(statuses, [200, 200, 429, 429, 429]);
 
     let m = scrape(&host.admin());
-    assert_eq!(sample(&m, r#"host_plugin_panics_total{server="bad"}"#), 3.0);
-    assert_eq!(sample(&m, r#"host_http_timeouts_total{server="bad"}"#), 2.0);
-    assert_eq!(
-        sample(
-            &m,
-            r#"host_http_requests_total{server="bad",tenant="",class="5xx"}"#
+    let expected = [
+        (r#"host_plugin_panics_total{server="bad"}"#, 3.0),
+        (r#"host_http_timeouts_total{server="bad"}"#, 2.0),
+        (
+            r#"host_http_requests_total{server="bad",tenant="",class="5xx"}"#,
+            5.0,
         ),
-        5.0
-    );
-    assert_eq!(
-        sample(&m, r#"host_rate_limited_total{server="hello"}"#),
-        3.0
-    );
-    assert_eq!(sample(&m, r#"host_rate_limited_total{server="bad"}"#), 0.0);
-    assert_eq!(
-        sample(
-            &m,
-            r#"host_http_requests_total{server="hello",tenant="",class="4xx"}"#
+        (r#"host_rate_limited_total{server="hello"}"#, 3.0),
+        (r#"host_rate_limited_total{server="bad"}"#, 0.0),
+        (
+            r#"host_http_requests_total{server="hello",tenant="",class="4xx"}"#,
+            3.0,
         ),
-        3.0
-    );
-    assert_eq!(
-        sample(&m, r#"host_plugin_panics_total{server="hello"}"#),
-        0.0
-    );
+        (r#"host_plugin_panics_total{server="hello"}"#, 0.0),
+    ];
+    for (series, want) in expected {
+        assert_eq!(sample(&m, series), want, "{series}");
+    }
 }
 
 #[test]
