@@ -33,6 +33,13 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// Checks each sample of `expected` (series, value) in `metrics`.
+fn check(metrics: &str, expected: &[(&str, f64)]) {
+    for (series, want) in expected {
+        assert_eq!(sample(metrics, series), *want, "{series}");
+    }
+}
+
 fn scrape(admin: &Client) -> String {
     let r = admin.get("admin", "/metrics");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -150,17 +157,12 @@ fn readiness_turns_503_while_a_server_waits_and_back() {
         admin.get("admin", "/health/ready").status == 200
     });
     assert_eq!(host.get("no-such.example", "/healthz").status, 200);
-    let metrics = scrape(&admin);
-    assert_eq!(
-        sample(&metrics, r#"host_server_ready{server="hello"}"#),
-        1.0
-    );
-    assert_eq!(
-        sample(
-            &metrics,
-            r#"host_reloads_total{server="hello",result="ok"}"#
-        ),
-        2.0
+    check(
+        &scrape(&admin),
+        &[
+            (r#"host_server_ready{server="hello"}"#, 1.0),
+            (r#"host_reloads_total{server="hello",result="ok"}"#, 2.0),
+        ],
     );
 }
 
@@ -440,31 +442,22 @@ fn panics_timeouts_and_rate_limit_refusals_are_counted_by_server() {
     assert_eq!(statuses, [200, 200, 429, 429, 429]);
 
     let m = scrape(&host.admin());
-    assert_eq!(sample(&m, r#"host_plugin_panics_total{server="bad"}"#), 3.0);
-    assert_eq!(sample(&m, r#"host_http_timeouts_total{server="bad"}"#), 2.0);
-    assert_eq!(
-        sample(
-            &m,
-            r#"host_http_requests_total{server="bad",tenant="",class="5xx"}"#
+    let expected = [
+        (r#"host_plugin_panics_total{server="bad"}"#, 3.0),
+        (r#"host_http_timeouts_total{server="bad"}"#, 2.0),
+        (
+            r#"host_http_requests_total{server="bad",tenant="",class="5xx"}"#,
+            5.0,
         ),
-        5.0
-    );
-    assert_eq!(
-        sample(&m, r#"host_rate_limited_total{server="hello"}"#),
-        3.0
-    );
-    assert_eq!(sample(&m, r#"host_rate_limited_total{server="bad"}"#), 0.0);
-    assert_eq!(
-        sample(
-            &m,
-            r#"host_http_requests_total{server="hello",tenant="",class="4xx"}"#
+        (r#"host_rate_limited_total{server="hello"}"#, 3.0),
+        (r#"host_rate_limited_total{server="bad"}"#, 0.0),
+        (
+            r#"host_http_requests_total{server="hello",tenant="",class="4xx"}"#,
+            3.0,
         ),
-        3.0
-    );
-    assert_eq!(
-        sample(&m, r#"host_plugin_panics_total{server="hello"}"#),
-        0.0
-    );
+        (r#"host_plugin_panics_total{server="hello"}"#, 0.0),
+    ];
+    check(&m, &expected);
 }
 
 #[test]
@@ -491,32 +484,24 @@ fn websocket_connections_and_messages_are_counted_by_server() {
             }
         }
     }
-    let m = scrape(&admin);
-    assert_eq!(
-        sample(&m, r#"host_websocket_connections{server="sockets"}"#),
-        1.0
-    );
-    assert_eq!(
-        sample(
-            &m,
-            r#"host_websocket_messages_total{server="sockets",direction="in"}"#
-        ),
-        3.0
-    );
-    assert_eq!(
-        sample(
-            &m,
-            r#"host_websocket_messages_total{server="sockets",direction="out"}"#
-        ),
-        3.0
-    );
-    // The upgrade was one response of class 1xx.
-    assert_eq!(
-        sample(
-            &m,
-            r#"host_http_requests_total{server="sockets",tenant="",class="1xx"}"#
-        ),
-        1.0
+    // The upgrade was one response, of class 1xx.
+    check(
+        &scrape(&admin),
+        &[
+            (r#"host_websocket_connections{server="sockets"}"#, 1.0),
+            (
+                r#"host_websocket_messages_total{server="sockets",direction="in"}"#,
+                3.0,
+            ),
+            (
+                r#"host_websocket_messages_total{server="sockets",direction="out"}"#,
+                3.0,
+            ),
+            (
+                r#"host_http_requests_total{server="sockets",tenant="",class="1xx"}"#,
+                1.0,
+            ),
+        ],
     );
     let server = admin.get("admin", "/health/servers/sockets").json();
     assert_eq!(server["websocket_connections"], 1);

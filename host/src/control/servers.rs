@@ -1065,7 +1065,7 @@ impl Microservers {
                         );
                         let reason = format!("refused: {e}");
                         self.note_reload(&server, timing, Err(reason.clone()));
-                        server.meter.reloaded(Err(reason));
+                        server.meter.refused(reason);
                     }
                     None => self.wait(
                         &server,

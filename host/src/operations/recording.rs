@@ -320,6 +320,17 @@ impl ServerMeter {
         reloads.0 = Some(note);
     }
 
+    /// Counts a refused build of this server's plugin, unless the last reload is this
+    /// same refusal: control looks at a refused file again at every later change (of
+    /// any server), which is no new attempt.
+    pub fn refused(&self, error: String) {
+        let last = self.last_reload().0;
+        if last.is_some_and(|n| !n.ok && n.error.as_deref() == Some(error.as_str())) {
+            return;
+        }
+        self.reloaded(Err(error));
+    }
+
     /// The last reload, and when the generation serving now was loaded.
     pub fn last_reload(&self) -> (Option<ReloadNote>, Option<SystemTime>) {
         self.reloads
@@ -362,6 +373,19 @@ mod tests {
         assert_eq!(Totals::quantile(&b, 1.0), Some(0.002_5));
         b[BUCKETS.len()] = 100;
         assert_eq!(Totals::quantile(&b, 0.99), Some(10.0));
+    }
+
+    #[test]
+    fn a_refusal_seen_again_is_not_counted_again() {
+        let m = ServerMeter::new("r");
+        m.refused("refused: x".into());
+        m.refused("refused: x".into());
+        assert_eq!(m.reloads_failed.load(Ordering::Relaxed), 1);
+        m.reloaded(Ok(2));
+        m.refused("refused: x".into());
+        m.refused("refused: y".into());
+        assert_eq!(m.reloads_failed.load(Ordering::Relaxed), 3);
+        assert_eq!(m.reloads_ok.load(Ordering::Relaxed), 1);
     }
 
     #[test]
