@@ -10,12 +10,15 @@ let rates = {};      // server name -> {rps, errorRate, p99}
 function token() { return sessionStorage.getItem(TOKEN_KEY); }
 
 // A call to the admin API with the bearer token. A 401 shows the token form (once: it
-// stays until a token is given) and stops polling until then.
+// stays until a token is given) and stops polling until then. Only a 401 for the token
+// the page still holds counts: a call sent before a token was given may come back after
+// it was, and must not throw the new one away.
 async function api(path, options = {}) {
   const headers = {};
-  if (token()) headers['Authorization'] = 'Bearer ' + token();
+  const sent = token();
+  if (sent) headers['Authorization'] = 'Bearer ' + sent;
   const response = await fetch(path, { ...options, headers, cache: 'no-store' });
-  if (response.status === 401) {
+  if (response.status === 401 && token() === sent) {
     sessionStorage.removeItem(TOKEN_KEY);
     document.getElementById('login').hidden = false;
   }
