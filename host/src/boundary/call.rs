@@ -353,7 +353,7 @@ impl PendingRequest {
                 FfiStr::new(uri.query().unwrap_or("").as_bytes()),
                 domain,
                 FfiStr::new(client.as_bytes()),
-                FfiStr::new(request_id.as_str().as_bytes()),
+                FfiStr::new(request_id.as_bytes()),
                 params,
                 route,
                 body,
