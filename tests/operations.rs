@@ -633,11 +633,23 @@ fn a_plugin_health_hook_counts_in_ready_and_shows_per_server() {
         admin.get("admin", "/health/servers/old").json()["health"],
         healthy
     );
+    check(
+        &scrape(&admin),
+        &[
+            (r#"host_server_ready{server="bad"}"#, 0.0),
+            (r#"host_server_ready{server="old"}"#, 1.0),
+            (r#"host_server_ready{server="hello"}"#, 1.0),
+        ],
+    );
     // Requests are not affected: the hook is asked only by the health endpoints.
     assert_eq!(host.get("bad.localhost", "/ok").body, "ok");
 
     set("bad", "ok");
     assert_eq!(readiness(&admin), (200, vec![]));
+    check(
+        &scrape(&admin),
+        &[(r#"host_server_ready{server="bad"}"#, 1.0)],
+    );
 
     // A hook that panics is unhealthy with the panic's message; the host stays up.
     set("bad", "panic");

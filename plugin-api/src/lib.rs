@@ -196,12 +196,12 @@ pub trait Microserver: Send + Sync + Sized + 'static {
     /// it) and shows in `/health/servers`. The default is always healthy.
     ///
     /// The host calls it only when its health is asked on the admin listener
-    /// (`/health/ready`, `/health/servers`, `/api/servers`), on a thread of its own,
-    /// never on the request path, and gives it 1 second: a hook that takes longer counts
-    /// as unhealthy (and is not asked again until it has returned). So keep it quick
-    /// and synchronous: a plugin that must do I/O to know (a database round trip)
-    /// keeps the answer fresh in a background task and returns the last one here. A
-    /// panic here counts as unhealthy with the panic's message.
+    /// (`/health/ready`, `/health/servers`, `/api/servers`, `/metrics`), on a thread of
+    /// its own, never on the request path, and gives it 1 second: a hook that takes
+    /// longer counts as unhealthy (and is not asked again until it has returned). So
+    /// keep it quick and synchronous: a plugin that must do I/O to know (a database
+    /// round trip) keeps the answer fresh in a background task and returns the last one
+    /// here. A panic here counts as unhealthy with the panic's message.
     ///
     /// ```
     /// use std::sync::atomic::{AtomicBool, Ordering};

@@ -135,7 +135,7 @@ impl Admin {
             (true, ["metrics"]) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
+                self.metrics.render(servers).await,
             ),
             (false, _) if known(segments) => {
                 let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
