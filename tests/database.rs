@@ -1,5 +1,5 @@
 //! `notes` keeps its notes in SQLite: across a restart and a reload, a database that
-//! cannot be opened, and one that fails under a handler.
+//! cannot be opened, and one that fails under a handler (and in its health hook).
 
 use serde_json::json;
 
@@ -117,6 +117,7 @@ fn a_database_that_cannot_be_opened_leaves_notes_waiting_with_the_reason() {
 fn a_database_error_in_a_handler_is_a_json_500_with_the_request_id() {
     let mut host = notes_host("db-corrupt", "null");
     assert_eq!(post(&host, "soon unreadable").status, 201);
+    assert_eq!(host.admin().get("admin", "/health/ready").status, 200);
     assert!(host.terminate().success());
 
     // Overwrite every page but the first, which holds the schema: init still opens the
@@ -148,6 +149,18 @@ fn a_database_error_in_a_handler_is_a_json_500_with_the_request_id() {
     }
     assert_eq!(host.get("notes.localhost", "/notes/1").status, 500);
     assert_eq!(post(&host, "more").status, 500);
+    // Its health hook says so: the host is not ready, naming notes and SQLite's reason.
+    let ready = host.admin().get("admin", "/health/ready");
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let not_ready = &ready.json()["not_ready"];
+    assert_eq!(not_ready.as_array().unwrap().len(), 1, "{not_ready}");
+    assert_eq!(not_ready[0]["name"], "notes");
+    let reason = not_ready[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("its plugin is unhealthy: the notes database cannot be queried: ")
+            && reason.contains("malformed"),
+        "{reason}"
+    );
     // Nothing else is affected.
     assert_eq!(host.get("notes.localhost", "/notes/x").status, 400);
     assert_eq!(host.get("hello.localhost", "/").status, 200);

@@ -550,3 +550,125 @@ fn an_admin_address_in_use_stops_the_host_only_when_written_out() {
     assert_eq!(host.get("hello.localhost", "/plain").status, 200);
     host.wait_for_log(&["the admin listener is off: cannot listen on 127.0.0.1:7778"]);
 }
+
+/// `bad` runs the misbehave fixture, whose health hook `/health/{ok|fail|panic|hang}`
+/// steers; `old` the same fixture built as plugin-api 0.6.0 built plugins (no health
+/// field in its root module); `hello` one that leaves the hook at its default.
+const HEALTH_CONFIG: &str = r#"{"servers": [
+    {"name": "bad", "domains": ["bad.localhost"], "plugin": "bad"},
+    {"name": "old", "domains": ["old.localhost"], "plugin": "old"},
+    {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
+
+/// `/health/ready`'s status and its `not_ready` list as (name, reason) pairs.
+fn readiness(admin: &Client) -> (u16, Vec<(String, String)>) {
+    let r = admin.get("admin", "/health/ready");
+    let pair = |s: &Value| {
+        let text = |key: &str| s[key].as_str().unwrap().to_owned();
+        (text("name"), text("reason"))
+    };
+    let list = r.json()["not_ready"]
+        .as_array()
+        .map(|l| l.iter().map(pair).collect())
+        .unwrap_or_default();
+    (r.status, list)
+}
+
+/// The misbehave fixture built with plugin-api 0.6.0's root module (in a target folder
+/// of its own: the flag rebuilds everything).
+fn built_as_0_6_0() -> std::path::PathBuf {
+    crate::support::build_variant(
+        "fixture-misbehave",
+        ("RUSTFLAGS", "--cfg plugin_api_0_6_0_layout"),
+        Some("api-0.6.0-target"),
+    )
+}
+
+#[test]
+fn a_plugin_health_hook_counts_in_ready_and_shows_per_server() {
+    let setup = Setup::new("ops-plugin-health", HEALTH_CONFIG)
+        .plugin("fixture-misbehave", "bad.so")
+        .plugin("hello", "hello.so");
+    std::fs::copy(built_as_0_6_0(), setup.dir.join("plugins/old.so")).unwrap();
+    let host = setup.start();
+    let admin = host.admin();
+    let set = |server: &str, mode: &str| {
+        let r = host.get(&format!("{server}.localhost"), &format!("/health/{mode}"));
+        assert_eq!((r.status, r.body), (200, format!("health: {mode}")));
+    };
+    let healthy = serde_json::json!({"ok": true});
+
+    // A library built against 0.6.0 loads and serves; it and the others are healthy.
+    assert_eq!(host.get("old.localhost", "/ok").body, "ok");
+    assert_eq!(readiness(&admin), (200, vec![]));
+    let all = admin.get("admin", "/health/servers").json();
+    for s in all["servers"].as_array().unwrap() {
+        assert_eq!(s["health"], healthy, "{s}");
+    }
+    let old = admin.get("admin", "/health/servers/old").json();
+    assert_eq!(old["plugin"]["api_version"], "0.6.0");
+
+    // The hook reports an error: not ready, naming the server and the plugin's reason.
+    // The 0.6.0 build's hook says the same, but the host has no way to ask it.
+    set("bad", "fail");
+    set("old", "fail");
+    let reason = "the database at db.invalid does not answer";
+    let unhealthy = |reason: &str| {
+        (
+            "bad".to_owned(),
+            format!("its plugin is unhealthy: {reason}"),
+        )
+    };
+    assert_eq!(readiness(&admin), (503, vec![unhealthy(reason)]));
+    let bad = admin.get("admin", "/health/servers/bad").json();
+    let failed = serde_json::json!({"ok": false, "reason": reason});
+    assert_eq!(
+        (&bad["state"], &bad["health"]),
+        (&"serving".into(), &failed)
+    );
+    assert_eq!(
+        admin.get("admin", "/api/servers/bad").json()["health"],
+        failed
+    );
+    assert_eq!(
+        admin.get("admin", "/health/servers/old").json()["health"],
+        healthy
+    );
+    check(
+        &scrape(&admin),
+        &[
+            (r#"host_server_ready{server="bad"}"#, 0.0),
+            (r#"host_server_ready{server="old"}"#, 1.0),
+            (r#"host_server_ready{server="hello"}"#, 1.0),
+        ],
+    );
+    // Requests are not affected: the hook is asked only by the health endpoints.
+    assert_eq!(host.get("bad.localhost", "/ok").body, "ok");
+
+    set("bad", "ok");
+    assert_eq!(readiness(&admin), (200, vec![]));
+    check(
+        &scrape(&admin),
+        &[(r#"host_server_ready{server="bad"}"#, 1.0)],
+    );
+
+    // A hook that panics is unhealthy with the panic's message; the host stays up.
+    set("bad", "panic");
+    let (status, list) = readiness(&admin);
+    assert_eq!((status, list.len(), list[0].0.as_str()), (503, 1, "bad"));
+    let panicked = "its plugin is unhealthy: the health hook panicked: the health hook exploded";
+    assert!(list[0].1.starts_with(panicked), "{}", list[0].1);
+
+    // A hook that blocks past the timeout is unhealthy, and the host answers meanwhile.
+    set("bad", "hang");
+    let late = "the health hook did not answer within 1000 ms";
+    assert_eq!(readiness(&admin), (503, vec![unhealthy(late)]));
+    assert_eq!(host.get("bad.localhost", "/ok").body, "ok");
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+    // Once the blocked call has returned, the next one asks the hook again.
+    set("bad", "ok");
+    host.wait_until("ready again", || readiness(&admin).0 == 200);
+    assert_eq!(
+        admin.get("admin", "/health/servers/bad").json()["health"],
+        healthy
+    );
+}

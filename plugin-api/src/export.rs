@@ -558,6 +558,27 @@ unsafe extern "C" fn shutdown<S: Microserver, Rt: PluginRuntime>(ptr: FfiInstanc
     }
 }
 
+/// The health hook for `S`, exported by `export_plugin!` under
+/// [`HEALTH_SYMBOL`](crate::ffi::HEALTH_SYMBOL) (it has the type
+/// [`FfiHealth`](crate::ffi::FfiHealth)).
+///
+/// # Safety
+/// The contract of [`FfiHealth`](crate::ffi::FfiHealth).
+pub unsafe extern "C" fn health<S: Microserver, Rt: PluginRuntime>(
+    ptr: FfiInstance,
+) -> RResult<(), RString> {
+    // SAFETY: the contract of `FfiHealth`.
+    let instance = unsafe { instance::<S, Rt>(ptr) };
+    let _entered = instance.runtime.enter();
+    // Not logged here: the host shows the reason where it is asked for (a host may ask
+    // every few seconds, and a log line each time would drown the log).
+    match catch(|| instance.server.health()) {
+        Ok(Ok(())) => ROk(()),
+        Ok(Err(reason)) => RErr(reason.into()),
+        Err(message) => RErr(format!("the health hook panicked: {message}").into()),
+    }
+}
+
 unsafe extern "C" fn drop_instance<S: Microserver, Rt: PluginRuntime>(
     ptr: FfiInstance,
     wait_millis: u64,

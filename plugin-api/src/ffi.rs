@@ -1246,11 +1246,29 @@ pub struct HostFns {
     pub call: for<'a> extern "C" fn(server: RStr<'a>, FfiServiceRequest) -> FfiFuture<FfiResponse>,
 }
 
+/// A plugin's health hook (added in 0.6.1), exported beside the root module under the
+/// name [`HEALTH_SYMBOL`]: `ROk` if the instance can serve, else why not (a panic in the
+/// hook is caught and comes back as an error too). It blocks for as long as the plugin's
+/// hook does, so the host calls it on a thread of its own.
+///
+/// Not a field of [`PluginMod`]: abi_stable's layout check refuses a library whose root
+/// module has fewer fields than the host's, so a field appended in a patch release would
+/// turn away every plugin built against the earlier one. A library built against 0.6.0
+/// has no such symbol, and the host counts it as healthy.
+///
+/// `unsafe`: as [`PluginMod::export_state`], only with an instance this library's `init`
+/// returned and `drop_instance` has not freed.
+pub type FfiHealth = unsafe extern "C" fn(FfiInstance) -> RResult<(), RString>;
+
+/// The exported name of a library's [`FfiHealth`] hook, with its terminating NUL.
+pub const HEALTH_SYMBOL: &[u8] = b"plugin_host_health_v1\0";
+
 /// The root module every plugin library exports.
 ///
-/// A prefix type: a later patch release of plugin-api may append fields after the last
-/// one here, and libraries built against this version keep loading in a host built with
-/// it (the version promise in ARCHITECTURE.md).
+/// A prefix type, but abi_stable's check refuses a library whose root module has fewer
+/// fields than the host's, so a field appended here would refuse every plugin built
+/// before it: anything a patch release adds travels beside it instead (see
+/// [`FfiHealth`]; the version promise in ARCHITECTURE.md).
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
@@ -1304,7 +1322,12 @@ impl RootModule for PluginModRef {
     abi_stable::declare_root_module_statics! {PluginModRef}
     const BASE_NAME: &'static str = "plugin_host_plugin";
     const NAME: &'static str = "plugin-api";
+    #[cfg(not(plugin_api_0_6_0_layout))]
     const VERSION_STRINGS: VersionStrings = abi_stable::package_version_strings!();
+    /// `--cfg plugin_api_0_6_0_layout` builds a plugin as plugin-api 0.6.0 did (no
+    /// health hook): the tests load one to show that such a library still loads.
+    #[cfg(plugin_api_0_6_0_layout)]
+    const VERSION_STRINGS: VersionStrings = VersionStrings::new("0.6.0");
 }
 
 /// The exported symbol that holds a library's header. It must equal

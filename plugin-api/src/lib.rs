@@ -190,6 +190,45 @@ pub trait Microserver: Send + Sync + Sized + 'static {
     /// Called once, after the last request this instance was serving has finished (or
     /// the host's drain deadline passed), before the instance is dropped.
     fn shutdown(&self) {}
+
+    /// Whether this instance can serve, as the host's readiness check sees it: `Err`
+    /// with a reason makes its server "not ready" (`/health/ready` answers 503 naming
+    /// it) and shows in `/health/servers`. The default is always healthy.
+    ///
+    /// The host calls it only when its health is asked on the admin listener
+    /// (`/health/ready`, `/health/servers`, `/api/servers`, `/metrics`), on a thread of
+    /// its own, never on the request path, and gives it 1 second: a hook that takes
+    /// longer counts as unhealthy (and is not asked again until it has returned). So
+    /// keep it quick and synchronous: a plugin that must do I/O to know (a database
+    /// round trip) keeps the answer fresh in a background task and returns the last one
+    /// here. A panic here counts as unhealthy with the panic's message.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use plugin_api::{Error, InitContext, Microserver, Routes};
+    ///
+    /// struct Orders {
+    ///     /// Set by a background task that queries the database every few seconds.
+    ///     database_up: AtomicBool,
+    /// }
+    ///
+    /// impl Microserver for Orders {
+    ///     fn init(_: &InitContext<'_>) -> Result<Self, Error> {
+    ///         Ok(Orders { database_up: AtomicBool::new(true) })
+    ///     }
+    ///     fn routes(_: &mut Routes<Self>) {}
+    ///     fn health(&self) -> Result<(), String> {
+    ///         if self.database_up.load(Ordering::Relaxed) {
+    ///             Ok(())
+    ///         } else {
+    ///             Err("the database does not answer".to_owned())
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// What `init` gets: the server's name, its config, and any state handed over.
@@ -554,7 +593,36 @@ macro_rules! export_plugin {
                 )
             }
         };
+
+        $crate::__export_health!($server, $runtime);
     };
+}
+
+/// Exports the health hook beside the root module (see `plugin_api::ffi::FfiHealth`).
+#[cfg(not(plugin_api_0_6_0_layout))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_health {
+    ($server:ty, $runtime:ty) => {
+        #[doc(hidden)]
+        #[allow(unsafe_code)]
+        #[export_name = "plugin_host_health_v1"]
+        pub unsafe extern "C" fn __plugin_host_health(
+            instance: $crate::ffi::FfiInstance,
+        ) -> $crate::__private::RResult<(), $crate::__private::RString> {
+            // SAFETY: the caller keeps the contract of `FfiHealth`.
+            unsafe { $crate::__private::health::<$server, $runtime>(instance) }
+        }
+    };
+}
+
+/// `--cfg plugin_api_0_6_0_layout`: a plugin as plugin-api 0.6.0 built it, without the
+/// health hook (the tests load one to show that such a library still loads).
+#[cfg(plugin_api_0_6_0_layout)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_health {
+    ($server:ty, $runtime:ty) => {};
 }
 
 /// The runtime type of `export_plugin!(T, tokio)`, or a message saying what is missing.
@@ -578,7 +646,7 @@ macro_rules! __tokio_runtime {
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::export::{init, root_module};
+    pub use crate::export::{health, init, root_module};
     pub use crate::runtime::NoRuntime;
     #[cfg(feature = "tokio")]
     pub use crate::runtime::TokioRuntime;

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use abi_stable::library::{
     AbiHeaderRef, LibraryError, RootModule, ROOT_MODULE_LOADER_NAME_WITH_NUL,
 };
-use plugin_api::ffi::PluginModRef;
+use plugin_api::ffi::{FfiHealth, PluginModRef, HEALTH_SYMBOL};
 
 /// A plugin library that passed every check and is mapped for the rest of the process.
 pub struct PluginLibrary {
@@ -42,6 +42,9 @@ pub struct PluginLibrary {
     /// A hash of the file's bytes, to recognise an identical rebuild.
     pub content_hash: u64,
     pub(crate) module: PluginModRef,
+    /// The plugin's health hook; `None` for a library built before it existed
+    /// (plugin-api 0.6.0).
+    pub(crate) health: Option<FfiHealth>,
 }
 
 impl PluginLibrary {
@@ -424,6 +427,12 @@ fn open_copy(file: &Path, copy: &Path, content_hash: u64) -> Result<PluginLibrar
         Ok(symbol) => *symbol,
         Err(_) => return Err(fail(LoadFailure::NotAPlugin)),
     };
+    // Only the address is taken here; it is called only once every check below has
+    // passed (through `Instance::health`).
+    // SAFETY: `export_plugin!` exports this name as a function of type `FfiHealth`.
+    let health = unsafe { library.get::<FfiHealth>(HEALTH_SYMBOL) }
+        .ok()
+        .map(|f| *f);
     // Never unmapped: see the module docs.
     std::mem::forget(library);
 
@@ -458,6 +467,7 @@ fn open_copy(file: &Path, copy: &Path, content_hash: u64) -> Result<PluginLibrar
         file: file.to_owned(),
         content_hash,
         module,
+        health,
     })
 }
 

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use abi_stable::std_types::{RResult, RSlice};
 use async_ffi::FfiContext;
 use plugin_api::ffi::{
-    FfiBusEvent, FfiCall, FfiHandleResult, FfiInitArgs, FfiInstance, FfiRequest, FfiSocketEvent,
-    FfiSockets,
+    FfiBusEvent, FfiCall, FfiHandleResult, FfiHealth, FfiInitArgs, FfiInstance, FfiRequest,
+    FfiSocketEvent, FfiSockets,
 };
 use tokio::sync::Notify;
 
@@ -36,7 +36,13 @@ pub struct Instance {
     /// How long a plugin runtime of the instance gets to stop when it is dropped (see
     /// [`Instance::stop_within`]).
     stop_wait_ms: AtomicU64,
+    /// Held while the plugin's health hook runs on a blocking thread, so one call runs
+    /// at a time: a hook that hangs holds one thread, not one more per health request.
+    health_gate: Arc<tokio::sync::Semaphore>,
 }
+
+/// How long a plugin's health hook gets before it counts as unhealthy.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// The time a dropped instance's runtime gets to cancel its tasks and join its threads
 /// unless the host says otherwise.
@@ -89,6 +95,7 @@ impl Instance {
             library,
             ptr: init.instance,
             stop_wait_ms: AtomicU64::new(DEFAULT_STOP_WAIT.as_millis() as u64),
+            health_gate: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let routes = DeclaredRoutes {
             routes: init
@@ -171,6 +178,17 @@ impl Instance {
         unsafe { (self.library.module.shutdown())(self.ptr) };
     }
 
+    /// Calls the plugin's health hook and copies its answer into host memory. Blocks as
+    /// long as the hook does (see [`Generation::health`]).
+    fn health(&self, hook: FfiHealth) -> Result<(), String> {
+        // SAFETY: `ptr` is this library's live instance (the caller holds its
+        // generation), and `hook` is this library's.
+        let answer = unsafe { hook(self.ptr) };
+        answer
+            .into_result()
+            .map_err(|reason| reason.as_str().to_owned())
+    }
+
     /// Sets how long the plugin's runtime (if it has one) gets to cancel its tasks and
     /// join its threads when this instance is dropped.
     pub fn stop_within(&self, wait: Duration) {
@@ -245,6 +263,43 @@ enum Hook {
     NotRun,
     Running,
     Done,
+}
+
+impl<R: Send + Sync + 'static> Generation<R> {
+    /// The plugin's own health: its hook's answer, asked on a blocking thread and
+    /// waited for at most [`HEALTH_TIMEOUT`]. A plugin without the hook is healthy. A
+    /// hook that panics is unhealthy with the panic's message (plugin-api catches it).
+    /// One call runs at a time: a caller that finds one running waits for it (within
+    /// its own timeout), so a hook that hangs holds one blocking thread, however often
+    /// health is asked.
+    pub async fn health(self: &Arc<Self>) -> Result<(), String> {
+        let Some(hook) = self.instance.library.health else {
+            return Ok(());
+        };
+        let generation = self.clone();
+        let asked = async move {
+            // One call at a time: a caller waits for the one running (quick, unless it
+            // hangs, and then this one times out too).
+            let gate = generation.instance.health_gate.clone();
+            let Ok(turn) = gate.acquire_owned().await else {
+                return Ok(());
+            };
+            let call = tokio::task::spawn_blocking(move || {
+                let answer = generation.instance.health(hook);
+                drop(turn);
+                answer
+            });
+            call.await
+                .unwrap_or_else(|e| Err(format!("the health hook could not run: {e}")))
+        };
+        match tokio::time::timeout(HEALTH_TIMEOUT, asked).await {
+            Ok(answer) => answer,
+            Err(_) => Err(format!(
+                "the health hook did not answer within {} ms",
+                HEALTH_TIMEOUT.as_millis()
+            )),
+        }
+    }
 }
 
 impl<R> Generation<R> {

@@ -104,16 +104,16 @@ impl Admin {
             };
             return self.api.answer(servers, asked).await;
         }
-        self.route(&servers, req.method(), &segments)
+        self.route(&servers, req.method(), &segments).await
     }
 
     /// The endpoints, by method and path segments.
-    fn route(&self, servers: &Microservers, method: &Method, segments: &[&str]) -> Reply {
+    async fn route(&self, servers: &Microservers, method: &Method, segments: &[&str]) -> Reply {
         let read = method == Method::GET || method == Method::HEAD;
         match (read, segments) {
             (true, ["health", "live"]) => json_reply(StatusCode::OK, &health::live()),
             (true, ["health", "ready"]) => {
-                let (ready, body) = health::ready(servers);
+                let (ready, body) = health::ready(servers).await;
                 let status = if ready {
                     StatusCode::OK
                 } else {
@@ -121,8 +121,10 @@ impl Admin {
                 };
                 json_reply(status, &body)
             }
-            (true, ["health", "servers"]) => json_reply(StatusCode::OK, &health::servers(servers)),
-            (true, ["health", "servers", name]) => match health::server_named(servers, name) {
+            (true, ["health", "servers"]) => {
+                json_reply(StatusCode::OK, &health::servers(servers).await)
+            }
+            (true, ["health", "servers", name]) => match health::server_named(servers, name).await {
                 Some(body) => json_reply(StatusCode::OK, &body),
                 None => json_error(
                     StatusCode::NOT_FOUND,
@@ -133,7 +135,7 @@ impl Admin {
             (true, ["metrics"]) => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
+                self.metrics.render(servers).await,
             ),
             (false, _) if known(segments) => {
                 let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");

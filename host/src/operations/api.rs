@@ -76,8 +76,8 @@ impl Api {
         let read = asked.method == Method::GET || asked.method == Method::HEAD;
         let post = asked.method == Method::POST;
         match (read, post, asked.segments) {
-            (true, _, ["servers"]) => json_reply(StatusCode::OK, &list(&servers)),
-            (true, _, ["servers", name]) => match list(&servers)["servers"]
+            (true, _, ["servers"]) => json_reply(StatusCode::OK, &list(&servers).await),
+            (true, _, ["servers", name]) => match list(&servers).await["servers"]
                 .as_array()
                 .and_then(|all| all.iter().find(|s| s["name"] == *name))
             {
@@ -225,13 +225,15 @@ fn persist_asked(query: Option<&str>) -> Result<bool, String> {
 
 /// `GET /api/servers`: every server with its state, what it runs and its counts; the
 /// config's disabled servers too.
-fn list(servers: &Microservers) -> Value {
+async fn list(servers: &Microservers) -> Value {
     let routing = servers.routing();
+    let healths = health::plugin_healths(&routing.servers).await;
     let mut list: Vec<Value> = routing
         .servers
         .iter()
-        .map(|s| {
-            let mut v = health::server(s);
+        .zip(&healths)
+        .map(|(s, h)| {
+            let mut v = health::server(s, h.as_ref());
             v["enabled"] = json!(true);
             v["drained"] = json!(s.drained());
             v["drop_in"] = json!(s.implicit);

@@ -15,10 +15,22 @@ pub fn live() -> Value {
     json!({"status": "live", "uptime_s": uptime_s()})
 }
 
-/// `/health/ready`: whether every server that should serve does; the body lists the
-/// ones that do not, with why.
-pub fn ready(servers: &Microservers) -> (bool, Value) {
-    let not_ready = servers.not_ready();
+/// `/health/ready`: whether every server that should serve does and its plugin says it
+/// is healthy; the body lists the ones that are not, with why.
+pub async fn ready(servers: &Microservers) -> (bool, Value) {
+    let mut not_ready = servers.not_ready();
+    let routing = servers.routing();
+    let counted: Vec<Arc<Server>> = routing
+        .servers
+        .iter()
+        .filter(|s| !s.drained())
+        .cloned()
+        .collect();
+    for (s, health) in counted.iter().zip(plugin_healths(&counted).await) {
+        if let Some(Err(reason)) = health {
+            not_ready.push((s.name.clone(), format!("its plugin is unhealthy: {reason}")));
+        }
+    }
     if not_ready.is_empty() {
         return (true, json!({"status": "ready"}));
     }
@@ -30,21 +42,45 @@ pub fn ready(servers: &Microservers) -> (bool, Value) {
 }
 
 /// `/health/servers`: every server.
-pub fn servers(servers: &Microservers) -> Value {
+pub async fn servers(servers: &Microservers) -> Value {
     let routing = servers.routing();
-    let list: Vec<Value> = routing.servers.iter().map(server).collect();
+    let healths = plugin_healths(&routing.servers).await;
+    let list: Vec<Value> = routing
+        .servers
+        .iter()
+        .zip(&healths)
+        .map(|(s, health)| server(s, health.as_ref()))
+        .collect();
     json!({"servers": list})
 }
 
 /// `/health/servers/NAME`, or `None` if there is no such server.
-pub fn server_named(servers: &Microservers, name: &str) -> Option<Value> {
+pub async fn server_named(servers: &Microservers, name: &str) -> Option<Value> {
     let routing = servers.routing();
     let found = routing.servers.iter().find(|s| &*s.name == name)?;
-    Some(server(found))
+    let health = plugin_health(found).await;
+    Some(server(found, health.as_ref()))
 }
 
-/// One server: its state, what it runs, how its last reload went, what it holds now.
-pub fn server(server: &Arc<Server>) -> Value {
+/// What each server's plugin says of its own health (see [`plugin_health`]), asked of
+/// all of them at once: hooks that hang cost one timeout in all, not one each.
+pub async fn plugin_healths(servers: &[Arc<Server>]) -> Vec<Option<Result<(), String>>> {
+    futures_util::future::join_all(servers.iter().map(plugin_health)).await
+}
+
+/// What a server's plugin says of its own health (its `health` hook, on a blocking
+/// thread with a timeout); `None` when it runs no generation.
+pub async fn plugin_health(server: &Arc<Server>) -> Option<Result<(), String>> {
+    let generation = match &**server.state() {
+        ServerState::Serving(g) => g.clone(),
+        ServerState::Waiting(_) | ServerState::Static => return None,
+    };
+    Some(generation.health().await)
+}
+
+/// One server: its state, what it runs, how its last reload went, what it holds now,
+/// and `health`, its plugin's own (from [`plugin_health`]).
+pub fn server(server: &Arc<Server>, health: Option<&Result<(), String>>) -> Value {
     let state = server.state();
     let (state_name, reason, generation) = match &**state {
         ServerState::Serving(g) => ("serving", None, Some(g.clone())),
@@ -61,12 +97,17 @@ pub fn server(server: &Arc<Server>) -> Value {
             "file": lib.file.display().to_string(),
         })
     });
+    let health = health.map(|h| match h {
+        Ok(()) => json!({"ok": true}),
+        Err(reason) => json!({"ok": false, "reason": reason}),
+    });
     let (last, loaded_at) = server.meter.last_reload();
     let totals = server.meter.totals();
     json!({
         "name": &*server.name,
         "state": state_name,
         "reason": reason,
+        "health": health,
         "generation": generation.as_ref().map(|g| g.number),
         "plugin": plugin,
         "loaded_at": generation.as_ref().and(loaded_at).map(rfc3339),

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
@@ -26,17 +26,42 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The servers whose plugin's health hook reported a problem at this scrape, for
+    /// `host_server_ready` (shared with `Scrape`).
+    unhealthy: Arc<Mutex<Vec<Arc<str>>>>,
+    /// One scrape at a time between setting `unhealthy` and encoding.
+    one_at_a_time: Mutex<()>,
 }
 
 impl Metrics {
     pub fn new(servers: Weak<Microservers>) -> Self {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Scrape { servers }));
-        Metrics { registry }
+        let unhealthy = Arc::new(Mutex::new(Vec::new()));
+        registry.register_collector(Box::new(Scrape {
+            servers,
+            unhealthy: unhealthy.clone(),
+        }));
+        Metrics {
+            registry,
+            unhealthy,
+            one_at_a_time: Mutex::new(()),
+        }
     }
 
-    /// The exposition text.
-    pub fn render(&self) -> String {
+    /// The exposition text, after asking every plugin's health hook (see
+    /// `health::plugin_healths`).
+    pub async fn render(&self, servers: &Microservers) -> String {
+        let routing = servers.routing();
+        let healths = health::plugin_healths(&routing.servers).await;
+        let unhealthy = routing
+            .servers
+            .iter()
+            .zip(healths)
+            .filter(|(_, h)| matches!(h, Some(Err(_))))
+            .map(|(s, _)| s.name.clone())
+            .collect();
+        let _turn = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+        *self.unhealthy.lock().unwrap_or_else(|p| p.into_inner()) = unhealthy;
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
@@ -47,6 +72,7 @@ impl Metrics {
 #[derive(Debug)]
 struct Scrape {
     servers: Weak<Microservers>,
+    unhealthy: Arc<Mutex<Vec<Arc<str>>>>,
 }
 
 /// One server's figures, gathered once per scrape.
@@ -110,7 +136,12 @@ impl Collector for Scrape {
         let Some(servers) = self.servers.upgrade() else {
             return Ok(());
         };
-        let rows = rows(&servers);
+        let unhealthy = self
+            .unhealthy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let rows = rows(&servers, &unhealthy);
 
         let mut requests = Vec::new();
         for r in &rows {
@@ -221,7 +252,7 @@ impl Collector for Scrape {
         gauges(
             &mut enc,
             "host_server_ready",
-            "1 if the server serves (or has static files only), 0 if it is waiting.",
+            "1 if the server serves (or has static files only) and its plugin's health hook reports no problem, else 0.",
             &per(&|r| u64::from(r.ready)),
         )?;
         {
@@ -328,7 +359,8 @@ fn server(r: &Row) -> Labels<'_> {
     vec![("server", &*r.name)]
 }
 
-fn rows(servers: &Microservers) -> Vec<Row> {
+/// `unhealthy`: the servers whose plugin reports a problem (not ready).
+fn rows(servers: &Microservers, unhealthy: &[Arc<str>]) -> Vec<Row> {
     let config = servers.config();
     let tenants: HashMap<&str, &str> = config
         .servers
@@ -362,7 +394,7 @@ fn rows(servers: &Microservers) -> Vec<Row> {
                 ws_in: s.sockets.messages_in.load(Ordering::Relaxed),
                 ws_out: s.sockets.messages_out.load(Ordering::Relaxed),
                 bus_dropped: s.inbox.dropped(),
-                ready: !matches!(&**state, ServerState::Waiting(_)),
+                ready: !matches!(&**state, ServerState::Waiting(_)) && !unhealthy.contains(&s.name),
                 info,
             }
         })

@@ -28,6 +28,10 @@ pub const MAX_CONNECTIONS: usize = 4;
 /// request for a free connection, before it fails (`notes` then answers 503).
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// How long the health check waits for a connection: well within the host's 1 s for a
+/// health hook.
+pub const CHECK_WAIT: Duration = Duration::from_millis(500);
+
 /// `AUTOINCREMENT`: an id is never given out twice, even after its note was deleted.
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS notes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -91,12 +95,22 @@ impl Database {
     /// A free connection, waiting at most [`WAIT`] for one (then
     /// `sqlx::Error::PoolTimedOut`). Dropping it puts it back.
     async fn connection(&self) -> Result<Object<Connector>, sqlx::Error> {
-        self.pool.get().await.map_err(|e| match e {
-            PoolError::Backend(e) => e,
-            PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,
-            PoolError::Closed => sqlx::Error::PoolClosed,
-            other => sqlx::Error::Configuration(other.to_string().into()),
-        })
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Whether the database answers a query on the notes table, with a free connection
+    /// found (or opened) within [`CHECK_WAIT`]: the health hook's question.
+    pub async fn check(&self) -> Result<(), sqlx::Error> {
+        let timeouts = managed::Timeouts {
+            wait: Some(CHECK_WAIT),
+            create: Some(CHECK_WAIT),
+            recycle: None,
+        };
+        let mut conn = self.pool.timeout_get(&timeouts).await.map_err(pool_error)?;
+        let answered = sqlx::query("SELECT 1 FROM notes LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await;
+        kept(conn, answered.map(drop))
     }
 
     /// Every note, by id.
@@ -156,6 +170,16 @@ impl Database {
     }
 }
 
+/// The pool's error as sqlx's.
+fn pool_error(e: PoolError<sqlx::Error>) -> sqlx::Error {
+    match e {
+        PoolError::Backend(e) => e,
+        PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,
+        PoolError::Closed => sqlx::Error::PoolClosed,
+        other => sqlx::Error::Configuration(other.to_string().into()),
+    }
+}
+
 /// `result` as it is; `conn` goes back to the pool unless the connection itself failed
 /// (anything but an error SQLite answered: an I/O error, its thread gone), in which case
 /// it is dropped, and a new one is opened when needed.
@@ -212,6 +236,28 @@ mod tests {
             assert_eq!(db.pool.status().size, MAX_CONNECTIONS);
             drop(held);
             db.close().await;
+        });
+    }
+
+    #[test]
+    fn the_check_fails_without_a_free_connection_within_its_wait_and_once_closed() {
+        let file = temp_file("check");
+        runtime().block_on(async {
+            let db = Database::open(&file).await.unwrap();
+            db.check().await.unwrap();
+            let mut held = Vec::new();
+            for _ in 0..MAX_CONNECTIONS {
+                held.push(db.connection().await.unwrap());
+            }
+            let started = std::time::Instant::now();
+            let e = db.check().await.unwrap_err();
+            assert!(matches!(e, sqlx::Error::PoolTimedOut), "{e}");
+            assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
+            drop(held);
+            db.check().await.unwrap();
+            db.close().await;
+            let e = db.check().await.unwrap_err();
+            assert!(matches!(e, sqlx::Error::PoolClosed), "{e}");
         });
     }
 

@@ -20,7 +20,8 @@
 //! database that cannot be opened fails init with a message naming the file (the host
 //! answers 503 with it); a database error in a handler answers 500 (503 while the
 //! database is locked or no connection is free) with the request id, and the details
-//! go to the host's log under that id.
+//! go to the host's log under that id. Its health hook reports it unhealthy while the
+//! database cannot be queried (no free connection within 500 ms, or SQLite's error).
 
 mod db;
 
@@ -100,6 +101,13 @@ impl Microserver for Notes {
             .post("/notes", Self::create)
             .get("/notes/{id}", Self::get)
             .delete("/notes/{id}", Self::delete);
+    }
+
+    /// Unhealthy (not ready, in the host's health endpoints) while the database cannot
+    /// be queried: no free connection within half a second, or SQLite's error.
+    fn health(&self) -> Result<(), String> {
+        plugin_api::block_on(self.db.check())
+            .map_err(|e| format!("the notes database cannot be queried: {e}"))
     }
 
     fn shutdown(&self) {
