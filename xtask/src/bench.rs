@@ -192,20 +192,12 @@ pub fn run(args: &[String]) -> Result<()> {
     .context("adding a note to the notes server")?;
     targets.push(notes);
     if let Some(nginx) = &nginx {
-        let dir = out.join("nginx");
-        let port = free_port()?;
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("nginx.conf"), nginx_config(&dir, port))?;
-        let mut cmd = pin(nginx, 0);
-        cmd.arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-p")
-            .arg(&dir);
-        targets.push(Target::start_at(
+        targets.push(start_nginx(
+            nginx,
+            &out,
             "nginx",
             "d42.bench.localhost",
-            &mut cmd,
-            port,
+            nginx_config,
         )?);
     } else {
         println!("note: nginx not installed (apt-get install -y nginx); it is left out");
@@ -228,23 +220,12 @@ pub fn run(args: &[String]) -> Result<()> {
         host_cmd(&mut pin(&release.join("host"), 0), &static_dir),
     )?);
     if let Some(nginx) = &nginx {
-        let dir = out.join("nginx-static");
-        let port = free_port()?;
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("nginx.conf"),
-            nginx_static_config(&dir, port, &site),
-        )?;
-        let mut cmd = pin(nginx, 0);
-        cmd.arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-p")
-            .arg(&dir);
-        targets.push(Target::start_at(
+        targets.push(start_nginx(
+            nginx,
+            &out,
             "nginx-static",
             "files.localhost",
-            &mut cmd,
-            port,
+            |dir, port| nginx_static_config(dir, port, &site),
         )?);
     }
     // HTTPS: the host and nginx with the same certificate (ECDSA P-256, from openssl),
@@ -265,21 +246,11 @@ pub fn run(args: &[String]) -> Result<()> {
                 .env("RUST_LOG", "warn,host::edge::serve=info");
             targets.push(Target::start("host-tls", "hello.localhost", &mut cmd)?.https());
             if let Some(nginx) = &nginx {
-                let dir = out.join("nginx-tls");
-                let port = free_port()?;
-                std::fs::create_dir_all(&dir)?;
-                std::fs::write(
-                    dir.join("nginx.conf"),
-                    nginx_tls_config(&dir, port, &cert, &key),
-                )?;
-                let mut cmd = pin(nginx, 0);
-                cmd.arg("-c")
-                    .arg(dir.join("nginx.conf"))
-                    .arg("-p")
-                    .arg(&dir);
-                targets.push(
-                    Target::start_at("nginx-tls", "hello.localhost", &mut cmd, port)?.https(),
-                );
+                let start =
+                    start_nginx(nginx, &out, "nginx-tls", "hello.localhost", |dir, port| {
+                        nginx_tls_config(dir, port, &cert, &key)
+                    });
+                targets.push(start?.https());
             }
         }
     }
@@ -527,6 +498,27 @@ fn config_with_domains(n: usize) -> String {
         }
     }
     json!({"global": {"reload": {"watch": false}}, "servers": servers}).to_string()
+}
+
+/// nginx, pinned like the servers it is compared with, with the config `config(dir,
+/// port)` written in `out/<name>`, listening on a free port.
+fn start_nginx(
+    nginx: &Path,
+    out: &Path,
+    name: &'static str,
+    domain: &'static str,
+    config: impl FnOnce(&Path, u16) -> String,
+) -> Result<Target> {
+    let dir = out.join(name);
+    let port = free_port()?;
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("nginx.conf"), config(&dir, port))?;
+    let mut cmd = pin(nginx, 0);
+    cmd.arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(&dir);
+    Target::start_at(name, domain, &mut cmd, port)
 }
 
 fn nginx_config(dir: &Path, port: u16) -> String {
