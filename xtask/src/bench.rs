@@ -193,7 +193,7 @@ pub fn run(args: &[String]) -> Result<()> {
     targets.push(notes);
     if let Some(nginx) = &nginx {
         targets.push(start_nginx(
-            nginx,
+            pin(nginx, 0),
             &out,
             "nginx",
             "d42.bench.localhost",
@@ -221,7 +221,7 @@ pub fn run(args: &[String]) -> Result<()> {
     )?);
     if let Some(nginx) = &nginx {
         targets.push(start_nginx(
-            nginx,
+            pin(nginx, 0),
             &out,
             "nginx-static",
             "files.localhost",
@@ -246,10 +246,13 @@ pub fn run(args: &[String]) -> Result<()> {
                 .env("RUST_LOG", "warn,host::edge::serve=info");
             targets.push(Target::start("host-tls", "hello.localhost", &mut cmd)?.https());
             if let Some(nginx) = &nginx {
-                let start =
-                    start_nginx(nginx, &out, "nginx-tls", "hello.localhost", |dir, port| {
-                        nginx_tls_config(dir, port, &cert, &key)
-                    });
+                let start = start_nginx(
+                    pin(nginx, 0),
+                    &out,
+                    "nginx-tls",
+                    "hello.localhost",
+                    |dir, port| nginx_tls_config(dir, port, &cert, &key),
+                );
                 targets.push(start?.https());
             }
         }
@@ -500,10 +503,10 @@ fn config_with_domains(n: usize) -> String {
     json!({"global": {"reload": {"watch": false}}, "servers": servers}).to_string()
 }
 
-/// nginx, pinned like the servers it is compared with, with the config `config(dir,
-/// port)` written in `out/<name>`, listening on a free port.
+/// nginx (`cmd`: its binary, pinned like the servers it is compared with), with the
+/// config `config(dir, port)` written in `out/<name>`, listening on a free port.
 fn start_nginx(
-    nginx: &Path,
+    mut cmd: Command,
     out: &Path,
     name: &'static str,
     domain: &'static str,
@@ -513,7 +516,6 @@ fn start_nginx(
     let port = free_port()?;
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("nginx.conf"), config(&dir, port))?;
-    let mut cmd = pin(nginx, 0);
     cmd.arg("-c")
         .arg(dir.join("nginx.conf"))
         .arg("-p")
