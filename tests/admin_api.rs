@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::browser::Browser;
-use crate::support::{variant, Client, Host, Reply, Setup};
+use crate::support::{hello_with_admin_token, variant, Client, Host, Reply, Setup};
 
 /// hello, a static-only site, and `gone` (disabled; its plugin is not installed).
 const CONFIG: &str = r#"{
@@ -316,12 +316,7 @@ fn the_running_config_redacts_values_taken_from_the_environment() {
 
 #[test]
 fn the_api_needs_the_token_and_the_dashboard_files_do_not() {
-    let config = r#"{"global": {"admin": {"listen": "127.0.0.1:0", "token_env": "API_TOKEN"}},
-        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
-    let host = Setup::new("api-token", config)
-        .plugin("hello", "hello.so")
-        .env("API_TOKEN", "api-s3cret")
-        .start();
+    let host = hello_with_admin_token("api-token", "API_TOKEN", "api-s3cret");
     let admin = host.admin();
     let wrong = [("authorization", "Bearer api-s3creT")];
     for path in ["/api/servers", "/api/config", "/api/reloads", "/api/stats"] {
@@ -443,12 +438,7 @@ fn the_dashboard_lists_the_servers_and_shows_a_reload_in_a_browser() {
 
 #[test]
 fn the_dashboard_asks_for_the_token_once_and_keeps_it_for_the_tab() {
-    let config = r#"{"global": {"admin": {"listen": "127.0.0.1:0", "token_env": "API_TOKEN"}},
-        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
-    let host = Setup::new("api-dashboard-token", config)
-        .plugin("hello", "hello.so")
-        .env("API_TOKEN", "page-s3cret")
-        .start();
+    let host = hello_with_admin_token("api-dashboard-token", "API_TOKEN", "page-s3cret");
     let url = format!("http://{}/", host.admin().addr);
     let mut browser = Browser::open(&url);
     let listed = "!!document.querySelector('#servers tr[data-server=\"hello\"]')";

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::support::{library, variant, Client, Host, Setup};
+use crate::support::{hello_with_admin_token, library, variant, Client, Host, Setup};
 
 /// hello (tenant acme), the versioned fixture as `v`, and `gone`, whose plugin is not
 /// installed.
@@ -305,12 +305,7 @@ fn metrics_count_exactly_what_was_sent_under_load_and_reloads_with_their_result(
 
 #[test]
 fn a_configured_token_is_required_on_every_admin_path() {
-    let config = r#"{"global": {"admin": {"listen": "127.0.0.1:0", "token_env": "OPS_TOKEN"}},
-        "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}]}"#;
-    let host = Setup::new("ops-token", config)
-        .plugin("hello", "hello.so")
-        .env("OPS_TOKEN", "s3cret-token")
-        .start();
+    let host = hello_with_admin_token("ops-token", "OPS_TOKEN", "s3cret-token");
     let admin = host.admin();
     for path in [
         "/health/live",

@@ -760,6 +760,19 @@ pub fn standard_config() -> String {
 }
 
 /// A host running `standard_config` with all three plugins installed.
+/// A host serving `hello` whose admin listener (on a free port) needs the bearer token
+/// `token`, read from the environment variable `var`.
+pub fn hello_with_admin_token(label: &str, var: &str, token: &str) -> Host {
+    let config = format!(
+        r#"{{"global": {{"admin": {{"listen": "127.0.0.1:0", "token_env": "{var}"}}}},
+            "servers": [{{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}}]}}"#
+    );
+    Setup::new(label, &config)
+        .plugin("hello", "hello.so")
+        .env(var, token)
+        .start()
+}
+
 pub fn standard_host(label: &str) -> Host {
     Setup::new(label, &standard_config())
         .plugin("hello", "hello.so")
