@@ -15,6 +15,7 @@ mod database;
 mod edge;
 mod gateway;
 mod headers;
+mod isolation;
 mod jwt;
 mod loading;
 mod logs_and_signals;

@@ -57,6 +57,16 @@ struct Args {
     /// when loaded crashes only this child.
     #[arg(long, value_name = "FILE", hide = true)]
     probe_plugin: Option<PathBuf>,
+
+    /// Internal, with --probe-plugin: print what was found (name and versions, or why
+    /// it was refused) as JSON.
+    #[arg(long, hide = true)]
+    probe_report: bool,
+
+    /// Internal: run as the worker process of one server (`isolation: "process"`),
+    /// from the folder its host prepared.
+    #[arg(long, value_name = "DIR", hide = true)]
+    worker: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -83,18 +93,32 @@ fn main() -> ExitCode {
     host::operations::recording::started_at();
     let args = Args::parse();
     if let Some(copy) = &args.probe_plugin {
-        return host::boundary::loader::probe_main(copy);
+        return host::boundary::loader::probe_main(copy, args.probe_report);
     }
-    // Every library is loaded in a child process first (this same binary).
-    let exe = if cfg!(target_os = "linux") {
+    // Every library is loaded in a child process first (this same binary); a worker's
+    // was, by its host.
+    let exe = if args.worker.is_some() {
+        None
+    } else if cfg!(target_os = "linux") {
         Some(PathBuf::from("/proc/self/exe"))
     } else {
         std::env::current_exe().ok()
     };
-    let probe = exe
-        .ok_or_else(|| "cannot find this executable".to_owned())
-        .and_then(host::boundary::loader::probe_with);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let probe = match exe {
+        _ if args.worker.is_some() => Ok(()),
+        exe => exe
+            .ok_or_else(|| "cannot find this executable".to_owned())
+            .and_then(host::boundary::loader::probe_with),
+    };
+    // A worker's own start-up lines would repeat its host's (which names the server,
+    // the build and the worker's pid).
+    let default_filter = if args.worker.is_some() {
+        "info,host::control::servers=warn"
+    } else {
+        "info"
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -102,12 +126,16 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => {
             JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            host::boundary::worker::set_json_logs(true);
             host::boundary::services::keep_plugin_fields_apart();
             logs.with_ansi(false)
                 .fmt_fields(host::logging::JsonFields)
                 .event_format(host::logging::JsonLines)
                 .init();
         }
+    }
+    if let Some(dir) = &args.worker {
+        return host::control::worker::main(dir);
     }
     if let Err(why) = probe {
         tracing::warn!("plugins are loaded in this process only, without a check in a child process first: {why}");
@@ -228,7 +256,12 @@ async fn run(
         let config = config.clone();
         let dir = plugin_dir.clone();
         match tokio::task::spawn_blocking(move || Microservers::start(&config, dir)).await {
-            Ok((servers, _report)) => Arc::new(servers),
+            Ok((servers, _report)) => {
+                let servers = Arc::new(servers);
+                // Worker processes that die are restarted.
+                servers.supervise();
+                servers
+            }
             Err(e) => {
                 fail(format_args!("starting the servers failed: {e}"));
                 return ExitCode::FAILURE;
@@ -247,18 +280,7 @@ async fn run(
     ));
     // Service calls between servers go through the request path (held weakly: the
     // servers end with `run`).
-    let weak = Arc::downgrade(&servers);
-    host::boundary::services::set_service_caller(Arc::new(move |name, request, timeout| {
-        let servers = weak.upgrade();
-        Box::pin(async move {
-            match servers {
-                Some(servers) => {
-                    host::request::http::call_server(servers, name, request, timeout).await
-                }
-                None => host::request::http::call_refused("the host is shutting down"),
-            }
-        })
-    }));
+    host::request::http::serve_service_calls(&servers, "the host is shutting down");
     // One control loop applies every change, whether the watcher saw it or a SIGHUP
     // asked for a look.
     let (changes, changed) = tokio::sync::mpsc::unbounded_channel();

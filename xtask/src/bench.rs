@@ -108,6 +108,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut config: Value = serde_json::from_str(&config_with_domains(1))?;
     config["global"]["metrics"] = json!(false);
     prepare(&unmetered, &config.to_string(), &[(lib("hello"), "hello")])?;
+    // The same server with its plugin in a worker process (`isolation: "process"`):
+    // what the hop to the worker costs. The worker inherits the host's CPU pinning, and
+    // its CPU time counts with the host's (a target's children count).
+    let isolated = out.join("host-worker");
+    let mut config: Value = serde_json::from_str(&config_with_domains(1))?;
+    config["servers"][0]["isolation"] = json!("process");
+    prepare(&isolated, &config.to_string(), &[(lib("hello"), "hello")])?;
     let many = out.join("host-10k-domains");
     prepare(
         &many,
@@ -164,6 +171,11 @@ pub fn run(args: &[String]) -> Result<()> {
             "host-metrics-off",
             "hello.localhost",
             host_cmd(&mut pin(&release.join("host"), 0), &unmetered),
+        )?,
+        Target::start(
+            "host-worker",
+            "hello.localhost",
+            host_cmd(&mut pin(&release.join("host"), 0), &isolated),
         )?,
         Target::start(
             "host-10k",
@@ -279,6 +291,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 "host-rate-limited",
                 "host-access-log",
                 "host-metrics-off",
+                "host-worker",
             ],
             baseline: "baseline",
         },
@@ -672,6 +685,27 @@ fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<u16> {
     Ok(out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0))
 }
 
+/// The processes whose parent is `parent` (nginx's workers, the host's worker
+/// processes).
+pub(crate) fn children(parent: u32) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let ppid = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit(')').next()?;
+                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            ppid == Some(parent)
+        })
+        .collect()
+}
+
 pub(crate) fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -842,26 +876,7 @@ impl Target {
     fn pids(&self) -> Vec<u32> {
         let pid = self.child.id();
         let mut pids = vec![pid];
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            for p in procs.filter_map(Result::ok) {
-                let Some(child) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
-                let ppid = std::fs::read_to_string(format!("/proc/{child}/stat"))
-                    .ok()
-                    .and_then(|s| {
-                        s.rsplit(')')
-                            .next()?
-                            .split_whitespace()
-                            .nth(1)?
-                            .parse::<u32>()
-                            .ok()
-                    });
-                if ppid == Some(pid) {
-                    pids.push(child);
-                }
-            }
-        }
+        pids.extend(children(pid));
         pids
     }
 

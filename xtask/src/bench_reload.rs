@@ -28,6 +28,9 @@ pub fn run(args: &[String]) -> Result<()> {
     // `--tokio`: the plugin runs a tokio runtime of its own (2 worker threads and a
     // background task per generation).
     let tokio = args.iter().any(|a| a == "--tokio");
+    // `--process`: the server's plugin runs in a worker process (`isolation:
+    // "process"`); memory, threads and descriptors are the host's and its workers'.
+    let process = args.iter().any(|a| a == "--process");
     let root = root();
     let out_dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -49,7 +52,8 @@ pub fn run(args: &[String]) -> Result<()> {
         json!({
             "global": {"reload": {"debounce_ms": DEBOUNCE_MS}},
             "servers": [{"name": "v", "domains": ["v.localhost"], "plugin": "versioned",
-                         "config": {"label": "bench"}}]
+                         "config": {"label": "bench"},
+                         "isolation": if process { "process" } else { "in_process" }}]
         })
         .to_string(),
     )?;
@@ -129,6 +133,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "reloads": reloads,
         "clients": clients,
         "plugin_runtime": if tokio { "tokio" } else { "none" },
+        "isolation": if process { "process" } else { "in_process" },
         "requests_ok": ok.load(Ordering::Relaxed),
         "requests_failed": failures.len(),
         "failures": failures.iter().take(20).collect::<Vec<_>>(),
@@ -146,10 +151,13 @@ pub fn run(args: &[String]) -> Result<()> {
     )?;
 
     let s = |k: &str, f: &str| report[k][f].as_f64().unwrap_or(f64::NAN);
-    let runtime = if tokio {
-        ", the plugin with a tokio runtime of its own"
-    } else {
-        ""
+    let runtime = match (tokio, process) {
+        (true, false) => ", the plugin with a tokio runtime of its own",
+        (false, true) => ", the plugin in a worker process; figures for host + worker",
+        (true, true) => {
+            ", the plugin in a worker process with a tokio runtime; figures for host + worker"
+        }
+        (false, false) => "",
     };
     println!(
         "\n## Hot reload under load ({reloads} reloads, {clients} keep-alive clients{runtime})\n"
@@ -331,7 +339,7 @@ fn summary(values: &mut [f64]) -> serde_json::Value {
     })
 }
 
-/// The figures read from /proc for the host process.
+/// The figures read from /proc for the host process and its children (worker processes).
 struct Proc {
     rss_kib: u64,
     rss_anon_kib: u64,
@@ -342,6 +350,20 @@ struct Proc {
 
 impl Proc {
     fn read(pid: u32) -> Result<Proc> {
+        let mut all = Self::read_one(pid)?;
+        for child in crate::bench::children(pid) {
+            if let Ok(p) = Self::read_one(child) {
+                all.rss_kib += p.rss_kib;
+                all.rss_anon_kib += p.rss_anon_kib;
+                all.rss_file_kib += p.rss_file_kib;
+                all.threads += p.threads;
+                all.fds += p.fds;
+            }
+        }
+        Ok(all)
+    }
+
+    fn read_one(pid: u32) -> Result<Proc> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let field = |name: &str| -> u64 {
             status

@@ -29,10 +29,11 @@ tasks:
                               req/s, latency, server CPU per request, start-up, memory.
                               Needs wrk (apt-get install -y wrk) and oha (cargo install
                               oha --locked); --quick takes about a minute
-  bench-reload [--reloads N] [--clients C] [--tokio]
+  bench-reload [--reloads N] [--clients C] [--tokio] [--process]
                               replace a plugin library N times (default 50) under load and
                               report failed requests, reload latency, memory, threads, fds
-                              (--tokio: the plugin runs a tokio runtime of its own)
+                              (--tokio: the plugin runs a tokio runtime of its own;
+                              --process: in a worker process, isolation: process)
   bench-sse [--clients N] [--rate R] [--seconds S]
                               N clients (default 1000) each on hello's server-sent events at
                               R events/s (default 10): events delivered, host CPU, memory

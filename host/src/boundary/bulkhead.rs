@@ -284,6 +284,18 @@ struct Slot {
 static TICKS: AtomicU64 = AtomicU64::new(0);
 /// `global.blocking_warn_ms`; 0: off.
 static WARN_MS: AtomicU64 = AtomicU64::new(0);
+/// In a worker process, the request timeout: a poll that holds its thread longer ends
+/// the process (its host starts another); 0: never.
+static END_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Makes the watchdog end this process when a plugin poll holds its thread for `after`
+/// (a worker process: its host replaces it, where a host could only warn).
+pub fn end_process_after(after: Duration) {
+    END_MS.store(
+        u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1),
+        Ordering::Relaxed,
+    );
+}
 
 fn slots() -> &'static Mutex<Vec<Arc<Slot>>> {
     static SLOTS: OnceLock<Mutex<Vec<Arc<Slot>>>> = OnceLock::new();
@@ -361,13 +373,19 @@ fn watchdog() {
     let mut reported: HashSet<(usize, u64)> = HashSet::new();
     loop {
         let warn = WARN_MS.load(Ordering::Relaxed);
-        if warn == 0 {
+        let end = END_MS.load(Ordering::Relaxed);
+        if warn == 0 && end == 0 {
             std::thread::sleep(Duration::from_millis(500));
             continue;
         }
         // A quarter of the threshold: a poll is reported once it has run between 1 and
         // 1.25 times it (`held_ms`, what is sure, is the lower figure).
-        let tick = (warn / 4).clamp(5, 250);
+        let basis = match (warn, end) {
+            (0, end) => end,
+            (warn, 0) => warn,
+            (warn, end) => warn.min(end),
+        };
+        let tick = (basis / 4).clamp(5, 250);
         std::thread::sleep(Duration::from_millis(tick));
         let now = TICKS.fetch_add(1, Ordering::Relaxed) + 1;
         let slots: Vec<Arc<Slot>> = slots().lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -379,7 +397,18 @@ fn watchdog() {
             }
             // Begun in tick `since - 1`, so running for at least the ticks since then.
             let held_ms = now.saturating_sub(since) * tick;
-            if held_ms < warn {
+            if end > 0 && held_ms >= end {
+                let label = slot.label.load(Ordering::Relaxed);
+                let (server, route) = label_names(label).unwrap_or_default();
+                tracing::error!(
+                    %server,
+                    route = %route,
+                    held_ms,
+                    "a handler held its thread past the request timeout (global.limits.request_timeout_ms): ending this worker process, which its host replaces"
+                );
+                super::worker::end_now(super::worker::EXIT_HELD_TOO_LONG);
+            }
+            if warn == 0 || held_ms < warn {
                 continue;
             }
             let key = (Arc::as_ptr(slot) as usize, since);

@@ -41,13 +41,21 @@ pub struct PluginLibrary {
     pub file: PathBuf,
     /// A hash of the file's bytes, to recognise an identical rebuild.
     pub content_hash: u64,
-    pub(crate) module: PluginModRef,
+    /// `None` for a library checked in a child process only ([`open_elsewhere`]): one
+    /// that runs in worker processes, never in this one.
+    pub(crate) module: Option<PluginModRef>,
     /// The plugin's health hook; `None` for a library built before it existed
     /// (plugin-api 0.6.0).
     pub(crate) health: Option<FfiHealth>,
 }
 
 impl PluginLibrary {
+    /// Whether it is open in this process (else it was checked in a child process
+    /// only, for worker processes).
+    pub fn is_open_here(&self) -> bool {
+        self.module.is_some()
+    }
+
     /// Which build this is, for log lines: the first 16 hex digits of a hash of the file's
     /// bytes (two builds of one version differ here).
     pub fn build(&self) -> String {
@@ -296,6 +304,60 @@ pub fn open(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
     open_copy(file, copy, plugin.content_hash)
 }
 
+/// Checks a plugin copy in a child process only, and never opens it in this one: for a
+/// library that runs only in worker processes (`isolation: "process"`), so that this
+/// process does not map a new build on every reload (a mapped library is never
+/// unmapped). The child does every check [`open`] does and reports the plugin's name
+/// and versions. Without a child process to use (see [`probe_with`]), it is [`open`].
+pub fn open_elsewhere(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
+    let Some(exe) = PROBE.get() else {
+        return open(plugin);
+    };
+    let file = plugin.path.clone();
+    let fail = |reason| LoadError {
+        file: file.clone(),
+        reason,
+    };
+    let out = std::process::Command::new(exe)
+        .arg("--probe-plugin")
+        .arg(&plugin.copy)
+        .arg("--probe-report")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            fail(LoadFailure::Other(format!(
+                "cannot start a process to check it ({e}); will try again"
+            )))
+        })?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if let Some(refused) = report.get("refused").and_then(|r| r.as_str()) {
+        return Err(fail(LoadFailure::Other(refused.to_owned())));
+    }
+    let text = |key: &str| report.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    match (text("name"), text("version"), text("api_version")) {
+        (Some(name), Some(version), Some(api_version)) if out.status.success() => {
+            Ok(PluginLibrary {
+                name,
+                version,
+                api_version,
+                file,
+                content_hash: plugin.content_hash,
+                module: None,
+                health: None,
+            })
+        }
+        _ => {
+            #[cfg(unix)]
+            let how = std::os::unix::process::ExitStatusExt::signal(&out.status)
+                .map_or_else(|| out.status.to_string(), |s| format!("signal {s}"));
+            #[cfg(not(unix))]
+            let how = out.status.to_string();
+            Err(fail(LoadFailure::Crashed(how)))
+        }
+    }
+}
+
 /// Where the host binary is, for [`probe`]: set by `main`, so a library user (a
 /// benchmark) loads in-process only.
 static PROBE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -335,13 +397,37 @@ const PROBE_READY: &[u8] = b"ready\n";
 /// The child's side of [`probe_with`]: loads `copy` as the host would. Exit 0: loaded;
 /// 3: refused (the host's own load then says why); anything else, a crash. `-` is the
 /// readiness check: it prints `ready`.
-pub fn probe_main(copy: &Path) -> std::process::ExitCode {
+///
+/// `report` (for [`open_elsewhere`]): prints what was found as one JSON object, the
+/// plugin's name and versions, or why it was refused.
+pub fn probe_main(copy: &Path, report: bool) -> std::process::ExitCode {
+    use std::io::Write;
     if copy == Path::new("-") {
-        use std::io::Write;
         let _ = std::io::stdout().write_all(PROBE_READY);
         return std::process::ExitCode::SUCCESS;
     }
-    match open_copy(copy, copy, 0) {
+    let opened = open_copy(copy, copy, 0);
+    if report {
+        let said = match &opened {
+            Ok(lib) => serde_json::json!({
+                "name": lib.name,
+                "version": lib.version,
+                "api_version": lib.api_version,
+            }),
+            Err(e) => {
+                // Without the copy's name: the host names the file.
+                let reason = LoadError {
+                    file: PathBuf::new(),
+                    reason: e.reason.clone(),
+                }
+                .to_string();
+                let reason = reason.trim_start_matches(": ").to_owned();
+                serde_json::json!({ "refused": reason })
+            }
+        };
+        let _ = writeln!(std::io::stdout(), "{said}");
+    }
+    match opened {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(_) => std::process::ExitCode::from(3),
     }
@@ -466,7 +552,7 @@ fn open_copy(file: &Path, copy: &Path, content_hash: u64) -> Result<PluginLibrar
         api_version: api_version.to_owned(),
         file: file.to_owned(),
         content_hash,
-        module,
+        module: Some(module),
         health,
     })
 }
@@ -579,13 +665,18 @@ pub fn private_copies_dir() -> std::io::Result<PathBuf> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
+    private_dir_in(&base, &format!("plugin-host-{}", std::process::id()))
+}
+
+/// Makes a new folder `<prefix>-<random>` in `parent` that only this user can enter.
+/// Never reuses an existing one.
+pub fn private_dir_in(parent: &Path, prefix: &str) -> std::io::Result<PathBuf> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     for attempt in 0u32..64 {
-        let path = base.join(format!(
-            "plugin-host-{}-{:08x}",
-            std::process::id(),
+        let path = parent.join(format!(
+            "{prefix}-{:08x}",
             seed.wrapping_add(attempt.wrapping_mul(0x9E37_79B9))
         ));
         let mut builder = std::fs::DirBuilder::new();

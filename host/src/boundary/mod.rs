@@ -4,7 +4,8 @@
 //! (`services`), a server's WebSocket connections as plugins reach them
 //! (`sockets`), the event bus (`bus`) and its link to other hosts over Redis (`relay`),
 //! the limit on how often a plugin's panics are logged (`repeats`), and the bound on
-//! how many runtime threads a server's plugin code may hold at once (`bulkhead`).
+//! how many runtime threads a server's plugin code may hold at once (`bulkhead`), and a
+//! server's plugin in a worker process of its own (`worker`).
 //! It imports nothing from the layers above it.
 
 pub mod bulkhead;
@@ -17,3 +18,4 @@ pub mod repeats;
 pub mod request_id;
 pub mod services;
 pub mod sockets;
+pub mod worker;

@@ -19,7 +19,7 @@ use abi_stable::std_types::{RResult, RSlice};
 use async_ffi::FfiContext;
 use plugin_api::ffi::{
     FfiBusEvent, FfiCall, FfiHandleResult, FfiHealth, FfiInitArgs, FfiInstance, FfiRequest,
-    FfiSocketEvent, FfiSockets,
+    FfiSocketEvent, FfiSockets, PluginModRef,
 };
 use tokio::sync::Notify;
 
@@ -32,6 +32,8 @@ use crate::boundary::services::host_fns;
 /// plugin's object (in the plugin's own code).
 pub struct Instance {
     library: Arc<PluginLibrary>,
+    /// The library's root module (an instance exists only for a library open here).
+    module: PluginModRef,
     ptr: FfiInstance,
     /// How long a plugin runtime of the instance gets to stop when it is dropped (see
     /// [`Instance::stop_within`]).
@@ -87,12 +89,19 @@ impl Instance {
             host: host_fns(),
             sockets,
         };
-        let init = match (library.module.init())(args) {
+        let Some(module) = library.module else {
+            return Err(
+                "this build was checked in a separate process only, for worker processes (isolation: \"process\"); it is opened in the host at the next change of its file"
+                    .to_owned(),
+            );
+        };
+        let init = match (module.init())(args) {
             RResult::ROk(init) => init,
             RResult::RErr(message) => return Err(message.to_string()),
         };
         let instance = Instance {
             library,
+            module,
             ptr: init.instance,
             stop_wait_ms: AtomicU64::new(DEFAULT_STOP_WAIT.as_millis() as u64),
             health_gate: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -133,7 +142,7 @@ impl Instance {
     ) -> FfiCall {
         // SAFETY: `ptr` is this library's live instance (freed only by our drop); `out`
         // has room for one outcome (`call::start`'s slot).
-        unsafe { (self.library.module.handle())(self.ptr, request, cx, out) }
+        unsafe { (self.module.handle())(self.ptr, request, cx, out) }
     }
 
     /// Hands a WebSocket event to the instance and polls its handler once (like
@@ -148,7 +157,7 @@ impl Instance {
         out: *mut FfiHandleResult,
     ) -> FfiCall {
         // SAFETY: as in `handle`.
-        unsafe { (self.library.module.socket_event())(self.ptr, event, cx, out) }
+        unsafe { (self.module.socket_event())(self.ptr, event, cx, out) }
     }
 
     /// Hands a bus event to the instance (see `call::start_bus_event`, the only caller).
@@ -162,20 +171,20 @@ impl Instance {
         out: *mut FfiHandleResult,
     ) -> FfiCall {
         // SAFETY: as in `handle`.
-        unsafe { (self.library.module.bus_event())(self.ptr, event, cx, out) }
+        unsafe { (self.module.bus_event())(self.ptr, event, cx, out) }
     }
 
     /// The state this instance hands to its successor, copied into host memory.
     pub fn export_state(&self) -> Option<Vec<u8>> {
         // SAFETY: `ptr` is this library's live instance.
-        unsafe { (self.library.module.export_state())(self.ptr) }
+        unsafe { (self.module.export_state())(self.ptr) }
             .into_option()
             .map(|bytes| bytes.into_vec())
     }
 
     pub fn shutdown(&self) {
         // SAFETY: `ptr` is this library's live instance.
-        unsafe { (self.library.module.shutdown())(self.ptr) };
+        unsafe { (self.module.shutdown())(self.ptr) };
     }
 
     /// Calls the plugin's health hook and copies its answer into host memory. Blocks as
@@ -204,11 +213,12 @@ impl Drop for Instance {
     /// outlived its generation's drain), it is done on a thread of its own instead.
     fn drop(&mut self) {
         let wait = *self.stop_wait_ms.get_mut();
-        let (library, ptr) = (self.library.clone(), self.ptr);
+        let (library, module, ptr) = (self.library.clone(), self.module, self.ptr);
         let free = move || {
             // SAFETY: `ptr` is this library's live instance, freed here, once (the
-            // `Instance` that owned it is being dropped).
-            unsafe { (library.module.drop_instance())(ptr, wait) };
+            // `Instance` that owned it is being dropped). The library stays mapped.
+            unsafe { (module.drop_instance())(ptr, wait) };
+            drop(library);
         };
         if tokio::runtime::Handle::try_current().is_err() {
             free();

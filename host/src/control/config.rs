@@ -38,6 +38,11 @@ pub struct Config {
     /// from the environment (`${VAR}`) is replaced by [`redacted`] of it, so that no
     /// secret it held is shown.
     pub shown: std::sync::Arc<Value>,
+    /// The file as written, before `${VAR}` was substituted: what a worker process
+    /// (`isolation: "process"`) is given, to parse with the same environment.
+    pub source: std::sync::Arc<Value>,
+    /// The folder relative paths start from (the config file's).
+    pub folder: PathBuf,
 }
 
 /// What the admin API shows for a config string that took a value from the environment:
@@ -271,6 +276,42 @@ pub enum UnknownName {
 pub const SELF_SIGNED_DIR: &str = ".dev-tls";
 
 impl Config {
+    /// The config a worker process runs for server `name` (`isolation: "process"`):
+    /// that server alone, in process, with everything the host in front of it does
+    /// taken out (listeners, TLS, the admin listener, rate limits, tenants, tokens,
+    /// response headers, compression, the access log, metrics, watching files), so that
+    /// it is done once, by the host. `None`: no server of that name.
+    pub fn for_worker(mut self, name: &str, plugin_dir: PathBuf) -> Option<Config> {
+        let mut server = self.servers.into_iter().find(|s| s.name == name)?;
+        server.enabled = true;
+        server.redirect_https = false;
+        server.tenancy = None;
+        server.rate_limits = Vec::new();
+        server.jwt = None;
+        server.response = ResponseRules {
+            security: SecurityHeaders::none(),
+            cors: None,
+            compression: None,
+        };
+        server.isolation = Isolation::InProcess;
+        let global = &mut self.global;
+        global.listen = Vec::new();
+        global.plugin_dir = plugin_dir;
+        global.default_server = Some(name.to_owned());
+        global.drop_in_plugins = DropIn::Never;
+        global.reload.watch = false;
+        global.bus.backend = BusBackend::InProcess;
+        global.tls = TlsConfig::default();
+        global.access_log = None;
+        global.rate_limits = Vec::new();
+        global.admin = None;
+        global.health_path = None;
+        global.metrics = false;
+        self.servers = vec![server];
+        self.tenants = Vec::new();
+        Some(self)
+    }
+
     /// Every domain an enabled server answers for (what the development certificate
     /// covers).
     pub fn domains(&self) -> Vec<DomainPattern> {
@@ -495,6 +536,26 @@ pub struct ServerConfig {
     /// `max_threads`: how many of its plugin polls may run at once on the runtime's
     /// worker threads; `None`: the default (all the workers but one).
     pub max_threads: Option<usize>,
+    /// `isolation` and `worker`: in the host's process, or in a worker process.
+    pub isolation: Isolation,
+}
+
+/// Where a server's plugin runs (`servers[].isolation`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// In the host's process: the default.
+    #[default]
+    InProcess,
+    /// In a worker process of its own (`"process"`).
+    Process(WorkerLimits),
+}
+
+/// `servers[].worker`: the limits of a server's worker process.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkerLimits {
+    /// `max_memory_mb`: the worker's data memory (heap) limit; past it an allocation
+    /// fails, which ends the worker (not the host). `None`: no limit.
+    pub max_memory_mb: Option<u64>,
 }
 
 /// A server's static files (`servers[].static`).
@@ -624,11 +685,13 @@ pub fn parse_in(
         folder: folder.to_owned(),
         ..Validator::default()
     };
+    let source = std::sync::Arc::new(value.clone());
     let mut shown = value.clone();
     redact(&mut shown);
     substitute(&mut value, "", env, &mut v);
     let mut config = v.config(&value);
     config.shown = std::sync::Arc::new(shown);
+    config.source = source;
     if let Some(admin) = config.global.admin.as_mut() {
         if let Some(name) = &admin.token_env {
             match env(name).filter(|t| !t.is_empty()) {
@@ -1152,6 +1215,8 @@ impl Validator {
             servers: Vec::new(),
             tenants: Vec::new(),
             shown: Default::default(),
+            source: Default::default(),
+            folder: self.folder.clone(),
         };
         let Some(map) = self.object(root, "", &["global", "servers", "tenants"]) else {
             return config;
@@ -1457,6 +1522,8 @@ impl Validator {
             "compression",
             "jwt",
             "max_threads",
+            "isolation",
+            "worker",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1565,6 +1632,7 @@ impl Validator {
             .get("max_threads")
             .and_then(|v| self.whole_number(v, &join(path, "max_threads"), 1))
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let isolation = self.isolation(map, path, plugin.is_some());
         if self.problems.len() > before {
             return None;
         }
@@ -1581,7 +1649,52 @@ impl Validator {
             response,
             jwt,
             max_threads,
+            isolation,
         })
+    }
+
+    /// A server's `isolation` (`"in_process"`, the default, or `"process"`) and, for a
+    /// process, its `worker` limits.
+    fn isolation(&mut self, map: &Map<String, Value>, path: &str, has_plugin: bool) -> Isolation {
+        let process = match map.get("isolation") {
+            None => false,
+            Some(Value::String(s)) if s == "in_process" => false,
+            Some(Value::String(s)) if s == "process" => true,
+            Some(other) => {
+                self.problem(
+                    &join(path, "isolation"),
+                    format!("expected \"in_process\" or \"process\", found {other}"),
+                );
+                false
+            }
+        };
+        if process && !has_plugin {
+            self.problem(
+                &join(path, "isolation"),
+                "a server of static files only has no plugin to run in a worker process",
+            );
+        }
+        let Some(worker) = map.get("worker") else {
+            return if process {
+                Isolation::Process(WorkerLimits::default())
+            } else {
+                Isolation::InProcess
+            };
+        };
+        let wpath = join(path, "worker");
+        if !process {
+            self.problem(
+                &wpath,
+                "only used with \"isolation\": \"process\" (it sets the worker process's limits)",
+            );
+        }
+        let Some(w) = self.object(worker, &wpath, &["max_memory_mb"]) else {
+            return Isolation::InProcess;
+        };
+        let max_memory_mb = w
+            .get("max_memory_mb")
+            .and_then(|v| self.whole_number(v, &join(&wpath, "max_memory_mb"), 16));
+        Isolation::Process(WorkerLimits { max_memory_mb })
     }
 
     /// A server's `tenant` (a listed tenant's id) or `tenant_from_subdomain` (a domain

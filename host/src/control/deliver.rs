@@ -133,6 +133,11 @@ fn begin_once(
             let unavailable = Failure::Unavailable(reason.clone());
             return Poll::Ready(Some(Started::Done(Err(unavailable))));
         }
+        ServerState::Worker(_) => {
+            let reason =
+                "its plugin runs in a worker process, which bus events do not reach".to_owned();
+            return Poll::Ready(Some(Started::Done(Err(Failure::Unavailable(reason)))));
+        }
         ServerState::Static => {
             let reason = "it has no plugin, only static files".to_owned();
             return Poll::Ready(Some(Started::Done(Err(Failure::Unavailable(reason)))));

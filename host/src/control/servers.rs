@@ -24,7 +24,8 @@ use crate::boundary::loader::{self, LoadError, LoadFailure, PluginLibrary};
 use crate::boundary::plugin::{self, Instance};
 use crate::boundary::services::mark_host_thread;
 use crate::boundary::sockets::Hub;
-use crate::control::config::{Config, Limits, ResponseRules, StaticSite};
+use crate::boundary::worker::Worker;
+use crate::control::config::{Config, Isolation, Limits, ResponseRules, StaticSite};
 use crate::control::deliver;
 use crate::operations::recording::{self, ServerMeter};
 use crate::request::files::Site;
@@ -39,7 +40,9 @@ use crate::routing::routes::RouteTable;
 const CUT_GRACE: Duration = Duration::from_millis(500);
 
 mod steer;
+mod workers;
 pub use steer::{Cause, Refusal, ReloadRecord, Steered};
+use workers::{Crashes, WorkerExit};
 
 /// A generation as it serves: with its route table.
 pub type Generation = plugin::Generation<RouteTable>;
@@ -72,12 +75,17 @@ pub struct Server {
     pub meter: &'static ServerMeter,
     /// Drained through the admin API: waiting on purpose, so not counted against ready.
     drained: std::sync::atomic::AtomicBool,
+    /// Its worker processes' crashes, and the restart one of them waits for.
+    crashes: Mutex<Crashes>,
 }
 
 /// What a server is doing right now.
 #[derive(Debug)]
 pub enum ServerState {
     Serving(Arc<Generation>),
+    /// Its plugin runs in a worker process (`isolation: "process"`), which gets its
+    /// requests.
+    Worker(Arc<Worker>),
     /// Not serving; its domains answer 503 with this reason (but for the files its
     /// static folder has, if it has one).
     Waiting(String),
@@ -102,6 +110,7 @@ impl Server {
             headers: ArcSwap::from_pointee(ServerHeaders::new(&ResponseRules::default())),
             generations: AtomicU64::new(0),
             drained: Default::default(),
+            crashes: Mutex::default(),
         })
     }
 
@@ -130,13 +139,30 @@ impl Server {
     fn serving(&self) -> Option<Arc<Generation>> {
         match &**self.state.load() {
             ServerState::Serving(g) => Some(g.clone()),
+            ServerState::Waiting(_) | ServerState::Static | ServerState::Worker(_) => None,
+        }
+    }
+
+    /// Its worker process, if its plugin runs in one now.
+    pub fn worker(&self) -> Option<Arc<Worker>> {
+        match &**self.state.load() {
+            ServerState::Worker(w) => Some(w.clone()),
+            _ => None,
+        }
+    }
+
+    /// The number of the generation it serves, in process or in a worker.
+    pub fn generation_number(&self) -> Option<u64> {
+        match &**self.state.load() {
+            ServerState::Serving(g) => Some(g.number),
+            ServerState::Worker(w) => Some(w.number),
             ServerState::Waiting(_) | ServerState::Static => None,
         }
     }
 
     fn waiting_reason(&self) -> Option<String> {
         match &**self.state.load() {
-            ServerState::Serving(_) | ServerState::Static => None,
+            ServerState::Serving(_) | ServerState::Static | ServerState::Worker(_) => None,
             ServerState::Waiting(r) => Some(r.clone()),
         }
     }
@@ -221,15 +247,16 @@ struct ServerSpec {
     response: ResponseRules,
     /// `None`: the default bound.
     max_threads: Option<usize>,
+    isolation: Isolation,
 }
 
 struct ServerEntry {
     server: Arc<Server>,
     spec: ServerSpec,
-    /// The library, config and `plugin` name of the last generation started (or
-    /// tried, or refused), so that a failed init is retried only when one of them
+    /// The library, config, `plugin` name and isolation of the last generation started
+    /// (or tried, or refused), so that a failed init is retried only when one of them
     /// changes.
-    tried: Option<(Arc<PluginLibrary>, String, String)>,
+    tried: Option<(Arc<PluginLibrary>, String, String, Isolation)>,
 }
 
 /// What the plugin folder holds, as last seen.
@@ -420,6 +447,16 @@ pub struct Microservers {
     stopping: std::sync::atomic::AtomicBool,
     /// The last reloads, newest last (at most `steer::HISTORY`).
     reloads: Mutex<VecDeque<ReloadRecord>>,
+    /// Replaced worker processes still draining or stopping.
+    retiring_workers: Arc<Mutex<Vec<Arc<Worker>>>>,
+    /// Worker processes that ended, for `supervise` (which restarts crashed ones).
+    exits: tokio::sync::mpsc::UnboundedSender<WorkerExit>,
+    exits_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WorkerExit>>>,
+    /// State handed to the first generation (a worker process's, from the generation it
+    /// replaces).
+    handed: Mutex<Option<Vec<u8>>>,
+    /// `global.shutdown_timeout_ms`, for a retired worker's shutdown hook.
+    hook_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Microservers {
@@ -501,7 +538,18 @@ impl Microservers {
     /// Loads every library in the plugin folder and starts every enabled server.
     /// A server that cannot start is left waiting; the report lists why.
     pub fn start(config: &Config, plugin_dir: PathBuf) -> (Self, Report) {
+        Self::start_handed(config, plugin_dir, None)
+    }
+
+    /// [`Microservers::start`], handing `state` to the first generation that starts
+    /// (a worker process's plugin, from the one it replaces).
+    pub fn start_handed(
+        config: &Config,
+        plugin_dir: PathBuf,
+        state: Option<Vec<u8>>,
+    ) -> (Self, Report) {
         let mut report = Report::default();
+        let (exits, exits_rx) = tokio::sync::mpsc::unbounded_channel();
         let copies_dir = loader::private_copies_dir().unwrap_or_else(|e| {
             let message = format!("cannot create a private folder for plugin copies: {e}");
             tracing::error!("{message}");
@@ -533,6 +581,11 @@ impl Microservers {
             plugin_thread: PluginThread::default(),
             stopping: Default::default(),
             reloads: Mutex::default(),
+            retiring_workers: Arc::default(),
+            exits,
+            exits_rx: Mutex::new(Some(exits_rx)),
+            handed: Mutex::new(state),
+            hook_ms: AtomicU64::new(config.global.shutdown_timeout.as_millis() as u64),
         };
         {
             let mut control = this.control();
@@ -644,6 +697,7 @@ impl Microservers {
         let mut control = self.control();
         control.stopping = true;
         let mut generations: Vec<Arc<Generation>> = Vec::new();
+        let mut worker_list = Vec::new();
         let mut hubs = Vec::new();
         for entry in &control.servers {
             entry
@@ -652,12 +706,39 @@ impl Microservers {
                 .close_all("the host is shutting down", true);
             hubs.push(entry.server.sockets.clone());
             let stopping = ServerState::Waiting("the host is shutting down".to_owned());
-            if let ServerState::Serving(g) = &*entry.server.state.swap(Arc::new(stopping)) {
-                g.retire();
-                generations.push(g.clone());
+            match &*entry.server.state.swap(Arc::new(stopping)) {
+                ServerState::Serving(g) => {
+                    g.retire();
+                    generations.push(g.clone());
+                }
+                ServerState::Worker(w) => {
+                    w.retire();
+                    worker_list.push(w.clone());
+                }
+                ServerState::Waiting(_) | ServerState::Static => {}
             }
         }
         drop(control);
+        // Worker processes stop on their own, in parallel with what follows: each
+        // finishes its requests, runs its hooks and exits.
+        let stopping_workers = {
+            let retiring = self.retiring_workers.clone();
+            let hook = hook_deadline;
+            std::thread::Builder::new()
+                .name("workers-stop".to_owned())
+                .spawn(move || {
+                    let mut all = worker_list;
+                    all.extend(
+                        retiring
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .iter()
+                            .cloned(),
+                    );
+                    workers::stop_all(all, requests_until, hook);
+                })
+                .ok()
+        };
         // Replaced generations still draining or running their hooks.
         generations.extend(
             self.retiring
@@ -743,6 +824,9 @@ impl Microservers {
                 hook_deadline.as_millis()
             );
         }
+        if let Some(stopping) = stopping_workers {
+            let _ = stopping.join();
+        }
     }
 
     /// Loads what changed in the plugin folder since the last look.
@@ -770,15 +854,26 @@ impl Microservers {
             let Some(fingerprint) = Fingerprint::of(&path) else {
                 continue;
             };
+            // A library only worker processes run is checked in a child process and
+            // never opened here (`loader::open_elsewhere`); one that an in-process
+            // server needs now is opened, even if its file did not change.
+            let elsewhere = Self::only_in_workers(control, &path);
             let previous = control.files.get(&path);
-            if previous.is_some_and(|p| p.fingerprint.as_ref() == Some(&fingerprint)) {
+            let opened_as_needed = |state: &FileState| match &state.outcome {
+                Ok(lib) => elsewhere || lib.is_open_here(),
+                Err(_) => true,
+            };
+            if previous.is_some_and(|p| {
+                p.fingerprint.as_ref() == Some(&fingerprint) && opened_as_needed(p)
+            }) {
                 continue;
             }
             let outcome = match loader::read(&path, &self.copies_dir) {
                 Ok(file) => {
                     let same_bytes = previous
                         .and_then(|p| p.outcome.as_ref().ok())
-                        .filter(|lib| lib.content_hash == file.content_hash);
+                        .filter(|lib| lib.content_hash == file.content_hash)
+                        .filter(|lib| elsewhere || lib.is_open_here());
                     if let Some(lib) = same_bytes {
                         tracing::info!(file = %path.display(), "plugin library rewritten with identical bytes; not reloaded");
                         let outcome = Ok(lib.clone());
@@ -791,7 +886,11 @@ impl Microservers {
                         );
                         continue;
                     }
-                    loader::open(file).map(Arc::new)
+                    if elsewhere {
+                        loader::open_elsewhere(file).map(Arc::new)
+                    } else {
+                        loader::open(file).map(Arc::new)
+                    }
                 }
                 Err(e) => Err(e),
             };
@@ -848,6 +947,22 @@ impl Microservers {
         }
     }
 
+    /// Whether the library at `path` runs only in worker processes: some enabled
+    /// server names it by its file's name, and every one that does has `isolation:
+    /// "process"`.
+    fn only_in_workers(control: &Control, path: &Path) -> bool {
+        let Some(stem) = file_stem(path) else {
+            return false;
+        };
+        let mut naming = control
+            .config
+            .servers
+            .iter()
+            .filter(|s| s.enabled && s.plugin.as_deref().is_some_and(|p| same_name(p, &stem)))
+            .peekable();
+        naming.peek().is_some() && naming.all(|s| matches!(s.isolation, Isolation::Process(_)))
+    }
+
     /// Which library (or why none) a `plugin` name refers to.
     fn resolve(control: &Control, plugin: &str) -> Resolution {
         let by_stem = |path: &Path| file_stem(path).is_some_and(|s| same_name(&s, plugin));
@@ -899,6 +1014,7 @@ impl Microservers {
                 files: s.files.clone(),
                 response: s.response.clone(),
                 max_threads: s.max_threads,
+                isolation: s.isolation.clone(),
             })
             .collect();
         // Libraries named by any entry, enabled or not, are not drop-ins: disabling a
@@ -962,6 +1078,7 @@ impl Microservers {
                 files: None,
                 response: ResponseRules::default(),
                 max_threads: None,
+                isolation: Isolation::InProcess,
             });
         }
         specs
@@ -977,6 +1094,10 @@ impl Microservers {
         };
         let drain = deadlines.drain;
         bulkhead::set_blocking_warn(control.config.global.blocking_warn);
+        self.hook_ms.store(
+            control.config.global.shutdown_timeout.as_millis() as u64,
+            Ordering::Relaxed,
+        );
         let desired = Self::desired_servers(control);
         let mut old: Vec<ServerEntry> = std::mem::take(&mut control.servers);
         let mut next = Vec::new();
@@ -1000,6 +1121,7 @@ impl Microservers {
             server
                 .bulkhead
                 .set_limit(spec.max_threads.unwrap_or_else(bulkhead::default_limit));
+            server.crashes().process = matches!(spec.isolation, Isolation::Process(_));
             if control.drained.contains(&spec.name) {
                 self.drain(&server, drain);
                 next.push(ServerEntry {
@@ -1022,11 +1144,31 @@ impl Microservers {
             };
             match Self::resolve(control, plugin) {
                 Resolution::Library(lib) => {
-                    let attempt = (lib.clone(), spec.plugin_config.clone(), plugin.to_owned());
-                    let same_as_tried = tried.as_ref().is_some_and(|(l, c, p)| {
-                        Arc::ptr_eq(l, &lib) && *c == spec.plugin_config && p == plugin
+                    let attempt = (
+                        lib.clone(),
+                        spec.plugin_config.clone(),
+                        plugin.to_owned(),
+                        spec.isolation.clone(),
+                    );
+                    let same_as_tried = tried.as_ref().is_some_and(|(l, c, p, i)| {
+                        Arc::ptr_eq(l, &lib)
+                            && *c == spec.plugin_config
+                            && p == plugin
+                            && *i == spec.isolation
                     });
-                    if !same_as_tried && !self.stopping.load(Ordering::SeqCst) {
+                    if let (false, false, Isolation::Process(limits)) = (
+                        same_as_tried,
+                        self.stopping.load(Ordering::SeqCst),
+                        &spec.isolation,
+                    ) {
+                        let work = workers::Start {
+                            source: control.config.source.clone(),
+                            folder: control.config.folder.clone(),
+                            limits: limits.clone(),
+                        };
+                        self.start_worker(&server, &lib, work, timing, deadlines, report);
+                        tried = Some(attempt);
+                    } else if !same_as_tried && !self.stopping.load(Ordering::SeqCst) {
                         // Another plugin's library under this server's file name does not
                         // replace the server (its state would be lost), unless the config
                         // names that plugin.
@@ -1101,12 +1243,10 @@ impl Microservers {
                 .sockets
                 .close_all("this server was removed", true);
             Bus::get().subscribe(&gone.server.inbox, &[]);
-            if let Some(g) = gone.server.serving() {
-                gone.server.state.store(Arc::new(ServerState::Waiting(
-                    "this server was removed".to_owned(),
-                )));
-                self.retire(g, drain);
-            }
+            let previous = gone.server.state.swap(Arc::new(ServerState::Waiting(
+                "this server was removed".to_owned(),
+            )));
+            self.retire_state(&previous, drain);
         }
         control.servers = next;
     }
@@ -1129,6 +1269,8 @@ impl Microservers {
         // a watchdog thread: a plugin that hangs in them must not stall every later
         // change.
         let handover = current.clone().filter(|g| g.plugin().name == library.name);
+        // A worker process's first generation gets the state its host handed it.
+        let handed = self.handed.lock().unwrap_or_else(|p| p.into_inner()).take();
         let number = server.next_generation();
         let domains = spec
             .domains
@@ -1145,7 +1287,7 @@ impl Microservers {
         let created = self.plugin_thread.call(
             deadlines.init,
             move || {
-                let state = handover.and_then(|g| g.instance.export_state());
+                let state = handover.and_then(|g| g.instance.export_state()).or(handed);
                 let created = Instance::create(lib, &name, &config, state.as_deref(), sockets)
                     .and_then(|(instance, declared)| {
                         let routes = declared
@@ -1194,9 +1336,13 @@ impl Microservers {
                     routes,
                     server.bulkhead.clone(),
                 );
-                server
+                let previous = server
                     .state
-                    .store(Arc::new(ServerState::Serving(generation)));
+                    .swap(Arc::new(ServerState::Serving(generation)));
+                if let ServerState::Worker(w) = &*previous {
+                    // Its plugin moved into the host's process.
+                    self.retire_worker(w.clone(), deadlines.drain);
+                }
                 server.subscribe(&topics, deadlines.event);
                 if !takes_websockets && !server.sockets.is_empty() {
                     // Nobody would handle their events.
@@ -1273,8 +1419,16 @@ impl Microservers {
             .sockets
             .close_all("the server is not available", false);
         let previous = server.state.swap(Arc::new(ServerState::Waiting(reason)));
-        if let ServerState::Serving(g) = &*previous {
-            self.retire(g.clone(), drain);
+        self.retire_state(&previous, drain);
+    }
+
+    /// Retires what a server served before its state was swapped: a generation or a
+    /// worker process.
+    fn retire_state(&self, previous: &ServerState, drain: Duration) {
+        match previous {
+            ServerState::Serving(g) => self.retire(g.clone(), drain),
+            ServerState::Worker(w) => self.retire_worker(w.clone(), drain),
+            ServerState::Waiting(_) | ServerState::Static => {}
         }
     }
 
@@ -1290,10 +1444,14 @@ impl Microservers {
             .close_all("the server no longer has a plugin", false);
         Bus::get().subscribe(&server.inbox, &[]);
         let previous = server.state.swap(Arc::new(ServerState::Static));
-        if let ServerState::Serving(g) = &*previous {
-            tracing::info!(server = %server.name, generation = g.number, "the server has no plugin any more: static files only");
-            self.retire(g.clone(), drain);
+        if let Some(number) = match &*previous {
+            ServerState::Serving(g) => Some(g.number),
+            ServerState::Worker(w) => Some(w.number),
+            _ => None,
+        } {
+            tracing::info!(server = %server.name, generation = number, "the server has no plugin any more: static files only");
         }
+        self.retire_state(&previous, drain);
     }
 
     /// Lets a replaced generation finish its requests (up to `drain`), then calls its
@@ -1425,7 +1583,7 @@ impl Microservers {
             .filter(|s| !s.drained.load(Ordering::Relaxed))
             .filter_map(|s| match &**s.state() {
                 ServerState::Waiting(reason) => Some((s.name.clone(), reason.clone())),
-                ServerState::Serving(_) | ServerState::Static => None,
+                ServerState::Serving(_) | ServerState::Static | ServerState::Worker(_) => None,
             })
             .collect()
     }

@@ -73,6 +73,17 @@ pub async fn plugin_healths(servers: &[Arc<Server>]) -> Vec<Option<Result<(), St
 pub async fn plugin_health(server: &Arc<Server>) -> Option<Result<(), String>> {
     let generation = match &**server.state() {
         ServerState::Serving(g) => g.clone(),
+        ServerState::Worker(w) => {
+            // Asked of the worker, on a blocking thread: it answers within the timeout.
+            let w = w.clone();
+            let asked = tokio::task::spawn_blocking(move || {
+                w.health(crate::boundary::plugin::HEALTH_TIMEOUT)
+            })
+            .await;
+            return Some(
+                asked.unwrap_or_else(|e| Err(format!("the health hook could not run: {e}"))),
+            );
+        }
         ServerState::Waiting(_) | ServerState::Static => return None,
     };
     Some(generation.health().await)
@@ -84,10 +95,12 @@ pub fn server(server: &Arc<Server>, health: Option<&Result<(), String>>) -> Valu
     let state = server.state();
     let (state_name, reason, generation) = match &**state {
         ServerState::Serving(g) => ("serving", None, Some(g.clone())),
+        ServerState::Worker(_) => ("serving", None, None),
         ServerState::Waiting(reason) => ("waiting", Some(reason.clone()), None),
         ServerState::Static => ("static", None, None),
     };
-    let plugin = generation.as_ref().map(|g| {
+    let worker = server.worker();
+    let mut plugin = generation.as_ref().map(|g| {
         let lib = g.plugin();
         json!({
             "name": lib.name,
@@ -97,6 +110,25 @@ pub fn server(server: &Arc<Server>, health: Option<&Result<(), String>>) -> Valu
             "file": lib.file.display().to_string(),
         })
     });
+    if let Some(w) = &worker {
+        plugin = Some(json!({
+            "name": w.plugin.name,
+            "version": w.plugin.version,
+            "build": w.plugin.build,
+        }));
+    }
+    let isolation = match (&worker, server.is_process_isolated()) {
+        (Some(w), _) => json!({
+            "kind": "process",
+            "pid": w.pid,
+            "restarts": server.worker_restarts(),
+            "max_memory_mb": w.max_memory_mb,
+        }),
+        (None, true) => {
+            json!({ "kind": "process", "pid": null, "restarts": server.worker_restarts() })
+        }
+        (None, false) => json!({ "kind": "in_process" }),
+    };
     let health = health.map(|h| match h {
         Ok(()) => json!({"ok": true}),
         Err(reason) => json!({"ok": false, "reason": reason}),
@@ -108,11 +140,12 @@ pub fn server(server: &Arc<Server>, health: Option<&Result<(), String>>) -> Valu
         "state": state_name,
         "reason": reason,
         "health": health,
-        "generation": generation.as_ref().map(|g| g.number),
+        "generation": server.generation_number(),
         "plugin": plugin,
-        "loaded_at": generation.as_ref().and(loaded_at).map(rfc3339),
+        "isolation": isolation,
+        "loaded_at": server.generation_number().and(loaded_at).map(rfc3339),
         "last_reload": last.as_ref().map(reload_note),
-        "in_flight": generation.as_ref().map_or(0, |g| g.in_flight()),
+        "in_flight": generation.as_ref().map_or_else(|| worker.as_ref().map_or(0, |w| w.in_flight()), |g| g.in_flight()),
         "websocket_connections": server.sockets.len(),
         "requests_total": totals.count(),
         "errors_total": totals.classes[4],

@@ -226,6 +226,12 @@ impl Collector for Scrape {
         )?;
         counters(
             &mut enc,
+            "host_worker_crashes",
+            "Worker processes (isolation: process) that died without being asked to, by server.",
+            &per(&|r| r.meter.worker_crashes.load(Ordering::Relaxed)),
+        )?;
+        counters(
+            &mut enc,
             "host_http_timeouts",
             "Handlers that did not answer within request_timeout_ms (504), by server.",
             &per(&|r| r.meter.timeouts.load(Ordering::Relaxed)),
@@ -381,6 +387,11 @@ fn rows(servers: &Microservers, unhealthy: &[Arc<str>]) -> Vec<Row> {
                     let lib = g.plugin();
                     let info = (lib.name.clone(), lib.version.clone(), lib.build(), g.number);
                     (g.in_flight(), Some(info))
+                }
+                ServerState::Worker(w) => {
+                    let p = &w.plugin;
+                    let info = (p.name.clone(), p.version.clone(), p.build.clone(), w.number);
+                    (w.in_flight(), Some(info))
                 }
                 _ => (0, None),
             };

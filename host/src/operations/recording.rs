@@ -146,6 +146,8 @@ pub struct ServerMeter {
     pub name: Box<str>,
     shards: Box<[Shard]>,
     pub panics: AtomicU64,
+    /// Its worker processes that died without being asked to (`isolation: "process"`).
+    pub worker_crashes: AtomicU64,
     pub timeouts: AtomicU64,
     pub rate_limited: AtomicU64,
     pub reloads_ok: AtomicU64,
@@ -234,6 +236,7 @@ impl ServerMeter {
             name: name.into(),
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             panics: AtomicU64::new(0),
+            worker_crashes: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             reloads_ok: AtomicU64::new(0),
@@ -323,6 +326,10 @@ impl ServerMeter {
     /// Counts a refused build of this server's plugin, unless the last reload is this
     /// same refusal: control looks at a refused file again at every later change (of
     /// any server), which is no new attempt.
+    pub fn worker_crashed(&self) {
+        self.worker_crashes.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn refused(&self, error: String) {
         let last = self.last_reload().0;
         if last.is_some_and(|n| !n.ok && n.error.as_deref() == Some(error.as_str())) {

@@ -28,6 +28,7 @@ use super::access_log::{Answered, Note};
 use super::files::{self, FileBody, Otherwise, Site};
 use super::headers::Finishing;
 use super::jwt::JwtGate;
+use super::proxy::{self, Forward, WorkerBody};
 use super::websocket;
 use crate::boundary::bulkhead::{Bounded, Turn};
 use crate::boundary::call::{
@@ -38,6 +39,7 @@ use crate::boundary::plugin;
 pub use crate::boundary::request_id::RequestId;
 use crate::boundary::request_id::X_REQUEST_ID;
 use crate::boundary::services::ServiceResponse;
+use crate::boundary::worker::Worker;
 use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
 use crate::operations::recording::{self, ServerMeter};
 use crate::routing::domain::normalize_host;
@@ -56,6 +58,8 @@ pub enum Body {
     File(Box<FileBody>),
     /// Any of the above, compressed as it is sent (`servers[].compression`).
     Compressed(Pin<Box<CompressionBody<Body>>>),
+    /// A worker process's response (`isolation: "process"`), as it arrives. Boxed.
+    Worker(Box<WorkerBody>),
 }
 
 impl Body {
@@ -84,6 +88,7 @@ impl hyper::body::Body for Body {
             Body::Stream(streamed) => streamed.poll_frame(cx),
             Body::File(file) => file.poll_frame(cx),
             Body::Compressed(compressed) => poll_compressed(compressed.as_mut(), cx),
+            Body::Worker(proxied) => proxied.poll_frame(cx),
         }
     }
 
@@ -94,6 +99,7 @@ impl hyper::body::Body for Body {
             Body::Stream(streamed) => streamed.ended,
             Body::File(file) => file.is_end_stream(),
             Body::Compressed(compressed) => compressed.is_end_stream(),
+            Body::Worker(proxied) => proxied.is_end_stream(),
         }
     }
 
@@ -104,6 +110,7 @@ impl hyper::body::Body for Body {
             Body::Stream(_) => SizeHint::default(),
             Body::File(file) => file.size_hint(),
             Body::Compressed(compressed) => compressed.size_hint(),
+            Body::Worker(proxied) => proxied.size_hint(),
         }
     }
 }
@@ -780,6 +787,8 @@ async fn read_body(
                 break 'reading None
             }
             ServerState::Waiting(reason) => return (refused(unavailable(server, reason)), name),
+            // Its worker reads the body, under its own limits.
+            ServerState::Worker(_) => break 'reading Some((0, Duration::ZERO, true, server.meter)),
             ServerState::Serving(_) if !may_stream => None,
             ServerState::Serving(g) => match g.routes.find(parts.method.as_str(), parts.uri.path())
             {
@@ -934,7 +943,14 @@ enum Refused {
     /// No plugin route takes it: the server's static files answer, else `Otherwise`.
     /// Boxed: it is larger.
     Files(Box<(Arc<Site>, Otherwise, Served)>),
+    /// Its server's plugin runs in a worker process, which gets the request, with the
+    /// headers the host decides. Boxed.
+    Worker(Box<ToWorker>),
 }
+
+/// A request on its way to a worker process: the worker, the server's meter, and the
+/// headers the host decides (tenant, token claims).
+pub(super) type ToWorker = (Arc<Worker>, Served, Option<Box<HostHeaders>>);
 
 impl Refused {
     fn files(site: Arc<Site>, otherwise: Otherwise, name: Served) -> Self {
@@ -1044,6 +1060,10 @@ fn dispatch(
                 lending.header = header;
                 Ok((lending, (entered, finishing)))
             }
+            Err(Refused::Worker(mut to)) => {
+                to.2 = header;
+                Err((Refused::Worker(to), finishing))
+            }
             Err(refused) => Err((refused, finishing)),
         }
     });
@@ -1062,6 +1082,22 @@ fn dispatch(
         }
         Err((_, LentBody::Bytes(_), (Refused::ReadBody, _))) => {
             unreachable!("only a body still arriving is refused for being one")
+        }
+        Err((pending, body, (Refused::Worker(to), finishing))) => {
+            let (worker, name, header) = *to;
+            let client = *pending.client();
+            let forward = Forward {
+                parts: pending.into_parts(),
+                body,
+                header,
+                client,
+                id: id.clone(),
+                timeout: routing.limits.request_timeout,
+                upgrade: None,
+            };
+            let forwarded = proxy::forward(worker, forward);
+            let finishing = finishing.map(Finishing::owned);
+            return Step::Running(Box::pin(finished(forwarded, finishing)), name);
         }
         Err((pending, _, (Refused::Files(to_files), finishing))) => {
             let (site, otherwise, name) = *to_files;
@@ -1164,6 +1200,7 @@ fn enter<'p>(
             });
         }
         ServerState::Static => return Err(static_only(server, &parts.method, name)),
+        ServerState::Worker(w) => return Err(to_worker(routing, server, w, name)),
     };
     let g: &Generation = generation.generation();
     // Load shedding: the count includes this request.
@@ -1212,6 +1249,18 @@ fn enter<'p>(
         header: None,
     };
     Ok((lending, (generation, route, head, name)))
+}
+
+/// A request for a server whose plugin runs in a worker process (out of line: the
+/// in-process path never comes here): to the worker, unless it has
+/// `global.limits.max_in_flight` requests in flight already (503).
+#[cold]
+#[inline(never)]
+fn to_worker(routing: &Routing, server: &Server, worker: &Arc<Worker>, name: Served) -> Refused {
+    if worker.in_flight() >= routing.limits.max_in_flight {
+        return busy(server, routing.limits.max_in_flight, name);
+    }
+    Refused::Worker(Box::new((worker.clone(), name, None)))
 }
 
 /// A request that entered a generation: its in-flight guard, its route, whether it is a
@@ -1677,6 +1726,21 @@ pub async fn call_server(
 }
 
 /// The answer to a service call that cannot be made at all.
+/// Makes plugins' service calls go through the request path to `servers` (held
+/// weakly: calls after they are gone get `gone`).
+pub fn serve_service_calls(servers: &Arc<Microservers>, gone: &'static str) {
+    let weak = Arc::downgrade(servers);
+    crate::boundary::services::set_service_caller(Arc::new(move |name, request, timeout| {
+        let servers = weak.upgrade();
+        Box::pin(async move {
+            match servers {
+                Some(servers) => call_server(servers, name, request, timeout).await,
+                None => call_refused(gone),
+            }
+        })
+    }));
+}
+
 pub fn call_refused(message: &str) -> ServiceResponse {
     service_error(StatusCode::SERVICE_UNAVAILABLE, message, RequestId::next())
 }

@@ -35,6 +35,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::http::{self, error, respond, unavailable, Body, RequestId, Resolved, Routed, Served};
+use super::proxy::{self, Forward};
 use crate::boundary::call::{intern, HostHeaders, Lending, LentBody, OutcomeSlot, PendingRequest};
 use crate::boundary::plugin;
 use crate::boundary::sockets::{close_frame, Conn, Outgoing, Outgoings, Refusal};
@@ -109,6 +110,9 @@ enum Refused {
     Retry,
     /// Its route is not a WebSocket route: it is an ordinary request.
     Ordinary,
+    /// Its server's plugin runs in a worker process, which gets the upgrade (with the
+    /// headers the host decides). Boxed.
+    Worker(Box<http::ToWorker>),
 }
 
 /// What the upgrade's handler call needs after the request is lent.
@@ -165,6 +169,20 @@ pub(super) async fn upgrade(
                 return http::with_body(servers, back, body, id, want_server, true).await;
             }
             Err((_, Refused::Done(routed))) => return *routed,
+            Err((back, Refused::Worker(to))) => {
+                let (worker, name, header) = *to;
+                let client = *back.client();
+                let forward = Forward {
+                    parts: back.into_parts(),
+                    body: LentBody::Bytes(Bytes::new()),
+                    header,
+                    client,
+                    id: id.clone(),
+                    timeout: servers.routing().limits.request_timeout,
+                    upgrade: Some(on_upgrade),
+                };
+                return (proxy::forward(worker, forward).await, name);
+            }
         }
     };
     let Opened {
@@ -261,6 +279,7 @@ fn open(
             }
             // No plugin to take it: its static files answer it as they would any GET.
             ServerState::Static => return Err(Refused::Ordinary),
+            ServerState::Worker(w) => return Err(Refused::Worker(Box::new((w.clone(), name, header)))),
         };
         let g = in_flight.generation();
         let (route, found, names) = match g.routes.find("GET", parts.uri.path()) {

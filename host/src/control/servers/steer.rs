@@ -28,6 +28,8 @@ pub enum Cause {
     ConfigFile,
     /// The admin API (reload or enable).
     AdminApi,
+    /// A worker process died, and was restarted.
+    WorkerCrash,
 }
 
 impl Cause {
@@ -37,6 +39,7 @@ impl Cause {
             Cause::PluginFolder => "plugin_folder",
             Cause::ConfigFile => "config_file",
             Cause::AdminApi => "admin_api",
+            Cause::WorkerCrash => "worker_crash",
         }
     }
 }
@@ -139,13 +142,13 @@ impl Microservers {
             )));
         }
         let server = entry.server.clone();
-        let before = server.serving().map(|g| g.number);
+        let before = server.generation_number();
         // Forgetting what was tried is what makes the same library start again.
         entry.tried = None;
         self.sync_files(&mut control, &mut report);
         self.sync_servers(&mut control, timing, &mut report);
         self.publish(&control);
-        match server.serving().map(|g| g.number) {
+        match server.generation_number() {
             Some(number) if Some(number) != before => Ok(Steered {
                 message: format!("reloaded: generation {number} serving"),
                 generation: Some(number),
@@ -209,6 +212,9 @@ impl Microservers {
             }
         };
         set(&mut control, enabled, false);
+        // A library checked only for worker processes is opened here if an in-process
+        // server now needs it.
+        self.sync_files(&mut control, &mut report);
         self.sync_servers(&mut control, timing, &mut report);
         self.publish(&control);
         if !enabled {
@@ -225,7 +231,7 @@ impl Microservers {
         match started {
             Some(server) if !matches!(**server.state(), ServerState::Waiting(_)) => Ok(Steered {
                 message: "enabled".to_owned(),
-                generation: server.serving().map(|g| g.number),
+                generation: server.generation_number(),
             }),
             started => {
                 let reason = started.map_or_else(
@@ -284,14 +290,12 @@ impl Microservers {
         let previous = server
             .state
             .swap(Arc::new(ServerState::Waiting(DRAINED.to_owned())));
-        if let ServerState::Serving(g) = &*previous {
-            self.retire(g.clone(), timeout);
-        }
+        self.retire_state(&previous, timeout);
     }
 
     fn generation_of(&self, servers: &[super::ServerEntry], name: &str) -> Option<u64> {
         let entry = servers.iter().find(|e| e.spec.name == name)?;
-        entry.server.serving().map(|g| g.number)
+        entry.server.generation_number()
     }
 }
 

@@ -1,0 +1,644 @@
+//! A server's plugin in a worker process of its own (`servers[].isolation: "process"`),
+//! seen from the host: starting the process, its control pipe, the connections that
+//! carry requests to it, and how it ended.
+//!
+//! The worker is this same binary, run as `host --worker DIR` (see
+//! `control::worker` for its side). The host speaks to it over two channels:
+//!
+//! - **Requests**: HTTP/1.1 over the Unix socket `DIR/http.sock`, on a pool of
+//!   connections (a connection whose response body has ended is used again). The host
+//!   adds `x-plugin-host-client` (the client's address, `;tls` on TLS) and the headers it
+//!   lends to plugins (`x-tenant`, `x-jwt-claims`); the worker trusts them, since only
+//!   this user can reach the socket (the folder is 0700).
+//! - **Control**: one command line at a time on the worker's stdin, one reply line on its
+//!   stdout: `export-state` (the state is written to `DIR/state.out`: `state N`, or
+//!   `state none`), `health` (`health ok` / `health <reason>`), `shutdown <ms>` (no
+//!   reply: the worker finishes its requests within `ms`, runs the plugin's shutdown hook
+//!   and exits 0). The first line the worker writes is `ready {json}`. The worker's stdin
+//!   closing (the host gone) ends it too, and the kernel ends it if the host dies
+//!   (`PR_SET_PDEATHSIG`).
+//!
+//! The worker's stderr is copied to the host's line by line (its log lines are already
+//! formatted like the host's), which is also how an allocation failure past the memory
+//! limit is recognised.
+
+#![allow(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// The body of a request sent to a worker: read already, or still arriving.
+pub type Outgoing = Either<Full<Bytes>, Incoming>;
+
+/// The header that carries the client's address to the worker.
+pub const CLIENT_HEADER: &str = "x-plugin-host-client";
+
+/// The exit code of a worker that ended itself because a handler held its thread past
+/// the request timeout.
+pub const EXIT_HELD_TOO_LONG: i32 = 75;
+
+/// Ends this process at once with `code`: not `exit`, since the plugin's threads may
+/// hold locks its destructors need.
+pub fn end_now(code: i32) -> ! {
+    #[cfg(unix)]
+    unsafe {
+        libc::_exit(code)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
+}
+
+/// Most idle connections kept per worker.
+const POOL_MAX: usize = 256;
+
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
+/// Workers write their log lines as JSON (`--log-format json`) from now on.
+pub fn set_json_logs(on: bool) {
+    JSON_LOGS.store(on, Ordering::Relaxed);
+}
+
+pub fn json_logs() -> bool {
+    JSON_LOGS.load(Ordering::Relaxed)
+}
+
+/// What the host needs to start a worker.
+pub struct WorkerSpec {
+    pub server: Arc<str>,
+    /// Its generation number (a worker per generation).
+    pub number: u64,
+    /// The plugin library file, copied into the worker's folder.
+    pub plugin_file: PathBuf,
+    /// The config as written (before `${VAR}`), and the folder it is relative to.
+    pub source: Arc<Value>,
+    pub folder: PathBuf,
+    pub max_memory_mb: Option<u64>,
+    /// State handed over from the generation it replaces.
+    pub state: Option<Vec<u8>>,
+    /// How long it may take to be ready (its init included).
+    pub init_timeout: Duration,
+    pub json_logs: bool,
+    /// Where its folder is made.
+    pub parent_dir: PathBuf,
+}
+
+/// What a worker said when it was ready.
+#[derive(Debug, Clone, Default)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub build: String,
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    /// For people: "killed by signal 9 (SIGKILL)", "it ran out of memory ...".
+    pub reason: String,
+    /// It was asked to stop (a reload, a removal, the host stopping): not a crash.
+    pub asked: bool,
+    pub after: Duration,
+}
+
+/// A worker process serving one generation of a server.
+pub struct Worker {
+    pub server: Arc<str>,
+    pub number: u64,
+    pub pid: u32,
+    pub plugin: PluginInfo,
+    pub max_memory_mb: Option<u64>,
+    dir: PathBuf,
+    socket: PathBuf,
+    started: Instant,
+    pool: Mutex<Vec<SendRequest<Outgoing>>>,
+    in_flight: AtomicUsize,
+    retired: AtomicBool,
+    /// Set when it was asked to stop: its end is no crash.
+    stopping: AtomicBool,
+    out_of_memory: Arc<AtomicBool>,
+    commands: Mutex<Commands>,
+    child: Mutex<Child>,
+    exit: Mutex<Option<Exit>>,
+    exited: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("server", &self.server)
+            .field("number", &self.number)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Commands {
+    stdin: Option<ChildStdin>,
+    replies: std::sync::mpsc::Receiver<String>,
+}
+
+/// Called once when a worker's process has ended, on a thread of its own.
+pub type OnExit = Box<dyn FnOnce(Arc<Worker>, Exit) + Send>;
+
+impl Worker {
+    /// Starts a worker and waits until it is ready (blocking: call it on a thread that
+    /// may block). `Err`: it did not start, or its plugin did not (the reason); nothing
+    /// is left running.
+    pub fn spawn(spec: WorkerSpec, on_exit: OnExit) -> Result<Arc<Worker>, String> {
+        let prefix = format!("worker-{}-{}", spec.server, spec.number);
+        let dir = super::loader::private_dir_in(&spec.parent_dir, &prefix)
+            .map_err(|e| format!("cannot make a folder for its worker process: {e}"))?;
+        let started = Self::start(&spec, &dir, on_exit);
+        if started.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        started
+    }
+
+    fn start(spec: &WorkerSpec, dir: &Path, on_exit: OnExit) -> Result<Arc<Worker>, String> {
+        let file_name = spec
+            .plugin_file
+            .file_name()
+            .ok_or_else(|| format!("{} has no file name", spec.plugin_file.display()))?;
+        std::fs::copy(&spec.plugin_file, dir.join(file_name)).map_err(|e| {
+            format!(
+                "cannot copy {} for its worker process: {e}",
+                spec.plugin_file.display()
+            )
+        })?;
+        let description = serde_json::json!({
+            "server": &*spec.server,
+            "folder": spec.folder,
+            "config": &*spec.source,
+            "max_memory_mb": spec.max_memory_mb,
+        });
+        std::fs::write(dir.join("worker.json"), description.to_string())
+            .map_err(|e| format!("cannot write the worker's description: {e}"))?;
+        if let Some(state) = &spec.state {
+            std::fs::write(dir.join("state.in"), state)
+                .map_err(|e| format!("cannot write the state handed to the worker: {e}"))?;
+        }
+        let exe = if cfg!(target_os = "linux") {
+            PathBuf::from("/proc/self/exe")
+        } else {
+            std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?
+        };
+        let mut command = Command::new(exe);
+        command
+            .arg("--worker")
+            .arg(dir)
+            .args(["--log-format", if spec.json_logs { "json" } else { "text" }])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        #[cfg(target_os = "linux")]
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            // The worker ends with the host, however the host ends.
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start its worker process: {e}"))?;
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let out_of_memory = Arc::new(AtomicBool::new(false));
+        forward_stderr(stderr, out_of_memory.clone(), &spec.server, pid);
+        let (replies_tx, replies) = std::sync::mpsc::channel::<String>();
+        let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::Builder::new()
+            .name("worker-stdout".to_owned())
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if replies_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+                let _ = ended_tx.send(());
+            });
+        if let Err(e) = reader {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("cannot start a thread for its worker process: {e}"));
+        }
+        // The first line says whether its plugin serves.
+        let first = replies.recv_timeout(spec.init_timeout);
+        let ready = match first {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait();
+                return Err(match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => format!(
+                        "its worker process was not ready within {} ms (global.reload.init_timeout_ms)",
+                        spec.init_timeout.as_millis()
+                    ),
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => format!(
+                        "its worker process ended before it was ready: {}",
+                        status.map_or_else(|e| e.to_string(), |s| describe(s, &out_of_memory, spec.max_memory_mb))
+                    ),
+                });
+            }
+        };
+        let ready: Value = ready
+            .strip_prefix("ready ")
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or(Value::Null);
+        if ready.get("serving") != Some(&Value::Bool(true)) {
+            let reason = ready
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("its worker process did not say it was ready")
+                .to_owned();
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(reason);
+        }
+        let text = |key: &str| {
+            ready
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let worker = Arc::new(Worker {
+            server: spec.server.clone(),
+            number: spec.number,
+            pid,
+            plugin: PluginInfo {
+                name: text("plugin"),
+                version: text("version"),
+                build: text("build"),
+            },
+            max_memory_mb: spec.max_memory_mb,
+            socket: dir.join("http.sock"),
+            dir: dir.to_owned(),
+            started: Instant::now(),
+            pool: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            out_of_memory,
+            commands: Mutex::new(Commands { stdin, replies }),
+            child: Mutex::new(child),
+            exit: Mutex::new(None),
+            exited: tokio::sync::Notify::new(),
+        });
+        // Waits for the end of its output, then for the process.
+        let watched = worker.clone();
+        let watching = std::thread::Builder::new()
+            .name("worker-exit".to_owned())
+            .spawn(move || {
+                let _ = ended.recv();
+                let status = watched.child().wait();
+                let reason = match status {
+                    Ok(status) => describe(status, &watched.out_of_memory, watched.max_memory_mb),
+                    Err(e) => format!("its status is unknown: {e}"),
+                };
+                let exit = Exit {
+                    reason,
+                    asked: watched.stopping.load(Ordering::SeqCst),
+                    after: watched.started.elapsed(),
+                };
+                *watched.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit.clone());
+                watched
+                    .pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                watched.exited.notify_waiters();
+                let _ = std::fs::remove_dir_all(&watched.dir);
+                on_exit(watched, exit);
+            });
+        if let Err(e) = watching {
+            worker.kill();
+            return Err(format!("cannot start a thread for its worker process: {e}"));
+        }
+        Ok(worker)
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How it ended; `None` while it runs.
+    pub fn exit(&self) -> Option<Exit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Requests sent to it whose responses have not ended.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// No request is sent to it any more (a successor took over).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> WorkerInFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        WorkerInFlight(self.clone())
+    }
+
+    /// Sends one request and waits for its response's head. `upgrade`: on a connection
+    /// of its own that may be upgraded (a WebSocket).
+    pub async fn send(
+        self: &Arc<Self>,
+        request: Request<Outgoing>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, SendError> {
+        let pooled = if upgrade { None } else { self.take_ready() };
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None => self
+                .connect(upgrade)
+                .await
+                .map_err(SendError::Unreachable)?,
+        };
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut e) => match e.take_message() {
+                // Never sent: the pooled connection had closed (the worker ended, or
+                // closed it). A new one says which.
+                Some(request) => {
+                    sender = self
+                        .connect(upgrade)
+                        .await
+                        .map_err(SendError::Unreachable)?;
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(|e| SendError::Lost(self.lost(&e)))?
+                }
+                None => return Err(SendError::Lost(self.lost(e.error()))),
+            },
+        };
+        if !upgrade {
+            // Busy until the response's body has ended; then ready for the next one.
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL_MAX && self.exit().is_none() {
+                pool.push(sender);
+            }
+        }
+        Ok(response)
+    }
+
+    /// Why a request sent to it got no response.
+    fn lost(&self, e: &hyper::Error) -> String {
+        // The process may have ended a moment before its exit is known.
+        format!(
+            "its worker process (pid {}) ended before it answered ({e})",
+            self.pid
+        )
+    }
+
+    fn take_ready(&self) -> Option<SendRequest<Outgoing>> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = pool.len();
+        while i > 0 {
+            i -= 1;
+            if pool[i].is_ready() {
+                return Some(pool.swap_remove(i));
+            }
+            if pool[i].is_closed() {
+                pool.swap_remove(i);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, upgrade: bool) -> Result<SendRequest<Outgoing>, String> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| format!("cannot reach its worker process (pid {}): {e}", self.pid))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("cannot speak to its worker process: {e}"))?;
+        if upgrade {
+            tokio::spawn(async move {
+                let _ = connection.with_upgrades().await;
+            });
+        } else {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
+        Ok(sender)
+    }
+
+    /// Sends a command and waits for its one-line reply.
+    fn command(&self, line: &str, timeout: Duration) -> Result<String, String> {
+        let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+        // A reply that came after an earlier command's deadline is not this one's.
+        while commands.replies.try_recv().is_ok() {}
+        let stdin = commands
+            .stdin
+            .as_mut()
+            .ok_or_else(|| "its worker process is stopping".to_owned())?;
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .map_err(|e| format!("cannot reach its worker process: {e}"))?;
+        commands.replies.recv_timeout(timeout).map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => {
+                format!(
+                    "its worker process did not answer within {} ms",
+                    timeout.as_millis()
+                )
+            }
+            std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                "its worker process ended".to_owned()
+            }
+        })
+    }
+
+    /// The plugin's state for its successor (`export_state`), asked of the worker.
+    pub fn export_state(&self, timeout: Duration) -> Result<Option<Vec<u8>>, String> {
+        let reply = self.command("export-state", timeout)?;
+        match reply.strip_prefix("state ") {
+            Some("none") => Ok(None),
+            Some(_) => std::fs::read(self.dir.join("state.out"))
+                .map(Some)
+                .map_err(|e| format!("cannot read the state its worker wrote: {e}")),
+            None => Err(format!("its worker process answered {reply:?}")),
+        }
+    }
+
+    /// The plugin's own health hook, asked of the worker (blocking).
+    pub fn health(&self, timeout: Duration) -> Result<(), String> {
+        let reply = self.command("health", timeout)?;
+        match reply.strip_prefix("health ") {
+            Some("ok") => Ok(()),
+            Some(reason) => Err(reason.to_owned()),
+            None => Err(format!("its worker process answered {reply:?}")),
+        }
+    }
+
+    /// Asks it to finish its requests within `grace`, run the plugin's shutdown hook and
+    /// exit; ends it after `grace` + `hook` if it has not (blocking).
+    pub fn stop(&self, grace: Duration, hook: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.retire();
+        if self.exit().is_some() {
+            return;
+        }
+        {
+            let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(mut stdin) = commands.stdin.take() {
+                let _ = writeln!(stdin, "shutdown {}", grace.as_millis());
+                let _ = stdin.flush();
+                // Dropped: closing its stdin is the signal of last resort.
+            }
+        }
+        let until = Instant::now() + grace + hook + Duration::from_millis(500);
+        while self.exit().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.exit().is_none() {
+            tracing::warn!(server = %self.server, pid = self.pid, "its worker process did not exit within its deadline; killing it");
+            self.kill();
+        }
+    }
+
+    /// Ends the process at once (SIGKILL).
+    pub fn kill(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.child().kill();
+    }
+
+    /// Waits until the process has ended.
+    pub async fn ended(&self) {
+        loop {
+            let notified = self.exited.notified();
+            if self.exit().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Why a request sent to a worker got no response.
+#[derive(Debug)]
+pub enum SendError {
+    /// Nothing was sent: the worker could not be reached (it has ended).
+    Unreachable(String),
+    /// It was sent, and the worker ended (or closed the connection) before it answered.
+    Lost(String),
+}
+
+/// A request in flight on a worker: counted until dropped (with the response's body).
+pub struct WorkerInFlight(Arc<Worker>);
+
+impl WorkerInFlight {
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.0
+    }
+}
+
+impl Drop for WorkerInFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How a process ended, for people.
+fn describe(
+    status: std::process::ExitStatus,
+    out_of_memory: &AtomicBool,
+    max_memory_mb: Option<u64>,
+) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if out_of_memory.load(Ordering::SeqCst) {
+            return match max_memory_mb {
+                Some(mb) => format!(
+                    "it ran out of memory (worker.max_memory_mb is {mb}): an allocation failed"
+                ),
+                None => "it ran out of memory: an allocation failed".to_owned(),
+            };
+        }
+        if let Some(signal) = status.signal() {
+            let name = match signal {
+                libc::SIGABRT => " (SIGABRT: aborted, or its stack overflowed)",
+                libc::SIGSEGV => " (SIGSEGV: a crash)",
+                libc::SIGBUS => " (SIGBUS: a crash)",
+                libc::SIGILL => " (SIGILL: a crash)",
+                libc::SIGFPE => " (SIGFPE: a crash)",
+                libc::SIGKILL => " (SIGKILL: killed, perhaps by the kernel for lack of memory)",
+                libc::SIGTERM => " (SIGTERM)",
+                _ => "",
+            };
+            return format!("killed by signal {signal}{name}");
+        }
+    }
+    match status.code() {
+        Some(0) => "it exited".to_owned(),
+        Some(EXIT_HELD_TOO_LONG) => {
+            "a handler held its thread past the request timeout (global.limits.request_timeout_ms), so the worker ended itself".to_owned()
+        }
+        Some(code) => format!("it exited with code {code}"),
+        None => "it ended".to_owned(),
+    }
+}
+
+/// Copies the worker's stderr to the host's, line by line, noting an allocation failure.
+fn forward_stderr(
+    stderr: std::process::ChildStderr,
+    out_of_memory: Arc<AtomicBool>,
+    server: &str,
+    pid: u32,
+) {
+    let (server, pid) = (server.to_owned(), pid);
+    let spawned = std::thread::Builder::new()
+        .name("worker-stderr".to_owned())
+        .spawn(move || {
+            let mut lines = BufReader::new(stderr);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match lines.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                // Rust's message when an allocation fails (then it aborts).
+                if line.windows(21).any(|w| w == b"memory allocation of ") {
+                    out_of_memory.store(true, Ordering::SeqCst);
+                }
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(&line);
+                if !line.ends_with(b"\n") {
+                    let _ = err.write_all(b"\n");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(%server, pid, "cannot copy its worker's log lines: {e}");
+    }
+}

@@ -1,0 +1,267 @@
+//! Process isolation (`isolation: "process"`): a server's plugin in a worker process of
+//! its own. Crashes that no catch contains (abort, a wild pointer, a stack overflow,
+//! running out of memory, a handler that never yields) end only that worker: its
+//! requests in flight get 502, the host restarts it with backoff, and every other
+//! server, in the host or in a worker, keeps answering.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::support::{variant, Host, Reply, Setup};
+
+const CRASHY: &str = r#"{
+  "global": {"plugin_dir": "plugins", "limits": {"request_timeout_ms": 2000}},
+  "servers": [
+    {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"},
+    {"name": "hello-w", "domains": ["w.localhost"], "plugin": "hello", "isolation": "process"},
+    {"name": "bad", "domains": ["bad.localhost"], "plugin": "misbehave",
+     "isolation": "process", "worker": {"max_memory_mb": 200}}
+  ]
+}"#;
+
+/// Sets `stop` when dropped: a failed assertion inside `thread::scope` must still stop
+/// the load threads, or the scope would wait for them forever.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn crashy(label: &str) -> Host {
+    Setup::new(label, CRASHY)
+        .plugin("hello", "hello.so")
+        .plugin("fixture-misbehave", "misbehave.so")
+        .start()
+}
+
+/// The pid `bad`'s worker answers with, waiting (up to `limit`) until it answers.
+fn worker_pid(host: &Host, limit: Duration) -> (u32, Duration) {
+    let started = Instant::now();
+    loop {
+        let reply = host.get("bad.localhost", "/pid");
+        if reply.status == 200 {
+            return (reply.body.parse().expect("a pid"), started.elapsed());
+        }
+        assert_eq!(reply.status, 503, "while it restarts: {}", reply.body);
+        assert!(
+            started.elapsed() < limit,
+            "no worker within {limit:?}: {}",
+            reply.body
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn each_crash_ends_only_its_worker_which_comes_back_and_a_crash_loop_says_so_once() {
+    let host = crashy("iso-crash");
+    let (first, _) = worker_pid(&host, Duration::from_secs(10));
+    assert_ne!(first, host.pid(), "bad runs in a process of its own");
+    let w = host.get("w.localhost", "/");
+    assert_eq!(w.status, 200, "{}", w.body);
+
+    let stop = AtomicBool::new(false);
+    let failures = Mutex::new(Vec::<String>::new());
+    let served = Mutex::new(0usize);
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        // The others under load all along: one in the host, one in a worker.
+        for domain in ["hello.localhost", "w.localhost"] {
+            for _ in 0..2 {
+                let (host, stop, failures, served) = (&host, &stop, &failures, &served);
+                s.spawn(move || {
+                    let ok = |r: &Reply| r.status == 200 && r.body.starts_with("Hello from");
+                    let n = host.ask_until(domain, "/", ok, stop, failures);
+                    *served.lock().unwrap() += n;
+                });
+            }
+        }
+        let mut pid = first;
+        let crashes = [
+            ("/abort", "SIGABRT"),
+            ("/segfault", "SIGSEGV"),
+            ("/overflow", "SIGABRT"),
+            ("/hog", "it ran out of memory (worker.max_memory_mb is 200)"),
+        ];
+        for (i, (path, said)) in crashes.iter().enumerate() {
+            // A request in flight on the worker when it dies gets 502 too.
+            let slow = s.spawn(|| host.get("bad.localhost", "/slow?ms=1500"));
+            std::thread::sleep(Duration::from_millis(100));
+            let crashed = host.get("bad.localhost", path);
+            assert_eq!(crashed.status, 502, "{path}: {}", crashed.body);
+            let request_id = crashed
+                .header("x-request-id")
+                .expect("a request id")
+                .to_owned();
+            assert_eq!(crashed.json()["request_id"], request_id.as_str(), "{path}");
+            let in_flight = slow.join().unwrap();
+            assert_eq!(
+                in_flight.status, 502,
+                "{path}, in flight: {}",
+                in_flight.body
+            );
+            // Back within its backoff (100 ms doubled per crash), plus its start.
+            let (next, took) = worker_pid(&host, Duration::from_secs(10));
+            assert_ne!(next, pid, "{path}: a new worker");
+            let backoff = Duration::from_millis(100 << i);
+            println!("{path}: back in {took:?} (backoff {backoff:?})");
+            assert!(took < backoff + Duration::from_secs(3), "{path}: {took:?}");
+            host.wait_for_log(&["died", said, &format!("pid {pid}")]);
+            pid = next;
+        }
+        // A fifth crash within a minute is a crash loop: said once, and the server
+        // answers 503 with why until its (longer) backoff has passed.
+        assert_eq!(host.get("bad.localhost", "/abort").status, 502);
+        // (The host notes the death a moment after the 502.)
+        host.wait_until("the server says it keeps crashing", || {
+            let waiting = host.get("bad.localhost", "/pid");
+            waiting.status == 503 && waiting.body.contains("keeps crashing (5 times")
+        });
+        let (next, _) = worker_pid(&host, Duration::from_secs(10));
+        assert_eq!(host.get("bad.localhost", "/abort").status, 502);
+        worker_pid(&host, Duration::from_secs(10));
+        assert_eq!(host.count_log_lines(&["crash loop", "server=bad"]), 1);
+        assert_ne!(next, pid);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(*served.lock().unwrap() > 100, "the load barely ran");
+    // The host itself never restarted.
+    assert_eq!(host.get("hello.localhost", "/").status, 200);
+    let health = host.admin().get("admin", "/health/servers/bad").json();
+    assert_eq!(health["isolation"]["kind"], "process");
+    assert_eq!(health["isolation"]["restarts"], 6);
+    let metrics = host.admin().get("admin", "/metrics").body;
+    assert!(
+        metrics.contains("host_worker_crashes_total{server=\"bad\"} 6"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_handler_that_spins_past_the_request_timeout_gets_its_worker_replaced() {
+    let host = crashy("iso-spin");
+    let (pid, _) = worker_pid(&host, Duration::from_secs(10));
+    let started = Instant::now();
+    let spun = host.get("bad.localhost", "/spin?ms=20000");
+    assert!(
+        [502, 504].contains(&spun.status),
+        "{} {}",
+        spun.status,
+        spun.body
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    host.wait_for_log(&[
+        "held its thread past the request timeout",
+        "route=GET /spin",
+    ]);
+    host.wait_for_log(&["died", "a handler held its thread past the request timeout"]);
+    let (next, _) = worker_pid(&host, Duration::from_secs(10));
+    assert_ne!(next, pid);
+}
+
+const VERSIONED: &str = r#"{
+  "global": {"reload": {"debounce_ms": 20, "drain_timeout_ms": 5000, "init_timeout_ms": 5000}},
+  "servers": [{"name": "v", "domains": ["v.localhost"], "plugin": "versioned",
+               "config": {"label": "x"}, "isolation": "process"}]
+}"#;
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many processes have `parent` as their parent.
+fn children(parent: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // `pid (comm) state ppid ...`: comm may hold spaces, so read after its `)`.
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            after.split_whitespace().nth(1) == Some(&parent.to_string())
+        })
+        .count()
+}
+
+#[test]
+fn reloads_in_worker_processes_fail_no_request_and_give_memory_back() {
+    let (a, b) = (variant("a"), variant("b"));
+    let setup = Setup::new("iso-reload", VERSIONED);
+    std::fs::copy(&a, setup.dir.join("plugins/versioned.so")).unwrap();
+    let host = setup.start();
+    assert_eq!(host.get("v.localhost", "/").body, "a x");
+    let worker = |host: &Host| -> u32 {
+        let health = host.admin().get("admin", "/health/servers/v").json();
+        health["isolation"]["pid"].as_u64().expect("a worker") as u32
+    };
+    let stop = AtomicBool::new(false);
+    let failures = Mutex::new(Vec::<String>::new());
+    let served = Mutex::new(0usize);
+    let mut rss = Vec::new();
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        for _ in 0..4 {
+            s.spawn(|| {
+                let ok = |r: &Reply| r.status == 200 && (r.body == "a x" || r.body == "b x");
+                let n = host.ask_until("v.localhost", "/", ok, &stop, &failures);
+                *served.lock().unwrap() += n;
+            });
+        }
+        for round in 0..20 {
+            let (lib, expected) = if round % 2 == 0 {
+                (&b, "b x")
+            } else {
+                (&a, "a x")
+            };
+            host.install(lib, "versioned.so");
+            host.wait_until(&format!("round {round} serves {expected}"), || {
+                host.get("v.localhost", "/").body == expected
+            });
+            // Each generation is a process of its own; the old one exits once drained.
+            let pid = worker(&host);
+            rss.push(rss_kib(host.pid()) + rss_kib(pid));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(*served.lock().unwrap() > 100, "the load barely ran");
+    host.wait_for_log(&[
+        "reloaded",
+        "server=v",
+        "generation=21",
+        "isolation=\"process\"",
+    ]);
+    // Replaced workers exit: only the current one is left.
+    host.wait_until("old workers exited", || children(host.pid()) == 1);
+    println!("host + worker RSS (KiB) after each reload: {rss:?}");
+    // Flat: what the 5th reload left, the 20th does too (within the noise of a
+    // debug build's allocator; `cargo xtask bench` measures it over 50).
+    let (early, late) = (rss[4], rss[19]);
+    assert!(late < early + 3072, "RSS grew from {early} to {late} KiB");
+}
