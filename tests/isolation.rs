@@ -4,11 +4,9 @@
 //! requests in flight get 502, the host restarts it with backoff, and every other
 //! server, in the host or in a worker, keeps answering.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::support::{variant, Host, Reply, Setup};
+use crate::support::{rss_kib, variant, Client, Host, Reply, Setup};
 
 const CRASHY: &str = r#"{
   "global": {"plugin_dir": "plugins", "limits": {"request_timeout_ms": 2000}},
@@ -19,16 +17,6 @@ const CRASHY: &str = r#"{
      "isolation": "process", "worker": {"max_memory_mb": 200}}
   ]
 }"#;
-
-/// Sets `stop` when dropped: a failed assertion inside `thread::scope` must still stop
-/// the load threads, or the scope would wait for them forever.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
 
 fn crashy(label: &str) -> Host {
     Setup::new(label, CRASHY)
@@ -63,22 +51,10 @@ fn each_crash_ends_only_its_worker_which_comes_back_and_a_crash_loop_says_so_onc
     let w = host.get("w.localhost", "/");
     assert_eq!(w.status, 200, "{}", w.body);
 
-    let stop = AtomicBool::new(false);
-    let failures = Mutex::new(Vec::<String>::new());
-    let served = Mutex::new(0usize);
-    std::thread::scope(|s| {
-        let _stop = StopOnDrop(&stop);
-        // The others under load all along: one in the host, one in a worker.
-        for domain in ["hello.localhost", "w.localhost"] {
-            for _ in 0..2 {
-                let (host, stop, failures, served) = (&host, &stop, &failures, &served);
-                s.spawn(move || {
-                    let ok = |r: &Reply| r.status == 200 && r.body.starts_with("Hello from");
-                    let n = host.ask_until(domain, "/", ok, stop, failures);
-                    *served.lock().unwrap() += n;
-                });
-            }
-        }
+    // The others under load all along: one in the host, one in a worker.
+    let others = ["hello.localhost", "w.localhost"];
+    let ok = |r: &Reply| r.status == 200 && r.body.starts_with("Hello from");
+    let ((), failures, served) = host.under_load(&others, 2, "/", ok, || {
         let mut pid = first;
         let crashes = [
             ("/abort", "SIGABRT"),
@@ -88,7 +64,9 @@ fn each_crash_ends_only_its_worker_which_comes_back_and_a_crash_loop_says_so_onc
         ];
         for (i, (path, said)) in crashes.iter().enumerate() {
             // A request in flight on the worker when it dies gets 502 too.
-            let slow = s.spawn(|| host.get("bad.localhost", "/slow?ms=1500"));
+            let addr = host.addr;
+            let slow =
+                std::thread::spawn(move || Client { addr }.get("bad.localhost", "/slow?ms=1500"));
             std::thread::sleep(Duration::from_millis(100));
             let crashed = host.get("bad.localhost", path);
             assert_eq!(crashed.status, 502, "{path}: {}", crashed.body);
@@ -125,15 +103,13 @@ fn each_crash_ends_only_its_worker_which_comes_back_and_a_crash_loop_says_so_onc
         worker_pid(&host, Duration::from_secs(10));
         assert_eq!(host.count_log_lines(&["crash loop", "server=bad"]), 1);
         assert_ne!(next, pid);
-        stop.store(true, Ordering::Relaxed);
     });
-    let failures = failures.into_inner().unwrap();
     assert!(
         failures.is_empty(),
         "{} failed: {failures:?}",
         failures.len()
     );
-    assert!(*served.lock().unwrap() > 100, "the load barely ran");
+    assert!(served > 100, "the load barely ran");
     // The host itself never restarted.
     assert_eq!(host.get("hello.localhost", "/").status, 200);
     let health = host.admin().get("admin", "/health/servers/bad").json();
@@ -178,16 +154,6 @@ const VERSIONED: &str = r#"{
                "config": {"label": "x"}, "isolation": "process"}]
 }"#;
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// How many processes have `parent` as their parent.
 fn children(parent: u32) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -215,19 +181,9 @@ fn reloads_in_worker_processes_fail_no_request_and_give_memory_back() {
         let health = host.admin().get("admin", "/health/servers/v").json();
         health["isolation"]["pid"].as_u64().expect("a worker") as u32
     };
-    let stop = AtomicBool::new(false);
-    let failures = Mutex::new(Vec::<String>::new());
-    let served = Mutex::new(0usize);
-    let mut rss = Vec::new();
-    std::thread::scope(|s| {
-        let _stop = StopOnDrop(&stop);
-        for _ in 0..4 {
-            s.spawn(|| {
-                let ok = |r: &Reply| r.status == 200 && (r.body == "a x" || r.body == "b x");
-                let n = host.ask_until("v.localhost", "/", ok, &stop, &failures);
-                *served.lock().unwrap() += n;
-            });
-        }
+    let ok = |r: &Reply| r.status == 200 && (r.body == "a x" || r.body == "b x");
+    let (rss, failures, served) = host.under_load(&["v.localhost"], 4, "/", ok, || {
+        let mut rss = Vec::new();
         for round in 0..20 {
             let (lib, expected) = if round % 2 == 0 {
                 (&b, "b x")
@@ -242,15 +198,14 @@ fn reloads_in_worker_processes_fail_no_request_and_give_memory_back() {
             let pid = worker(&host);
             rss.push(rss_kib(host.pid()) + rss_kib(pid));
         }
-        stop.store(true, Ordering::Relaxed);
+        rss
     });
-    let failures = failures.into_inner().unwrap();
     assert!(
         failures.is_empty(),
         "{} failed: {failures:?}",
         failures.len()
     );
-    assert!(*served.lock().unwrap() > 100, "the load barely ran");
+    assert!(served > 100, "the load barely ran");
     host.wait_for_log(&[
         "reloaded",
         "server=v",
@@ -264,4 +219,51 @@ fn reloads_in_worker_processes_fail_no_request_and_give_memory_back() {
     // debug build's allocator; `cargo xtask bench` measures it over 50).
     let (early, late) = (rss[4], rss[19]);
     assert!(late < early + 3072, "RSS grew from {early} to {late} KiB");
+}
+
+#[test]
+fn websockets_and_service_calls_reach_a_server_in_a_worker() {
+    let config = r#"{
+      "global": {"connections": {"max_per_ip": 0}},
+      "servers": [
+        {"name": "sockets", "domains": ["sockets.localhost"], "plugin": "sockets",
+         "isolation": "process"},
+        {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"},
+        {"name": "caller", "domains": ["caller.localhost"], "plugin": "sockets-caller"}
+      ]
+    }"#;
+    let setup = Setup::new("iso-ws", config)
+        .plugin("fixture-sockets", "sockets.so")
+        .plugin("fixture-sockets", "sockets-caller.so")
+        .plugin("hello", "hello.so");
+    let host = setup.start();
+    // A WebSocket over HTTP/1.1, through the host to the worker and back.
+    let (mut ws, response) = host
+        .websocket("ws://sockets.localhost/ws?name=ada")
+        .expect("the upgrade");
+    assert_eq!(response.status(), 101);
+    ws.send(tungstenite::Message::text("seq:1")).unwrap();
+    ws.send(tungstenite::Message::text("name")).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match ws.read().expect("a message") {
+            tungstenite::Message::Text(t) => got.push(t.as_str().to_owned()),
+            _ => continue,
+        }
+    }
+    assert_eq!(got, ["v1:1:1", "ada"]);
+    // Refused at open, with the plugin's status.
+    let refused = host.websocket("ws://sockets.localhost/ws?refuse");
+    match refused {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    // A plugin in the host calls the server in the worker.
+    let called = host.get("caller.localhost", "/call/sockets/variant");
+    assert_eq!((called.status, called.body.as_str()), (200, "200 v1"));
+    // And the server in the worker reaches only itself.
+    let out = host.get("sockets.localhost", "/call/hello/plain");
+    assert_eq!(out.status, 200);
+    assert!(out.body.starts_with("503 "), "{}", out.body);
+    drop(ws);
 }

@@ -618,11 +618,33 @@ impl tokio::io::AsyncWrite for H2Stream {
 
 #[test]
 fn websockets_over_http2_extended_connect() {
+    extended_connect_round_trip(&host_with("ws-h2", ""));
+}
+
+#[test]
+fn websockets_over_http2_reach_a_server_in_a_worker_process() {
+    // The worker speaks HTTP/1.1 to the host for upgrades: the host turns the extended
+    // CONNECT into an Upgrade, and the worker's 101 into HTTP/2's 200.
+    let config = config("").replace(
+        r#""plugin": "sockets"}"#,
+        r#""plugin": "sockets", "isolation": "process"}"#,
+    );
+    let host = Setup::new("ws-h2-worker", &config)
+        .plugin("fixture-sockets", "sockets.so")
+        .plugin("hello", "hello.so")
+        .start();
+    let health = host.admin().get("admin", "/health/servers/sockets").json();
+    assert_eq!(health["isolation"]["kind"], "process", "{health}");
+    extended_connect_round_trip(&host);
+}
+
+/// A WebSocket over HTTP/2 to `sockets.localhost`: refused at open, then accepted,
+/// messages both ways, and the plugin's close.
+fn extended_connect_round_trip(host: &Host) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::tungstenite::Message as AsyncMessage;
 
-    let host = host_with("ws-h2", "");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -623,6 +623,45 @@ impl Client {
         n
     }
 
+    /// Runs `work` while `clients` keep-alive connections per domain in `domains` ask
+    /// for `path` as fast as they can (see [`Host::ask_until`]); the load stops when
+    /// `work` returns or panics. Returns the failures (replies `ok` refused, connection
+    /// errors) and how many replies were ok.
+    pub fn under_load<T>(
+        &self,
+        domains: &[&str],
+        clients: usize,
+        path: &str,
+        ok: impl Fn(&Reply) -> bool + Sync,
+        work: impl FnOnce() -> T,
+    ) -> (T, Vec<String>, usize) {
+        /// Sets the flag when dropped: a panic in `work` must stop the load too, or
+        /// the scope would wait for it forever.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let failures = Mutex::new(Vec::new());
+        let served = std::sync::atomic::AtomicUsize::new(0);
+        let done = std::thread::scope(|s| {
+            let _stop = StopOnDrop(&stop);
+            for domain in domains {
+                for _ in 0..clients {
+                    let (stop, failures, served, ok) = (&stop, &failures, &served, &ok);
+                    s.spawn(move || {
+                        let n = self.ask_until(domain, path, ok, stop, failures);
+                        served.fetch_add(n, Ordering::Relaxed);
+                    });
+                }
+            }
+            work()
+        });
+        (done, failures.into_inner().unwrap(), served.into_inner())
+    }
+
     /// Opens a WebSocket to `url` (`ws://<domain><path>`) at this address: the
     /// connection and the server's 101 response, or the response that refused it.
     pub fn websocket(
@@ -746,6 +785,16 @@ impl Reply {
 }
 
 /// The config most tests use: hello and notes as shipped, plus the misbehaving fixture.
+/// A process's resident memory, in KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn standard_config() -> String {
     r#"{
       "global": {"plugin_dir": "plugins", "limits": {"request_timeout_ms": 2000, "max_body_bytes": 65536}},

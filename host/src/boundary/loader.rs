@@ -665,7 +665,41 @@ pub fn private_copies_dir() -> std::io::Result<PathBuf> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
+    remove_stale_copies(&base);
     private_dir_in(&base, &format!("plugin-host-{}", std::process::id()))
+}
+
+/// Removes the copies folders of hosts that are gone (killed before they could remove
+/// their own): `plugin-host-<pid>-<random>` folders whose process no longer runs. A
+/// folder of a process that runs (or of a new process with a reused pid) is left alone.
+fn remove_stale_copies(base: &Path) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(me), Ok(entries)) = (std::fs::metadata("/proc/self"), std::fs::read_dir(base))
+        else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("plugin-host-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let mine = entry
+                .metadata()
+                .is_ok_and(|m| m.is_dir() && m.uid() == me.uid());
+            if mine && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = base;
 }
 
 /// Makes a new folder `<prefix>-<random>` in `parent` that only this user can enter.

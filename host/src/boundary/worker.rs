@@ -5,8 +5,9 @@
 //! The worker is this same binary, run as `host --worker DIR` (see
 //! `control::worker` for its side). The host speaks to it over two channels:
 //!
-//! - **Requests**: HTTP/1.1 over the Unix socket `DIR/http.sock`, on a pool of
-//!   connections (a connection whose response body has ended is used again). The host
+//! - **Requests**: HTTP/2 over the Unix socket `DIR/http.sock`, all on one connection
+//!   (made again if it closes), so that requests that arrive together travel in one
+//!   write; a WebSocket upgrade takes an HTTP/1.1 connection of its own. The host
 //!   adds `x-plugin-host-client` (the client's address, `;tls` on TLS) and the headers it
 //!   lends to plugins (`x-tenant`, `x-jwt-claims`); the worker trusts them, since only
 //!   this user can reach the socket (the folder is 0700).
@@ -35,7 +36,9 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http2;
 use hyper::{Request, Response};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -60,8 +63,9 @@ pub fn end_now(code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// Most idle connections kept per worker.
-const POOL_MAX: usize = 256;
+/// The HTTP/2 flow-control window of each stream to a worker (the connection's is 16
+/// times this): large, since both ends are this host.
+pub const WINDOW: u32 = 1024 * 1024;
 
 static JSON_LOGS: AtomicBool = AtomicBool::new(false);
 
@@ -122,7 +126,8 @@ pub struct Worker {
     dir: PathBuf,
     socket: PathBuf,
     started: Instant,
-    pool: Mutex<Vec<SendRequest<Outgoing>>>,
+    /// The HTTP/2 connection every request but an upgrade takes.
+    h2: Mutex<Option<http2::SendRequest<Outgoing>>>,
     in_flight: AtomicUsize,
     retired: AtomicBool,
     /// Set when it was asked to stop: its end is no crash.
@@ -222,7 +227,7 @@ impl Worker {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let out_of_memory = Arc::new(AtomicBool::new(false));
-        forward_stderr(stderr, out_of_memory.clone(), &spec.server, pid);
+        let stderr_done = forward_stderr(stderr, out_of_memory.clone(), &spec.server, pid);
         let (replies_tx, replies) = std::sync::mpsc::channel::<String>();
         let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
         let reader = std::thread::Builder::new()
@@ -294,7 +299,7 @@ impl Worker {
             socket: dir.join("http.sock"),
             dir: dir.to_owned(),
             started: Instant::now(),
-            pool: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -310,6 +315,23 @@ impl Worker {
             .name("worker-exit".to_owned())
             .spawn(move || {
                 let _ = ended.recv();
+                // Ended (not reaped yet: until `exit` is set below, `kill` may still
+                // signal its pid).
+                #[cfg(unix)]
+                // SAFETY: `waitid` with WNOWAIT only reads the child's state.
+                unsafe {
+                    let mut info: libc::siginfo_t = std::mem::zeroed();
+                    libc::waitid(
+                        libc::P_PID,
+                        pid as libc::id_t,
+                        &mut info,
+                        libc::WEXITED | libc::WNOWAIT,
+                    );
+                }
+                // Its last words (an allocation failure) are read before its end is
+                // described; a grandchild holding its stderr open does not hold this up.
+                let _ = stderr_done.recv_timeout(Duration::from_millis(500));
+                let mut slot = watched.exit.lock().unwrap_or_else(|p| p.into_inner());
                 let status = watched.child().wait();
                 let reason = match status {
                     Ok(status) => describe(status, &watched.out_of_memory, watched.max_memory_mb),
@@ -320,12 +342,9 @@ impl Worker {
                     asked: watched.stopping.load(Ordering::SeqCst),
                     after: watched.started.elapsed(),
                 };
-                *watched.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit.clone());
-                watched
-                    .pool
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
+                *slot = Some(exit.clone());
+                drop(slot);
+                *watched.h2.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 watched.exited.notify_waiters();
                 let _ = std::fs::remove_dir_all(&watched.dir);
                 on_exit(watched, exit);
@@ -373,40 +392,74 @@ impl Worker {
         request: Request<Outgoing>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, SendError> {
-        let pooled = if upgrade { None } else { self.take_ready() };
-        let mut sender = match pooled {
+        if !upgrade {
+            return self.send_multiplexed(request).await;
+        }
+        // An upgrade: an HTTP/1.1 connection of its own, which becomes the WebSocket.
+        let mut sender = self
+            .connect_upgradable()
+            .await
+            .map_err(SendError::Unreachable)?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| SendError::Lost(self.lost(&e)))
+    }
+
+    /// Sends a request on the worker's HTTP/2 connection, which carries every request
+    /// but upgrades: requests that arrive together leave in one write and their
+    /// responses come back in one read, where a connection per request in flight
+    /// costs a write and a read (and a wake-up of each process) per request.
+    async fn send_multiplexed(
+        self: &Arc<Self>,
+        request: Request<Outgoing>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let current = self
+            .h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match current {
             Some(sender) => sender,
-            None => self
-                .connect(upgrade)
-                .await
-                .map_err(SendError::Unreachable)?,
+            None => self.connect_h2().await.map_err(SendError::Unreachable)?,
         };
-        let response = match sender.try_send_request(request).await {
-            Ok(response) => response,
+        if sender.ready().await.is_err() {
+            // Closed since: a new connection says whether the worker is still there.
+            sender = self.connect_h2().await.map_err(SendError::Unreachable)?;
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(response),
             Err(mut e) => match e.take_message() {
-                // Never sent: the pooled connection had closed (the worker ended, or
-                // closed it). A new one says which.
                 Some(request) => {
-                    sender = self
-                        .connect(upgrade)
-                        .await
-                        .map_err(SendError::Unreachable)?;
+                    let mut sender = self.connect_h2().await.map_err(SendError::Unreachable)?;
                     sender
                         .send_request(request)
                         .await
-                        .map_err(|e| SendError::Lost(self.lost(&e)))?
+                        .map_err(|e| SendError::Lost(self.lost(&e)))
                 }
-                None => return Err(SendError::Lost(self.lost(e.error()))),
+                None => Err(SendError::Lost(self.lost(e.error()))),
             },
-        };
-        if !upgrade {
-            // Busy until the response's body has ended; then ready for the next one.
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < POOL_MAX && self.exit().is_none() {
-                pool.push(sender);
-            }
         }
-        Ok(response)
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<Outgoing>, String> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| format!("cannot reach its worker process (pid {}): {e}", self.pid))?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW * 16)
+            .max_frame_size(256 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("cannot speak to its worker process: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(sender)
     }
 
     /// Why a request sent to it got no response.
@@ -418,37 +471,16 @@ impl Worker {
         )
     }
 
-    fn take_ready(&self) -> Option<SendRequest<Outgoing>> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = pool.len();
-        while i > 0 {
-            i -= 1;
-            if pool[i].is_ready() {
-                return Some(pool.swap_remove(i));
-            }
-            if pool[i].is_closed() {
-                pool.swap_remove(i);
-            }
-        }
-        None
-    }
-
-    async fn connect(&self, upgrade: bool) -> Result<SendRequest<Outgoing>, String> {
+    async fn connect_upgradable(&self) -> Result<SendRequest<Outgoing>, String> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| format!("cannot reach its worker process (pid {}): {e}", self.pid))?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("cannot speak to its worker process: {e}"))?;
-        if upgrade {
-            tokio::spawn(async move {
-                let _ = connection.with_upgrades().await;
-            });
-        } else {
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-        }
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
         Ok(sender)
     }
 
@@ -528,7 +560,19 @@ impl Worker {
     /// Ends the process at once (SIGKILL).
     pub fn kill(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = self.child().kill();
+        // Not through `Child`: its lock is held by the thread waiting for the exit.
+        // Until that thread has reaped it, the pid is still this process's.
+        let exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_none() {
+            #[cfg(unix)]
+            // SAFETY: a plain system call on a pid this process has not reaped yet
+            // (the lock on `exit` is held, and it is set only after the reaping).
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+            #[cfg(not(unix))]
+            let _ = self.child().kill();
+        }
     }
 
     /// Waits until the process has ended.
@@ -614,8 +658,9 @@ fn forward_stderr(
     out_of_memory: Arc<AtomicBool>,
     server: &str,
     pid: u32,
-) {
+) -> std::sync::mpsc::Receiver<()> {
     let (server, pid) = (server.to_owned(), pid);
+    let (done, finished) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("worker-stderr".to_owned())
         .spawn(move || {
@@ -637,8 +682,10 @@ fn forward_stderr(
                     let _ = err.write_all(b"\n");
                 }
             }
+            let _ = done.send(());
         });
     if let Err(e) = spawned {
         tracing::warn!(%server, pid, "cannot copy its worker's log lines: {e}");
     }
+    finished
 }

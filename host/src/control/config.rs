@@ -2125,6 +2125,58 @@ mod tests {
     }
 
     #[test]
+    fn isolation_is_in_process_unless_a_server_asks_for_a_process() {
+        let c = parse(
+            r#"{"servers": [
+                {"name": "a", "domains": ["a.test"], "plugin": "a"},
+                {"name": "b", "domains": ["b.test"], "plugin": "b", "isolation": "process"},
+                {"name": "c", "domains": ["c.test"], "plugin": "c", "isolation": "process",
+                 "worker": {"max_memory_mb": 64}}]}"#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.servers[0].isolation, Isolation::InProcess);
+        assert_eq!(
+            c.servers[1].isolation,
+            Isolation::Process(WorkerLimits::default())
+        );
+        assert_eq!(
+            c.servers[2].isolation,
+            Isolation::Process(WorkerLimits {
+                max_memory_mb: Some(64)
+            })
+        );
+        let worker = c.clone().for_worker("c", PathBuf::from("/w")).unwrap();
+        assert_eq!(worker.servers.len(), 1);
+        assert_eq!(worker.servers[0].isolation, Isolation::InProcess);
+        assert!(worker.global.listen.is_empty() && worker.global.admin.is_none());
+        assert_eq!(worker.global.default_server.as_deref(), Some("c"));
+        assert!(c.for_worker("zzz", PathBuf::from("/w")).is_none());
+        let got = problems(
+            r#"{"servers": [
+                {"name": "a", "domains": ["a.test"], "plugin": "a", "isolation": "sandbox"},
+                {"name": "b", "domains": ["b.test"], "plugin": "b", "worker": {"max_memory_mb": 64}},
+                {"name": "c", "domains": ["c.test"], "plugin": "c", "isolation": "process",
+                 "worker": {"max_memory_mb": 1, "cpu": 2}},
+                {"name": "d", "domains": ["d.test"], "static": {"root": "."}, "isolation": "process"}]}"#,
+        );
+        let expected = [
+            "servers[0].isolation: expected \"in_process\" or \"process\", found \"sandbox\"",
+            "servers[1].worker: only used with \"isolation\": \"process\"",
+            "servers[2].worker.cpu: unknown key",
+            "servers[2].worker.max_memory_mb:",
+            "servers[3].isolation: a server of static files only has no plugin",
+        ];
+        for e in expected {
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing {e:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), expected.len(), "{got:#?}");
+    }
+
+    #[test]
     fn the_bus_runs_in_process_unless_redis_is_named() {
         let c = parse(r#"{"servers": []}"#, &env).unwrap();
         assert_eq!(c.global.bus.backend, BusBackend::InProcess);

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::boundary::call::ClientAddr;
-use crate::boundary::worker::CLIENT_HEADER;
+use crate::boundary::worker::{CLIENT_HEADER, WINDOW};
 use crate::control::config;
 use crate::control::servers::{Microservers, ServerState};
 
@@ -180,8 +180,6 @@ async fn serve(
                 let Ok((stream, _)) = accepted else { continue };
                 let servers = servers.clone();
                 tokio::spawn(async move {
-                    let mut http = hyper::server::conn::http1::Builder::new();
-                    http.max_headers(max_headers);
                     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                         let client = req
                             .headers_mut()
@@ -190,9 +188,20 @@ async fn serve(
                             .unwrap_or_else(ClientAddr::internal);
                         crate::request::http::handle(servers.clone(), req, client)
                     });
+                    // HTTP/2 for requests (the host multiplexes them on one
+                    // connection), HTTP/1.1 for WebSocket upgrades.
+                    let mut http = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    http.http1().max_headers(max_headers);
+                    http.http2()
+                        .initial_stream_window_size(WINDOW)
+                        .initial_connection_window_size(WINDOW * 16)
+                        .max_frame_size(256 * 1024)
+                        .max_concurrent_streams(u32::MAX)
+                        .max_header_list_size(1024 * 1024);
                     let _ = http
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
             }

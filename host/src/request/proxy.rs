@@ -90,7 +90,15 @@ pub(super) async fn forward(worker: Arc<Worker>, forward: Forward) -> Response<B
     let in_flight = worker.enter();
     // HTTP/2's extended CONNECT (RFC 8441) reaches the worker as HTTP/1.1's upgrade.
     let h2_websocket = upgrade.is_some() && parts.method == Method::CONNECT;
-    let request = match request(parts, body, header, &client, &id, upgrade.is_some()) {
+    let request = match request(
+        parts,
+        body,
+        header,
+        &client,
+        &id,
+        upgrade.is_some(),
+        &worker.server,
+    ) {
         Ok(request) => request,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
@@ -160,6 +168,7 @@ fn request(
     client: &ClientAddr,
     id: &RequestId,
     upgrade: bool,
+    server: &str,
 ) -> Result<Request<Outgoing>, String> {
     let Parts {
         method,
@@ -172,7 +181,10 @@ fn request(
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    if let Some(authority) = authority.filter(|_| !headers.contains_key(HOST)) {
+    if !headers.contains_key(HOST) {
+        // HTTP/2's `:authority`, or for a service call (which names no domain) the
+        // server's name, which its plugin sees as the domain in process too.
+        let authority = authority.unwrap_or_else(|| server.to_owned());
         let host =
             HeaderValue::try_from(authority).map_err(|e| format!("invalid authority: {e}"))?;
         headers.insert(HOST, host);
@@ -207,10 +219,12 @@ fn request(
             headers.insert(HeaderName::from_static(h.name), value.clone());
         }
     }
-    let target = uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    // HTTP/2 (every request but an upgrade) names its authority in the target.
+    let target = match headers.get(HOST).and_then(|h| h.to_str().ok()) {
+        Some(host) if !upgrade => format!("http://{host}{target}"),
+        _ => target.to_owned(),
+    };
     let body: Outgoing = match body {
         LentBody::Bytes(bytes) => Either::Left(Full::new(bytes)),
         LentBody::Stream(incoming) => Either::Right(*incoming),
@@ -218,7 +232,11 @@ fn request(
     let mut request = Request::new(body);
     *request.method_mut() = if connect { Method::GET } else { method };
     *request.uri_mut() = target.parse().map_err(|e| format!("invalid target: {e}"))?;
-    *request.version_mut() = Version::HTTP_11;
+    *request.version_mut() = if upgrade {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_2
+    };
     *request.headers_mut() = headers;
     Ok(request)
 }
