@@ -267,3 +267,16 @@ fn websockets_and_service_calls_reach_a_server_in_a_worker() {
     assert!(out.body.starts_with("503 "), "{}", out.body);
     drop(ws);
 }
+
+#[test]
+fn a_worker_outlives_the_thread_that_started_it() {
+    // Linux ends a child whose parent *thread* ends (PR_SET_PDEATHSIG); the runtime's
+    // blocking threads, which start workers, end after 10 s idle. Seen: every worker
+    // killed 10 s after it started.
+    let host = crashy("iso-outlive");
+    let (pid, _) = worker_pid(&host, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(12));
+    let (still, _) = worker_pid(&host, Duration::from_secs(1));
+    assert_eq!(still, pid, "the worker was replaced: {}", host.logs());
+    assert_eq!(host.count_log_lines(&["died"]), 0, "{}", host.logs());
+}

@@ -318,41 +318,71 @@ pub fn open_elsewhere(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
         file: file.clone(),
         reason,
     };
-    let out = std::process::Command::new(exe)
+    let child = std::process::Command::new(exe)
         .arg("--probe-plugin")
         .arg(&plugin.copy)
         .arg("--probe-report")
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
-        .output()
-        .map_err(|e| {
-            fail(LoadFailure::Other(format!(
-                "cannot start a process to check it ({e}); will try again"
-            )))
-        })?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        .spawn();
+    let mut child = child.map_err(|e| {
+        fail(LoadFailure::Other(format!(
+            "cannot start a process to check it ({e}); will try again"
+        )))
+    })?;
+    // Read on a thread of its own, so that a library that prints much cannot block
+    // the child; the report is the last line.
+    let mut stdout = child.stdout.take().expect("piped");
+    let reading = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
+        out
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < PROBE_TIMEOUT => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(LoadFailure::Crashed(format!(
+                    "loading it did not finish within {} s",
+                    PROBE_TIMEOUT.as_secs()
+                ))));
+            }
+        }
+    };
+    let out = reading.join().unwrap_or_default();
+    let last = out
+        .split(|b| *b == b'\n')
+        .rev()
+        .find(|line| !line.is_empty())
+        .unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_slice(last).unwrap_or_default();
     if let Some(refused) = report.get("refused").and_then(|r| r.as_str()) {
         return Err(fail(LoadFailure::Other(refused.to_owned())));
     }
     let text = |key: &str| report.get(key).and_then(|v| v.as_str()).map(str::to_owned);
     match (text("name"), text("version"), text("api_version")) {
-        (Some(name), Some(version), Some(api_version)) if out.status.success() => {
-            Ok(PluginLibrary {
-                name,
-                version,
-                api_version,
-                file,
-                content_hash: plugin.content_hash,
-                module: None,
-                health: None,
-            })
-        }
+        (Some(name), Some(version), Some(api_version)) if status.success() => Ok(PluginLibrary {
+            name,
+            version,
+            api_version,
+            file,
+            content_hash: plugin.content_hash,
+            module: None,
+            health: None,
+        }),
         _ => {
             #[cfg(unix)]
-            let how = std::os::unix::process::ExitStatusExt::signal(&out.status)
-                .map_or_else(|| out.status.to_string(), |s| format!("signal {s}"));
+            let how = std::os::unix::process::ExitStatusExt::signal(&status)
+                .map_or_else(|| status.to_string(), |s| format!("signal {s}"));
             #[cfg(not(unix))]
-            let how = out.status.to_string();
+            let how = status.to_string();
             Err(fail(LoadFailure::Crashed(how)))
         }
     }

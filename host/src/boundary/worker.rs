@@ -12,10 +12,11 @@
 //!   lends to plugins (`x-tenant`, `x-jwt-claims`); the worker trusts them, since only
 //!   this user can reach the socket (the folder is 0700).
 //! - **Control**: one command line at a time on the worker's stdin, one reply line on its
-//!   stdout: `export-state` (the state is written to `DIR/state.out`: `state N`, or
-//!   `state none`), `health` (`health ok` / `health <reason>`), `shutdown <ms>` (no
-//!   reply: the worker finishes its requests within `ms`, runs the plugin's shutdown hook
-//!   and exits 0). The first line the worker writes is `ready {json}`. The worker's stdin
+//!   stdout, each numbered (`<n> <command>`, answered `<n> <reply>`, so that a late
+//!   reply is never taken for a later command's): `export-state` (the state is written
+//!   to `DIR/state.out`: `state N`, or `state none`), `health` (`health ok` / `health
+//!   <reason>`), `shutdown <ms>` (no reply: the worker finishes its requests within
+//!   `ms`, runs the plugin's shutdown hook and exits 0). The first line the worker writes is `ready {json}`. The worker's stdin
 //!   closing (the host gone) ends it too, and the kernel ends it if the host dies
 //!   (`PR_SET_PDEATHSIG`).
 //!
@@ -66,6 +67,10 @@ pub fn end_now(code: i32) -> ! {
 /// The HTTP/2 flow-control window of each stream to a worker (the connection's is 16
 /// times this): large, since both ends are this host.
 pub const WINDOW: u32 = 1024 * 1024;
+
+/// The largest header list either side of a worker's connection takes: larger than the
+/// host's own limits, which apply first.
+pub const MAX_HEADER_LIST: u32 = 1024 * 1024;
 
 static JSON_LOGS: AtomicBool = AtomicBool::new(false);
 
@@ -129,7 +134,13 @@ pub struct Worker {
     /// The HTTP/2 connection every request but an upgrade takes.
     h2: Mutex<Option<http2::SendRequest<Outgoing>>>,
     in_flight: AtomicUsize,
+    /// WebSocket connections open through it (not requests in flight: they do not
+    /// count against `max_in_flight`, but a retired worker is drained of them too).
+    sockets: AtomicUsize,
     retired: AtomicBool,
+    /// Held while its HTTP/2 connection is being made, so that requests that find none
+    /// make one between them.
+    connecting: tokio::sync::Mutex<()>,
     /// Set when it was asked to stop: its end is no crash.
     stopping: AtomicBool,
     out_of_memory: Arc<AtomicBool>,
@@ -152,6 +163,9 @@ impl std::fmt::Debug for Worker {
 struct Commands {
     stdin: Option<ChildStdin>,
     replies: std::sync::mpsc::Receiver<String>,
+    /// The number of the last command sent: a reply names the command it answers, so
+    /// one that comes after its command's deadline is never taken for the next one's.
+    last: u64,
 }
 
 /// Called once when a worker's process has ended, on a thread of its own.
@@ -211,7 +225,8 @@ impl Worker {
         #[cfg(target_os = "linux")]
         unsafe {
             use std::os::unix::process::CommandExt;
-            // The worker ends with the host, however the host ends.
+            // The worker ends with the host, however the host ends. (The signal comes
+            // when the *thread* that forked it ends: hence `spawn_from_keeper`.)
             command.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -219,8 +234,7 @@ impl Worker {
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
+        let mut child = spawn_from_keeper(command)
             .map_err(|e| format!("cannot start its worker process: {e}"))?;
         let pid = child.id();
         let stdin = child.stdin.take();
@@ -301,10 +315,16 @@ impl Worker {
             started: Instant::now(),
             h2: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
+            sockets: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             out_of_memory,
-            commands: Mutex::new(Commands { stdin, replies }),
+            commands: Mutex::new(Commands {
+                stdin,
+                replies,
+                last: 0,
+            }),
             child: Mutex::new(child),
             exit: Mutex::new(None),
             exited: tokio::sync::Notify::new(),
@@ -314,7 +334,6 @@ impl Worker {
         let watching = std::thread::Builder::new()
             .name("worker-exit".to_owned())
             .spawn(move || {
-                let _ = ended.recv();
                 // Ended (not reaped yet: until `exit` is set below, `kill` may still
                 // signal its pid).
                 #[cfg(unix)]
@@ -330,6 +349,7 @@ impl Worker {
                 }
                 // Its last words (an allocation failure) are read before its end is
                 // described; a grandchild holding its stderr open does not hold this up.
+                let _ = ended.recv_timeout(Duration::from_millis(500));
                 let _ = stderr_done.recv_timeout(Duration::from_millis(500));
                 let mut slot = watched.exit.lock().unwrap_or_else(|p| p.into_inner());
                 let status = watched.child().wait();
@@ -379,10 +399,19 @@ impl Worker {
         self.retired.load(Ordering::SeqCst)
     }
 
-    /// Counts a request in flight until the guard is dropped.
-    pub fn enter(self: &Arc<Self>) -> WorkerInFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        WorkerInFlight(self.clone())
+    /// WebSocket connections open through it.
+    pub fn sockets(&self) -> usize {
+        self.sockets.load(Ordering::Acquire)
+    }
+
+    /// Counts a request in flight until the guard is dropped; `None` once it is
+    /// retired (the caller loads the server's state again: its successor's). Counted
+    /// before the check, so a drain that saw none in flight after the retirement sees
+    /// every request that got in.
+    pub fn enter(self: &Arc<Self>) -> Option<WorkerInFlight> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let entered = WorkerInFlight(self.clone());
+        (!self.retired.load(Ordering::SeqCst)).then_some(entered)
     }
 
     /// Sends one request and waits for its response's head. `upgrade`: on a connection
@@ -414,16 +443,23 @@ impl Worker {
         self: &Arc<Self>,
         request: Request<Outgoing>,
     ) -> Result<Response<Incoming>, SendError> {
-        let current = self
-            .h2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .filter(|s| !s.is_closed())
-            .cloned();
-        let mut sender = match current {
+        let current = || {
+            self.h2
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .filter(|s| !s.is_closed())
+                .cloned()
+        };
+        let mut sender = match current() {
             Some(sender) => sender,
-            None => self.connect_h2().await.map_err(SendError::Unreachable)?,
+            None => {
+                let _turn = self.connecting.lock().await;
+                match current() {
+                    Some(sender) => sender,
+                    None => self.connect_h2().await.map_err(SendError::Unreachable)?,
+                }
+            }
         };
         if sender.ready().await.is_err() {
             // Closed since: a new connection says whether the worker is still there.
@@ -452,6 +488,7 @@ impl Worker {
             .initial_stream_window_size(WINDOW)
             .initial_connection_window_size(WINDOW * 16)
             .max_frame_size(256 * 1024)
+            .max_header_list_size(MAX_HEADER_LIST)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("cannot speak to its worker process: {e}"))?;
@@ -484,29 +521,36 @@ impl Worker {
         Ok(sender)
     }
 
-    /// Sends a command and waits for its one-line reply.
+    /// Sends a command (`<n> <line>`) and waits for its one-line reply (`<n> <reply>`),
+    /// skipping late replies to earlier commands.
     fn command(&self, line: &str, timeout: Duration) -> Result<String, String> {
         let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
-        // A reply that came after an earlier command's deadline is not this one's.
-        while commands.replies.try_recv().is_ok() {}
+        commands.last += 1;
+        let n = commands.last;
         let stdin = commands
             .stdin
             .as_mut()
             .ok_or_else(|| "its worker process is stopping".to_owned())?;
-        writeln!(stdin, "{line}")
+        writeln!(stdin, "{n} {line}")
             .and_then(|()| stdin.flush())
             .map_err(|e| format!("cannot reach its worker process: {e}"))?;
-        commands.replies.recv_timeout(timeout).map_err(|e| match e {
-            std::sync::mpsc::RecvTimeoutError::Timeout => {
-                format!(
+        let until = Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let reply = commands.replies.recv_timeout(left).map_err(|e| match e {
+                std::sync::mpsc::RecvTimeoutError::Timeout => format!(
                     "its worker process did not answer within {} ms",
                     timeout.as_millis()
-                )
+                ),
+                std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                    "its worker process ended".to_owned()
+                }
+            })?;
+            match reply.split_once(' ') {
+                Some((id, rest)) if id.parse() == Ok(n) => return Ok(rest.to_owned()),
+                _ => continue,
             }
-            std::sync::mpsc::RecvTimeoutError::Disconnected => {
-                "its worker process ended".to_owned()
-            }
-        })
+        }
     }
 
     /// The plugin's state for its successor (`export_state`), asked of the worker.
@@ -542,7 +586,8 @@ impl Worker {
         {
             let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(mut stdin) = commands.stdin.take() {
-                let _ = writeln!(stdin, "shutdown {}", grace.as_millis());
+                commands.last += 1;
+                let _ = writeln!(stdin, "{} shutdown {}", commands.last, grace.as_millis());
                 let _ = stdin.flush();
                 // Dropped: closing its stdin is the signal of last resort.
             }
@@ -596,12 +641,61 @@ pub enum SendError {
     Lost(String),
 }
 
+/// Starts `command` from one thread that lives as long as the process: Linux sends a
+/// child's `PR_SET_PDEATHSIG` when the thread that forked it ends, and the threads that
+/// start workers (the runtime's blocking pool) end when idle, which would kill their
+/// workers.
+fn spawn_from_keeper(command: Command) -> std::io::Result<Child> {
+    type Job = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static KEEPER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (jobs, receiver) = std::sync::mpsc::channel::<Job>();
+        let started = std::thread::Builder::new()
+            .name("worker-spawner".to_owned())
+            .spawn(move || {
+                for (mut command, answer) in receiver {
+                    let _ = answer.send(command.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!("cannot start the thread that starts worker processes: {e}");
+        }
+        Mutex::new(jobs)
+    });
+    let (answer, answered) = std::sync::mpsc::channel();
+    keeper
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((command, answer))
+        .map_err(|_| std::io::Error::other("the thread that starts worker processes is gone"))?;
+    answered
+        .recv()
+        .map_err(|_| std::io::Error::other("the thread that starts worker processes is gone"))?
+}
+
 /// A request in flight on a worker: counted until dropped (with the response's body).
 pub struct WorkerInFlight(Arc<Worker>);
 
 impl WorkerInFlight {
     pub fn worker(&self) -> &Arc<Worker> {
         &self.0
+    }
+
+    /// The request became a WebSocket connection: it counts as one (until the guard
+    /// returned is dropped), no longer as a request in flight.
+    pub fn into_socket(self) -> WorkerSocket {
+        self.0.sockets.fetch_add(1, Ordering::SeqCst);
+        WorkerSocket(self.0.clone())
+    }
+}
+
+/// A WebSocket connection open through a worker: counted until dropped.
+pub struct WorkerSocket(Arc<Worker>);
+
+impl Drop for WorkerSocket {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::boundary::call::ClientAddr;
-use crate::boundary::worker::{CLIENT_HEADER, WINDOW};
+use crate::boundary::worker::{CLIENT_HEADER, MAX_HEADER_LIST, WINDOW};
 use crate::control::config;
 use crate::control::servers::{Microservers, ServerState};
 
@@ -33,7 +33,9 @@ pub fn main(dir: &Path) -> ExitCode {
     #[cfg(unix)]
     let out: Box<dyn Write + Send> = unsafe {
         use std::os::fd::FromRawFd;
-        let fd = libc::dup(1);
+        // Close-on-exec: a process the plugin starts must not hold the protocol open
+        // (its host reads the end of it as this worker's end).
+        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
         if fd < 0 || libc::dup2(2, 1) < 0 {
             eprintln!("error: worker: cannot set up its output");
             return ExitCode::FAILURE;
@@ -199,7 +201,7 @@ async fn serve(
                         .initial_connection_window_size(WINDOW * 16)
                         .max_frame_size(256 * 1024)
                         .max_concurrent_streams(u32::MAX)
-                        .max_header_list_size(1024 * 1024);
+                        .max_header_list_size(MAX_HEADER_LIST);
                     let _ = http
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
@@ -243,6 +245,9 @@ fn commands(
             for line in stdin.lock().lines() {
                 let Ok(line) = line else { break };
                 let mut words = line.split_whitespace();
+                // Each command is numbered; its reply carries the number.
+                let n = words.next().unwrap_or_default().to_owned();
+                let say = |reply: &str| say(&format!("{n} {reply}"));
                 match words.next() {
                     Some("export-state") => {
                         let state = match &**servers.routing().servers[0].state() {

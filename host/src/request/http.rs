@@ -39,7 +39,7 @@ use crate::boundary::plugin;
 pub use crate::boundary::request_id::RequestId;
 use crate::boundary::request_id::X_REQUEST_ID;
 use crate::boundary::services::ServiceResponse;
-use crate::boundary::worker::Worker;
+use crate::boundary::worker::{Worker, WorkerInFlight};
 use crate::control::servers::{Generation, Microservers, Routing, Server, ServerState};
 use crate::operations::recording::{self, ServerMeter};
 use crate::routing::domain::normalize_host;
@@ -948,9 +948,9 @@ enum Refused {
     Worker(Box<ToWorker>),
 }
 
-/// A request on its way to a worker process: the worker, the server's meter, and the
-/// headers the host decides (tenant, token claims).
-pub(super) type ToWorker = (Arc<Worker>, Served, Option<Box<HostHeaders>>);
+/// A request on its way to a worker process: in flight on the worker, the server's
+/// meter, and the headers the host decides (tenant, token claims).
+pub(super) type ToWorker = (WorkerInFlight, Served, Option<Box<HostHeaders>>);
 
 impl Refused {
     fn files(site: Arc<Site>, otherwise: Otherwise, name: Served) -> Self {
@@ -1260,7 +1260,11 @@ fn to_worker(routing: &Routing, server: &Server, worker: &Arc<Worker>, name: Ser
     if worker.in_flight() >= routing.limits.max_in_flight {
         return busy(server, routing.limits.max_in_flight, name);
     }
-    Refused::Worker(Box::new((worker.clone(), name, None)))
+    // A worker retired between the load and the entry: its successor takes it.
+    match worker.enter() {
+        Some(in_flight) => Refused::Worker(Box::new((in_flight, name, None))),
+        None => Refused::Retry,
+    }
 }
 
 /// A request that entered a generation: its in-flight guard, its route, whether it is a

@@ -6,7 +6,6 @@
 //! bytes are copied both ways until either side closes.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -77,7 +76,8 @@ pub(super) struct Forward {
 
 /// Forwards one request to `worker` and answers with its response: 502 if the worker
 /// ended before it answered (it crashed, or was killed), 504 past the request timeout.
-pub(super) async fn forward(worker: Arc<Worker>, forward: Forward) -> Response<Body> {
+pub(super) async fn forward(in_flight: WorkerInFlight, forward: Forward) -> Response<Body> {
+    let worker = in_flight.worker().clone();
     let Forward {
         parts,
         body,
@@ -87,7 +87,6 @@ pub(super) async fn forward(worker: Arc<Worker>, forward: Forward) -> Response<B
         timeout,
         upgrade,
     } = forward;
-    let in_flight = worker.enter();
     // HTTP/2's extended CONNECT (RFC 8441) reaches the worker as HTTP/1.1's upgrade.
     let h2_websocket = upgrade.is_some() && parts.method == Method::CONNECT;
     let request = match request(
@@ -131,14 +130,15 @@ pub(super) async fn forward(worker: Arc<Worker>, forward: Forward) -> Response<B
             return failed(&worker, "it switched protocols unasked", &id);
         };
         let worker_side = hyper::upgrade::on(&mut response);
+        let socket = in_flight.into_socket();
         tokio::spawn(async move {
             let (Ok(client_side), Ok(worker_side)) = (client_side.await, worker_side.await) else {
                 return;
             };
             let (mut a, mut b) = (TokioIo::new(client_side), TokioIo::new(worker_side));
             let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-            // Counted in flight (and so drained on a reload) while it is open.
-            drop(in_flight);
+            // Counted (and so drained on a reload) while it is open.
+            drop(socket);
         });
         let (mut head, _) = response.into_parts();
         if h2_websocket {

@@ -279,7 +279,11 @@ fn open(
             }
             // No plugin to take it: its static files answer it as they would any GET.
             ServerState::Static => return Err(Refused::Ordinary),
-            ServerState::Worker(w) => return Err(Refused::Worker(Box::new((w.clone(), name, header)))),
+            ServerState::Worker(w) => {
+                // A worker retired between the load and the entry: try its successor.
+                let in_flight = w.enter().ok_or(Refused::Retry)?;
+                return Err(Refused::Worker(Box::new((in_flight, name, header))));
+            }
         };
         let g = in_flight.generation();
         let (route, found, names) = match g.routes.find("GET", parts.uri.path()) {

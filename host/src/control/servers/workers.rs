@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{Cause, Deadlines, Microservers, Report, Resolution, Server, ServerState, Timing};
+use crate::boundary::bus::Bus;
 use crate::boundary::loader::PluginLibrary;
 use crate::boundary::worker::{self, Exit, Worker, WorkerSpec};
 use crate::control::config::{Isolation, WorkerLimits};
@@ -125,6 +126,14 @@ impl Microservers {
         match Worker::spawn(spec, on_exit) {
             Ok(w) => {
                 let previous = server.state.swap(Arc::new(ServerState::Worker(w.clone())));
+                if let ServerState::Serving(_) = &*previous {
+                    // Its plugin moved out of the host: what the host held for it (its
+                    // WebSockets, its bus topics) ends here; the worker has its own.
+                    server
+                        .sockets
+                        .close_all("the server moved to a worker process", false);
+                    Bus::get().subscribe(&server.inbox, &[]);
+                }
                 let crashes = {
                     let mut crashes = server.crashes();
                     crashes.restart = None;
@@ -224,10 +233,12 @@ impl Microservers {
         runtime.spawn(async move {
             let started = Instant::now();
             let until = started + drain;
-            while worker.in_flight() > 0 && Instant::now() < until && worker.exit().is_none() {
+            // Its WebSockets stay open with it until the drain deadline too.
+            let busy = |w: &Worker| w.in_flight() + w.sockets() > 0;
+            while busy(&worker) && Instant::now() < until && worker.exit().is_none() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let drained = worker.in_flight() == 0;
+            let drained = !busy(&worker);
             let spawned = std::thread::Builder::new()
                 .name("worker-stop".to_owned())
                 .spawn(move || stop(worker, drained, started));
@@ -274,12 +285,12 @@ impl Microservers {
             tracing::warn!(server = %server.name, generation = worker.number, pid = worker.pid, "a replaced worker process died while it drained: {}", exit.reason);
             return;
         }
-        let serving = matches!(&**server.state(), ServerState::Worker(w) if Arc::ptr_eq(w, worker));
-        if !serving {
+        // Only the worker serving now: and a reload that swaps in another at the same
+        // moment wins (compare and swap), so its worker is neither lost nor doubled.
+        let current = server.state.load_full();
+        if !matches!(&*current, ServerState::Worker(w) if Arc::ptr_eq(w, worker)) {
             return;
         }
-        let (delay, starts_loop, n) = server.crashes().crashed(worker);
-        let looping = server.crashes().looping;
         let died = format!(
             "its worker process (pid {}, generation {}) died after {} s: {}",
             worker.pid,
@@ -287,16 +298,47 @@ impl Microservers {
             exit.after.as_secs(),
             exit.reason
         );
+        server.meter.worker_crashed();
+        self.schedule_restart(server, worker, Some(&current), &died, &exit.reason, weak);
+    }
+
+    /// Notes a crash (a worker that died, or a restart that failed), makes the server
+    /// wait with the reason (unless `expected` is given and is no longer its state), and
+    /// restarts it after the backoff.
+    fn schedule_restart(
+        &self,
+        server: &Arc<Server>,
+        dead: &Arc<Worker>,
+        expected: Option<&Arc<ServerState>>,
+        what: &str,
+        last: &str,
+        weak: &Weak<Microservers>,
+    ) {
+        let (delay, starts_loop, n, looping) = {
+            let mut crashes = server.crashes();
+            let (delay, starts_loop, n) = crashes.crashed(dead);
+            (delay, starts_loop, n, crashes.looping)
+        };
         let reason = if looping {
             format!(
-                "its worker process keeps crashing ({n} times in the last {} s; last: {}); next restart in {} ms",
+                "its worker process keeps crashing ({n} times in the last {} s; last: {last}); next restart in {} ms",
                 CRASH_WINDOW.as_secs(),
-                exit.reason,
                 delay.as_millis()
             )
         } else {
-            format!("{died}; restarting in {} ms", delay.as_millis())
+            format!("{what}; restarting in {} ms", delay.as_millis())
         };
+        let waiting = Arc::new(ServerState::Waiting(reason.clone()));
+        match expected {
+            Some(current) => {
+                let previous = server.state.compare_and_swap(current, waiting);
+                if !Arc::ptr_eq(&previous, current) {
+                    server.crashes().restart = None;
+                    return;
+                }
+            }
+            None => server.state.store(waiting),
+        }
         if starts_loop {
             tracing::error!(server = %server.name, crashes = n, "crash loop: {reason}; restarts go on with a growing delay (up to {} s)", MAX_BACKOFF.as_secs());
         } else if !looping {
@@ -304,9 +346,7 @@ impl Microservers {
         } else {
             tracing::debug!(server = %server.name, "{reason}");
         }
-        server.meter.worker_crashed();
-        server.state.store(Arc::new(ServerState::Waiting(reason)));
-        let (server, dead, weak) = (server.clone(), worker.clone(), weak.clone());
+        let (server, dead, weak) = (server.clone(), dead.clone(), weak.clone());
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let Some(this) = weak.upgrade() else { return };
@@ -315,8 +355,9 @@ impl Microservers {
     }
 
     /// Starts a worker again for a server whose worker died, unless something else
-    /// started one since (a reload) or the server changed.
-    fn restart_worker(&self, server: &Arc<Server>, dead: &Arc<Worker>) {
+    /// started one since (a reload), the server changed, or it was drained. A restart
+    /// that fails counts as a crash, and is tried again after its backoff.
+    fn restart_worker(self: &Arc<Self>, server: &Arc<Server>, dead: &Arc<Worker>) {
         let control = self.control();
         if control.stopping {
             return;
@@ -336,6 +377,10 @@ impl Microservers {
         else {
             return;
         };
+        if control.drained.contains(&entry.spec.name) {
+            server.crashes().restart = None;
+            return;
+        }
         let (Isolation::Process(limits), Some(plugin)) =
             (entry.spec.isolation.clone(), entry.spec.plugin.clone())
         else {
@@ -358,14 +403,25 @@ impl Microservers {
         let timing = Timing::new(Instant::now(), Cause::WorkerCrash);
         let mut report = Report::default();
         self.start_worker(server, &lib, start, timing, deadlines, &mut report);
-        let back = matches!(&**server.state(), ServerState::Worker(_));
-        let mut crashes = server.crashes();
-        if back && crashes.looping && crashes.recent.len() < LOOP_CRASHES {
-            crashes.looping = false;
-            tracing::info!(server = %server.name, "crash loop over: fewer than {LOOP_CRASHES} crashes in the last {} s", CRASH_WINDOW.as_secs());
-        }
-        drop(crashes);
         drop(control);
+        let state = server.state.load_full();
+        match &*state {
+            ServerState::Worker(_) => {
+                let mut crashes = server.crashes();
+                if crashes.looping && crashes.recent.len() < LOOP_CRASHES {
+                    crashes.looping = false;
+                    tracing::info!(server = %server.name, "crash loop over: fewer than {LOOP_CRASHES} crashes in the last {} s", CRASH_WINDOW.as_secs());
+                }
+            }
+            ServerState::Waiting(why) => {
+                // It did not start (its init failed, or it crashed while starting): a
+                // crash too, tried again after its backoff.
+                let what = format!("its worker process did not start again: {why}");
+                let weak = Arc::downgrade(self);
+                self.schedule_restart(server, dead, Some(&state), &what, why, &weak);
+            }
+            _ => {}
+        }
     }
 }
 
