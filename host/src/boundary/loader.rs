@@ -339,23 +339,7 @@ pub fn open_elsewhere(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
         let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
         out
     });
-    let started = std::time::Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() < PROBE_TIMEOUT => {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            Ok(None) | Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(fail(LoadFailure::Crashed(format!(
-                    "loading it did not finish within {} s",
-                    PROBE_TIMEOUT.as_secs()
-                ))));
-            }
-        }
-    };
+    let status = wait_for_probe(&mut child).map_err(fail)?;
     let out = reading.join().unwrap_or_default();
     let last = out
         .split(|b| *b == b'\n')
@@ -463,6 +447,30 @@ pub fn probe_main(copy: &Path, report: bool) -> std::process::ExitCode {
     }
 }
 
+/// Waits for a probe child up to `PROBE_TIMEOUT`; past it the child is killed and the
+/// library counts as hanging when loaded.
+fn wait_for_probe(
+    child: &mut std::process::Child,
+) -> Result<std::process::ExitStatus, LoadFailure> {
+    let started = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if started.elapsed() < PROBE_TIMEOUT => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LoadFailure::Crashed(format!(
+                    "loading it did not finish within {} s",
+                    PROBE_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    }
+}
+
 /// Loads `copy` in a child process (see [`probe_with`]). A refusal there is not an
 /// error here: loading it in this process refuses it too, with the reason.
 fn probe(exe: &Path, copy: &Path) -> Result<(), LoadFailure> {
@@ -483,23 +491,7 @@ fn probe(exe: &Path, copy: &Path) -> Result<(), LoadFailure> {
             )));
         }
     };
-    let started = std::time::Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() < PROBE_TIMEOUT => {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            Ok(None) | Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(LoadFailure::Crashed(format!(
-                    "loading it did not finish within {} s",
-                    PROBE_TIMEOUT.as_secs()
-                )));
-            }
-        }
-    };
+    let status = wait_for_probe(&mut child)?;
     match status.code() {
         Some(0 | 3) => Ok(()),
         Some(code) => Err(LoadFailure::Crashed(format!("exit code {code}"))),
