@@ -334,13 +334,17 @@ pub fn open_elsewhere(plugin: PluginFile) -> Result<PluginLibrary, LoadError> {
     // Read on a thread of its own, so that a library that prints much cannot block
     // the child; the report is the last line.
     let mut stdout = child.stdout.take().expect("piped");
-    let reading = std::thread::spawn(move || {
+    let (read, reading) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut out = Vec::new();
         let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
-        out
+        let _ = read.send(out);
     });
     let status = wait_for_probe(&mut child).map_err(fail)?;
-    let out = reading.join().unwrap_or_default();
+    // A process the library started may hold the output open: not for long.
+    let out = reading
+        .recv_timeout(std::time::Duration::from_secs(1))
+        .unwrap_or_default();
     let last = out
         .split(|b| *b == b'\n')
         .rev()
@@ -688,39 +692,70 @@ pub fn private_copies_dir() -> std::io::Result<PathBuf> {
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
     remove_stale_copies(&base);
-    private_dir_in(&base, &format!("plugin-host-{}", std::process::id()))
+    let dir = private_dir_in(&base, &format!("plugin-host-{}", std::process::id()))?;
+    hold_lock(&dir);
+    Ok(dir)
+}
+
+/// The file in a copies folder that its process holds locked (`flock`) for as long as
+/// it lives: how another host tells a folder in use from one left behind, whatever
+/// pid namespace either is in.
+const LOCK_FILE: &str = ".in-use";
+
+/// Locks `dir`'s lock file for the rest of this process's life (the descriptor is
+/// never closed; the kernel drops the lock when the process ends, however it ends).
+fn hold_lock(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(file) = std::fs::File::create(dir.join(LOCK_FILE)) {
+        use std::os::fd::IntoRawFd;
+        let fd = file.into_raw_fd();
+        // SAFETY: a plain system call on a descriptor this function owns (and leaks).
+        unsafe {
+            libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB);
+        }
+    }
 }
 
 /// Removes the copies folders of hosts that are gone (killed before they could remove
-/// their own): `plugin-host-<pid>-<random>` folders whose process no longer runs. A
-/// folder of a process that runs (or of a new process with a reused pid) is left alone.
+/// their own): folders named `plugin-host-<pid>-<8 hex digits>`, of this user, whose
+/// lock file no process holds. A folder without a lock file is left alone.
 fn remove_stale_copies(base: &Path) {
-    #[cfg(target_os = "linux")]
+    #[cfg(unix)]
     {
+        use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
-        let (Ok(me), Ok(entries)) = (std::fs::metadata("/proc/self"), std::fs::read_dir(base))
-        else {
+        let Ok(entries) = std::fs::read_dir(base) else {
             return;
         };
+        // SAFETY: `geteuid` cannot fail.
+        let uid = unsafe { libc::geteuid() };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(pid) = name
+            let ours = name
                 .to_str()
                 .and_then(|n| n.strip_prefix("plugin-host-"))
-                .and_then(|rest| rest.split('-').next())
-                .and_then(|pid| pid.parse::<u32>().ok())
-            else {
+                .and_then(|rest| rest.split_once('-'))
+                .is_some_and(|(pid, tag)| {
+                    !pid.is_empty()
+                        && pid.bytes().all(|b| b.is_ascii_digit())
+                        && tag.len() == 8
+                        && tag.bytes().all(|b| b.is_ascii_hexdigit())
+                });
+            let mine = ours && entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == uid);
+            if !mine {
+                continue;
+            }
+            let Ok(lock) = std::fs::File::open(entry.path().join(LOCK_FILE)) else {
                 continue;
             };
-            let mine = entry
-                .metadata()
-                .is_ok_and(|m| m.is_dir() && m.uid() == me.uid());
-            if mine && !Path::new(&format!("/proc/{pid}")).exists() {
+            // SAFETY: a plain system call on a descriptor `lock` owns.
+            let free = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+            if free {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(unix))]
     let _ = base;
 }
 

@@ -337,22 +337,42 @@ impl Worker {
                 // Ended (not reaped yet: until `exit` is set below, `kill` may still
                 // signal its pid).
                 #[cfg(unix)]
-                // SAFETY: `waitid` with WNOWAIT only reads the child's state.
-                unsafe {
-                    let mut info: libc::siginfo_t = std::mem::zeroed();
-                    libc::waitid(
-                        libc::P_PID,
-                        pid as libc::id_t,
-                        &mut info,
-                        libc::WEXITED | libc::WNOWAIT,
-                    );
+                loop {
+                    // SAFETY: `waitid` with WNOWAIT only reads the child's state.
+                    let waited = unsafe {
+                        let mut info: libc::siginfo_t = std::mem::zeroed();
+                        libc::waitid(
+                            libc::P_PID,
+                            pid as libc::id_t,
+                            &mut info,
+                            libc::WEXITED | libc::WNOWAIT,
+                        )
+                    };
+                    let interrupted = waited != 0
+                        && std::io::Error::last_os_error().kind()
+                            == std::io::ErrorKind::Interrupted;
+                    if !interrupted {
+                        break;
+                    }
                 }
                 // Its last words (an allocation failure) are read before its end is
                 // described; a grandchild holding its stderr open does not hold this up.
                 let _ = ended.recv_timeout(Duration::from_millis(500));
                 let _ = stderr_done.recv_timeout(Duration::from_millis(500));
-                let mut slot = watched.exit.lock().unwrap_or_else(|p| p.into_inner());
-                let status = watched.child().wait();
+                // Reaped under the `exit` lock, never waiting under it: `try_wait` (and
+                // if a plugin in the host set SIGCHLD to be ignored, the kernel reaped
+                // it: its status is then unknown).
+                let (mut slot, status) = loop {
+                    let slot = watched.exit.lock().unwrap_or_else(|p| p.into_inner());
+                    match watched.child().try_wait() {
+                        Ok(Some(status)) => break (slot, Ok(status)),
+                        Ok(None) => {
+                            drop(slot);
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => break (slot, Err(e)),
+                    }
+                };
                 let reason = match status {
                     Ok(status) => describe(status, &watched.out_of_memory, watched.max_memory_mb),
                     Err(e) => format!("its status is unknown: {e}"),

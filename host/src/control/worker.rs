@@ -44,6 +44,25 @@ pub fn main(dir: &Path) -> ExitCode {
     };
     #[cfg(not(unix))]
     let out: Box<dyn Write + Send> = Box::new(std::io::stdout());
+    // The commands' channel likewise: the original stdin, moved aside (close-on-exec,
+    // so a process the plugin starts cannot read the host's commands); stdin itself is
+    // /dev/null from here on.
+    #[cfg(unix)]
+    let input: Box<dyn std::io::Read + Send> = unsafe {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let fd = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
+        let null = std::fs::File::open("/dev/null");
+        match null {
+            Ok(null) if fd >= 0 && libc::dup2(null.as_raw_fd(), 0) >= 0 => {}
+            _ => {
+                eprintln!("error: worker: cannot set up its input");
+                return ExitCode::FAILURE;
+            }
+        }
+        Box::new(std::fs::File::from_raw_fd(fd))
+    };
+    #[cfg(not(unix))]
+    let input: Box<dyn std::io::Read + Send> = Box::new(std::io::stdin());
     let out = Arc::new(Mutex::new(out));
     let say = {
         let out = out.clone();
@@ -103,7 +122,7 @@ pub fn main(dir: &Path) -> ExitCode {
     // The CPU limit: a handler that holds its thread past the request timeout ends the
     // process (the host replaces it).
     crate::boundary::bulkhead::end_process_after(config.global.limits.request_timeout);
-    let code = runtime.block_on(serve(config, dir.to_owned(), state, name, out, say));
+    let code = runtime.block_on(serve(config, dir.to_owned(), state, name, out, input, say));
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
 }
@@ -114,6 +133,7 @@ async fn serve(
     state: Option<Vec<u8>>,
     name: String,
     out: Arc<Mutex<Box<dyn Write + Send>>>,
+    input: Box<dyn std::io::Read + Send>,
     say: impl Fn(&str) + Send + Sync + Clone + 'static,
 ) -> ExitCode {
     let socket = dir.join("http.sock");
@@ -173,7 +193,7 @@ async fn serve(
     }
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
     drop(out);
-    commands(servers.clone(), dir.clone(), say.clone(), stop_tx);
+    commands(servers.clone(), dir.clone(), input, say.clone(), stop_tx);
     // The host adds a few headers of its own to what it accepted.
     let max_headers = config.global.limits.max_headers + 8;
     let grace = loop {
@@ -233,6 +253,7 @@ fn client_addr(value: &str) -> Option<ClientAddr> {
 fn commands(
     servers: Arc<Microservers>,
     dir: std::path::PathBuf,
+    input: Box<dyn std::io::Read + Send>,
     say: impl Fn(&str) + Send + 'static,
     stop: tokio::sync::mpsc::UnboundedSender<Duration>,
 ) {
@@ -241,8 +262,7 @@ fn commands(
         .name("worker-commands".to_owned())
         .spawn(move || {
             crate::boundary::services::mark_host_thread();
-            let stdin = std::io::stdin();
-            for line in stdin.lock().lines() {
+            for line in std::io::BufReader::new(input).lines() {
                 let Ok(line) = line else { break };
                 let mut words = line.split_whitespace();
                 // Each command is numbered; its reply carries the number.

@@ -55,6 +55,11 @@ impl Crashes {
         }
         self.recent.push_back(now);
         let n = self.recent.len();
+        // A loop that calmed down (fewer crashes in the window) is over; a new one is
+        // said again.
+        if n < LOOP_CRASHES {
+            self.looping = false;
+        }
         let delay = FIRST_BACKOFF
             .saturating_mul(1u32 << (n - 1).min(16))
             .min(MAX_BACKOFF);
@@ -74,8 +79,8 @@ pub(super) struct Start {
 
 impl Microservers {
     /// Starts a worker process for a new generation of `server` on `library`. On
-    /// success it replaces what the server ran (which drains and stops); on failure
-    /// that keeps serving.
+    /// success (true) it replaces what the server ran (which drains and stops); on
+    /// failure that keeps serving.
     pub(super) fn start_worker(
         &self,
         server: &Arc<Server>,
@@ -84,7 +89,7 @@ impl Microservers {
         timing: Timing,
         deadlines: Deadlines,
         report: &mut Report,
-    ) {
+    ) -> bool {
         let previous = server.state.load_full();
         // State is handed over between builds of the same plugin, whichever side of a
         // process boundary the previous one ran on.
@@ -165,6 +170,7 @@ impl Microservers {
                 server.meter.reloaded(Ok(number));
                 self.note_reload(server, timing, Ok(number));
                 self.retire_state(&previous, deadlines.drain);
+                true
             }
             Err(reason) => {
                 let reason = format!(
@@ -193,6 +199,7 @@ impl Microservers {
                 report
                     .problems
                     .push(format!("server {:?}: {reason}", &*server.name));
+                false
             }
         }
     }
@@ -370,24 +377,26 @@ impl Microservers {
         if !scheduled || !matches!(&**server.state(), ServerState::Waiting(_)) {
             return;
         }
+        // Not to be restarted any more (removed, drained, in process now, its library
+        // gone): the restart is forgotten.
+        let forget = || server.crashes().restart = None;
         let Some(entry) = control
             .servers
             .iter()
             .find(|e| Arc::ptr_eq(&e.server, server))
         else {
-            return;
+            return forget();
         };
         if control.drained.contains(&entry.spec.name) {
-            server.crashes().restart = None;
-            return;
+            return forget();
         }
         let (Isolation::Process(limits), Some(plugin)) =
             (entry.spec.isolation.clone(), entry.spec.plugin.clone())
         else {
-            return;
+            return forget();
         };
         let Resolution::Library(lib) = Self::resolve(&control, &plugin) else {
-            return;
+            return forget();
         };
         let reload = &control.config.global.reload;
         let deadlines = Deadlines {
@@ -402,25 +411,19 @@ impl Microservers {
         };
         let timing = Timing::new(Instant::now(), Cause::WorkerCrash);
         let mut report = Report::default();
-        self.start_worker(server, &lib, start, timing, deadlines, &mut report);
+        let started = self.start_worker(server, &lib, start, timing, deadlines, &mut report);
         drop(control);
+        if started {
+            // (A crash of the new worker from here on is its own.)
+            return;
+        }
         let state = server.state.load_full();
-        match &*state {
-            ServerState::Worker(_) => {
-                let mut crashes = server.crashes();
-                if crashes.looping && crashes.recent.len() < LOOP_CRASHES {
-                    crashes.looping = false;
-                    tracing::info!(server = %server.name, "crash loop over: fewer than {LOOP_CRASHES} crashes in the last {} s", CRASH_WINDOW.as_secs());
-                }
-            }
-            ServerState::Waiting(why) => {
-                // It did not start (its init failed, or it crashed while starting): a
-                // crash too, tried again after its backoff.
-                let what = format!("its worker process did not start again: {why}");
-                let weak = Arc::downgrade(self);
-                self.schedule_restart(server, dead, Some(&state), &what, why, &weak);
-            }
-            _ => {}
+        if let ServerState::Waiting(why) = &*state {
+            // It did not start (its init failed, or it crashed while starting): a crash
+            // too, tried again after its backoff.
+            let what = format!("its worker process did not start again: {why}");
+            let weak = Arc::downgrade(self);
+            self.schedule_restart(server, dead, Some(&state), &what, why, &weak);
         }
     }
 }
