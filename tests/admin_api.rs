@@ -338,7 +338,11 @@ fn the_api_needs_the_token_and_the_dashboard_files_do_not() {
     let right = [("authorization", "Bearer api-s3cret")];
     let r = admin.send("POST", "admin", "/api/servers/hello/reload", b"", &right);
     assert_eq!((r.status, r.json()["generation"].clone()), (200, 2.into()));
-    // Only the reload with the token happened.
+    // Only the reload with the token happened. (Its log line is read from the host's
+    // stderr by a thread of the tests: it may come a moment after the answer.)
+    host.wait_until("the reload is logged", || {
+        host.count_log_lines(&["reloaded", "server=hello"]) >= 1
+    });
     assert_eq!(host.count_log_lines(&["reloaded", "server=hello"]), 1);
 
     for (path, kind) in [
