@@ -171,6 +171,36 @@ fn assert_refused(r: &Reply, had_token: bool, needle: &str) {
 }
 
 #[test]
+fn a_request_without_a_token_is_refused_before_its_body_is_read() {
+    use std::io::{Read, Write};
+    let host = setup("jwt-body", &config(API_JWT)).start();
+    // A head that announces 1 MB, and no body: the 401 must not wait for it.
+    let mut tcp = std::net::TcpStream::connect(host.addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    tcp.write_all(
+        b"POST /seen/upload HTTP/1.1\r\nhost: api.localhost\r\ncontent-length: 1000000\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tcp
+            .read(&mut buf)
+            .expect("the 401 comes without the body being sent");
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
+    );
+}
+
+#[test]
 fn valid_tokens_pass_with_their_claims_and_bad_ones_get_401() {
     let host = setup("jwt-verify", &config(API_JWT)).start();
     let path = "/seen/a/b";

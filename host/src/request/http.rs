@@ -779,6 +779,15 @@ async fn read_body(
             }
         }
         let refused = |response| refused_by(server, parts, &domain, pending.is_tls(), response);
+        // Tokens too: a client without a valid one gets its 401 before the host reads
+        // (or the client sends) a body. (Checked again when it is dispatched, where the
+        // claims header is made: only requests with a body to a server with `jwt` pay
+        // for the second check.)
+        if let (Some(gate), false) = (routing.jwt.as_deref(), admitted) {
+            if let Err(unauthorized) = check_token(gate, server, parts, &id, &mut None) {
+                return (refused(*unauthorized), name);
+            }
+        }
         let stream_limit = match &**server.state() {
             // No plugin sees the body: static files (or the 405 of a server that has
             // only files) answer without it.
