@@ -147,7 +147,6 @@ pub struct Worker {
     commands: Mutex<Commands>,
     child: Mutex<Child>,
     exit: Mutex<Option<Exit>>,
-    exited: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Worker {
@@ -327,7 +326,6 @@ impl Worker {
             }),
             child: Mutex::new(child),
             exit: Mutex::new(None),
-            exited: tokio::sync::Notify::new(),
         });
         // Waits for the end of its output, then for the process.
         let watched = worker.clone();
@@ -385,7 +383,6 @@ impl Worker {
                 *slot = Some(exit.clone());
                 drop(slot);
                 *watched.h2.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                watched.exited.notify_waiters();
                 let _ = std::fs::remove_dir_all(&watched.dir);
                 on_exit(watched, exit);
             });
@@ -637,17 +634,6 @@ impl Worker {
             }
             #[cfg(not(unix))]
             let _ = self.child().kill();
-        }
-    }
-
-    /// Waits until the process has ended.
-    pub async fn ended(&self) {
-        loop {
-            let notified = self.exited.notified();
-            if self.exit().is_some() {
-                return;
-            }
-            notified.await;
         }
     }
 }
