@@ -1,10 +1,13 @@
 //! Static sites (`servers[].static`): files by `ServeDir` after the plugin's routes,
 //! cache headers and 304s, ranges, HEAD, precompressed siblings, the SPA fallback for
-//! navigation requests, servers with no plugin, traversal refused, live changes.
+//! navigation requests, servers with no plugin, traversal refused, live changes, and
+//! files kept in memory.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
-use crate::support::{Host, Reply, Setup};
+use crate::support::{Client, Host, Reply, Setup};
 
 const INDEX: &str = "<!doctype html><title>the app</title>\n";
 const APP_JS: &str = "console.log('the plain script');\n";
@@ -381,7 +384,9 @@ fn bad_static_settings_are_reported_with_their_json_paths() {
         {"name": "b", "domains": ["b.localhost"], "config": {"x": 1},
          "static": {"root": "site", "index": "../x.html", "spa_fallback": "missing.html",
                     "fallback_except": ["api"], "max_age_s": -1, "colour": "red"}},
-        {"name": "c", "domains": ["c.localhost"]}]}"#;
+        {"name": "c", "domains": ["c.localhost"]},
+        {"name": "d", "domains": ["d.localhost"], "static": {"root": "site", "cache_mb": "16"}},
+        {"name": "e", "domains": ["e.localhost"], "static": {"root": "site", "cache_mb": 100000}}]}"#;
     let out = setup("static-bad", config).run(&[]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     for expected in [
@@ -393,6 +398,8 @@ fn bad_static_settings_are_reported_with_their_json_paths() {
         "servers[1].static.max_age_s: expected a whole number",
         "servers[1].static.colour: unknown key",
         "servers[2]: missing key `plugin` (a server needs a `plugin`, `static` files, or both)",
+        "servers[3].static.cache_mb: expected a whole number of at least 0, found \"16\"",
+        "servers[4].static.cache_mb: 100000 is more than 65536 (MiB)",
     ] {
         assert!(
             out.stderr.contains(expected),
@@ -421,4 +428,200 @@ fn files_stay_up_while_the_plugin_cannot_run() {
         assert_eq!(r.status, 503, "{r:?}");
         assert!(r.body.contains("no plugin named"), "{r:?}");
     }
+}
+
+/// The same folder twice: `site` keeps its files in memory (the default), `uncached`
+/// reads every one from disk.
+const KEPT_AND_NOT: &str = r#"{"servers": [
+    {"name": "site", "domains": ["site.localhost"], "static": {"root": "site", "max_age_s": 3600}},
+    {"name": "uncached", "domains": ["uncached.localhost"],
+     "static": {"root": "site", "max_age_s": 3600, "cache_mb": 0}}]}"#;
+
+/// A method, a path and headers.
+type Request<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+
+/// A metric's value for one server, from `/metrics`.
+fn metric(admin: &Client, name: &str, server: &str) -> u64 {
+    let body = admin.get("admin", "/metrics").body;
+    let prefix = format!("{name}{{server=\"{server}\"}} ");
+    body.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+/// A reply without what differs between any two replies (its date and request id).
+fn comparable(reply: &Reply) -> (u16, String, Vec<(String, String)>) {
+    let mut headers: Vec<_> = reply
+        .headers
+        .iter()
+        .filter(|(name, _)| !["date", "x-request-id"].contains(&name.as_str()))
+        .cloned()
+        .collect();
+    headers.sort();
+    (reply.status, reply.body.clone(), headers)
+}
+
+#[test]
+fn files_kept_in_memory_answer_as_from_disk_and_any_change_is_seen_at_once() {
+    let setup = setup("static-cache", KEPT_AND_NOT);
+    let dir = setup.dir.clone();
+    let site = dir.join("site");
+    std::os::unix::fs::symlink("digits.txt", site.join("linked.txt")).unwrap();
+    // A file (and a folder) is kept only once its last change is a second old.
+    std::thread::sleep(Duration::from_millis(1100));
+    let host = setup.start();
+    let admin = host.admin();
+    let send = |server: &str, (method, path, headers): &Request| {
+        host.send(method, &format!("{server}.localhost"), path, b"", headers)
+    };
+
+    // Each request three times from the site that keeps its files (the first reads the
+    // file, the others are answered from memory) and once from the one that does not:
+    // the same status, headers and body every time.
+    let from_disk = host.get("uncached.localhost", "/app.js");
+    let etag = header(&from_disk, "etag").to_owned();
+    let last_modified = header(&from_disk, "last-modified").to_owned();
+    let weak_in_a_list = format!("\"other\", W/{etag}");
+    let requests: Vec<Request> = vec![
+        ("GET", "/app.js", vec![]),
+        ("GET", "/app.js", vec![("accept-encoding", "gzip")]),
+        ("GET", "/app.js", vec![("accept-encoding", "gzip, br")]),
+        (
+            "GET",
+            "/app.js",
+            vec![("accept-encoding", "br;q=0.5, gzip")],
+        ),
+        ("GET", "/app.js", vec![("accept-encoding", "identity")]),
+        ("GET", "/", vec![]),
+        ("GET", "/docs/", vec![("accept-encoding", "gzip, br")]),
+        ("GET", "/style.css", vec![("accept-encoding", "gzip, br")]),
+        ("GET", "/data.json", vec![("accept-encoding", "gzip")]),
+        ("GET", "/digits.txt", vec![]),
+        ("HEAD", "/digits.txt", vec![]),
+        ("GET", "/plain", vec![]),
+        ("GET", "/linked.txt", vec![]),
+        // Revalidations: a tag that matches (304), weakly in a list, `*`, one that does
+        // not (200), which decides over a date that would match.
+        ("GET", "/app.js", vec![("if-none-match", &etag)]),
+        ("GET", "/app.js", vec![("if-none-match", &weak_in_a_list)]),
+        ("GET", "/app.js", vec![("if-none-match", "*")]),
+        (
+            "GET",
+            "/app.js",
+            vec![
+                ("if-none-match", "\"other\""),
+                ("if-modified-since", &last_modified),
+            ],
+        ),
+        // Never answered from memory: a range, a date alone, If-Match.
+        ("GET", "/digits.txt", vec![("range", "bytes=2-5")]),
+        (
+            "GET",
+            "/app.js",
+            vec![("if-modified-since", &last_modified)],
+        ),
+        ("GET", "/app.js", vec![("if-match", "\"other\"")]),
+    ];
+    let mut kept = HashSet::new();
+    let mut expected_hits = 0;
+    for request in &requests {
+        let reference = comparable(&send("uncached", request));
+        for time in 0..3 {
+            let reply = send("site", request);
+            assert_eq!(comparable(&reply), reference, "{request:?}, time {time}");
+        }
+        let (method, path, headers) = request;
+        let names: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();
+        if ["range", "if-match"].iter().any(|n| names.contains(n)) || names == ["if-modified-since"]
+        {
+            continue;
+        }
+        let encoding = headers.iter().find(|(n, _)| *n == "accept-encoding");
+        let fills = *method == "GET" && !names.contains(&"if-none-match");
+        let first = fills && kept.insert((path.to_string(), encoding.map(|(_, v)| *v)));
+        expected_hits += if first { 2 } else { 3 };
+    }
+    assert_eq!(
+        metric(&admin, "host_static_cache_hits_total", "site"),
+        expected_hits
+    );
+    assert_eq!(
+        metric(&admin, "host_static_cache_hits_total", "uncached"),
+        0
+    );
+    assert!(metric(&admin, "host_static_cache_bytes", "site") > 0);
+    assert_eq!(metric(&admin, "host_static_cache_bytes", "uncached"), 0);
+
+    // A precompressed sibling added beside a kept file is chosen at once.
+    write(&dir, &[("site/data.json.gz", "GZIP-DATA")]);
+    let gzip = get(&host, "/data.json", &[("accept-encoding", "gzip")]);
+    assert_eq!((gzip.status, gzip.body.as_str()), (200, "GZIP-DATA"));
+    assert_eq!(gzip.header("content-encoding"), Some("gzip"));
+
+    // A file rewritten in place, to the same size, its modification time put back: its
+    // change time tells.
+    let app = site.join("app.js");
+    let modified = std::fs::metadata(&app).unwrap().modified().unwrap();
+    let rewritten = APP_JS.replace("plain", "PLAIN");
+    std::fs::write(&app, &rewritten).unwrap();
+    let file = std::fs::File::options().write(true).open(&app).unwrap();
+    file.set_modified(modified).unwrap();
+    assert_eq!(get(&host, "/app.js", &[]).body, rewritten);
+
+    // A file renamed over a kept one, with the same size and modification time.
+    let css = site.join("style.css");
+    let modified = std::fs::metadata(&css).unwrap().modified().unwrap();
+    let other = dir.join("style.css.new");
+    std::fs::write(&other, "body { color: PINK }\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&other)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    std::fs::rename(&other, &css).unwrap();
+    let style = get(&host, "/style.css", &[("accept-encoding", "gzip, br")]);
+    assert_eq!(style.body, "body { color: PINK }\n");
+
+    // A kept symlink pointed out of the folder: refused like any other.
+    std::fs::remove_file(site.join("linked.txt")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", site.join("linked.txt")).unwrap();
+    let linked = get(&host, "/linked.txt", &[]);
+    assert_eq!(linked.status, 404, "{linked:?}");
+    assert!(!linked.body.contains(SECRET));
+
+    // A kept file removed: 404.
+    std::fs::remove_file(site.join("plain")).unwrap();
+    assert_eq!(get(&host, "/plain", &[]).status, 404);
+
+    // None of those came from memory.
+    assert_eq!(
+        metric(&admin, "host_static_cache_hits_total", "site"),
+        expected_hits
+    );
+
+    // A file changed less than a second ago is read from disk each time, until it
+    // has settled, then kept again.
+    let before = metric(&admin, "host_static_cache_hits_total", "site");
+    std::fs::write(&app, &rewritten).unwrap();
+    for _ in 0..3 {
+        assert_eq!(get(&host, "/app.js", &[]).body, rewritten);
+    }
+    assert_eq!(
+        metric(&admin, "host_static_cache_hits_total", "site"),
+        before
+    );
+    let settled = SystemTime::now() + Duration::from_millis(1100);
+    while SystemTime::now() < settled {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..3 {
+        assert_eq!(get(&host, "/app.js", &[]).body, rewritten);
+    }
+    assert_eq!(
+        metric(&admin, "host_static_cache_hits_total", "site"),
+        before + 2
+    );
 }

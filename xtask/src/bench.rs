@@ -215,22 +215,27 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("note: nginx not installed (apt-get install -y nginx); it is left out");
     }
     // Static files: the same 1 KiB and 1 MiB files from the host (`servers[].static`, no
-    // plugin) and from nginx (its defaults, plus sendfile as most installs have it). Both
-    // send Last-Modified, ETag and Accept-Ranges; neither compresses.
+    // plugin: `host-static` keeps them in memory, as by default, `host-static-uncached`
+    // has `cache_mb: 0`) and from nginx (its defaults, plus sendfile as most installs
+    // have it). All send Last-Modified, ETag and Accept-Ranges; none compresses.
     let site = out.join("static-site");
     std::fs::create_dir_all(&site)?;
     std::fs::write(site.join("1k.bin"), vec![b'x'; 1024])?;
     std::fs::write(site.join("1m.bin"), vec![b'x'; 1024 * 1024])?;
-    let static_dir = out.join("host-static");
-    let config = json!({"global": {"reload": {"watch": false}},
-        "servers": [{"name": "files", "domains": ["files.localhost"], "headers": false,
-                     "static": {"root": site}}]});
-    prepare(&static_dir, &config.to_string(), &[])?;
-    targets.push(Target::start(
-        "host-static",
-        "files.localhost",
-        host_cmd(&mut pin(&release.join("host"), 0), &static_dir),
-    )?);
+    // The host keeps a file once its last change is a second old.
+    std::thread::sleep(Duration::from_millis(1100));
+    for (name, cache_mb) in [("host-static", 16), ("host-static-uncached", 0)] {
+        let static_dir = out.join(name);
+        let config = json!({"global": {"reload": {"watch": false}},
+            "servers": [{"name": "files", "domains": ["files.localhost"], "headers": false,
+                         "static": {"root": site, "cache_mb": cache_mb}}]});
+        prepare(&static_dir, &config.to_string(), &[])?;
+        targets.push(Target::start(
+            name,
+            "files.localhost",
+            host_cmd(&mut pin(&release.join("host"), 0), &static_dir),
+        )?);
+    }
     if let Some(nginx) = &nginx {
         targets.push(start_nginx(
             pin(nginx, 0),
@@ -340,7 +345,7 @@ pub fn run(args: &[String]) -> Result<()> {
             path: "/1k.bin",
             post: false,
             new_connections: false,
-            targets: &["nginx-static", "host-static"],
+            targets: &["nginx-static", "host-static", "host-static-uncached"],
             baseline: "nginx-static",
         },
         Case {
@@ -348,7 +353,7 @@ pub fn run(args: &[String]) -> Result<()> {
             path: "/1m.bin",
             post: false,
             new_connections: false,
-            targets: &["nginx-static", "host-static"],
+            targets: &["nginx-static", "host-static", "host-static-uncached"],
             baseline: "nginx-static",
         },
         Case {

@@ -574,7 +574,14 @@ pub struct StaticSite {
     pub fallback_except: Vec<String>,
     /// `Cache-Control: max-age` of files other than HTML; 0: `no-cache`.
     pub max_age_s: u64,
+    /// `cache_mb`: how many bytes of its files the host keeps in memory; 0: none.
+    pub cache_bytes: u64,
 }
+
+/// `servers[].static.cache_mb` when it is not given.
+pub const DEFAULT_STATIC_CACHE_MB: u64 = 16;
+/// The most `servers[].static.cache_mb` may be: 64 GiB.
+const MAX_STATIC_CACHE_MB: u64 = 1 << 16;
 
 /// One thing wrong with a config file, at a JSON path such as `servers[2].domains[0]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1880,6 +1887,7 @@ impl Validator {
             "spa_fallback",
             "fallback_except",
             "max_age_s",
+            "cache_mb",
         ];
         let map = self.object(value, path, &allowed)?;
         let before = self.problems.len();
@@ -1952,6 +1960,20 @@ impl Validator {
                 .whole_number(v, &join(path, "max_age_s"), 0)
                 .unwrap_or(0),
         };
+        let cache_mb = match map.get("cache_mb") {
+            None => DEFAULT_STATIC_CACHE_MB,
+            Some(v) => {
+                let p = join(path, "cache_mb");
+                match self.whole_number(v, &p, 0) {
+                    Some(mb) if mb > MAX_STATIC_CACHE_MB => {
+                        let message = format!("{mb} is more than {MAX_STATIC_CACHE_MB} (MiB)");
+                        self.problem(&p, message);
+                        0
+                    }
+                    mb => mb.unwrap_or(0),
+                }
+            }
+        };
         if self.problems.len() > before {
             return None;
         }
@@ -1961,6 +1983,7 @@ impl Validator {
             spa_fallback,
             fallback_except,
             max_age_s,
+            cache_bytes: cache_mb << 20,
         })
     }
 

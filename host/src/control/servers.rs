@@ -183,7 +183,8 @@ impl Server {
             }
             None => {}
         }
-        self.files.store(files.map(|f| Site::new(&self.name, f)));
+        self.files
+            .store(files.map(|f| Site::new(&self.name, f, self.meter)));
     }
 
     fn next_generation(&self) -> u64 {

@@ -86,6 +86,8 @@ struct Row {
     ws_in: u64,
     ws_out: u64,
     bus_dropped: u64,
+    /// Bytes of its static files kept in memory.
+    static_cached: u64,
     ready: bool,
     info: Option<(String, String, String, u64)>,
 }
@@ -305,6 +307,18 @@ impl Collector for Scrape {
             "Bus events dropped because the server's queue was full, by server.",
             &per(&|r| r.bus_dropped),
         )?;
+        counters(
+            &mut enc,
+            "host_static_cache_hits",
+            "Requests for static files answered from the files kept in memory, by server.",
+            &per(&|r| r.meter.static_cache_hits.load(Ordering::Relaxed)),
+        )?;
+        gauges(
+            &mut enc,
+            "host_static_cache_bytes",
+            "Bytes of static files kept in memory (bodies, and 512 per file for the rest), by server.",
+            &per(&|r| r.static_cached),
+        )?;
         let none: Labels = Vec::new();
         gauges(
             &mut enc,
@@ -405,6 +419,7 @@ fn rows(servers: &Microservers, unhealthy: &[Arc<str>]) -> Vec<Row> {
                 ws_in: s.sockets.messages_in.load(Ordering::Relaxed),
                 ws_out: s.sockets.messages_out.load(Ordering::Relaxed),
                 bus_dropped: s.inbox.dropped(),
+                static_cached: s.files().map_or(0, |site| site.cached_bytes()),
                 ready: !matches!(&**state, ServerState::Waiting(_)) && !unhealthy.contains(&s.name),
                 info,
             }

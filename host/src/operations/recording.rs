@@ -153,6 +153,8 @@ pub struct ServerMeter {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub websocket_in: AtomicU64,
+    /// Requests its static files answered from memory (`servers[].static.cache_mb`).
+    pub static_cache_hits: AtomicU64,
     /// The last reload, and when the serving generation was loaded.
     reloads: Mutex<(Option<ReloadNote>, Option<SystemTime>)>,
 }
@@ -242,6 +244,7 @@ impl ServerMeter {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             websocket_in: AtomicU64::new(0),
+            static_cache_hits: AtomicU64::new(0),
             reloads: Mutex::new((None, None)),
         }
     }

@@ -13,11 +13,13 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::header::{HeaderValue, ACCEPT, CACHE_CONTROL, VARY};
 use hyper::http::request::Parts;
@@ -30,12 +32,23 @@ use tower_http::services::fs::{
 use super::http::{error, Body, StreamFailed};
 use crate::boundary::repeats::Repeats;
 use crate::control::config::{covers, StaticSite};
+use crate::operations::recording::ServerMeter;
+
+mod cache;
+
+use cache::{Cache, Keep};
 
 /// A server's static files, as configured: built once per config change, shared by
 /// every request.
 pub struct Site {
     pub config: StaticSite,
     dir: ServeDir<DefaultServeDirFallback, Confined>,
+    /// `dir`'s backend, for a `ServeDir` that says which file it read.
+    backend: Confined,
+    /// Files kept in memory; `None` with `cache_mb` 0.
+    cache: Option<Cache>,
+    /// Where its hits are counted.
+    meter: &'static ServerMeter,
     /// For files other than HTML.
     cache_control: HeaderValue,
     /// The index file's name as it goes in a URL path.
@@ -53,16 +66,14 @@ impl std::fmt::Debug for Site {
 }
 
 impl Site {
-    pub fn new(server: &Arc<str>, config: &StaticSite) -> Arc<Site> {
+    pub fn new(server: &Arc<str>, config: &StaticSite, meter: &'static ServerMeter) -> Arc<Site> {
         let backend = Confined {
             root: config.root.as_path().into(),
             server: server.clone(),
             refusals: Arc::default(),
+            opened: None,
         };
-        let dir = ServeDir::with_backend(&config.root, backend)
-            .append_index_html_on_directories(config.index.is_some())
-            .precompressed_br()
-            .precompressed_gzip();
+        let dir = serve_dir(config, backend.clone());
         let cache_control = match config.max_age_s {
             0 => HeaderValue::from_static("no-cache"),
             n => HeaderValue::try_from(format!("max-age={n}"))
@@ -74,6 +85,9 @@ impl Site {
         Arc::new(Site {
             config: config.clone(),
             dir,
+            backend,
+            cache: Cache::new(config.cache_bytes),
+            meter,
             cache_control,
             index: config.index.as_deref().map(encode),
             fallback: config
@@ -83,16 +97,36 @@ impl Site {
         })
     }
 
-    /// Opens the file `request` names (under the request timeout).
-    async fn open(&self, request: Request<()>, timeout: Duration) -> Opened {
+    /// The answer to `parts` from the files kept in memory, if it can be given from
+    /// there (see `files/cache.rs`): no allocation but the response's, one `stat`.
+    pub fn cached(&self, parts: &Parts) -> Option<Response<Body>> {
+        let response = self.cache.as_ref()?.answer(parts)?;
+        self.meter.static_cache_hits.fetch_add(1, Ordering::Relaxed);
+        Some(response)
+    }
+
+    /// How many bytes the cache holds (bodies, and a little per file for the rest).
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.as_ref().map_or(0, Cache::bytes)
+    }
+
+    /// Opens the file `request` names (under the request timeout), and keeps it in
+    /// memory if `keep` says how and it may be.
+    async fn open(&self, request: Request<()>, timeout: Duration, keep: Option<Keep>) -> Opened {
         let html = is_html(request.uri().path());
-        match tokio::time::timeout(timeout, self.dir.clone().try_call(request)).await {
+        let read = async {
+            match keep {
+                None => Ok(self.finish(self.dir.clone().try_call(request).await?, html)),
+                Some(keep) => self.open_to_keep(request, keep, html).await,
+            }
+        };
+        match tokio::time::timeout(timeout, read).await {
             Err(_) => Opened::Failed(error(
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!("the file did not open within {} ms", timeout.as_millis()),
             )),
             Ok(Ok(response)) if response.status() == StatusCode::NOT_FOUND => Opened::Missing,
-            Ok(Ok(response)) => Opened::Found(self.finish(response, html)),
+            Ok(Ok(response)) => Opened::Found(response),
             Ok(Err(e)) if is_missing(&e) => Opened::Missing,
             Ok(Err(e)) => {
                 tracing::error!(root = %self.config.root.display(), "cannot read a static file: {e}");
@@ -102,6 +136,35 @@ impl Site {
                 ))
             }
         }
+    }
+
+    /// [`Site::open`] for a request the cache may keep: `ServeDir` with a backend that
+    /// notes the file it read the body from, and the body read whole if the file is
+    /// small enough to keep.
+    async fn open_to_keep(
+        &self,
+        request: Request<()>,
+        keep: Keep,
+        html: bool,
+    ) -> io::Result<Response<Body>> {
+        let cache = self.cache.as_ref().expect("only a site with a cache keeps");
+        let opened = Arc::new(Mutex::new(None));
+        let backend = Confined {
+            opened: Some(opened.clone()),
+            ..self.backend.clone()
+        };
+        let response = serve_dir(&self.config, backend).try_call(request).await?;
+        let response = self.finish(response, html);
+        let read = opened.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some((file, meta)) = read.filter(|(_, meta)| {
+            response.status() == StatusCode::OK && meta.len() <= cache.max_file()
+        }) else {
+            return Ok(response);
+        };
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
+        cache.keep(keep, file, &meta, &parts.headers, &body);
+        Ok(Response::from_parts(parts, Body::bytes(body)))
     }
 
     /// `ServeDir`'s response with the site's caching rules: HTML is revalidated every
@@ -175,6 +238,10 @@ pub async fn serve(
             *request.headers_mut() = parts.headers.clone();
             request
         });
+    let keep = site
+        .cache
+        .as_ref()
+        .and_then(|cache| cache.wants(&parts, || site.file_for(parts.uri.path())));
     let (method, uri) = (parts.method.clone(), parts.uri.clone());
     let mut request = Request::from_parts(parts, ());
     if let Some(index) = site.index.as_deref().filter(|_| uri.path().ends_with('/')) {
@@ -183,12 +250,12 @@ pub async fn serve(
             Err(_) => return error(StatusCode::BAD_REQUEST, "invalid path"),
         }
     }
-    match site.open(request, timeout).await {
+    match site.open(request, timeout, keep).await {
         Opened::Found(response) | Opened::Failed(response) => return response,
         Opened::Missing => {}
     }
     if let Some(request) = fallback {
-        match site.open(request, timeout).await {
+        match site.open(request, timeout, None).await {
             Opened::Found(response) | Opened::Failed(response) => return response,
             Opened::Missing => {}
         }
@@ -199,6 +266,32 @@ pub async fn serve(
             error(StatusCode::NOT_FOUND, &message)
         }
         Otherwise::Unavailable(response) => response,
+    }
+}
+
+/// The `ServeDir` of a site: `backend` under its root, with its index and the
+/// precompressed siblings.
+fn serve_dir(
+    config: &StaticSite,
+    backend: Confined,
+) -> ServeDir<DefaultServeDirFallback, Confined> {
+    ServeDir::with_backend(&config.root, backend)
+        .append_index_html_on_directories(config.index.is_some())
+        .precompressed_br()
+        .precompressed_gzip()
+}
+
+impl Site {
+    /// The file a URL path (checked by [`check_path`]) names below the root, the index
+    /// file for one that ends in `/`; `None` if it names none.
+    fn file_for(&self, path: &str) -> Option<PathBuf> {
+        let decoded = percent_decode_str(path).decode_utf8().ok()?;
+        let mut file = self.config.root.clone();
+        file.extend(decoded.split('/').filter(|segment| !segment.is_empty()));
+        if path.ends_with('/') {
+            file.push(self.config.index.as_deref()?);
+        }
+        Some(file)
     }
 }
 
@@ -314,7 +407,12 @@ struct Confined {
     root: Arc<Path>,
     server: Arc<str>,
     refusals: Arc<Repeats<()>>,
+    /// Where to note the last file opened, and its metadata (read from its descriptor).
+    opened: Option<Arc<Noted>>,
 }
+
+/// The file a [`Confined`] opened last, and its metadata.
+type Noted = Mutex<Option<(PathBuf, std::fs::Metadata)>>;
 
 type Boxed<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send>>;
 
@@ -327,7 +425,11 @@ impl Backend for Confined {
     fn open(&self, path: PathBuf) -> Self::OpenFuture {
         let this = self.clone();
         Box::pin(async move {
+            let noted = this.opened.clone().map(|opened| (opened, path.clone()));
             let (file, meta) = this.inside(path, false).await?;
+            if let Some((opened, path)) = noted {
+                *opened.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, meta.clone()));
+            }
             Ok(ConfinedFile {
                 file: tokio::fs::File::from_std(file),
                 meta,
@@ -474,6 +576,7 @@ mod tests {
             spa_fallback: None,
             fallback_except: vec!["/api".to_owned()],
             max_age_s: 0,
+            cache_bytes: 0,
         };
         assert!(site.excepts("/api"));
         assert!(site.excepts("/api/users"));

@@ -1110,6 +1110,13 @@ fn dispatch(
         }
         Err((pending, _, (Refused::Files(to_files), finishing))) => {
             let (site, otherwise, name) = *to_files;
+            // A file kept in memory is answered here, as a plugin's first poll is.
+            if let Some(mut response) = site.cached(pending.parts()) {
+                if let Some(finishing) = &finishing {
+                    finishing.apply(&mut response);
+                }
+                return Step::Done((response, name));
+            }
             let timeout = routing.limits.request_timeout;
             let served = files::serve(site, pending.into_parts(), otherwise, timeout);
             let finishing = finishing.map(Finishing::owned);
