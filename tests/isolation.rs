@@ -280,3 +280,44 @@ fn a_worker_outlives_the_thread_that_started_it() {
     assert_eq!(still, pid, "the worker was replaced: {}", host.logs());
     assert_eq!(host.count_log_lines(&["died"]), 0, "{}", host.logs());
 }
+
+#[test]
+fn a_restart_that_fails_counts_as_a_crash_said_once_and_is_tried_again() {
+    let setup = Setup::new("iso-failed-restart", "{}").plugin("fixture-misbehave", "misbehave.so");
+    let marker = setup.dir.join("no-restart");
+    let config = serde_json::json!({
+        "global": {"plugin_dir": "plugins"},
+        "servers": [{"name": "bad", "domains": ["bad.localhost"], "plugin": "misbehave",
+                     "isolation": "process", "config": {"fail_if_exists": marker}}]
+    });
+    std::fs::write(setup.dir.join("servers.config.json"), config.to_string()).unwrap();
+    let host = setup.start();
+    let (first, _) = worker_pid(&host, Duration::from_secs(10));
+
+    // From now on the plugin's init fails; its worker dies.
+    std::fs::write(&marker, "").unwrap();
+    assert_eq!(host.get("bad.localhost", "/abort").status, 502);
+    // The restart fails: one line for it, as a crash, with the init's error, and the
+    // server waits with that reason.
+    let line = host.wait_for_log(&["server=bad", "its worker process did not start again"]);
+    assert!(line.contains("no-restart exists"), "{line}");
+    let waiting = host.get("bad.localhost", "/pid");
+    assert_eq!(waiting.status, 503, "{}", waiting.body);
+    assert!(
+        waiting.body.contains("no-restart exists"),
+        "{}",
+        waiting.body
+    );
+    assert_eq!(
+        host.count_log_lines(&["server=bad", "not serving"]),
+        0,
+        "{}",
+        host.logs()
+    );
+
+    // It is tried again after its backoff, and serves once init succeeds.
+    std::fs::remove_file(&marker).unwrap();
+    let (again, _) = worker_pid(&host, Duration::from_secs(15));
+    assert_ne!(again, first);
+    host.wait_for_log(&["server=bad", "worker process restarted"]);
+}

@@ -431,11 +431,12 @@ fn files_stay_up_while_the_plugin_cannot_run() {
 }
 
 /// The same folder twice: `site` keeps its files in memory (the default), `uncached`
-/// reads every one from disk.
+/// reads every one from disk; and `small`, which keeps at most 1 MiB.
 const KEPT_AND_NOT: &str = r#"{"servers": [
     {"name": "site", "domains": ["site.localhost"], "static": {"root": "site", "max_age_s": 3600}},
     {"name": "uncached", "domains": ["uncached.localhost"],
-     "static": {"root": "site", "max_age_s": 3600, "cache_mb": 0}}]}"#;
+     "static": {"root": "site", "max_age_s": 3600, "cache_mb": 0}},
+    {"name": "small", "domains": ["small.localhost"], "static": {"root": "big", "cache_mb": 1}}]}"#;
 
 /// A method, a path and headers.
 type Request<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
@@ -469,6 +470,10 @@ fn files_kept_in_memory_answer_as_from_disk_and_any_change_is_seen_at_once() {
     let dir = setup.dir.clone();
     let site = dir.join("site");
     std::os::unix::fs::symlink("digits.txt", site.join("linked.txt")).unwrap();
+    let big: Vec<String> = (0..3).map(|i| i.to_string().repeat(400 << 10)).collect();
+    for (i, contents) in big.iter().enumerate() {
+        write(&dir, &[(&format!("big/{i}.txt"), contents)]);
+    }
     // A file (and a folder) is kept only once its last change is a second old.
     std::thread::sleep(Duration::from_millis(1100));
     let host = setup.start();
@@ -497,6 +502,7 @@ fn files_kept_in_memory_answer_as_from_disk_and_any_change_is_seen_at_once() {
         ("GET", "/", vec![]),
         ("GET", "/docs/", vec![("accept-encoding", "gzip, br")]),
         ("GET", "/style.css", vec![("accept-encoding", "gzip, br")]),
+        ("GET", "/style.css", vec![]),
         ("GET", "/data.json", vec![("accept-encoding", "gzip")]),
         ("GET", "/digits.txt", vec![]),
         ("HEAD", "/digits.txt", vec![]),
@@ -582,8 +588,8 @@ fn files_kept_in_memory_answer_as_from_disk_and_any_change_is_seen_at_once() {
         .set_modified(modified)
         .unwrap();
     std::fs::rename(&other, &css).unwrap();
-    let style = get(&host, "/style.css", &[("accept-encoding", "gzip, br")]);
-    assert_eq!(style.body, "body { color: PINK }\n");
+    // (Without an Accept-Encoding, only the file is looked at, not its folder.)
+    assert_eq!(get(&host, "/style.css", &[]).body, "body { color: PINK }\n");
 
     // A kept symlink pointed out of the folder: refused like any other.
     std::fs::remove_file(site.join("linked.txt")).unwrap();
@@ -602,10 +608,15 @@ fn files_kept_in_memory_answer_as_from_disk_and_any_change_is_seen_at_once() {
         expected_hits
     );
 
-    // A file changed less than a second ago is read from disk each time, until it
-    // has settled, then kept again.
+    // A file changed less than a second before it is opened (here, one whose
+    // modification time is ahead) is read from disk each time; once it has settled,
+    // it is kept again.
     let before = metric(&admin, "host_static_cache_hits_total", "site");
-    std::fs::write(&app, &rewritten).unwrap();
+    let set_modified = |at: SystemTime| {
+        let file = std::fs::File::options().write(true).open(&app).unwrap();
+        file.set_modified(at).unwrap();
+    };
+    set_modified(SystemTime::now() + Duration::from_secs(3600));
     for _ in 0..3 {
         assert_eq!(get(&host, "/app.js", &[]).body, rewritten);
     }
@@ -613,6 +624,8 @@ fn files_kept_in_memory_answer_as_from_disk_and_any_change_is_seen_at_once() {
         metric(&admin, "host_static_cache_hits_total", "site"),
         before
     );
+    // (Its change time is now, too.)
+    set_modified(SystemTime::now() - Duration::from_secs(3600));
     let settled = SystemTime::now() + Duration::from_millis(1100);
     while SystemTime::now() < settled {
         std::thread::sleep(Duration::from_millis(100));
@@ -623,5 +636,24 @@ fn files_kept_in_memory_answer_as_from_disk_and_any_change_is_seen_at_once() {
     assert_eq!(
         metric(&admin, "host_static_cache_hits_total", "site"),
         before + 2
+    );
+
+    // A server that keeps at most 1 MiB: three files of 400 KiB, asked for twice each,
+    // all answered right, and never more than the budget kept.
+    for round in 0..2 {
+        for (i, contents) in big.iter().enumerate() {
+            let r = host.get("small.localhost", &format!("/{i}.txt"));
+            assert_eq!(r.status, 200, "round {round}, file {i}");
+            assert!(r.body == *contents, "round {round}, file {i}: wrong body");
+        }
+        let kept = metric(&admin, "host_static_cache_bytes", "small");
+        assert!(kept > 400 << 10 && kept <= 1 << 20, "{kept} bytes kept");
+    }
+    // The file kept last is there.
+    let hits = metric(&admin, "host_static_cache_hits_total", "small");
+    assert!(host.get("small.localhost", "/2.txt").body == big[2]);
+    assert_eq!(
+        metric(&admin, "host_static_cache_hits_total", "small"),
+        hits + 1
     );
 }

@@ -27,6 +27,7 @@ use crate::boundary::sockets::Hub;
 use crate::boundary::worker::Worker;
 use crate::control::config::{Config, Isolation, Limits, ResponseRules, StaticSite};
 use crate::control::deliver;
+use crate::control::worker;
 use crate::operations::recording::{self, ServerMeter};
 use crate::request::files::Site;
 use crate::request::headers::ServerHeaders;
@@ -896,6 +897,9 @@ impl Microservers {
                 Err(e) => Err(e),
             };
             match &outcome {
+                Ok(library) if worker::running() => {
+                    tracing::debug!(plugin = %library.name, file = %path.display(), "loaded plugin library");
+                }
                 Ok(library) => {
                     tracing::info!(
                         plugin = %library.name,
@@ -1353,20 +1357,24 @@ impl Microservers {
                         .close_all("the server no longer takes WebSockets", false);
                 }
                 let ms = |t: Instant| t.elapsed().as_micros() as f64 / 1000.0;
-                tracing::info!(
-                    server = %server.name,
-                    generation = number,
-                    plugin = %library.name,
-                    version = %library.version,
-                    build = %library.build(),
-                    file = %library.file.display(),
-                    %domains,
-                    state_bytes,
-                    took_ms = ms(timing.since),
-                    work_ms = ms(timing.started),
-                    "{}",
-                    if current.is_some() { "reloaded" } else { "serving" }
-                );
+                if worker::running() {
+                    tracing::debug!(server = %server.name, generation = number, "serving");
+                } else {
+                    tracing::info!(
+                        server = %server.name,
+                        generation = number,
+                        plugin = %library.name,
+                        version = %library.version,
+                        build = %library.build(),
+                        file = %library.file.display(),
+                        %domains,
+                        state_bytes,
+                        took_ms = ms(timing.since),
+                        work_ms = ms(timing.started),
+                        "{}",
+                        if current.is_some() { "reloaded" } else { "serving" }
+                    );
+                }
                 server.meter.reloaded(Ok(number));
                 self.note_reload(server, timing, Ok(number));
                 if let Some(old) = current {
@@ -1387,6 +1395,12 @@ impl Microservers {
                         "reload refused, generation {} keeps serving: {reason}",
                         g.number
                     ),
+                    None if worker::running() => {
+                        tracing::debug!(server = %server.name, "not serving: {reason}");
+                        server
+                            .state
+                            .store(Arc::new(ServerState::Waiting(reason.clone())));
+                    }
                     None => {
                         tracing::error!(server = %server.name, %domains, "not serving: {reason}");
                         server

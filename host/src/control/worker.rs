@@ -26,8 +26,19 @@ use crate::boundary::worker::{CLIENT_HEADER, MAX_HEADER_LIST, WINDOW};
 use crate::control::config;
 use crate::control::servers::{Microservers, ServerState};
 
+/// Set once this process runs as a worker.
+static WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is a worker (`host --worker`). Its host reports what happens
+/// to its server (a library loaded, the server serving or not, and why), so the
+/// worker says those at DEBUG only: one line per event in the host's log.
+pub fn running() -> bool {
+    WORKER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs a worker in folder `dir` until its host asks it to stop (or goes away).
 pub fn main(dir: &Path) -> ExitCode {
+    WORKER.store(true, std::sync::atomic::Ordering::Relaxed);
     // The protocol's channel is the original stdout; from here on, stdout (a plugin's
     // `println!`) goes to stderr.
     #[cfg(unix)]

@@ -36,7 +36,7 @@ use crate::operations::recording::ServerMeter;
 
 mod cache;
 
-use cache::{Cache, Keep};
+use cache::{Cache, Keep, Opened as OpenedFile};
 
 /// A server's static files, as configured: built once per config change, shared by
 /// every request.
@@ -156,14 +156,14 @@ impl Site {
         let response = serve_dir(&self.config, backend).try_call(request).await?;
         let response = self.finish(response, html);
         let read = opened.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some((file, meta)) = read.filter(|(_, meta)| {
-            response.status() == StatusCode::OK && meta.len() <= cache.max_file()
-        }) else {
+        let Some(read) =
+            read.filter(|read| response.status() == StatusCode::OK && cache.may_keep(&keep, read))
+        else {
             return Ok(response);
         };
         let (parts, body) = response.into_parts();
         let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
-        cache.keep(keep, file, &meta, &parts.headers, &body);
+        cache.keep(keep, read, &parts.headers, &body);
         Ok(Response::from_parts(parts, Body::bytes(body)))
     }
 
@@ -412,7 +412,7 @@ struct Confined {
 }
 
 /// The file a [`Confined`] opened last, and its metadata.
-type Noted = Mutex<Option<(PathBuf, std::fs::Metadata)>>;
+type Noted = Mutex<Option<OpenedFile>>;
 
 type Boxed<T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send>>;
 
@@ -426,9 +426,12 @@ impl Backend for Confined {
         let this = self.clone();
         Box::pin(async move {
             let noted = this.opened.clone().map(|opened| (opened, path.clone()));
+            let at = std::time::SystemTime::now();
             let (file, meta) = this.inside(path, false).await?;
             if let Some((opened, path)) = noted {
-                *opened.lock().unwrap_or_else(|e| e.into_inner()) = Some((path, meta.clone()));
+                let meta = meta.clone();
+                *opened.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(OpenedFile { path, meta, at });
             }
             Ok(ConfinedFile {
                 file: tokio::fs::File::from_std(file),

@@ -189,7 +189,11 @@ impl Microservers {
                         );
                     }
                     _ => {
-                        tracing::error!(server = %server.name, "not serving: {reason}");
+                        // A restart that fails is logged as the crash it counts as
+                        // (once per state change in a crash loop), not here too.
+                        if !restarting {
+                            tracing::error!(server = %server.name, "not serving: {reason}");
+                        }
                         let previous = server
                             .state
                             .swap(Arc::new(ServerState::Waiting(reason.clone())));

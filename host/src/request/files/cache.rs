@@ -5,8 +5,9 @@
 //!
 //! - **What is kept**: the response `ServeDir` made for a `GET` with no `Range` and no
 //!   precondition that came out `200`, headers and body, for a file of at most
-//!   [`MAX_FILE`] whose last change is at least [`SETTLED`] old (a file still being
-//!   written is not kept). It is keyed by the request's path as sent and its
+//!   [`MAX_FILE`] whose last change was at least [`SETTLED`] before it was opened (a file
+//!   still being written is not kept; an answer that will not be kept is streamed as
+//!   usual, never read whole). It is keyed by the request's path as sent and its
 //!   `Accept-Encoding` value as sent (so the precompressed sibling `ServeDir` chose is
 //!   chosen again), with the file's identity read from the very descriptor `ServeDir`
 //!   read the body from: device, inode, size, modification and change times.
@@ -20,10 +21,17 @@
 //!   which checks the folder and keeps the new file. An entry whose request sent an
 //!   `Accept-Encoding` also checks the identity of the file's folder, which changes
 //!   when a precompressed sibling is added or removed there.
-//! - **Bounds**: at most the site's budget in bodies (plus [`OVERHEAD`] per entry
-//!   for the rest); an entry that does not fit makes room by dropping others, in no
-//!   particular order; at most [`VARIANTS`] `Accept-Encoding` values per path. A config
-//!   change builds a new site, with an empty cache.
+//! - **Bounds**: at most the site's budget in bodies, keys and headers (plus
+//!   [`OVERHEAD`] per entry for the rest); an entry that does not fit makes room by
+//!   dropping others, in no particular order; at most [`VARIANTS`] `Accept-Encoding`
+//!   values per path, each at most [`MAX_ACCEPT_ENCODING`] bytes and copied (a request's
+//!   value may be a slice of its connection's read buffer, which it would keep alive). A
+//!   change to the server's `static` settings builds a new site, with an empty cache.
+//! - **What it does not see**: a change that leaves the file's inode and times as they
+//!   were (a file system whose timestamps are coarser than a second, such as FAT, or
+//!   an NFS client's cached attributes), and folders moved out of the root and linked
+//!   back in (the file is the same file, unchanged, that was served at that path; a
+//!   file not kept yet is refused there). Set `cache_mb` to 0 for such a root.
 
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
@@ -48,8 +56,12 @@ pub const MAX_FILE: u64 = 1 << 20;
 /// How long ago a file must have last changed to be kept: one changed more recently may
 /// still be being written, or change again within the file system's clock tick.
 pub const SETTLED: Duration = Duration::from_secs(1);
-/// What an entry counts for besides its body (its headers and paths).
+/// What an entry counts for besides its body, key and headers (its file's paths and the
+/// structures that hold it).
 const OVERHEAD: u64 = 512;
+/// The longest `Accept-Encoding` value an entry is kept for (browsers send about 30
+/// bytes).
+const MAX_ACCEPT_ENCODING: usize = 128;
 /// The most `Accept-Encoding` values kept for one path.
 const VARIANTS: usize = 8;
 
@@ -66,6 +78,8 @@ struct Kept {
 
 /// One file's response, as `ServeDir` made it for one `Accept-Encoding` value.
 pub struct Entry {
+    /// The length of its path and `Accept-Encoding`, for its size.
+    key_bytes: u64,
     accept_encoding: Option<HeaderValue>,
     /// The file the body was read from (a precompressed sibling's, if it was chosen).
     file: PathBuf,
@@ -102,9 +116,10 @@ impl Identity {
         std::fs::metadata(path).ok().map(|meta| Identity::of(&meta))
     }
 
-    /// Whether its last change (of contents or of anything else) is [`SETTLED`] old.
-    pub fn settled(&self) -> bool {
-        let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) else {
+    /// Whether its last change (of contents or of anything else) was at least
+    /// [`SETTLED`] before `at`.
+    pub fn settled(&self, at: SystemTime) -> bool {
+        let Ok(now) = at.duration_since(SystemTime::UNIX_EPOCH) else {
             return false;
         };
         let at = |(secs, nanos): (i64, i64)| {
@@ -116,6 +131,15 @@ impl Identity {
             .into_iter()
             .all(|t| at(t).is_some_and(|t| t + SETTLED <= now))
     }
+}
+
+/// The file a kept answer is read from, as `Confined` noted it when it opened it.
+pub struct Opened {
+    pub path: PathBuf,
+    /// Read from the open descriptor, before the body.
+    pub meta: Metadata,
+    /// When, a moment before the metadata was read.
+    pub at: SystemTime,
 }
 
 /// What a request that may be kept brings to [`Cache::keep`], found before the file is
@@ -135,7 +159,7 @@ impl Cache {
         })
     }
 
-    /// What it holds: bodies, and [`OVERHEAD`] per entry.
+    /// What it holds: bodies, keys and headers, and [`OVERHEAD`] per entry.
     pub fn bytes(&self) -> u64 {
         self.kept.read().unwrap_or_else(|e| e.into_inner()).bytes
     }
@@ -175,12 +199,20 @@ impl Cache {
         {
             return None;
         }
-        let accept_encoding = Cache::usable(parts)?.cloned();
+        // A copy: the request's value may be a slice of the connection's read buffer.
+        let accept_encoding = match Cache::usable(parts)? {
+            None => None,
+            Some(v) if v.len() <= MAX_ACCEPT_ENCODING => {
+                Some(HeaderValue::from_bytes(v.as_bytes()).ok()?)
+            }
+            Some(_) => return None,
+        };
         let folder = match accept_encoding {
             None => None,
             Some(_) => {
                 let folder = file()?.parent()?.to_path_buf();
-                let identity = Identity::now(&folder).filter(Identity::settled)?;
+                let at = SystemTime::now();
+                let identity = Identity::now(&folder).filter(|i| i.settled(at))?;
                 Some((folder, identity))
             }
         };
@@ -215,29 +247,31 @@ impl Cache {
         Some(entry.respond(head, parts.headers.get(IF_NONE_MATCH)))
     }
 
-    /// Keeps `headers` and `body`, read from `file` (whose metadata, read from the
-    /// descriptor the body was read from, is `meta`), if they fit.
-    pub fn keep(
-        &self,
-        keep: Keep,
-        file: PathBuf,
-        meta: &Metadata,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) {
-        let identity = Identity::of(meta);
-        let fits = body.len() as u64 == meta.len() && meta.len() <= self.max_file();
+    /// Whether the answer read from `opened` may be kept: small enough, in the folder
+    /// looked at, and settled when it was opened. Asked before the body is read, so an
+    /// answer that will not be kept is streamed as usual.
+    pub fn may_keep(&self, keep: &Keep, opened: &Opened) -> bool {
         let folder_matches = keep
             .folder
             .as_ref()
-            .is_none_or(|(folder, _)| file.parent() == Some(folder.as_path()));
-        if !fits || !folder_matches || !identity.settled() {
+            .is_none_or(|(folder, _)| opened.path.parent() == Some(folder.as_path()));
+        opened.meta.len() <= self.max_file()
+            && folder_matches
+            && Identity::of(&opened.meta).settled(opened.at)
+    }
+
+    /// Keeps `headers` and `body`, read from `opened` (see [`Cache::may_keep`]), if the
+    /// body is the whole file.
+    pub fn keep(&self, keep: Keep, opened: Opened, headers: &HeaderMap, body: &Bytes) {
+        if body.len() as u64 != opened.meta.len() {
             return;
         }
         let entry = Arc::new(Entry {
+            key_bytes: (keep.path.len() + keep.accept_encoding.as_ref().map_or(0, |v| v.len()))
+                as u64,
             accept_encoding: keep.accept_encoding,
-            file,
-            identity,
+            identity: Identity::of(&opened.meta),
+            file: opened.path,
             folder: keep.folder,
             headers: headers.clone(),
             body: body.clone(),
@@ -291,8 +325,15 @@ impl Cache {
 }
 
 impl Entry {
+    /// What it counts for in the budget: its body, its key, its headers and a little
+    /// more for the rest.
     fn size(&self) -> u64 {
-        self.body.len() as u64 + OVERHEAD
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        self.body.len() as u64 + self.key_bytes + headers as u64 + OVERHEAD
     }
 
     /// The kept response, or its 304 when a tag in `if_none_match` matches its `ETag`
