@@ -25,14 +25,16 @@ metrics=''
 [ "${METRICS:-on}" = off ] && metrics=', "metrics": false'
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
-out="$root/target/bench/callgrind"
+# Cargo's output folder: $CARGO_TARGET_DIR when it is set (as cargo itself does).
+target="${CARGO_TARGET_DIR:-$root/target}"
+out="$target/bench/callgrind"
 command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install -y valgrind" >&2; exit 2; }
 
 cd "$root"
 cargo build --release -q -p host -p hello
 cargo build --release -q -p bench --bin baseline
 rm -rf "$out" && mkdir -p "$out/plugins"
-cp target/release/libhello.so "$out/plugins/hello.so"
+cp "$target/release/libhello.so" "$out/plugins/hello.so"
 cat > "$out/servers.config.json" <<EOF
 {"global": {"plugin_dir": "$out/plugins", "reload": {"watch": false}, "admin": {"listen": "127.0.0.1:0"}$metrics},
  "servers": [{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"$headers}]}
@@ -87,8 +89,8 @@ count() { # name, command...
   echo "$total"
 }
 
-host=$(count host target/release/host --config "$out/servers.config.json")
-base=$(count baseline target/release/baseline)
+host=$(count host "$target/release/host" --config "$out/servers.config.json")
+base=$(count baseline "$target/release/baseline")
 python3 - "$host" "$base" "$requests" "$path" <<'EOF'
 import sys
 host, base, n, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

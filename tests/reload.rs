@@ -141,6 +141,23 @@ fn a_broken_build_never_replaces_a_working_one() {
         });
         assert_eq!(body(&host, "v.localhost", "/"), "a x", "{what}");
     }
+    // Each build the loader refused was said once, though the host looked again at
+    // the incomplete one while it might still change.
+    assert_eq!(
+        host.count_log_lines(&["kept serving the previous build", "versioned.so"]),
+        3,
+        "{}",
+        host.logs()
+    );
+    // The build that serves, put back after all that: the same bytes, not a reload.
+    host.install(&variant("a"), "versioned.so");
+    host.wait_for_log(&["versioned.so", "identical bytes; not reloaded"]);
+    assert_eq!(
+        host.count_log_lines(&["reloaded", "server=v"]),
+        0,
+        "{}",
+        host.logs()
+    );
     // A good build after all that is picked up.
     host.install(&variant("b"), "versioned.so");
     host.wait_until("b serves", || body(&host, "v.localhost", "/") == "b x");

@@ -122,12 +122,13 @@ pub fn run(args: &[String]) -> Result<()> {
         &[(lib("hello"), "hello")],
     )?;
     // notes on SQLite, and the same query in a bare server, each on a database of its own
-    // holding one note.
+    // holding one note. Without the security headers, which the bare server does not
+    // send either (as for hello).
     let notes_dir = out.join("host-notes");
     let notes_db = notes_dir.join("notes.sqlite3");
     let notes_config = json!({"global": {"reload": {"watch": false}},
         "servers": [{"name": "notes", "domains": ["notes.localhost"], "plugin": "notes",
-                     "config": {"database": notes_db}}]});
+                     "headers": false, "config": {"database": notes_db}}]});
     prepare(
         &notes_dir,
         &notes_config.to_string(),

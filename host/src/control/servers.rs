@@ -258,8 +258,14 @@ struct ServerEntry {
     /// The library, config, `plugin` name and isolation of the last generation started
     /// (or tried, or refused), so that a failed init is retried only when one of them
     /// changes.
-    tried: Option<(Arc<PluginLibrary>, String, String, Isolation)>,
+    tried: Option<Attempt>,
+    /// The same, of the generation (or worker) serving now: a build put back after a
+    /// refused one is that build, not a reload.
+    serving: Option<Attempt>,
 }
+
+/// A library, config, `plugin` name and isolation a server was started with.
+type Attempt = (Arc<PluginLibrary>, String, String, Isolation);
 
 /// What the plugin folder holds, as last seen.
 struct FileState {
@@ -872,10 +878,30 @@ impl Microservers {
             }
             let outcome = match loader::read(&path, &self.copies_dir) {
                 Ok(file) => {
+                    // The same bytes as the library last loaded from this file, or (after
+                    // a build that was refused) as the one a server runs now.
+                    let running = || {
+                        control.servers.iter().find_map(|e| {
+                            let lib = match &**e.server.state() {
+                                ServerState::Serving(g) => Some(g.instance.library().clone()),
+                                ServerState::Worker(w) => e
+                                    .tried
+                                    .as_ref()
+                                    .map(|(lib, ..)| lib.clone())
+                                    .filter(|lib| lib.build() == w.plugin.build),
+                                _ => None,
+                            };
+                            lib.filter(|lib| lib.file == path)
+                        })
+                    };
+                    let same = |lib: &Arc<PluginLibrary>| {
+                        lib.content_hash == file.content_hash && (elsewhere || lib.is_open_here())
+                    };
                     let same_bytes = previous
                         .and_then(|p| p.outcome.as_ref().ok())
-                        .filter(|lib| lib.content_hash == file.content_hash)
-                        .filter(|lib| elsewhere || lib.is_open_here());
+                        .filter(|lib| same(lib))
+                        .cloned()
+                        .or_else(|| running().filter(same));
                     if let Some(lib) = same_bytes {
                         tracing::info!(file = %path.display(), "plugin library rewritten with identical bytes; not reloaded");
                         let outcome = Ok(lib.clone());
@@ -1111,14 +1137,14 @@ impl Microservers {
                 .iter()
                 .position(|e| e.spec.name == spec.name && e.spec.implicit == spec.implicit)
                 .map(|i| old.swap_remove(i));
-            let (server, mut tried) = match existing {
-                Some(e) => (e.server, e.tried),
+            let (server, mut tried, mut serving) = match existing {
+                Some(e) => (e.server, e.tried, e.serving),
                 None => {
                     let server =
                         Server::new(&spec.name, spec.implicit, control.config.global.bus.queue);
                     let last = control.numbered.get(&spec.name).copied().unwrap_or(0);
                     server.generations.store(last, Ordering::Relaxed);
-                    (server, None)
+                    (server, None, None)
                 }
             };
             server.set_files(spec.files.as_ref());
@@ -1133,6 +1159,7 @@ impl Microservers {
                     server,
                     spec,
                     tried: None,
+                    serving: None,
                 });
                 continue;
             }
@@ -1144,6 +1171,7 @@ impl Microservers {
                     server,
                     spec,
                     tried: None,
+                    serving: None,
                 });
                 continue;
             };
@@ -1155,13 +1183,25 @@ impl Microservers {
                         plugin.to_owned(),
                         spec.isolation.clone(),
                     );
-                    let same_as_tried = tried.as_ref().is_some_and(|(l, c, p, i)| {
+                    let same = |a: &Attempt| {
+                        let (l, c, p, i) = a;
                         Arc::ptr_eq(l, &lib)
                             && *c == spec.plugin_config
                             && p == plugin
                             && *i == spec.isolation
-                    });
-                    if let (false, false, Isolation::Process(limits)) = (
+                    };
+                    let same_as_tried = tried.as_ref().is_some_and(same);
+                    // The build serving now, back after a refused or failed one: nothing
+                    // to do.
+                    let serves = |a: &Attempt| match &**server.state() {
+                        ServerState::Serving(g) => Arc::ptr_eq(g.instance.library(), &a.0),
+                        ServerState::Worker(w) => w.plugin.build == a.0.build(),
+                        _ => false,
+                    };
+                    let same_as_serving = serving.as_ref().is_some_and(|a| same(a) && serves(a));
+                    if same_as_serving && !same_as_tried {
+                        tried = serving.clone();
+                    } else if let (false, false, Isolation::Process(limits)) = (
                         same_as_tried,
                         self.stopping.load(Ordering::SeqCst),
                         &spec.isolation,
@@ -1171,7 +1211,9 @@ impl Microservers {
                             folder: control.config.folder.clone(),
                             limits: limits.clone(),
                         };
-                        self.start_worker(&server, &lib, work, timing, deadlines, report);
+                        if self.start_worker(&server, &lib, work, timing, deadlines, report) {
+                            serving = Some(attempt.clone());
+                        }
                         tried = Some(attempt);
                     } else if !same_as_tried && !self.stopping.load(Ordering::SeqCst) {
                         // Another plugin's library under this server's file name does not
@@ -1195,24 +1237,37 @@ impl Microservers {
                                     .problems
                                     .push(format!("server {:?}: {reason}", &*server.name));
                             }
-                            None => self.start_generation(
-                                &server, &spec, &lib, current, timing, deadlines, report,
-                            ),
+                            None => {
+                                self.start_generation(
+                                    &server, &spec, &lib, current, timing, deadlines, report,
+                                );
+                                if serves(&attempt) {
+                                    serving = Some(attempt.clone());
+                                }
+                            }
                         }
                         tried = Some(attempt);
                     }
                 }
                 Resolution::Refused(e) => match current {
                     Some(g) => {
-                        tracing::warn!(
-                            server = %server.name,
-                            generation = g.number,
-                            "kept serving the previous build of {}: the new one was refused",
-                            e.file.display()
-                        );
+                        // Said once per refusal: a look again at the folder (a file still
+                        // being written, a SIGHUP) finds the same one.
                         let reason = format!("refused: {e}");
-                        self.note_reload(&server, timing, Err(reason.clone()));
-                        server.meter.refused(reason);
+                        let again =
+                            server.meter.last_reload().0.is_some_and(|n| {
+                                !n.ok && n.error.as_deref() == Some(reason.as_str())
+                            });
+                        if !again {
+                            tracing::warn!(
+                                server = %server.name,
+                                generation = g.number,
+                                "kept serving the previous build of {}: the new one was refused",
+                                e.file.display()
+                            );
+                            self.note_reload(&server, timing, Err(reason.clone()));
+                            server.meter.refused(reason);
+                        }
                     }
                     None => self.wait(
                         &server,
@@ -1230,12 +1285,14 @@ impl Microservers {
                     };
                     self.wait(&server, reason, drain, report);
                     tried = None;
+                    serving = None;
                 }
             }
             next.push(ServerEntry {
                 server,
                 spec,
                 tried,
+                serving,
             });
         }
         for gone in old {

@@ -316,7 +316,7 @@ impl Collector for Scrape {
         gauges(
             &mut enc,
             "host_static_cache_bytes",
-            "Bytes of static files kept in memory (bodies, and 512 per file for the rest), by server.",
+            "What the static files kept in memory count for (bodies, paths, Accept-Encoding values, headers, and 512 bytes per kept response), by server.",
             &per(&|r| r.static_cached),
         )?;
         let none: Labels = Vec::new();

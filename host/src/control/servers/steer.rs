@@ -143,8 +143,10 @@ impl Microservers {
         }
         let server = entry.server.clone();
         let before = server.generation_number();
-        // Forgetting what was tried is what makes the same library start again.
+        // Forgetting what was tried, and what serves, is what makes the same library
+        // start again.
         entry.tried = None;
+        entry.serving = None;
         self.sync_files(&mut control, &mut report);
         self.sync_servers(&mut control, timing, &mut report);
         self.publish(&control);
