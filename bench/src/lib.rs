@@ -2,8 +2,9 @@
 //! limit the host is compared with: bare hyper, same versions and runtime settings, no
 //! routing, no plugin) and the criterion benches in `benches/`.
 //!
-//! What the two baseline servers share is here: their accept loop and connection
-//! settings (the host's), the request id header and a bare status response.
+//! What the baseline servers share is here: their accept loop and connection settings
+//! (the host's), the request id header, a bare status response, and the SQLite
+//! servers' command line.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -74,4 +75,30 @@ pub fn request_id() -> HeaderValue {
         *byte = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+/// The command line of the SQLite servers (`sqlite-baseline`, `sqlite-axum`):
+/// `--database FILE [--listen ADDR]`, `listen` by default; and a multi-threaded runtime
+/// (the host's) to serve on. Exits with the usage line if the arguments are wrong.
+pub fn sqlite_server(name: &str, listen: &str) -> (SocketAddr, String, tokio::runtime::Runtime) {
+    let usage = || -> ! {
+        eprintln!("usage: {name} --database FILE [--listen ADDR]");
+        std::process::exit(2);
+    };
+    let mut args = std::env::args().skip(1);
+    let mut listen: SocketAddr = listen.parse().expect("valid");
+    let mut database = None;
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--listen", Some(addr)) => listen = addr.parse().expect("--listen takes IP:port"),
+            ("--database", Some(file)) => database = Some(file),
+            _ => usage(),
+        }
+    }
+    let Some(database) = database else { usage() };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    (listen, database, runtime)
 }

@@ -9,7 +9,6 @@
 //! adds one note if there is none, and prints `listening on http://ADDR` on stderr once
 //! ready.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -27,21 +26,7 @@ use db::Database;
 mod db;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let mut listen: SocketAddr = "127.0.0.1:7780".parse().expect("valid");
-    let mut database = None;
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--listen", Some(addr)) => listen = addr.parse().expect("--listen takes IP:port"),
-            ("--database", Some(file)) => database = Some(file),
-            _ => usage(),
-        }
-    }
-    let Some(database) = database else { usage() };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (listen, database, runtime) = bench::sqlite_server("sqlite-axum", "127.0.0.1:7780");
     runtime.block_on(async {
         let db = Database::open(Path::new(&database))
             .await
@@ -57,11 +42,6 @@ fn main() {
         );
         axum::serve(listener, app).await.expect("serve");
     });
-}
-
-fn usage() -> ! {
-    eprintln!("usage: sqlite-axum --database FILE [--listen ADDR]");
-    std::process::exit(2);
 }
 
 #[derive(serde::Serialize)]

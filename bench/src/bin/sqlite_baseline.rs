@@ -9,7 +9,6 @@
 //! stderr once ready.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,30 +27,11 @@ use db::Database;
 mod db;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let mut listen: SocketAddr = "127.0.0.1:7779".parse().expect("valid");
-    let mut database = None;
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--listen", Some(addr)) => listen = addr.parse().expect("--listen takes IP:port"),
-            ("--database", Some(file)) => database = Some(file),
-            _ => usage(),
-        }
-    }
-    let Some(database) = database else { usage() };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (listen, database, runtime) = bench::sqlite_server("sqlite-baseline", "127.0.0.1:7779");
     runtime.block_on(async {
         let db = Arc::new(open(Path::new(&database)).await.expect("open the database"));
         bench::serve(listen, move |req| answer(db.clone(), req)).await
     });
-}
-
-fn usage() -> ! {
-    eprintln!("usage: sqlite-baseline --database FILE [--listen ADDR]");
-    std::process::exit(2);
 }
 
 async fn open(file: &Path) -> Result<Database, sqlx::Error> {
