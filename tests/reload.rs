@@ -153,7 +153,7 @@ fn a_broken_build_never_replaces_a_working_one() {
     host.install(&variant("a"), "versioned.so");
     host.wait_for_log(&["versioned.so", "identical bytes; not reloaded"]);
     assert_eq!(
-        host.count_log_lines(&["reloaded", "server=v"]),
+        host.count_log_lines(&[": reloaded server=v"]),
         0,
         "{}",
         host.logs()
@@ -372,4 +372,33 @@ fn a_file_named_after_the_plugin_wins_over_a_backup_copy() {
         .start();
     let line = host.wait_for_log(&["serving", "server=notes"]);
     assert!(line.contains("plugins/notes.so"), "{line}");
+}
+
+#[test]
+fn the_config_that_serves_put_back_after_a_failed_one_is_not_a_reload() {
+    let config = |plugin_config: &str| {
+        format!(
+            r#"{{"global": {{"reload": {{"debounce_ms": 20}}}}, "servers": [{{"name": "bad",
+              "domains": ["bad.localhost"], "plugin": "misbehave", "config": {plugin_config}}}]}}"#
+        )
+    };
+    let host = Setup::new("config-back", &config("{}"))
+        .plugin("fixture-misbehave", "misbehave.so")
+        .start();
+    assert_eq!(host.get("bad.localhost", "/ok").status, 200);
+    host.write_config(&config(r#"{"init": "fail"}"#));
+    host.wait_for_log(&["reload refused, generation 1 keeps serving"]);
+    // Back to the config generation 1 runs: nothing to start, and the log says so.
+    host.write_config(&config("{}"));
+    host.wait_for_log(&["server=bad", "runs this config already; not reloaded"]);
+    assert_eq!(
+        host.count_log_lines(&[": reloaded server=bad"]),
+        0,
+        "{}",
+        host.logs()
+    );
+    assert_eq!(host.get("bad.localhost", "/ok").status, 200);
+    // A config that differs from both is a reload.
+    host.write_config(&config(r#"{"label": "2"}"#));
+    host.wait_for_log(&[": reloaded server=bad"]);
 }

@@ -1200,6 +1200,18 @@ impl Microservers {
                     };
                     let same_as_serving = serving.as_ref().is_some_and(|a| same(a) && serves(a));
                     if same_as_serving && !same_as_tried {
+                        // A build put back was said already (identical bytes); a config
+                        // put back is said here.
+                        let config_back = tried.as_ref().is_some_and(|(_, c, p, i)| {
+                            *c != spec.plugin_config || p != plugin || *i != spec.isolation
+                        });
+                        if config_back {
+                            tracing::info!(
+                                server = %server.name,
+                                generation = server.generation_number().unwrap_or_default(),
+                                "the generation serving runs this config already; not reloaded"
+                            );
+                        }
                         tried = serving.clone();
                     } else if let (false, false, Isolation::Process(limits)) = (
                         same_as_tried,
@@ -1238,10 +1250,12 @@ impl Microservers {
                                     .push(format!("server {:?}: {reason}", &*server.name));
                             }
                             None => {
+                                let before = server.generation_number();
                                 self.start_generation(
                                     &server, &spec, &lib, current, timing, deadlines, report,
                                 );
-                                if serves(&attempt) {
+                                // Started (not refused, with the previous one serving on).
+                                if server.generation_number() != before && serves(&attempt) {
                                     serving = Some(attempt.clone());
                                 }
                             }
