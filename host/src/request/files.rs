@@ -105,7 +105,7 @@ impl Site {
         Some(response)
     }
 
-    /// How many bytes the cache holds (bodies, and a little per file for the rest).
+    /// What the cache counts as held: bodies, keys and headers, and a little more each.
     pub fn cached_bytes(&self) -> u64 {
         self.cache.as_ref().map_or(0, Cache::bytes)
     }
