@@ -222,7 +222,7 @@ fn reloads_in_worker_processes_fail_no_request_and_give_memory_back() {
 }
 
 #[test]
-fn websockets_and_service_calls_reach_a_server_in_a_worker() {
+fn websockets_and_service_calls_reach_into_and_out_of_a_worker() {
     let config = r#"{
       "global": {"connections": {"max_per_ip": 0}},
       "servers": [
@@ -261,10 +261,24 @@ fn websockets_and_service_calls_reach_a_server_in_a_worker() {
     // A plugin in the host calls the server in the worker.
     let called = host.get("caller.localhost", "/call/sockets/variant");
     assert_eq!((called.status, called.body.as_str()), (200, "200 v1"));
-    // And the server in the worker reaches only itself.
+    // The server in the worker calls servers in the host (the host makes the call)...
     let out = host.get("sockets.localhost", "/call/hello/plain");
-    assert_eq!(out.status, 200);
-    assert!(out.body.starts_with("503 "), "{}", out.body);
+    assert_eq!(
+        (out.status, out.body.as_str()),
+        (200, "200 Hello, world!\n")
+    );
+    let out = host.get("sockets.localhost", "/call/caller/variant");
+    assert_eq!((out.status, out.body.as_str()), (200, "200 v1"));
+    // ...and itself, in the worker, and a server nobody runs is the host's 503.
+    let own = host.get("sockets.localhost", "/call/sockets/count");
+    assert_eq!((own.status, own.body.as_str()), (200, "200 1"));
+    let none = host.get("sockets.localhost", "/call/nobody/x");
+    assert_eq!(none.status, 200);
+    assert!(
+        none.body.starts_with("503 ") && none.body.contains("no microserver is named"),
+        "{}",
+        none.body
+    );
     drop(ws);
 }
 
@@ -320,4 +334,91 @@ fn a_restart_that_fails_counts_as_a_crash_said_once_and_is_tried_again() {
     let (again, _) = worker_pid(&host, Duration::from_secs(15));
     assert_ne!(again, first);
     host.wait_for_log(&["server=bad", "worker process restarted"]);
+}
+
+/// Every event `server` has handled so far, as `payload` lines (its topic is always
+/// `fixture.events`), waiting (up to 10 s) until there are `count`.
+fn events_seen(host: &Host, server: &str, count: usize) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let reply = host.get(&format!("{server}.localhost"), "/events");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let seen: Vec<String> = reply
+            .body
+            .lines()
+            .map(|l| {
+                l.strip_prefix("fixture.events:")
+                    .expect("the topic")
+                    .to_owned()
+            })
+            .collect();
+        if seen.len() >= count || started.elapsed() > Duration::from_secs(10) {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bus_events_cross_into_and_out_of_a_worker_in_order() {
+    let config = r#"{
+      "servers": [
+        {"name": "w", "domains": ["w.localhost"], "plugin": "w", "isolation": "process"},
+        {"name": "p", "domains": ["p.localhost"], "plugin": "p"}
+      ]
+    }"#;
+    let host = Setup::new("iso-bus", config)
+        .plugin("fixture-sockets", "w.so")
+        .plugin("fixture-sockets", "p.so")
+        .start();
+    let publish = |from: &str, payload: &str| crate::bus::publish(&host, from, payload);
+    // From the host into the worker: both servers subscribe, and the host counts both.
+    assert_eq!(publish("p", "p0"), "2");
+    // Out of the worker: handed to the host (1), which publishes it to both.
+    assert_eq!(publish("w", "w0"), "1");
+    for i in 1..=30 {
+        publish("p", &format!("p{i}"));
+        publish("w", &format!("w{i}"));
+    }
+    let expected = |prefix: &str| (0..=30).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
+    for server in ["w", "p"] {
+        let seen = events_seen(&host, server, 62);
+        // Each publisher's events arrive once each, in the order published (the two
+        // publishers' events may interleave either way).
+        let from = |prefix: &str| {
+            seen.iter()
+                .filter(|e| e.starts_with(prefix))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(from("p"), expected("p"), "at {server}: {seen:?}");
+        assert_eq!(from("w"), expected("w"), "at {server}: {seen:?}");
+        assert_eq!(seen.len(), 62, "at {server}: {seen:?}");
+    }
+    // An event handler that panics in the worker is reported, and the next event
+    // still arrives.
+    publish("p", "panic");
+    publish("p", "after");
+    let seen = events_seen(&host, "w", 64);
+    assert_eq!(seen[62..], ["panic", "after"]);
+    host.wait_for_log(&["the fixture panics on an event", "server=w"]);
+    // A client cannot pass its request off as a bus event: the header is removed, and
+    // the request is routed as any other.
+    let forged = host.send(
+        "POST",
+        "w.localhost",
+        "/publish/fixture.events",
+        b"forged",
+        &[("x-plugin-host-event", "bus")],
+    );
+    assert_eq!((forged.status, forged.body.as_str()), (200, "1"));
+    assert_eq!(
+        events_seen(&host, "w", 65).last().map(String::as_str),
+        Some("forged")
+    );
+    assert!(
+        !host.logs().contains("cannot deliver bus events"),
+        "{}",
+        host.logs()
+    );
 }

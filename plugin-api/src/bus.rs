@@ -50,7 +50,9 @@ use crate::Error;
 
 /// Publishes `payload` under `topic`. Returns how many servers of this host it was
 /// queued for (0 outside a host, or when nobody subscribes; with a shared backend, other
-/// hosts get it too and are not counted).
+/// hosts get it too and are not counted). In a worker process (`isolation: "process"`)
+/// the host publishes it, and this returns 1 once it is on its way there (0 if the
+/// worker's queue to the host is full, and the event is dropped).
 pub fn publish(topic: &str, payload: impl Into<Vec<u8>>) -> usize {
     let Some(publish) = crate::host::fns().and_then(|fns| fns.publish()) else {
         return 0;

@@ -169,9 +169,26 @@ extern "C" fn publish(topic: RStr<'_>, payload: FfiBytes) -> u64 {
         Some(bytes) => Bytes::from_static(bytes),
         None => Bytes::from_owner(payload),
     };
+    if let Some(forward) = PUBLISH_TO_HOST.get() {
+        // In a worker process: its host publishes it (to every subscriber, this
+        // server included).
+        return u64::from(forward(topic, payload));
+    }
     // The other hosts' subscribers, when the bus runs over Redis.
     crate::boundary::relay::forward_event(&topic, &payload);
     Bus::get().publish(BusEvent { topic, payload })
+}
+
+/// What a worker process does with an event its plugin publishes: hands it to its
+/// host (`true`), or drops it (`false`, its queue to the host being full).
+pub type PublishToHost = Box<dyn Fn(Bytes, Bytes) -> bool + Send + Sync>;
+
+static PUBLISH_TO_HOST: OnceLock<PublishToHost> = OnceLock::new();
+
+/// In a worker process: sends what its plugin publishes to the host (set once, before
+/// the plugin starts).
+pub fn publish_to_host(forward: PublishToHost) {
+    let _ = PUBLISH_TO_HOST.set(forward);
 }
 
 /// A response to a service call, as the request path made it (its body read whole).
@@ -201,8 +218,25 @@ pub fn set_service_caller(caller: ServiceCaller) {
     let _ = CALLER.set(caller);
 }
 
+/// Makes a service call for a plugin that runs in a worker process (its host makes
+/// them), on the host's runtime, and hands the answer to `answer`.
+pub fn call_for_worker(
+    server: String,
+    request: hyper::Request<Bytes>,
+    timeout: Option<Duration>,
+    answer: impl FnOnce(ServiceResponse) + Send + 'static,
+) {
+    let Some(runtime) = HOST_RUNTIME.get() else {
+        return answer(refused(503, "this host does not take service calls"));
+    };
+    let Some(caller) = CALLER.get().cloned() else {
+        return answer(refused(503, "this host does not take service calls"));
+    };
+    runtime.spawn(async move { answer(caller(server, request, timeout).await) });
+}
+
 /// A JSON error answer to a service call that never reached a server.
-fn refused(status: u16, message: &str) -> ServiceResponse {
+pub fn refused(status: u16, message: &str) -> ServiceResponse {
     let mut headers = hyper::HeaderMap::new();
     headers.insert(
         hyper::header::CONTENT_TYPE,

@@ -20,6 +20,20 @@
 //!   closing (the host gone) ends it too, and the kernel ends it if the host dies
 //!   (`PR_SET_PDEATHSIG`).
 //!
+//! - **Bus events**, both ways. An event the worker's plugin publishes is one line on
+//!   its stdout, `bus <topic> <payload>` (each in hex), which the host publishes on
+//!   its own bus (and over Redis when the bus runs there). An event for the worker's
+//!   server (it subscribed to the topics its `ready` line names) is a `POST` on the
+//!   HTTP/2 connection carrying [`EVENT_HEADER`] and the event (its topic's length in
+//!   four bytes, big-endian, the topic, the payload); the worker answers once its
+//!   handler is done (204; 500 it panicked, 503 not delivered, 504 timed out), so a
+//!   server's events stay one at a time and in order, as in process.
+//!
+//! - **Service calls** its plugin makes to other servers: a line `call <id> <server>
+//!   <timeout ms, 0 for none> <request>` on its stdout (server and request in hex, the
+//!   request as [`encode_request`] writes it); the host makes the call and writes
+//!   `- answer <id> <response>` (hex, [`encode_response`]) on the worker's stdin.
+//!
 //! The worker's stderr is copied to the host's line by line (its log lines are already
 //! formatted like the host's), which is also how an allocation failure past the memory
 //! limit is recognised.
@@ -48,6 +62,10 @@ pub type Outgoing = Either<Full<Bytes>, Incoming>;
 
 /// The header that carries the client's address to the worker.
 pub const CLIENT_HEADER: &str = "x-plugin-host-client";
+
+/// The header that marks a request to a worker as a bus event for its plugin (the
+/// host removes it from what clients send).
+pub const EVENT_HEADER: &str = "x-plugin-host-event";
 
 /// The exit code of a worker that ended itself because a handler held its thread past
 /// the request timeout.
@@ -109,6 +127,8 @@ pub struct PluginInfo {
     pub name: String,
     pub version: String,
     pub build: String,
+    /// The bus topics its plugin subscribed to at init.
+    pub topics: Vec<Box<str>>,
 }
 
 /// How a worker ended.
@@ -160,7 +180,8 @@ impl std::fmt::Debug for Worker {
 }
 
 struct Commands {
-    stdin: Option<ChildStdin>,
+    /// Shared with the answers to its service calls.
+    stdin: Arc<Mutex<Option<ChildStdin>>>,
     replies: std::sync::mpsc::Receiver<String>,
     /// The number of the last command sent: a reply names the command it answers, so
     /// one that comes after its command's deadline is never taken for the next one's.
@@ -236,18 +257,28 @@ impl Worker {
         let mut child = spawn_from_keeper(command)
             .map_err(|e| format!("cannot start its worker process: {e}"))?;
         let pid = child.id();
-        let stdin = child.stdin.take();
+        let stdin = Arc::new(Mutex::new(child.stdin.take()));
+        let answers = stdin.clone();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let out_of_memory = Arc::new(AtomicBool::new(false));
         let stderr_done = forward_stderr(stderr, out_of_memory.clone(), &spec.server, pid);
         let (replies_tx, replies) = std::sync::mpsc::channel::<String>();
         let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
+        let server = spec.server.clone();
         let reader = std::thread::Builder::new()
             .name("worker-stdout".to_owned())
             .spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
+                    if let Some(event) = line.strip_prefix("bus ") {
+                        publish_for(event, &server, pid);
+                        continue;
+                    }
+                    if let Some(call) = line.strip_prefix("call ") {
+                        call_for(call, &server, pid, &answers);
+                        continue;
+                    }
                     if replies_tx.send(line).is_err() {
                         break;
                     }
@@ -307,6 +338,17 @@ impl Worker {
                 name: text("plugin"),
                 version: text("version"),
                 build: text("build"),
+                topics: ready
+                    .get("topics")
+                    .and_then(Value::as_array)
+                    .map(|topics| {
+                        topics
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(Into::into)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             },
             max_memory_mb: spec.max_memory_mb,
             socket: dir.join("http.sock"),
@@ -497,6 +539,57 @@ impl Worker {
         }
     }
 
+    /// Hands a bus event to the worker's plugin and waits until its handler is done
+    /// (`timeout`: the worker's own deadline for it, with a second more for the hop).
+    pub async fn deliver(
+        self: &Arc<Self>,
+        topic: &Bytes,
+        payload: &Bytes,
+        timeout: Duration,
+    ) -> Delivered {
+        let Some(_in_flight) = self.enter() else {
+            return Delivered::Retired;
+        };
+        let mut body = Vec::with_capacity(4 + topic.len() + payload.len());
+        body.extend_from_slice(&(topic.len() as u32).to_be_bytes());
+        body.extend_from_slice(topic);
+        body.extend_from_slice(payload);
+        let mut request = Request::new(Either::Left(Full::new(Bytes::from(body))));
+        *request.method_mut() = hyper::Method::POST;
+        *request.uri_mut() = hyper::Uri::from_static("http://bus.event/");
+        request.headers_mut().insert(
+            hyper::header::HeaderName::from_static(EVENT_HEADER),
+            hyper::header::HeaderValue::from_static("bus"),
+        );
+        let sent = tokio::time::timeout(
+            timeout + Duration::from_secs(1),
+            self.send_multiplexed(request),
+        )
+        .await;
+        let response = match sent {
+            Err(_) => return Delivered::TimedOut,
+            Ok(Err(SendError::Unreachable(why) | SendError::Lost(why))) => {
+                return Delivered::Unavailable(why)
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        match status.as_u16() {
+            204 => Delivered::Done,
+            500 => Delivered::Panicked,
+            504 => Delivered::TimedOut,
+            _ => {
+                use http_body_util::BodyExt;
+                let body = response.into_body().collect().await;
+                let why = body.map_or_else(
+                    |e| e.to_string(),
+                    |b| String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+                );
+                Delivered::Unavailable(why)
+            }
+        }
+    }
+
     async fn connect_h2(&self) -> Result<http2::SendRequest<Outgoing>, String> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
@@ -544,13 +637,15 @@ impl Worker {
         let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
         commands.last += 1;
         let n = commands.last;
-        let stdin = commands
-            .stdin
-            .as_mut()
-            .ok_or_else(|| "its worker process is stopping".to_owned())?;
-        writeln!(stdin, "{n} {line}")
-            .and_then(|()| stdin.flush())
-            .map_err(|e| format!("cannot reach its worker process: {e}"))?;
+        {
+            let mut stdin = commands.stdin.lock().unwrap_or_else(|p| p.into_inner());
+            let stdin = stdin
+                .as_mut()
+                .ok_or_else(|| "its worker process is stopping".to_owned())?;
+            writeln!(stdin, "{n} {line}")
+                .and_then(|()| stdin.flush())
+                .map_err(|e| format!("cannot reach its worker process: {e}"))?;
+        }
         let until = Instant::now() + timeout;
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -602,7 +697,12 @@ impl Worker {
         }
         {
             let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(mut stdin) = commands.stdin.take() {
+            let stdin = commands
+                .stdin
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(mut stdin) = stdin {
                 commands.last += 1;
                 let _ = writeln!(stdin, "{} shutdown {}", commands.last, grace.as_millis());
                 let _ = stdin.flush();
@@ -639,6 +739,174 @@ impl Worker {
 }
 
 /// Why a request sent to a worker got no response.
+/// How a bus event handed to a worker ended.
+#[derive(Debug)]
+pub enum Delivered {
+    Done,
+    /// The worker was retired before it was sent: give it to its successor.
+    Retired,
+    Panicked,
+    TimedOut,
+    /// Not delivered: the reason.
+    Unavailable(String),
+}
+
+/// Publishes an event a worker's plugin published (`<topic hex> <payload hex>`) on the
+/// host's bus, as the host's own `bus::publish` does.
+fn publish_for(event: &str, server: &str, pid: u32) {
+    let decoded = event
+        .split_once(' ')
+        .and_then(|(topic, payload)| Some((unhex(topic)?, unhex(payload)?)));
+    let Some((topic, payload)) = decoded else {
+        tracing::warn!(
+            server,
+            pid,
+            "a worker process sent a bus event the host cannot read; dropped"
+        );
+        return;
+    };
+    let (topic, payload) = (Bytes::from(topic), Bytes::from(payload));
+    super::relay::forward_event(&topic, &payload);
+    super::bus::Bus::get().publish(super::bus::BusEvent { topic, payload });
+}
+
+/// Makes a service call a worker's plugin asked for (`<id> <server hex> <timeout ms>
+/// <request hex>`), and writes the answer on the worker's stdin.
+fn call_for(call: &str, server: &str, pid: u32, stdin: &Arc<Mutex<Option<ChildStdin>>>) {
+    let mut words = call.split(' ');
+    let parsed = (|| {
+        let id: u64 = words.next()?.parse().ok()?;
+        let target = String::from_utf8(unhex(words.next()?)?).ok()?;
+        let ms: u64 = words.next()?.parse().ok()?;
+        let request = decode_request(&unhex(words.next()?)?)?;
+        Some((
+            id,
+            target,
+            (ms > 0).then(|| Duration::from_millis(ms)),
+            request,
+        ))
+    })();
+    let Some((id, target, timeout, request)) = parsed else {
+        tracing::warn!(
+            server,
+            pid,
+            "a worker process asked for a service call the host cannot read; ignored"
+        );
+        return;
+    };
+    let stdin = stdin.clone();
+    super::services::call_for_worker(target, request, timeout, move |response| {
+        let line = format!("- answer {id} {}\n", hex(&encode_response(&response)));
+        // A pipe may block while the worker is busy: not on the runtime's threads.
+        let _ = std::thread::Builder::new()
+            .name("worker-answer".to_owned())
+            .spawn(move || {
+                let mut stdin = stdin.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(stdin) = stdin.as_mut() {
+                    let _ = stdin
+                        .write_all(line.as_bytes())
+                        .and_then(|()| stdin.flush());
+                }
+            });
+    });
+}
+
+/// Length-prefixed fields (four bytes, big-endian, then the bytes).
+fn put(out: &mut Vec<u8>, field: &[u8]) {
+    out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+    out.extend_from_slice(field);
+}
+
+fn fields(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut fields = Vec::new();
+    while !bytes.is_empty() {
+        let length = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        fields.push(bytes.get(4..4 + length)?);
+        bytes = &bytes[4 + length..];
+    }
+    Some(fields)
+}
+
+/// A service call's request between a worker and its host: its method, target and
+/// body, then its headers' names and values, each a field.
+pub fn encode_request(request: &Request<Bytes>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + request.body().len());
+    put(&mut out, request.method().as_str().as_bytes());
+    put(&mut out, request.uri().to_string().as_bytes());
+    put(&mut out, request.body());
+    for (name, value) in request.headers() {
+        put(&mut out, name.as_str().as_bytes());
+        put(&mut out, value.as_bytes());
+    }
+    out
+}
+
+fn decode_request(bytes: &[u8]) -> Option<Request<Bytes>> {
+    let fields = fields(bytes)?;
+    let (head, headers) = fields.split_at_checked(3)?;
+    let mut builder = Request::builder()
+        .method(head[0])
+        .uri(std::str::from_utf8(head[1]).ok()?);
+    for pair in headers.chunks_exact(2) {
+        builder = builder.header(pair[0], pair[1]);
+    }
+    builder.body(Bytes::copy_from_slice(head[2])).ok()
+}
+
+/// A service call's response between a host and its worker: its status (as text) and
+/// body, then its headers' names and values.
+pub fn encode_response(response: &super::services::ServiceResponse) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + response.body.len());
+    put(&mut out, response.status.to_string().as_bytes());
+    put(&mut out, &response.body);
+    for (name, value) in &response.headers {
+        put(&mut out, name.as_str().as_bytes());
+        put(&mut out, value.as_bytes());
+    }
+    out
+}
+
+/// The response in a worker's `answer` line (hex).
+pub fn decode_response(hex: &str) -> Option<super::services::ServiceResponse> {
+    let bytes = unhex(hex)?;
+    let fields = fields(&bytes)?;
+    let (head, pairs) = fields.split_at_checked(2)?;
+    let mut headers = hyper::HeaderMap::new();
+    for pair in pairs.chunks_exact(2) {
+        headers.append(
+            hyper::header::HeaderName::from_bytes(pair[0]).ok()?,
+            hyper::header::HeaderValue::from_bytes(pair[1]).ok()?,
+        );
+    }
+    Some(super::services::ServiceResponse {
+        status: std::str::from_utf8(head[0]).ok()?.parse().ok()?,
+        headers,
+        body: Bytes::copy_from_slice(head[1]),
+    })
+}
+
+/// `bytes` as lowercase hex (a bus event on a worker's stdout).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let text = text.as_bytes();
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.chunks(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
 #[derive(Debug)]
 pub enum SendError {
     /// Nothing was sent: the worker could not be reached (it has ended).

@@ -21,6 +21,7 @@ use crate::boundary::bulkhead::{Bounded, Turn};
 use crate::boundary::bus::BusEvent;
 use crate::boundary::call::{self, OutcomeSlot, PluginCall};
 use crate::boundary::plugin;
+use crate::boundary::worker::Delivered;
 use crate::control::servers::{Generation, Server, ServerState};
 use crate::routing::routes::RouteTable;
 
@@ -134,8 +135,9 @@ fn begin_once(
             return Poll::Ready(Some(Started::Done(Err(unavailable))));
         }
         ServerState::Worker(_) => {
-            let reason =
-                "its plugin runs in a worker process, which bus events do not reach".to_owned();
+            // Bus events reach a worker through `to_worker`; WebSocket events do not
+            // come from one (it owns its connections).
+            let reason = "its plugin runs in a worker process".to_owned();
             return Poll::Ready(Some(Started::Done(Err(Failure::Unavailable(reason)))));
         }
         ServerState::Static => {
@@ -188,6 +190,22 @@ pub async fn hand_over(
     }
 }
 
+/// Hands a bus event to the server's worker process when its plugin runs in one (a
+/// worker retired meanwhile passes it to its successor, which may run in process:
+/// `None` then too). `None`: it does not.
+async fn to_worker(server: &Server, event: &BusEvent, timeout: Duration) -> Option<Delivered> {
+    loop {
+        let worker = match &**server.state() {
+            ServerState::Worker(w) => w.clone(),
+            _ => return None,
+        };
+        match worker.deliver(&event.topic, &event.payload, timeout).await {
+            Delivered::Retired => tokio::task::yield_now().await,
+            outcome => return Some(outcome),
+        }
+    }
+}
+
 /// Bytes the host lends a plugin for one event (empty: nothing to free).
 pub fn lend(bytes: &Bytes) -> FfiBytes {
     if bytes.is_empty() {
@@ -208,6 +226,22 @@ pub async fn bus_events(
         let Some(server) = server.upgrade() else {
             return;
         };
+        if let Some(outcome) = to_worker(&server, &event, timeout).await {
+            match outcome {
+                Delivered::Done | Delivered::Panicked | Delivered::Retired => {}
+                Delivered::TimedOut => tracing::warn!(
+                    server = %server.name,
+                    topic = %String::from_utf8_lossy(&event.topic),
+                    timeout_ms = timeout.as_millis() as u64,
+                    "a bus event handler timed out"
+                ),
+                Delivered::Unavailable(reason) => tracing::debug!(
+                    server = %server.name,
+                    "a bus event was not delivered: the server is not serving ({reason})"
+                ),
+            }
+            continue;
+        }
         let label: Arc<str> = format!("bus:{}", String::from_utf8_lossy(&event.topic)).into();
         let mut make = |g: &Generation| {
             let subscription = g.routes.topic_index(&event.topic)?;

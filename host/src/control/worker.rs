@@ -17,14 +17,21 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_util::future::Either;
 use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::boundary::call::ClientAddr;
-use crate::boundary::worker::{CLIENT_HEADER, MAX_HEADER_LIST, WINDOW};
+use crate::boundary::services::{refused, ServiceResponse};
+use crate::boundary::worker::{
+    decode_response, encode_request, hex, CLIENT_HEADER, EVENT_HEADER, MAX_HEADER_LIST, WINDOW,
+};
 use crate::control::config;
 use crate::control::servers::{Microservers, ServerState};
+use crate::request::http::Body;
 
 /// Set once this process runs as a worker.
 static WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -119,6 +126,20 @@ pub fn main(dir: &Path) -> ExitCode {
         return refuse(format!("the config has no server {name:?}"));
     };
     let state = std::fs::read(dir.join("state.in")).ok();
+    // What the plugin publishes goes to the host, which publishes it, and its service
+    // calls to other servers too, which the host makes (init's too).
+    let to_host = match lines_to_host(out.clone(), config.global.bus.queue) {
+        Ok(lines) => lines,
+        Err(e) => return refuse(format!("worker: cannot start its thread to the host: {e}")),
+    };
+    forward_published(to_host.clone(), config.global.bus.queue);
+    let local = Arc::new(std::sync::OnceLock::new());
+    make_service_calls(
+        to_host,
+        name.clone(),
+        local.clone(),
+        config.global.limits.request_timeout,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(crate::boundary::services::mark_host_thread)
@@ -133,19 +154,29 @@ pub fn main(dir: &Path) -> ExitCode {
     // The CPU limit: a handler that holds its thread past the request timeout ends the
     // process (the host replaces it).
     crate::boundary::bulkhead::end_process_after(config.global.limits.request_timeout);
-    let code = runtime.block_on(serve(config, dir.to_owned(), state, name, out, input, say));
+    let code = runtime.block_on(serve(
+        config,
+        dir.to_owned(),
+        state,
+        name,
+        (out, input, say),
+        local,
+    ));
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
 }
+
+/// The protocol's channels: replies and lines to the host, commands from it.
+type Out = Arc<Mutex<Box<dyn Write + Send>>>;
+type In = Box<dyn std::io::Read + Send>;
 
 async fn serve(
     config: config::Config,
     dir: std::path::PathBuf,
     state: Option<Vec<u8>>,
     name: String,
-    out: Arc<Mutex<Box<dyn Write + Send>>>,
-    input: Box<dyn std::io::Read + Send>,
-    say: impl Fn(&str) + Send + Sync + Clone + 'static,
+    (out, input, say): (Out, In, impl Fn(&str) + Send + Sync + Clone + 'static),
+    local: Arc<std::sync::OnceLock<std::sync::Weak<Microservers>>>,
 ) -> ExitCode {
     let socket = dir.join("http.sock");
     let listener = match tokio::net::UnixListener::bind(&socket) {
@@ -172,8 +203,8 @@ async fn serve(
             return ExitCode::from(2);
         }
     };
-    // Service calls reach only this server (the only one this process has).
-    crate::request::http::serve_service_calls(&servers, "the worker is shutting down");
+    // Service calls to this server are answered here; to others, by the host.
+    let _ = local.set(Arc::downgrade(&servers));
     let ready = match servers.routing().servers.first().map(|s| s.state()) {
         Some(state) => match &**state {
             ServerState::Serving(g) => {
@@ -183,6 +214,8 @@ async fn serve(
                     "plugin": lib.name,
                     "version": lib.version,
                     "build": lib.build(),
+                    // The host subscribes the server to these for it.
+                    "topics": g.routes.topics(),
                 })
             }
             ServerState::Waiting(reason) => {
@@ -214,12 +247,15 @@ async fn serve(
                 let servers = servers.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        if req.headers().contains_key(EVENT_HEADER) {
+                            return Either::Right(Box::pin(bus_event(servers.clone(), req)));
+                        }
                         let client = req
                             .headers_mut()
                             .remove(CLIENT_HEADER)
                             .and_then(|v| client_addr(v.to_str().ok()?))
                             .unwrap_or_else(ClientAddr::internal);
-                        crate::request::http::handle(servers.clone(), req, client)
+                        Either::Left(crate::request::http::handle(servers.clone(), req, client))
                     });
                     // HTTP/2 for requests (the host multiplexes them on one
                     // connection), HTTP/1.1 for WebSocket upgrades.
@@ -249,6 +285,207 @@ async fn serve(
     ExitCode::SUCCESS
 }
 
+/// Hands a bus event from the host (a `POST` with [`EVENT_HEADER`]: the topic's length
+/// in four bytes, big-endian, the topic, the payload) to this worker's server, and
+/// answers when its handler is done: 204, or 500 (it panicked), 503 (not delivered,
+/// the reason in the body), 504 (it timed out).
+fn bus_event(
+    servers: Arc<Microservers>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send {
+    use crate::control::deliver::{hand_over, lend, Failure, PluginEvent};
+    use http_body_util::BodyExt;
+    use plugin_api::ffi::FfiBusEvent;
+    async move {
+        let answer = |status: StatusCode, reason: &str| {
+            let mut response = Response::new(Body::bytes(Bytes::from(reason.to_owned())));
+            *response.status_mut() = status;
+            Ok(response)
+        };
+        let body = match req.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return answer(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        let length = body
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let Some(length) = length.filter(|l| 4 + l <= body.len()) else {
+            return answer(StatusCode::BAD_REQUEST, "a malformed bus event");
+        };
+        let (topic, payload) = (body.slice(4..4 + length), body.slice(4 + length..));
+        let Some(server) = servers.routing().servers.first().cloned() else {
+            return answer(StatusCode::SERVICE_UNAVAILABLE, "the worker has no server");
+        };
+        let label: Arc<str> = format!("bus:{}", String::from_utf8_lossy(&topic)).into();
+        let mut make = |g: &crate::control::servers::Generation| {
+            let subscription = g.routes.topic_index(&topic)?;
+            Some(PluginEvent::Bus(FfiBusEvent {
+                subscription,
+                topic: lend(&topic),
+                payload: lend(&payload),
+            }))
+        };
+        let timeout = servers.config().global.limits.request_timeout;
+        match hand_over(&server, &mut make, &label, timeout).await {
+            Ok(()) => {
+                let mut response = Response::new(Body::empty());
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                Ok(response)
+            }
+            Err(Failure::Panicked) => answer(StatusCode::INTERNAL_SERVER_ERROR, "it panicked"),
+            Err(Failure::TimedOut(_)) => answer(StatusCode::GATEWAY_TIMEOUT, "it timed out"),
+            Err(Failure::Unavailable(reason)) => answer(StatusCode::SERVICE_UNAVAILABLE, &reason),
+        }
+    }
+}
+
+/// Lines for the host (bus events, service calls), written on the protocol's channel by
+/// a thread of their own, so that the plugin never waits on the pipe: at most
+/// `capacity` wait.
+type ToHost = std::sync::mpsc::SyncSender<String>;
+
+fn lines_to_host(
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
+    capacity: usize,
+) -> std::io::Result<ToHost> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(capacity.clamp(1, 1 << 24));
+    std::thread::Builder::new()
+        .name("worker-to-host".to_owned())
+        .spawn(move || {
+            for line in rx {
+                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
+                if out
+                    .write_all(line.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    // The host is gone.
+                    return;
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+/// Sends what the plugin publishes to the host, one `bus <topic> <payload>` line (hex)
+/// each: publishing never blocks the plugin; past `capacity` lines waiting, an event is
+/// dropped, counted and logged (at most once per 5 s).
+fn forward_published(to_host: ToHost, capacity: usize) {
+    let dropped = Mutex::new((None::<Instant>, 0u64));
+    crate::boundary::services::publish_to_host(Box::new(move |topic, payload| {
+        let line = format!("bus {} {}\n", hex(&topic), hex(&payload));
+        match to_host.try_send(line) {
+            Ok(()) => true,
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                let mut log = dropped.lock().unwrap_or_else(|p| p.into_inner());
+                log.1 += 1;
+                if log
+                    .0
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+                {
+                    tracing::warn!(
+                        topic = %String::from_utf8_lossy(&topic),
+                        dropped = log.1,
+                        capacity,
+                        "bus events dropped: the worker's queue to its host is full"
+                    );
+                    *log = (Some(Instant::now()), 0);
+                }
+                false
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        }
+    }));
+}
+
+/// Service calls waiting for the host's answer, by number.
+type Pending = Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<ServiceResponse>>>;
+
+fn pending() -> &'static Pending {
+    static PENDING: std::sync::OnceLock<Pending> = std::sync::OnceLock::new();
+    PENDING.get_or_init(Default::default)
+}
+
+/// Answers the plugin's service calls: this server's here (once `local` is set), any
+/// other's by the host (a `call` line; the answer comes on stdin, see `commands`),
+/// within the call's timeout (else the request timeout) and a second more.
+fn make_service_calls(
+    to_host: ToHost,
+    own: String,
+    local: Arc<std::sync::OnceLock<std::sync::Weak<Microservers>>>,
+    request_timeout: Duration,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    crate::boundary::services::set_service_caller(Arc::new(move |name, request, timeout| {
+        if name == own {
+            let servers = local.get().and_then(std::sync::Weak::upgrade);
+            return Box::pin(async move {
+                match servers {
+                    Some(servers) => {
+                        crate::request::http::call_server(servers, name, request, timeout).await
+                    }
+                    None => refused(503, "the worker's server is not serving yet"),
+                }
+            });
+        }
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        pending()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let ms = timeout.map_or(0, |t| t.as_millis().max(1) as u64);
+        let line = format!(
+            "call {id} {} {ms} {}\n",
+            hex(name.as_bytes()),
+            hex(&encode_request(&request))
+        );
+        let sent = to_host.try_send(line).is_ok();
+        let limit = timeout.unwrap_or(request_timeout) + Duration::from_secs(1);
+        Box::pin(async move {
+            let forget = || {
+                pending()
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id)
+            };
+            if !sent {
+                forget();
+                return refused(503, "the worker's queue to its host is full");
+            }
+            match tokio::time::timeout(limit, rx).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(_)) => refused(503, "the host did not answer the call"),
+                Err(_) => {
+                    forget();
+                    refused(
+                        504,
+                        &format!("the host did not answer within {} ms", limit.as_millis()),
+                    )
+                }
+            }
+        })
+    }));
+}
+
+/// The host's answer to a service call (`<id> <response hex>`).
+fn answered(answer: &str) {
+    let Some((id, response)) = answer.split_once(' ') else {
+        return;
+    };
+    let waiting = id.parse::<u64>().ok().and_then(|id| {
+        pending()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+    });
+    let Some(waiting) = waiting else { return };
+    let response = decode_response(response)
+        .unwrap_or_else(|| refused(502, "the host's answer to the call cannot be read"));
+    let _ = waiting.send(response);
+}
+
 /// The client's address as the host sent it: `ADDR` or `ADDR;tls`.
 fn client_addr(value: &str) -> Option<ClientAddr> {
     let (addr, tls) = match value.strip_suffix(";tls") {
@@ -265,57 +502,49 @@ fn commands(
     servers: Arc<Microservers>,
     dir: std::path::PathBuf,
     input: Box<dyn std::io::Read + Send>,
-    say: impl Fn(&str) + Send + 'static,
+    say: impl Fn(&str) + Send + Sync + 'static,
     stop: tokio::sync::mpsc::UnboundedSender<Duration>,
 ) {
     let runtime = tokio::runtime::Handle::current();
+    let say = Arc::new(say);
     let spawned = std::thread::Builder::new()
         .name("worker-commands".to_owned())
         .spawn(move || {
             crate::boundary::services::mark_host_thread();
             for line in std::io::BufReader::new(input).lines() {
                 let Ok(line) = line else { break };
-                let mut words = line.split_whitespace();
+                let mut words = line.splitn(3, ' ');
                 // Each command is numbered; its reply carries the number.
                 let n = words.next().unwrap_or_default().to_owned();
-                let say = |reply: &str| say(&format!("{n} {reply}"));
                 match words.next() {
-                    Some("export-state") => {
-                        let state = match &**servers.routing().servers[0].state() {
-                            ServerState::Serving(g) => g.instance.export_state(),
-                            _ => None,
-                        };
-                        match state {
-                            Some(bytes) => match std::fs::write(dir.join("state.out"), &bytes) {
-                                Ok(()) => say(&format!("state {}", bytes.len())),
-                                Err(e) => {
-                                    tracing::warn!("cannot write the state for the host: {e}");
-                                    say("state none");
-                                }
-                            },
-                            None => say("state none"),
-                        }
-                    }
-                    Some("health") => {
-                        let generation = match &**servers.routing().servers[0].state() {
-                            ServerState::Serving(g) => Some(g.clone()),
-                            _ => None,
-                        };
-                        let answer = match generation {
-                            Some(g) => runtime.block_on(g.health()),
-                            None => Err("it is not serving".to_owned()),
-                        };
-                        match answer {
-                            Ok(()) => say("health ok"),
-                            Err(reason) => say(&format!("health {}", reason.replace('\n', " "))),
-                        }
-                    }
+                    // The answer to a service call (not numbered: `- answer ...`).
+                    Some("answer") => answered(words.next().unwrap_or_default()),
                     Some("shutdown") => {
-                        let ms = words.next().and_then(|w| w.parse().ok()).unwrap_or(1000);
+                        let ms = words
+                            .next()
+                            .and_then(|w| w.trim().parse().ok())
+                            .unwrap_or(1000);
                         let _ = stop.send(Duration::from_millis(ms));
-                        return;
+                        // Reading on: calls in flight still get their answers.
                     }
-                    _ => say(&format!("error unknown command {line:?}")),
+                    // Plugin code, which may make service calls: on a thread of its own,
+                    // so that their answers are read meanwhile.
+                    Some(command @ ("export-state" | "health")) => {
+                        let command = command.to_owned();
+                        let (servers, dir, runtime, say) =
+                            (servers.clone(), dir.clone(), runtime.clone(), say.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name("worker-command".to_owned())
+                            .spawn(move || {
+                                crate::boundary::services::mark_host_thread();
+                                let reply = run_command(&servers, &dir, &runtime, &command);
+                                say(&format!("{n} {reply}"));
+                            });
+                        if let Err(e) = spawned {
+                            tracing::warn!("worker: cannot start a thread for a command: {e}");
+                        }
+                    }
+                    _ => say(&format!("{n} error unknown command {line:?}")),
                 }
             }
             // The host closed the pipe: it is gone, or wants this worker gone.
@@ -323,6 +552,39 @@ fn commands(
         });
     if let Err(e) = spawned {
         tracing::error!("worker: cannot start its command thread: {e}");
+    }
+}
+
+/// Runs one of the host's commands that call the plugin; its reply.
+fn run_command(
+    servers: &Microservers,
+    dir: &Path,
+    runtime: &tokio::runtime::Handle,
+    command: &str,
+) -> String {
+    let generation = match &**servers.routing().servers[0].state() {
+        ServerState::Serving(g) => Some(g.clone()),
+        _ => None,
+    };
+    if command == "export-state" {
+        return match generation.and_then(|g| g.instance.export_state()) {
+            Some(bytes) => match std::fs::write(dir.join("state.out"), &bytes) {
+                Ok(()) => format!("state {}", bytes.len()),
+                Err(e) => {
+                    tracing::warn!("cannot write the state for the host: {e}");
+                    "state none".to_owned()
+                }
+            },
+            None => "state none".to_owned(),
+        };
+    }
+    let answer = match generation {
+        Some(g) => runtime.block_on(g.health()),
+        None => Err("it is not serving".to_owned()),
+    };
+    match answer {
+        Ok(()) => "health ok".to_owned(),
+        Err(reason) => format!("health {}", reason.replace('\n', " ")),
     }
 }
 

@@ -63,11 +63,11 @@ pub enum Body {
 }
 
 impl Body {
-    pub(super) fn bytes(bytes: Bytes) -> Self {
+    pub fn bytes(bytes: Bytes) -> Self {
         Body::Bytes(Full::new(bytes))
     }
 
-    pub(super) fn empty() -> Self {
+    pub fn empty() -> Self {
         Body::bytes(Bytes::new())
     }
 }

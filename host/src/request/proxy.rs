@@ -21,7 +21,9 @@ use hyper_util::rt::TokioIo;
 use super::http::{error, Body, RequestId, StreamFailed};
 use crate::boundary::call::{ClientAddr, HostHeaders, LentBody};
 use crate::boundary::request_id::X_REQUEST_ID;
-use crate::boundary::worker::{Outgoing, SendError, Worker, WorkerInFlight, CLIENT_HEADER};
+use crate::boundary::worker::{
+    Outgoing, SendError, Worker, WorkerInFlight, CLIENT_HEADER, EVENT_HEADER,
+};
 
 /// Headers of one hop, never forwarded (RFC 9110, 7.6.1), but for an upgrade's.
 const HOP_BY_HOP: [&str; 7] = [
@@ -181,6 +183,8 @@ fn request(
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+    // Only the host hands a worker bus events.
+    headers.remove(EVENT_HEADER);
     if !headers.contains_key(HOST) {
         // HTTP/2's `:authority`, or for a service call (which names no domain) the
         // server's name, which its plugin sees as the domain in process too.

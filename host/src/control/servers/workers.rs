@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{Cause, Deadlines, Microservers, Report, Resolution, Server, ServerState, Timing};
-use crate::boundary::bus::Bus;
 use crate::boundary::loader::PluginLibrary;
 use crate::boundary::worker::{self, Exit, Worker, WorkerSpec};
 use crate::control::config::{Isolation, WorkerLimits};
@@ -137,8 +136,9 @@ impl Microservers {
                     server
                         .sockets
                         .close_all("the server moved to a worker process", false);
-                    Bus::get().subscribe(&server.inbox, &[]);
                 }
+                // The host takes bus events for it, and hands them to the worker.
+                server.subscribe(&w.plugin.topics, deadlines.event);
                 let crashes = {
                     let mut crashes = server.crashes();
                     crashes.restart = None;
