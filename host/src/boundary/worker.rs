@@ -475,8 +475,50 @@ impl Worker {
 
     /// Sends one request and waits for its response's head. `upgrade`: on a connection
     /// of its own that may be upgraded (a WebSocket).
-    pub async fn send(
+    ///
+    /// A request finds the HTTP/2 connection ready (most) is handed to it here, and the
+    /// future returned only waits for the answer: it is small (a few hundred bytes),
+    /// where the one that may connect is kilobytes (connecting, the handshakes), and
+    /// the request path moves a request's future into a box. Anything else goes the
+    /// slow way, boxed.
+    pub fn send(
         self: &Arc<Self>,
+        request: Request<Outgoing>,
+        upgrade: bool,
+    ) -> impl std::future::Future<Output = Result<Response<Incoming>, SendError>> + Send + 'static
+    {
+        let ready = if upgrade { None } else { self.ready_h2() };
+        let Some(mut sender) = ready else {
+            return futures_util::future::Either::Right(Box::pin(
+                self.clone().send_slowly(request, upgrade),
+            ));
+        };
+        let sent = sender.try_send_request(request);
+        let this = self.clone();
+        futures_util::future::Either::Left(async move {
+            match sent.await {
+                Ok(response) => Ok(response),
+                // Not sent (the connection closed meanwhile): on a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(request) => Box::pin(this.send_slowly(request, false)).await,
+                    None => Err(SendError::Lost(this.lost(e.error()))),
+                },
+            }
+        })
+    }
+
+    /// The HTTP/2 connection, if it is open and ready for a request.
+    fn ready_h2(&self) -> Option<http2::SendRequest<Outgoing>> {
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|s| s.is_ready())
+            .cloned()
+    }
+
+    async fn send_slowly(
+        self: Arc<Self>,
         request: Request<Outgoing>,
         upgrade: bool,
     ) -> Result<Response<Incoming>, SendError> {

@@ -1104,9 +1104,9 @@ fn dispatch(
                 timeout: routing.limits.request_timeout,
                 upgrade: None,
             };
-            let forwarded = proxy::forward(worker, forward);
             let finishing = finishing.map(Finishing::owned);
-            return Step::Running(Box::pin(finished(forwarded, finishing)), name);
+            let forwarded = proxy::forward(worker, forward, finishing);
+            return Step::Running(Box::pin(forwarded), name);
         }
         Err((pending, _, (Refused::Files(to_files), finishing))) => {
             let (site, otherwise, name) = *to_files;

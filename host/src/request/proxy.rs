@@ -18,6 +18,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
+use super::headers::Finishing;
 use super::http::{error, Body, RequestId, StreamFailed};
 use crate::boundary::call::{ClientAddr, HostHeaders, LentBody};
 use crate::boundary::request_id::X_REQUEST_ID;
@@ -78,7 +79,22 @@ pub(super) struct Forward {
 
 /// Forwards one request to `worker` and answers with its response: 502 if the worker
 /// ended before it answered (it crashed, or was killed), 504 past the request timeout.
-pub(super) async fn forward(in_flight: WorkerInFlight, forward: Forward) -> Response<Body> {
+///
+/// `finishing`: what the server adds to its responses, applied to this one (here, not
+/// by a wrapping future, which would hold this one twice: its argument and its await).
+pub(super) async fn forward(
+    in_flight: WorkerInFlight,
+    forward: Forward,
+    finishing: Option<Finishing>,
+) -> Response<Body> {
+    let mut response = answer(in_flight, forward).await;
+    if let Some(finishing) = &finishing {
+        finishing.apply(&mut response);
+    }
+    response
+}
+
+async fn answer(in_flight: WorkerInFlight, forward: Forward) -> Response<Body> {
     let worker = in_flight.worker().clone();
     let Forward {
         parts,

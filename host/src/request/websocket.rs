@@ -181,7 +181,7 @@ pub(super) async fn upgrade(
                     timeout: servers.routing().limits.request_timeout,
                     upgrade: Some(on_upgrade),
                 };
-                return (proxy::forward(worker, forward).await, name);
+                return (proxy::forward(worker, forward, None).await, name);
             }
         }
     };
