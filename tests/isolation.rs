@@ -401,7 +401,8 @@ fn bus_events_cross_into_and_out_of_a_worker_in_order() {
     publish("p", "after");
     let seen = events_seen(&host, "w", 64);
     assert_eq!(seen[62..], ["panic", "after"]);
-    host.wait_for_log(&["the fixture panics on an event", "server=w"]);
+    // The worker's log lines name it, and its pid.
+    host.wait_for_log(&["the fixture panics on an event", "server=w", " worker_pid="]);
     // A client cannot pass its request off as a bus event: the header is removed, and
     // the request is routed as any other.
     let forged = host.send(

@@ -1063,6 +1063,25 @@ fn describe(
 }
 
 /// Copies the worker's stderr to the host's, line by line, noting an allocation failure.
+/// A worker's log line (without its newline) with the worker's pid added: a field
+/// `worker_pid` at the end of a text line, the first key of a JSON one. Anything else
+/// (what a plugin wrote to stderr itself) is left as it is.
+fn tag_with_pid(line: &[u8], pid: u32) -> std::borrow::Cow<'_, [u8]> {
+    // Text lines start with their time: `2026-12-03T19:43:39.599420Z  INFO ...`.
+    let text = line.len() > 28 && line[..4].iter().all(u8::is_ascii_digit) && line[4] == b'-';
+    if text && line[..32.min(line.len())].contains(&b'Z') {
+        let mut tagged = line.to_vec();
+        tagged.extend_from_slice(format!(" worker_pid={pid}").as_bytes());
+        return tagged.into();
+    }
+    if line.starts_with(b"{\"") && line.ends_with(b"}") {
+        let mut tagged = format!("{{\"worker_pid\":{pid},").into_bytes();
+        tagged.extend_from_slice(&line[1..]);
+        return tagged.into();
+    }
+    line.into()
+}
+
 fn forward_stderr(
     stderr: std::process::ChildStderr,
     out_of_memory: Arc<AtomicBool>,
@@ -1086,11 +1105,13 @@ fn forward_stderr(
                 if line.windows(21).any(|w| w == b"memory allocation of ") {
                     out_of_memory.store(true, Ordering::SeqCst);
                 }
+                if line.ends_with(b"\n") {
+                    line.pop();
+                }
+                let line = tag_with_pid(&line, pid);
                 let mut err = std::io::stderr().lock();
                 let _ = err.write_all(&line);
-                if !line.ends_with(b"\n") {
-                    let _ = err.write_all(b"\n");
-                }
+                let _ = err.write_all(b"\n");
             }
             let _ = done.send(());
         });
@@ -1098,4 +1119,62 @@ fn forward_stderr(
         tracing::warn!(%server, pid, "cannot copy its worker's log lines: {e}");
     }
     finished
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_get_the_workers_pid_and_other_output_is_left_alone() {
+        let text = b"2026-12-03T19:43:39.599420Z  WARN host::boundary: it panicked server=w";
+        assert_eq!(
+            &*tag_with_pid(text, 42),
+            &b"2026-12-03T19:43:39.599420Z  WARN host::boundary: it panicked server=w worker_pid=42"[..]
+        );
+        let json = br#"{"timestamp":"2026-12-03T19:43:39Z","level":"WARN"}"#;
+        let tagged = tag_with_pid(json, 42);
+        let value: Value = serde_json::from_slice(&tagged).expect("still JSON");
+        assert_eq!(value["worker_pid"], 42);
+        assert_eq!(value["level"], "WARN");
+        for other in [
+            &b"hello from a plugin"[..],
+            b"",
+            b"{not json",
+            b"2026 was a year",
+        ] {
+            assert_eq!(&*tag_with_pid(other, 42), other);
+        }
+    }
+
+    #[test]
+    fn service_calls_survive_their_encoding() {
+        let request = Request::builder()
+            .method("POST")
+            .uri("/notes?x=1")
+            .header("content-type", "application/json")
+            .header("x-two", "a")
+            .header("x-two", "b")
+            .body(Bytes::from_static(b"{\"text\":\"hi\"}"))
+            .unwrap();
+        let back = decode_request(&encode_request(&request)).expect("decoded");
+        assert_eq!(back.method(), "POST");
+        assert_eq!(back.uri(), "/notes?x=1");
+        assert_eq!(back.headers().get_all("x-two").iter().count(), 2);
+        assert_eq!(back.body(), request.body());
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("content-type", "text/plain".parse().unwrap());
+        let response = super::super::services::ServiceResponse {
+            status: 201,
+            headers,
+            body: Bytes::from_static(b"made"),
+        };
+        let back = decode_response(&hex(&encode_response(&response))).expect("decoded");
+        assert_eq!((back.status, &back.body[..]), (201, &b"made"[..]));
+        assert_eq!(back.headers["content-type"], "text/plain");
+        // Damaged input is refused, never a panic.
+        assert!(decode_response("zz").is_none());
+        assert!(decode_response("0000ff").is_none());
+        assert!(decode_request(&[0, 0, 0, 9, 1]).is_none());
+    }
 }
