@@ -273,12 +273,7 @@ fn websockets_and_service_calls_reach_into_and_out_of_a_worker() {
     let own = host.get("sockets.localhost", "/call/sockets/count");
     assert_eq!((own.status, own.body.as_str()), (200, "200 1"));
     let none = host.get("sockets.localhost", "/call/nobody/x");
-    assert_eq!(none.status, 200);
-    assert!(
-        none.body.starts_with("503 ") && none.body.contains("no microserver is named"),
-        "{}",
-        none.body
-    );
+    assert_call_answered_503(&none, "no microserver is named");
     drop(ws);
 }
 
@@ -421,5 +416,46 @@ fn bus_events_cross_into_and_out_of_a_worker_in_order() {
         !host.logs().contains("cannot deliver bus events"),
         "{}",
         host.logs()
+    );
+}
+
+#[test]
+fn a_workers_init_can_call_other_servers() {
+    // The call's answer comes on the worker's stdin while init still runs (before the
+    // worker is ready): a worker that read its stdin only once ready never got it.
+    let config = |n: u32| {
+        format!(
+            r#"{{
+      "global": {{"limits": {{"request_timeout_ms": 3000}}, "reload": {{"debounce_ms": 20}}}},
+      "servers": [
+        {{"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"}},
+        {{"name": "t", "domains": ["t.localhost"], "plugin": "tasks", "isolation": "process",
+         "config": {{"init_call": "hello/plain", "n": {n}}}}}
+      ]
+    }}"#
+        )
+    };
+    let host = Setup::new("iso-init-call", &config(1))
+        .plugin("hello", "hello.so")
+        .plugin("fixture-tasks", "tasks.so")
+        .start();
+    // At start-up, before every server is up, calls are not taken yet.
+    let reply = host.get("t.localhost", "/init-call");
+    assert_call_answered_503(&reply, "the host is still starting");
+    // A new worker (its config changed) calls the server in the host from its init.
+    host.write_config(&config(2));
+    host.wait_until("the new worker's init made its call", || {
+        host.get("t.localhost", "/init-call").body == "200 Hello, world!\n"
+    });
+    assert_eq!(host.get("t.localhost", "/n").body, "2");
+}
+
+/// A fixture's report of a service call (`<status> <body>`): 503, saying `why`.
+fn assert_call_answered_503(reply: &Reply, why: &str) {
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply.body.starts_with("503 ") && reply.body.contains(why),
+        "{}",
+        reply.body
     );
 }

@@ -213,6 +213,10 @@ pub type ServiceCaller = Arc<
 
 static CALLER: OnceLock<ServiceCaller> = OnceLock::new();
 
+/// The answer to a service call before the host has registered its caller: while it
+/// starts its servers (or, in a library user such as a bench, never).
+const NOT_YET: &str = "service calls are not taken yet: the host is still starting its servers";
+
 /// Registers what answers service calls (once, at start-up).
 pub fn set_service_caller(caller: ServiceCaller) {
     let _ = CALLER.set(caller);
@@ -227,10 +231,10 @@ pub fn call_for_worker(
     answer: impl FnOnce(ServiceResponse) + Send + 'static,
 ) {
     let Some(runtime) = HOST_RUNTIME.get() else {
-        return answer(refused(503, "this host does not take service calls"));
+        return answer(refused(503, NOT_YET));
     };
     let Some(caller) = CALLER.get().cloned() else {
-        return answer(refused(503, "this host does not take service calls"));
+        return answer(refused(503, NOT_YET));
     };
     runtime.spawn(async move { answer(caller(server, request, timeout).await) });
 }
@@ -298,7 +302,7 @@ extern "C" fn call(server: RStr<'_>, request: FfiServiceRequest) -> FfiFuture<Ff
             Err(message) => return into_ffi(refused(400, &message)),
         };
         let Some(caller) = caller else {
-            return into_ffi(refused(503, "this host does not take service calls"));
+            return into_ffi(refused(503, NOT_YET));
         };
         // On the host's runtime: the caller may poll this from a thread of its own.
         let answer = caller(server, request, timeout);

@@ -180,8 +180,9 @@ impl std::fmt::Debug for Worker {
 }
 
 struct Commands {
-    /// Shared with the answers to its service calls.
-    stdin: Arc<Mutex<Option<ChildStdin>>>,
+    /// Lines for its stdin, which one thread writes (commands, and the answers to its
+    /// service calls): nobody else waits on the pipe.
+    to_worker: std::sync::mpsc::Sender<String>,
     replies: std::sync::mpsc::Receiver<String>,
     /// The number of the last command sent: a reply names the command it answers, so
     /// one that comes after its command's deadline is never taken for the next one's.
@@ -257,8 +258,8 @@ impl Worker {
         let mut child = spawn_from_keeper(command)
             .map_err(|e| format!("cannot start its worker process: {e}"))?;
         let pid = child.id();
-        let stdin = Arc::new(Mutex::new(child.stdin.take()));
-        let answers = stdin.clone();
+        let to_worker = write_stdin(child.stdin.take());
+        let answers = to_worker.clone();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let out_of_memory = Arc::new(AtomicBool::new(false));
@@ -269,8 +270,8 @@ impl Worker {
         let reader = std::thread::Builder::new()
             .name("worker-stdout".to_owned())
             .spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
+                let mut lines = BufReader::new(stdout);
+                while let Some(line) = read_line(&mut lines, &server, pid) {
                     if let Some(event) = line.strip_prefix("bus ") {
                         publish_for(event, &server, pid);
                         continue;
@@ -362,7 +363,7 @@ impl Worker {
             stopping: AtomicBool::new(false),
             out_of_memory,
             commands: Mutex::new(Commands {
-                stdin,
+                to_worker,
                 replies,
                 last: 0,
             }),
@@ -424,6 +425,8 @@ impl Worker {
                 };
                 *slot = Some(exit.clone());
                 drop(slot);
+                // Its stdin's writer ends with the last sender: nothing more goes there.
+                watched.commands().to_worker = std::sync::mpsc::channel().0;
                 *watched.h2.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let _ = std::fs::remove_dir_all(&watched.dir);
                 on_exit(watched, exit);
@@ -433,6 +436,10 @@ impl Worker {
             return Err(format!("cannot start a thread for its worker process: {e}"));
         }
         Ok(worker)
+    }
+
+    fn commands(&self) -> std::sync::MutexGuard<'_, Commands> {
+        self.commands.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn child(&self) -> std::sync::MutexGuard<'_, Child> {
@@ -679,15 +686,13 @@ impl Worker {
         let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
         commands.last += 1;
         let n = commands.last;
-        {
-            let mut stdin = commands.stdin.lock().unwrap_or_else(|p| p.into_inner());
-            let stdin = stdin
-                .as_mut()
-                .ok_or_else(|| "its worker process is stopping".to_owned())?;
-            writeln!(stdin, "{n} {line}")
-                .and_then(|()| stdin.flush())
-                .map_err(|e| format!("cannot reach its worker process: {e}"))?;
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("its worker process is stopping".to_owned());
         }
+        commands
+            .to_worker
+            .send(format!("{n} {line}\n"))
+            .map_err(|_| "cannot reach its worker process: its input is closed".to_owned())?;
         let until = Instant::now() + timeout;
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -712,9 +717,18 @@ impl Worker {
         let reply = self.command("export-state", timeout)?;
         match reply.strip_prefix("state ") {
             Some("none") => Ok(None),
-            Some(_) => std::fs::read(self.dir.join("state.out"))
-                .map(Some)
-                .map_err(|e| format!("cannot read the state its worker wrote: {e}")),
+            Some(length) => {
+                let state = std::fs::read(self.dir.join("state.out"))
+                    .map_err(|e| format!("cannot read the state its worker wrote: {e}"))?;
+                // The file of this export, not of an earlier one that came late.
+                if length.parse() != Ok(state.len()) {
+                    return Err(format!(
+                        "the state its worker wrote is {} bytes, not the {length} it said",
+                        state.len()
+                    ));
+                }
+                Ok(Some(state))
+            }
             None => Err(format!("its worker process answered {reply:?}")),
         }
     }
@@ -739,17 +753,12 @@ impl Worker {
         }
         {
             let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
-            let stdin = commands
-                .stdin
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(mut stdin) = stdin {
-                commands.last += 1;
-                let _ = writeln!(stdin, "{} shutdown {}", commands.last, grace.as_millis());
-                let _ = stdin.flush();
-                // Dropped: closing its stdin is the signal of last resort.
-            }
+            commands.last += 1;
+            let line = format!("{} shutdown {}\n", commands.last, grace.as_millis());
+            // Its input stays open: the answers to service calls its plugin makes while
+            // it stops (its shutdown hook's too) still reach it. It closes when the
+            // worker has ended (the writer's next write fails) and the worker is dropped.
+            let _ = commands.to_worker.send(line);
         }
         let until = Instant::now() + grace + hook + Duration::from_millis(500);
         while self.exit().is_none() && Instant::now() < until {
@@ -780,7 +789,6 @@ impl Worker {
     }
 }
 
-/// Why a request sent to a worker got no response.
 /// How a bus event handed to a worker ended.
 #[derive(Debug)]
 pub enum Delivered {
@@ -814,7 +822,7 @@ fn publish_for(event: &str, server: &str, pid: u32) {
 
 /// Makes a service call a worker's plugin asked for (`<id> <server hex> <timeout ms>
 /// <request hex>`), and writes the answer on the worker's stdin.
-fn call_for(call: &str, server: &str, pid: u32, stdin: &Arc<Mutex<Option<ChildStdin>>>) {
+fn call_for(call: &str, server: &str, pid: u32, to_worker: &std::sync::mpsc::Sender<String>) {
     let mut words = call.split(' ');
     let parsed = (|| {
         let id: u64 = words.next()?.parse().ok()?;
@@ -836,21 +844,74 @@ fn call_for(call: &str, server: &str, pid: u32, stdin: &Arc<Mutex<Option<ChildSt
         );
         return;
     };
-    let stdin = stdin.clone();
+    let to_worker = to_worker.clone();
     super::services::call_for_worker(target, request, timeout, move |response| {
-        let line = format!("- answer {id} {}\n", hex(&encode_response(&response)));
-        // A pipe may block while the worker is busy: not on the runtime's threads.
-        let _ = std::thread::Builder::new()
-            .name("worker-answer".to_owned())
-            .spawn(move || {
-                let mut stdin = stdin.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(stdin) = stdin.as_mut() {
-                    let _ = stdin
-                        .write_all(line.as_bytes())
-                        .and_then(|()| stdin.flush());
-                }
-            });
+        let _ = to_worker.send(format!(
+            "- answer {id} {}\n",
+            hex(&encode_response(&response))
+        ));
     });
+}
+
+/// The longest line the host reads from a worker (a bus event or a service call is one
+/// line, in hex: twice its size): 64 MiB.
+const MAX_LINE: usize = 64 << 20;
+
+/// The worker's next line on stdout (`None`: it has ended). A line longer than
+/// [`MAX_LINE`] is skipped, with a warning naming the server.
+fn read_line(lines: &mut impl BufRead, server: &str, pid: u32) -> Option<String> {
+    loop {
+        let mut line = Vec::new();
+        let read = std::io::Read::take(&mut *lines, MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .ok()?;
+        if read == 0 {
+            return None;
+        }
+        if line.len() > MAX_LINE {
+            // Skip the rest of it.
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                let n = std::io::Read::take(&mut *lines, 1 << 20)
+                    .read_until(b'\n', &mut rest)
+                    .ok()?;
+                if n == 0 || rest.ends_with(b"\n") {
+                    break;
+                }
+            }
+            tracing::warn!(server, pid, max_bytes = MAX_LINE, "a line from a worker process (a bus event or a service call) was too long and was dropped");
+            continue;
+        }
+        if line.ends_with(b"\n") {
+            line.pop();
+        }
+        return Some(String::from_utf8_lossy(&line).into_owned());
+    }
+}
+
+/// Starts the one thread that writes the worker's stdin, a line at a time; it ends when
+/// a write fails (the worker is gone) or every sender is dropped (closing the pipe).
+fn write_stdin(stdin: Option<ChildStdin>) -> std::sync::mpsc::Sender<String> {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let spawned = std::thread::Builder::new()
+        .name("worker-stdin".to_owned())
+        .spawn(move || {
+            let Some(mut stdin) = stdin else { return };
+            for line in rx {
+                if stdin
+                    .write_all(line.as_bytes())
+                    .and_then(|()| stdin.flush())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a thread to write to a worker process: {e}");
+    }
+    tx
 }
 
 /// Length-prefixed fields (four bytes, big-endian, then the bytes).
@@ -949,6 +1010,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Why a request sent to a worker got no response.
 #[derive(Debug)]
 pub enum SendError {
     /// Nothing was sent: the worker could not be reached (it has ended).
@@ -1062,7 +1124,6 @@ fn describe(
     }
 }
 
-/// Copies the worker's stderr to the host's, line by line, noting an allocation failure.
 /// A worker's log line (without its newline) with the worker's pid added: a field
 /// `worker_pid` at the end of a text line, the first key of a JSON one. Anything else
 /// (what a plugin wrote to stderr itself) is left as it is.
@@ -1082,6 +1143,7 @@ fn tag_with_pid(line: &[u8], pid: u32) -> std::borrow::Cow<'_, [u8]> {
     line.into()
 }
 
+/// Copies the worker's stderr to the host's, line by line, noting an allocation failure.
 fn forward_stderr(
     stderr: std::process::ChildStderr,
     out_of_memory: Arc<AtomicBool>,
@@ -1145,6 +1207,18 @@ mod tests {
         ] {
             assert_eq!(&*tag_with_pid(other, 42), other);
         }
+    }
+
+    #[test]
+    fn lines_longer_than_the_limit_are_skipped() {
+        let mut input = b"a\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend_from_slice(b"\nb\nlast");
+        let mut lines = std::io::Cursor::new(input);
+        assert_eq!(read_line(&mut lines, "s", 1).as_deref(), Some("a"));
+        assert_eq!(read_line(&mut lines, "s", 1).as_deref(), Some("b"));
+        assert_eq!(read_line(&mut lines, "s", 1).as_deref(), Some("last"));
+        assert_eq!(read_line(&mut lines, "s", 1), None);
     }
 
     #[test]

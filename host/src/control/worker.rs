@@ -189,6 +189,10 @@ async fn serve(
             return ExitCode::from(2);
         }
     };
+    // Commands (and the answers to service calls) are read from now on: the plugin's
+    // init may call other servers, whose answers come on stdin.
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+    commands(local.clone(), dir.clone(), input, say.clone(), stop_tx);
     let started = {
         let (config, dir) = (config.clone(), dir.clone());
         tokio::task::spawn_blocking(move || Microservers::start_handed(&config, dir, state)).await
@@ -235,9 +239,7 @@ async fn serve(
         .await;
         return ExitCode::from(2);
     }
-    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
     drop(out);
-    commands(servers.clone(), dir.clone(), input, say.clone(), stop_tx);
     // The host adds a few headers of its own to what it accepted.
     let max_headers = config.global.limits.max_headers + 8;
     let grace = loop {
@@ -499,7 +501,7 @@ fn client_addr(value: &str) -> Option<ClientAddr> {
 /// Answers the host's commands on stdin, one at a time, on a thread of its own (plugin
 /// code runs here: `export_state`, `health`). Stdin closing means the host is gone.
 fn commands(
-    servers: Arc<Microservers>,
+    servers: Arc<std::sync::OnceLock<std::sync::Weak<Microservers>>>,
     dir: std::path::PathBuf,
     input: Box<dyn std::io::Read + Send>,
     say: impl Fn(&str) + Send + Sync + 'static,
@@ -537,7 +539,9 @@ fn commands(
                             .name("worker-command".to_owned())
                             .spawn(move || {
                                 crate::boundary::services::mark_host_thread();
-                                let reply = run_command(&servers, &dir, &runtime, &command);
+                                let servers = servers.get().and_then(std::sync::Weak::upgrade);
+                                let reply =
+                                    run_command(servers.as_deref(), &dir, &runtime, &command);
                                 say(&format!("{n} {reply}"));
                             });
                         if let Err(e) = spawned {
@@ -555,20 +559,32 @@ fn commands(
     }
 }
 
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let aside = path.with_extension(format!("part{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&aside, bytes)?;
+    std::fs::rename(&aside, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&aside);
+    })
+}
+
 /// Runs one of the host's commands that call the plugin; its reply.
 fn run_command(
-    servers: &Microservers,
+    servers: Option<&Microservers>,
     dir: &Path,
     runtime: &tokio::runtime::Handle,
     command: &str,
 ) -> String {
-    let generation = match &**servers.routing().servers[0].state() {
+    let generation = servers.and_then(|servers| match &**servers.routing().servers[0].state() {
         ServerState::Serving(g) => Some(g.clone()),
         _ => None,
-    };
+    });
     if command == "export-state" {
         return match generation.and_then(|g| g.instance.export_state()) {
-            Some(bytes) => match std::fs::write(dir.join("state.out"), &bytes) {
+            // Written aside and renamed into place: an earlier export still running
+            // (its host gave up on it) cannot leave half a state there.
+            Some(bytes) => match write_atomically(&dir.join("state.out"), &bytes) {
                 Ok(()) => format!("state {}", bytes.len()),
                 Err(e) => {
                     tracing::warn!("cannot write the state for the host: {e}");
