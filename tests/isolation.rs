@@ -459,3 +459,38 @@ fn assert_call_answered_503(reply: &Reply, why: &str) {
         reply.body
     );
 }
+
+#[test]
+fn a_workers_commands_do_not_queue_behind_each_other() {
+    // Four health checks of a worker whose health hook hangs: each gives up after the
+    // hook's 1 s, all at once; queued one behind another they took 4 s and more.
+    let host = crashy("iso-health");
+    let set = host.get("bad.localhost", "/health/hang");
+    assert_eq!(set.status, 200, "{}", set.body);
+    let admin = host.admin();
+    let started = Instant::now();
+    let checks: Vec<_> = (0..4)
+        .map(|_| {
+            let admin = admin.clone();
+            std::thread::spawn(move || admin.get("admin", "/health/servers/bad").json())
+        })
+        .collect();
+    for check in checks {
+        let health = check.join().unwrap();
+        assert_eq!(health["health"]["ok"], false, "{health}");
+        let said = health["health"].to_string();
+        assert!(
+            said.contains("did not answer") || said.contains("timed out"),
+            "{health}"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "four health checks took {took:?}"
+    );
+    // A late reply is never taken for a later command's.
+    host.get("bad.localhost", "/health/ok");
+    let health = host.admin().get("admin", "/health/servers/bad").json();
+    assert_eq!(health["health"]["ok"], true, "{health}");
+}

@@ -385,6 +385,7 @@ impl std::ops::Deref for Host {
 }
 
 /// Sends requests to one address.
+#[derive(Clone)]
 pub struct Client {
     pub addr: SocketAddr,
 }

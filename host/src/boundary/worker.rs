@@ -11,9 +11,9 @@
 //!   adds `x-plugin-host-client` (the client's address, `;tls` on TLS) and the headers it
 //!   lends to plugins (`x-tenant`, `x-jwt-claims`); the worker trusts them, since only
 //!   this user can reach the socket (the folder is 0700).
-//! - **Control**: one command line at a time on the worker's stdin, one reply line on its
-//!   stdout, each numbered (`<n> <command>`, answered `<n> <reply>`, so that a late
-//!   reply is never taken for a later command's): `export-state` (the state is written
+//! - **Control**: command lines on the worker's stdin, one reply line each on its
+//!   stdout, numbered (`<n> <command>`, answered `<n> <reply>`: several may be in
+//!   flight, and a late reply is never taken for another command's): `export-state` (the state is written
 //!   to `DIR/state.out`: `state N`, or `state none`), `health` (`health ok` / `health
 //!   <reason>`), `shutdown <ms>` (no reply: the worker finishes its requests within
 //!   `ms`, runs the plugin's shutdown hook and exits 0). The first line the worker writes is `ready {json}`. The worker's stdin
@@ -165,6 +165,7 @@ pub struct Worker {
     stopping: AtomicBool,
     out_of_memory: Arc<AtomicBool>,
     commands: Mutex<Commands>,
+    waiting: Waiting,
     child: Mutex<Child>,
     exit: Mutex<Option<Exit>>,
 }
@@ -183,11 +184,15 @@ struct Commands {
     /// Lines for its stdin, which one thread writes (commands, and the answers to its
     /// service calls): nobody else waits on the pipe.
     to_worker: std::sync::mpsc::Sender<String>,
-    replies: std::sync::mpsc::Receiver<String>,
     /// The number of the last command sent: a reply names the command it answers, so
-    /// one that comes after its command's deadline is never taken for the next one's.
+    /// one that comes after its command's deadline is never taken for another's.
     last: u64,
 }
+
+/// Commands waiting for their replies, by number (`None` once the worker's output has
+/// ended: no reply will come). Several may wait at once: a health check is not held up
+/// behind a state export.
+type Waiting = Arc<Mutex<Option<std::collections::HashMap<u64, std::sync::mpsc::Sender<String>>>>>;
 
 /// Called once when a worker's process has ended, on a thread of its own.
 pub type OnExit = Box<dyn FnOnce(Arc<Worker>, Exit) + Send>;
@@ -267,6 +272,8 @@ impl Worker {
         let (replies_tx, replies) = std::sync::mpsc::channel::<String>();
         let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
         let server = spec.server.clone();
+        let waiting: Waiting = Arc::new(Mutex::new(Some(Default::default())));
+        let waiters = waiting.clone();
         let reader = std::thread::Builder::new()
             .name("worker-stdout".to_owned())
             .spawn(move || {
@@ -280,10 +287,25 @@ impl Worker {
                         call_for(call, &server, pid, &answers);
                         continue;
                     }
-                    if replies_tx.send(line).is_err() {
-                        break;
+                    // A numbered reply goes to its command (none: it came too late);
+                    // anything else (the `ready` line) to whoever starts the worker.
+                    let numbered = line
+                        .split_once(' ')
+                        .and_then(|(n, rest)| Some((n.parse::<u64>().ok()?, rest)));
+                    match numbered {
+                        Some((n, reply)) => {
+                            let mut waiting = waiters.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(command) = waiting.as_mut().and_then(|w| w.remove(&n)) {
+                                let _ = command.send(reply.to_owned());
+                            }
+                        }
+                        None => {
+                            let _ = replies_tx.send(line);
+                        }
                     }
                 }
+                // No reply will come: the commands waiting hear so at once.
+                *waiters.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let _ = ended_tx.send(());
             });
         if let Err(e) = reader {
@@ -362,11 +384,8 @@ impl Worker {
             connecting: tokio::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             out_of_memory,
-            commands: Mutex::new(Commands {
-                to_worker,
-                replies,
-                last: 0,
-            }),
+            commands: Mutex::new(Commands { to_worker, last: 0 }),
+            waiting,
             child: Mutex::new(child),
             exit: Mutex::new(None),
         });
@@ -681,34 +700,55 @@ impl Worker {
     }
 
     /// Sends a command (`<n> <line>`) and waits for its one-line reply (`<n> <reply>`),
-    /// skipping late replies to earlier commands.
+    /// which the stdout reader hands to it by number: other commands may wait at the
+    /// same time (a health check is not held up behind a state export).
     fn command(&self, line: &str, timeout: Duration) -> Result<String, String> {
-        let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
-        commands.last += 1;
-        let n = commands.last;
         if self.stopping.load(Ordering::SeqCst) {
             return Err("its worker process is stopping".to_owned());
         }
-        commands
-            .to_worker
-            .send(format!("{n} {line}\n"))
-            .map_err(|_| "cannot reach its worker process: its input is closed".to_owned())?;
-        let until = Instant::now() + timeout;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            let reply = commands.replies.recv_timeout(left).map_err(|e| match e {
-                std::sync::mpsc::RecvTimeoutError::Timeout => format!(
+        let (tx, reply) = std::sync::mpsc::channel();
+        let n = {
+            let mut commands = self.commands();
+            commands.last += 1;
+            let n = commands.last;
+            match self
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                Some(waiting) => waiting.insert(n, tx),
+                None => return Err("its worker process ended".to_owned()),
+            };
+            if commands.to_worker.send(format!("{n} {line}\n")).is_err() {
+                self.forget(n);
+                return Err("cannot reach its worker process: its input is closed".to_owned());
+            }
+            n
+        };
+        reply.recv_timeout(timeout).map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => {
+                self.forget(n);
+                format!(
                     "its worker process did not answer within {} ms",
                     timeout.as_millis()
-                ),
-                std::sync::mpsc::RecvTimeoutError::Disconnected => {
-                    "its worker process ended".to_owned()
-                }
-            })?;
-            match reply.split_once(' ') {
-                Some((id, rest)) if id.parse() == Ok(n) => return Ok(rest.to_owned()),
-                _ => continue,
+                )
             }
+            std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                "its worker process ended".to_owned()
+            }
+        })
+    }
+
+    /// A command that will not wait for its reply any more.
+    fn forget(&self, n: u64) {
+        if let Some(waiting) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            waiting.remove(&n);
         }
     }
 
