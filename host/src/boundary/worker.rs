@@ -618,10 +618,7 @@ impl Worker {
         let Some(_in_flight) = self.enter() else {
             return Delivered::Retired;
         };
-        let mut body = Vec::with_capacity(4 + topic.len() + payload.len());
-        body.extend_from_slice(&(topic.len() as u32).to_be_bytes());
-        body.extend_from_slice(topic);
-        body.extend_from_slice(payload);
+        let body = encode_event(topic, payload);
         let mut request = Request::new(Either::Left(Full::new(Bytes::from(body))));
         *request.method_mut() = hyper::Method::POST;
         *request.uri_mut() = hyper::Uri::from_static("http://bus.event/");
@@ -952,6 +949,24 @@ fn write_stdin(stdin: Option<ChildStdin>) -> std::sync::mpsc::Sender<String> {
         tracing::warn!("cannot start a thread to write to a worker process: {e}");
     }
     tx
+}
+
+/// A bus event for a worker: its topic's length in four bytes, big-endian, the topic,
+/// the payload.
+fn encode_event(topic: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(4 + topic.len() + payload.len());
+    put(&mut body, topic);
+    body.extend_from_slice(payload);
+    body
+}
+
+/// The topic and payload of [`encode_event`]'s bytes (slices of them, not copies).
+pub fn decode_event(body: &Bytes) -> Option<(Bytes, Bytes)> {
+    let length = u32::from_be_bytes(body.get(..4)?.try_into().ok()?) as usize;
+    let end = 4usize
+        .checked_add(length)
+        .filter(|&end| end <= body.len())?;
+    Some((body.slice(4..end), body.slice(end..)))
 }
 
 /// Length-prefixed fields (four bytes, big-endian, then the bytes).
@@ -1286,6 +1301,15 @@ mod tests {
         let back = decode_response(&hex(&encode_response(&response))).expect("decoded");
         assert_eq!((back.status, &back.body[..]), (201, &b"made"[..]));
         assert_eq!(back.headers["content-type"], "text/plain");
+        let event = Bytes::from(encode_event(b"orders.created", b"{}"));
+        assert_eq!(
+            decode_event(&event),
+            Some((
+                Bytes::from_static(b"orders.created"),
+                Bytes::from_static(b"{}")
+            ))
+        );
+        assert_eq!(decode_event(&Bytes::from_static(&[0, 0, 0, 9, b'x'])), None);
         // Damaged input is refused, never a panic.
         assert!(decode_response("zz").is_none());
         assert!(decode_response("0000ff").is_none());

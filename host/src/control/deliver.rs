@@ -193,16 +193,27 @@ pub async fn hand_over(
 /// Hands a bus event to the server's worker process when its plugin runs in one (a
 /// worker retired meanwhile passes it to its successor, which may run in process:
 /// `None` then too). `None`: it does not.
-async fn to_worker(server: &Server, event: &BusEvent, timeout: Duration) -> Option<Delivered> {
+async fn to_worker(
+    server: &Server,
+    event: &BusEvent,
+    timeout: Duration,
+) -> Option<Result<(), Failure>> {
     loop {
         let worker = match &**server.state() {
             ServerState::Worker(w) => w.clone(),
             _ => return None,
         };
-        match worker.deliver(&event.topic, &event.payload, timeout).await {
-            Delivered::Retired => tokio::task::yield_now().await,
-            outcome => return Some(outcome),
-        }
+        let outcome = match worker.deliver(&event.topic, &event.payload, timeout).await {
+            Delivered::Retired => {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Delivered::Done => Ok(()),
+            Delivered::Panicked => Err(Failure::Panicked),
+            Delivered::TimedOut => Err(Failure::TimedOut(timeout)),
+            Delivered::Unavailable(reason) => Err(Failure::Unavailable(reason)),
+        };
+        return Some(outcome);
     }
 }
 
@@ -226,32 +237,11 @@ pub async fn bus_events(
         let Some(server) = server.upgrade() else {
             return;
         };
-        if let Some(outcome) = to_worker(&server, &event, timeout).await {
-            match outcome {
-                Delivered::Done | Delivered::Panicked | Delivered::Retired => {}
-                Delivered::TimedOut => tracing::warn!(
-                    server = %server.name,
-                    topic = %String::from_utf8_lossy(&event.topic),
-                    timeout_ms = timeout.as_millis() as u64,
-                    "a bus event handler timed out"
-                ),
-                Delivered::Unavailable(reason) => tracing::debug!(
-                    server = %server.name,
-                    "a bus event was not delivered: the server is not serving ({reason})"
-                ),
-            }
-            continue;
-        }
-        let label: Arc<str> = format!("bus:{}", String::from_utf8_lossy(&event.topic)).into();
-        let mut make = |g: &Generation| {
-            let subscription = g.routes.topic_index(&event.topic)?;
-            Some(PluginEvent::Bus(FfiBusEvent {
-                subscription,
-                topic: lend(&event.topic),
-                payload: lend(&event.payload),
-            }))
+        let delivered = match to_worker(&server, &event, timeout).await {
+            Some(delivered) => delivered,
+            None => bus_event(&server, &event.topic, &event.payload, timeout).await,
         };
-        match hand_over(&server, &mut make, &label, timeout).await {
+        match delivered {
             Ok(()) | Err(Failure::Panicked) => {}
             Err(Failure::TimedOut(t)) => tracing::warn!(
                 server = %server.name,
@@ -265,4 +255,24 @@ pub async fn bus_events(
             ),
         }
     }
+}
+
+/// Hands one bus event to the server's current generation (in this process) and waits
+/// for its handler.
+pub async fn bus_event(
+    server: &Server,
+    topic: &Bytes,
+    payload: &Bytes,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let label: Arc<str> = format!("bus:{}", String::from_utf8_lossy(topic)).into();
+    let mut make = |g: &Generation| {
+        let subscription = g.routes.topic_index(topic)?;
+        Some(PluginEvent::Bus(FfiBusEvent {
+            subscription,
+            topic: lend(topic),
+            payload: lend(payload),
+        }))
+    };
+    hand_over(server, &mut make, &label, timeout).await
 }

@@ -27,7 +27,8 @@ use serde_json::Value;
 use crate::boundary::call::ClientAddr;
 use crate::boundary::services::{refused, ServiceResponse};
 use crate::boundary::worker::{
-    decode_response, encode_request, hex, CLIENT_HEADER, EVENT_HEADER, MAX_HEADER_LIST, WINDOW,
+    decode_event, decode_response, encode_request, hex, CLIENT_HEADER, EVENT_HEADER,
+    MAX_HEADER_LIST, WINDOW,
 };
 use crate::control::config;
 use crate::control::servers::{Microservers, ServerState};
@@ -295,9 +296,8 @@ fn bus_event(
     servers: Arc<Microservers>,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send {
-    use crate::control::deliver::{hand_over, lend, Failure, PluginEvent};
+    use crate::control::deliver::Failure;
     use http_body_util::BodyExt;
-    use plugin_api::ffi::FfiBusEvent;
     async move {
         let answer = |status: StatusCode, reason: &str| {
             let mut response = Response::new(Body::bytes(Bytes::from(reason.to_owned())));
@@ -308,27 +308,14 @@ fn bus_event(
             Ok(body) => body.to_bytes(),
             Err(e) => return answer(StatusCode::BAD_REQUEST, &e.to_string()),
         };
-        let length = body
-            .get(..4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-        let Some(length) = length.filter(|l| 4 + l <= body.len()) else {
+        let Some((topic, payload)) = decode_event(&body) else {
             return answer(StatusCode::BAD_REQUEST, "a malformed bus event");
         };
-        let (topic, payload) = (body.slice(4..4 + length), body.slice(4 + length..));
         let Some(server) = servers.routing().servers.first().cloned() else {
             return answer(StatusCode::SERVICE_UNAVAILABLE, "the worker has no server");
         };
-        let label: Arc<str> = format!("bus:{}", String::from_utf8_lossy(&topic)).into();
-        let mut make = |g: &crate::control::servers::Generation| {
-            let subscription = g.routes.topic_index(&topic)?;
-            Some(PluginEvent::Bus(FfiBusEvent {
-                subscription,
-                topic: lend(&topic),
-                payload: lend(&payload),
-            }))
-        };
         let timeout = servers.config().global.limits.request_timeout;
-        match hand_over(&server, &mut make, &label, timeout).await {
+        match crate::control::deliver::bus_event(&server, &topic, &payload, timeout).await {
             Ok(()) => {
                 let mut response = Response::new(Body::empty());
                 *response.status_mut() = StatusCode::NO_CONTENT;
