@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::support::{rss_kib, variant, Client, Host, Reply, Setup};
 
 const CRASHY: &str = r#"{
-  "global": {"plugin_dir": "plugins", "limits": {"request_timeout_ms": 2000}},
+  "global": {"plugin_dir": "plugins", "limits": {"request_timeout_ms": 5000}},
   "servers": [
     {"name": "hello", "domains": ["hello.localhost"], "plugin": "hello"},
     {"name": "hello-w", "domains": ["w.localhost"], "plugin": "hello", "isolation": "process"},
